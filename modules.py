@@ -1,0 +1,218 @@
+"""Transformer building blocks: dense layers, attention, feed-forward, norms, positions, schedule.
+
+Every matrix multiplication takes its inputs through a *matmul-input hook* ("site").  The model
+asks a site factory for one hook per input when it is built:
+
+    sites.site(name, role, channels=None) -> callable x -> x'
+    sites.bias(b, x_site, w_site)        -> the bias as the accumulator will see it
+
+`FloatSites` (below) returns the identity, so the float model pays nothing: the hook is a
+Python call that adds no op to the graph.  `quant.TQTSites` returns TQT fake-quantizers.
+Roles: "weight" (signed), "activation" (signed), "unsigned" (ReLU output, softmax probabilities).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import tensorflow as tf
+
+NEG_INF = -1e9  # additive mask value; exp(NEG_INF - max) is exactly 0 in float32
+
+
+class Site(Protocol):
+    def __call__(self, x: tf.Tensor) -> tf.Tensor: ...
+
+
+class SiteFactory(Protocol):
+    def site(self, name: str, role: str, channels: int | None = None) -> Site: ...
+
+    def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor: ...
+
+
+class Identity:
+    """The float model's matmul-input hook: returns its input unchanged (no graph op)."""
+
+    def __init__(self, name: str, role: str):
+        self.site_name = name
+        self.role = role
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return x
+
+
+class FloatSites:
+    """Site factory of the float model: identity hooks, float bias."""
+
+    def __init__(self) -> None:
+        self.sites: dict[str, Identity] = {}
+
+    def site(self, name: str, role: str, channels: int | None = None) -> Identity:
+        if name in self.sites:
+            raise ValueError(f"duplicate matmul-input site name {name!r}")
+        self.sites[name] = Identity(name, role)
+        return self.sites[name]
+
+    def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor:
+        return b
+
+
+def glorot(shape: tuple[int, int], seed: int | None = None) -> tf.Tensor:
+    """Glorot-uniform initial values: U(-a, a), a = sqrt(6 / (fan_in + fan_out))."""
+    limit = math.sqrt(6.0 / (shape[0] + shape[1]))
+    return tf.random.uniform(shape, -limit, limit, seed=seed)
+
+
+class Dense(tf.Module):
+    """y = Q_x(x) @ Q_w(W) + Q_b(b), with Q_* the matmul-input hooks of `sites`."""
+
+    def __init__(self, name: str, d_in: int, d_out: int, sites: SiteFactory,
+                 input_role: str = "activation", use_bias: bool = True):
+        super().__init__(name=name.rsplit("/", 1)[-1])
+        self.w = tf.Variable(glorot((d_in, d_out)), name="w")
+        self.b = tf.Variable(tf.zeros([d_out]), name="b") if use_bias else None
+        self.x_site = sites.site(f"{name}/input", input_role)
+        self.w_site = sites.site(f"{name}/weight", "weight", channels=d_out)
+        self._bias = sites.bias
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        y = tf.matmul(self.x_site(x), self.w_site(self.w))
+        if self.b is not None:
+            y = y + self._bias(self.b, self.x_site, self.w_site)
+        return y
+
+
+class LayerNorm(tf.Module):
+    """LN(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (stays float)."""
+
+    def __init__(self, name: str, d: int, eps: float = 1e-6):
+        super().__init__(name=name.rsplit("/", 1)[-1])
+        self.gamma = tf.Variable(tf.ones([d]), name="gamma")
+        self.beta = tf.Variable(tf.zeros([d]), name="beta")
+        self.eps = eps
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+        return self.gamma * (x - mean) * tf.math.rsqrt(var + self.eps) + self.beta
+
+
+def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...), for any length.
+
+    Computed for whatever length arrives, so a test sentence longer than maxlen is fine.
+    """
+    pos = tf.cast(tf.range(length), tf.float32)[:, None]
+    i = tf.range(d_model // 2, dtype=tf.float32)[None, :]
+    angle = pos / tf.pow(10000.0, 2.0 * i / d_model)
+    # interleave sin (even columns) and cos (odd columns)
+    return tf.reshape(tf.stack([tf.sin(angle), tf.cos(angle)], axis=-1), [-1, d_model])
+
+
+def padding_bias(ids: tf.Tensor) -> tf.Tensor:
+    """Additive attention bias [B, 1, 1, L]: NEG_INF at padding (id 0) keys, 0 elsewhere."""
+    return tf.cast(tf.equal(ids, 0), tf.float32)[:, None, None, :] * NEG_INF
+
+
+def causal_bias(length: tf.Tensor | int) -> tf.Tensor:
+    """Additive bias [1, 1, L, L]: query i may attend to keys j <= i only."""
+    future = 1.0 - tf.linalg.band_part(tf.ones([length, length]), -1, 0)
+    return future[None, None] * NEG_INF
+
+
+class MultiHeadAttention(tf.Module):
+    """MultiHead(Q, K, V) = Concat(head_1..head_h) W^O,
+    head_i = softmax(Q_i K_i^T / sqrt(d_k) + bias) V_i, with Q = x W^Q, K = m W^K, V = m W^V.
+
+    Sites: the four dense layers' inputs and weights, Q and K before QK^T, the softmax
+    probabilities (unsigned) and V before PV.
+    """
+
+    def __init__(self, name: str, d_model: int, num_heads: int, sites: SiteFactory):
+        super().__init__(name=name.rsplit("/", 1)[-1])
+        self.h, self.d_k = num_heads, d_model // num_heads
+        self.wq = Dense(f"{name}/wq", d_model, d_model, sites)
+        self.wk = Dense(f"{name}/wk", d_model, d_model, sites)
+        self.wv = Dense(f"{name}/wv", d_model, d_model, sites)
+        self.wo = Dense(f"{name}/wo", d_model, d_model, sites)
+        self.q_site = sites.site(f"{name}/query_input", "activation")
+        self.k_site = sites.site(f"{name}/key_input", "activation")
+        self.p_site = sites.site(f"{name}/softmax_output", "unsigned")
+        self.v_site = sites.site(f"{name}/value_input", "activation")
+
+    def split_heads(self, x: tf.Tensor) -> tf.Tensor:
+        """[B, L, d_model] -> [B, h, L, d_k]."""
+        b, length = tf.shape(x)[0], tf.shape(x)[1]
+        return tf.transpose(tf.reshape(x, [b, length, self.h, self.d_k]), [0, 2, 1, 3])
+
+    def project_kv(self, memory: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        """K = m W^K, V = m W^V split into heads (cacheable: cross-attention computes it once)."""
+        return self.split_heads(self.wk(memory)), self.split_heads(self.wv(memory))
+
+    def attend(self, x: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+        """Attention of queries from x over already-projected heads k, v."""
+        q = self.split_heads(self.wq(x))
+        logits = tf.matmul(self.q_site(q), self.k_site(k), transpose_b=True)
+        probs = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        heads = tf.matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
+        b, lq = tf.shape(heads)[0], tf.shape(heads)[2]
+        concat = tf.reshape(tf.transpose(heads, [0, 2, 1, 3]), [b, lq, self.h * self.d_k])
+        return self.wo(concat)
+
+    def __call__(self, x: tf.Tensor, memory: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+        k, v = self.project_kv(memory)
+        return self.attend(x, k, v, bias)
+
+
+class FeedForward(tf.Module):
+    """FFN(x) = Q(max(0, x W_1 + b_1)) W_2 + b_2; the ReLU output site is unsigned."""
+
+    def __init__(self, name: str, d_model: int, d_ff: int, sites: SiteFactory):
+        super().__init__(name=name.rsplit("/", 1)[-1])
+        self.dense1 = Dense(f"{name}/dense1", d_model, d_ff, sites)
+        self.dense2 = Dense(f"{name}/dense2", d_ff, d_model, sites, input_role="unsigned")
+
+    def __call__(self, x: tf.Tensor) -> tf.Tensor:
+        return self.dense2(tf.nn.relu(self.dense1(x)))
+
+
+def label_smoothed_xent(logits: tf.Tensor, labels: tf.Tensor, smoothing: float) -> tf.Tensor:
+    """Cross-entropy against (1 - eps) * onehot(y) + eps / V, per position; 0 at padding."""
+    vocab = tf.shape(logits)[-1]
+    target = tf.one_hot(labels, vocab) * (1.0 - smoothing) + smoothing / tf.cast(vocab, tf.float32)
+    xent = tf.nn.softmax_cross_entropy_with_logits(target, logits)
+    return xent * tf.cast(tf.not_equal(labels, 0), xent.dtype)
+
+
+def noam_lr(step: tf.Tensor, peak_lr: float, warmup_steps: int) -> tf.Tensor:
+    """lr(step) = peak_lr * warmup^0.5 * min(step * warmup^-1.5, step^-0.5); peaks at warmup."""
+    step = tf.maximum(tf.cast(step, tf.float32), 1.0)
+    w = float(warmup_steps)
+    return peak_lr * w**0.5 * tf.minimum(step * w**-1.5, tf.math.rsqrt(step))
+
+
+class Adam(tf.Module):
+    """Adam (Kingma & Ba) with bias correction, written out so its state is checkpointed.
+
+    m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2;
+    theta <- theta - lr * (m / (1 - b1^t)) / (sqrt(v / (1 - b2^t)) + eps)
+    """
+
+    def __init__(self, variables: list[tf.Variable], name: str, beta1: float = 0.9,
+                 beta2: float = 0.98, eps: float = 1e-9):
+        super().__init__(name=name)
+        self.variables_ = list(variables)
+        self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in variables]
+        self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
+        self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
+        self.beta1, self.beta2, self.eps = beta1, beta2, eps
+
+    def apply(self, grads: list[tf.Tensor], lr: tf.Tensor) -> None:
+        self.t.assign_add(1)
+        t = tf.cast(self.t, tf.float32)
+        b1, b2 = self.beta1, self.beta2
+        step = lr * tf.sqrt(1.0 - b2**t) / (1.0 - b1**t)  # bias correction folded into the step
+        for var, g, m, v in zip(self.variables_, grads, self.m, self.v):
+            m.assign(b1 * m + (1.0 - b1) * g)
+            v.assign(b2 * v + (1.0 - b2) * tf.square(g))
+            var.assign_sub(step * m / (tf.sqrt(v) + self.eps))

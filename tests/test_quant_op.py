@@ -1,0 +1,440 @@
+"""quant.py against independent references: NumPy for the forward and the STE gradients of
+REFERENCE.md section 1, finite differences for the gradients, and the TQT sites' bookkeeping."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import quant
+
+ROUND = {"half_even": np.rint, "half_up": lambda v: np.floor(v + 0.5), "floor": np.floor}
+BITS = [2, 3, 4, 6, 8, 12, 16]
+SCALAR_LOG2_T = 0.37  # not an integer: ceil makes the threshold 2, not 2^0.37
+CHANNEL_LOG2_T = [-2.6, -0.0, 0.4, 3.0, 1.5]  # negative, integer and fractional exponents
+
+
+def np_range(bits, signed):
+    return (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+
+
+def np_scale(log2_t, bits, signed, dtype):
+    """s = 2^ceil(log2_t) / 2^(b-1) (signed) or / 2^b (unsigned), exactly, via ldexp."""
+    exponent = np.ceil(np.asarray(log2_t, np.float64)).astype(np.int32) - (bits - 1 if signed else bits)
+    return np.ldexp(np.ones_like(exponent, dtype), exponent)
+
+
+def np_tqt(x, log2_t, bits, signed, rounding, dy):
+    """NumPy reference: y, dL/dx and dL/dlog2_t (the latter in float64)."""
+    n, p = np_range(bits, signed)
+    s = np_scale(log2_t, bits, signed, x.dtype)
+    v = x / s
+    r = ROUND[rounding](v)
+    y = np.clip(r, n, p) * s
+    dx = np.where((v >= n) & (v <= p), dy, 0)
+    g = s.astype(np.float64) * math.log(2) * np.where(v < n, n, np.where(v > p, p, r - v))
+    per_element = dy.astype(np.float64) * g
+    dl = per_element.sum() if np.ndim(log2_t) == 0 else per_element.reshape(-1, len(log2_t)).sum(0)
+    return y, dx, dl
+
+
+def make_x(rng, shape, log2_t, bits, signed, dtype):
+    """x covering the grid's interior, both clipping sides, exact rounding ties and the exact
+    ends n*s and p*s."""
+    n, p = np_range(bits, signed)
+    margin = 0.25 * (p - n) + 2
+    v = rng.uniform(n - margin, p + margin, size=shape)
+    v.flat[:6] = [n, p, n + 0.5, p - 0.5, n - 0.5, p + 0.5]  # ends and ties at them
+    v.flat[6:12] = np.floor(rng.uniform(n, p, size=6)) + 0.5  # ties inside
+    return (v * np_scale(log2_t, bits, signed, np.float64)).astype(dtype)
+
+
+def run_op(x, log2_t, dy, **kwargs):
+    """y and both gradients of the op, log2_t as the float32 variable a QuantSite owns."""
+    x = tf.constant(x)
+    log2_t = tf.Variable(log2_t, dtype=tf.float32)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = quant.tqt_fake_quant(x, log2_t, **kwargs)
+    dx, dl = tape.gradient(y, [x, log2_t], output_gradients=tf.constant(dy))
+    return y.numpy(), dx.numpy(), dl.numpy()
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
+def test_forward_and_gradients_match_numpy(rounding, signed, bits, per_channel, dtype):
+    rng = np.random.default_rng(bits)
+    log2_t = np.array(CHANNEL_LOG2_T if per_channel else SCALAR_LOG2_T, np.float32)
+    x = make_x(rng, (6, 4, 5), log2_t, bits, signed, dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    y, dx, dl = run_op(x, log2_t, dy, num_bits=bits, signed=signed, rounding=rounding)
+    y_ref, dx_ref, dl_ref = np_tqt(x, log2_t, bits, signed, rounding, dy)
+
+    assert y.dtype == dtype and dl.shape == log2_t.shape
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    tol = 1e-5 if dtype == np.float32 else 1e-6  # dl is float32: log2_t's dtype
+    np.testing.assert_allclose(dl, dl_ref, rtol=tol, atol=tol * np.abs(dl_ref).max())
+
+
+def test_rounding_modes_differ_on_ties():
+    x = tf.constant([0.5, 1.5, 2.5, -0.5, -1.5, 0.75])
+    outputs = {r: quant.tqt_fake_quant(x, 7.0, rounding=r).numpy() for r in quant.ROUNDINGS}  # s = 1
+    np.testing.assert_array_equal(outputs["half_even"], [0, 2, 2, -0, -2, 1])
+    np.testing.assert_array_equal(outputs["half_up"], [1, 2, 3, 0, -1, 1])
+    np.testing.assert_array_equal(outputs["floor"], [0, 1, 2, -1, -2, 0])
+
+
+# ---- finite differences ---------------------------------------------------------------------
+
+
+def tf_ste_surrogate(x, log2_t, bits, signed, rounding):
+    """The forward rewritten with plain autodiff: ceil and R made straight-through by
+    stop_gradient, the clip decided on x/s as the STE defines it."""
+    n, p = np_range(bits, signed)
+    c = log2_t + tf.stop_gradient(tf.math.ceil(log2_t) - log2_t)  # ceil, d/du := 1
+    s = tf.pow(tf.constant(2.0, x.dtype), c - (bits - 1 if signed else bits))
+    v = x / s
+    r = v + tf.stop_gradient(quant._round(v, rounding) - v)  # R, d/dv := 1
+    n, p = tf.constant(n, x.dtype), tf.constant(p, x.dtype)
+    return s * tf.where(v < n, n, tf.where(v > p, p, r))
+
+
+def frozen_surrogate_loss(x, log2_t, log2_t0, bits, signed, rounding, dy):
+    """sum(dy * y) with the ceil offset, the rounding offset R(v0) - v0 and the clip regions
+    held at log2_t0: smooth in log2_t, equal to the forward at log2_t0."""
+    n, p = np_range(bits, signed)
+    w = bits - 1 if signed else bits
+    s0 = np.exp2(np.ceil(log2_t0) - w)
+    v0 = x / s0
+    s = np.exp2(log2_t + (np.ceil(log2_t0) - log2_t0) - w)
+    inside = x + s * (ROUND[rounding](v0) - v0)
+    y = np.where(v0 < n, n * s, np.where(v0 > p, p * s, inside))
+    return np.sum(dy * y)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
+def test_log2_t_gradient_is_the_ste_derivative(rounding, signed):
+    rng = np.random.default_rng(1)
+    bits, log2_t0 = 4, np.array(CHANNEL_LOG2_T)
+    x = make_x(rng, (40, 5), log2_t0, bits, signed, np.float64)
+    dy = rng.normal(size=x.shape)
+    v = x / np_scale(log2_t0, bits, signed, np.float64)
+    n, p = np_range(bits, signed)
+    assert (v < n).any() and (v > p).any() and ((v > n) & (v < p)).any()
+
+    log2_t = tf.Variable(log2_t0, dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        y = quant.tqt_fake_quant(tf.constant(x), log2_t, bits, signed, rounding)
+        y_sur = tf_ste_surrogate(tf.constant(x), log2_t, bits, signed, rounding)
+    grad = tape.gradient(y, log2_t, output_gradients=tf.constant(dy)).numpy()
+    grad_sur = tape.gradient(y_sur, log2_t, output_gradients=tf.constant(dy)).numpy()
+    np.testing.assert_array_equal(y.numpy(), y_sur.numpy())
+    np.testing.assert_allclose(grad, grad_sur, rtol=1e-12, atol=1e-12)
+
+    h = 1e-6
+    for c in range(len(log2_t0)):
+        step = h * np.eye(len(log2_t0))[c]
+        loss_plus, loss_minus = (frozen_surrogate_loss(x, log2_t0 + d, log2_t0, bits, signed, rounding, dy)
+                                 for d in (step, -step))
+        fd = (loss_plus - loss_minus) / (2 * h)
+        assert abs(grad[c]) > 1e-3  # a gradient that is really there
+        np.testing.assert_allclose(grad[c], fd, rtol=1e-6, atol=1e-9)
+
+
+def test_x_gradient_is_the_slope_of_the_staircase():
+    """The STE slope (1 inside the grid, 0 outside) is the staircase's slope on a scale of many
+    steps: a central difference over 20 steps differs from it by at most 1/40."""
+    bits, log2_t = 6, 1.0
+    s = 2.0 ** (1 - (bits - 1))
+    n, p = np_range(bits, True)
+    x = np.linspace((n - 40) * s, (p + 40) * s, 2001)
+
+    def y(x):
+        return quant.tqt_fake_quant(tf.constant(x), log2_t, bits).numpy()
+
+    big_h = 20 * s
+    fd = (y(x + big_h) - y(x - big_h)) / (2 * big_h)
+    _, dx, _ = run_op(x, np.float32(log2_t), np.ones_like(x), num_bits=bits)
+    away = np.minimum(np.abs(x / s - n), np.abs(x / s - p)) > 21  # the difference spans no clip edge
+    assert set(dx[away]) == {0.0, 1.0}
+    np.testing.assert_allclose(fd[away], dx[away], atol=1 / 40 + 1e-12)
+
+
+def test_per_channel_gradient_is_the_per_tensor_gradient_of_each_channel():
+    rng = np.random.default_rng(2)
+    log2_t = np.array(CHANNEL_LOG2_T, np.float32)
+    x = make_x(rng, (3, 7, 5), log2_t, 4, True, np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    _, _, dl = run_op(x, log2_t, dy, num_bits=4)
+    assert dl.shape == (5,)
+    for c in range(5):
+        _, _, dl_c = run_op(x[..., c], log2_t[c], dy[..., c], num_bits=4)
+        np.testing.assert_allclose(dl[c], dl_c, rtol=1e-6)
+
+
+# ---- execution modes ------------------------------------------------------------------------
+
+
+def site_step(site, x):
+    """y, dL/dx and dL/dlog2_t for L = sum(y * (1 - x)): an upstream gradient that depends only
+    on the element (so it splits across replicas like x), computed exactly in every mode."""
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = site(x)
+        loss = tf.reduce_sum(y * tf.stop_gradient(1.0 - x))
+    dx, dl = tape.gradient(loss, [x, site.log2_t])
+    return y, dx, dl
+
+
+def test_eager_function_and_mirrored_strategy_agree(two_cpus):
+    x = make_x(np.random.default_rng(3), (8, 5), np.array(CHANNEL_LOG2_T), 4, True, np.float32)
+    x = tf.constant(x)
+    site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=5)
+    site.log2_t.assign(CHANNEL_LOG2_T)
+    eager = site_step(site, x)
+    graph = tf.function(site_step)(site, x)
+
+    strategy = tf.distribute.MirroredStrategy(two_cpus)
+    with strategy.scope():
+        mirrored_site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=5)
+        mirrored_site.log2_t.assign(CHANNEL_LOG2_T)
+    halves = tf.split(x, 2)
+    x_per_replica = strategy.experimental_distribute_values_from_function(
+        lambda ctx: halves[ctx.replica_id_in_sync_group])
+
+    @tf.function
+    def distributed_step(x):
+        def replica_step(x):
+            y, dx, dl = site_step(mirrored_site, x)
+            quant.clamp_log2_t([mirrored_site], lo=-2.0)  # an update in replica context
+            return y, dx, dl
+        return strategy.run(replica_step, args=(x,))
+
+    y_r, dx_r, dl_r = distributed_step(x_per_replica)
+    mirrored = (tf.concat(strategy.experimental_local_results(y_r), 0),
+                tf.concat(strategy.experimental_local_results(dx_r), 0),
+                tf.add_n(strategy.experimental_local_results(dl_r)))  # log2_t's gradient is a sum
+
+    for got in (graph, mirrored):
+        np.testing.assert_array_equal(got[0], eager[0])
+        np.testing.assert_array_equal(got[1], eager[1])
+        np.testing.assert_allclose(got[2], eager[2], rtol=1e-5, atol=1e-5)
+    for value in mirrored_site.log2_t.values:
+        np.testing.assert_array_equal(value, np.maximum(CHANNEL_LOG2_T, -2.0).astype(np.float32))
+
+
+# ---- training the threshold -----------------------------------------------------------------
+
+
+def test_adam_moves_the_threshold_toward_less_clipping():
+    x = tf.constant(np.random.default_rng(4).normal(size=4096), tf.float32)
+    site = quant.QuantSite("decoder/output_input", "activation", num_bits=4)
+    site.log2_t.assign(-2.0)  # threshold 0.25: clips most of a unit Gaussian
+    optimizer = tf.keras.optimizers.Adam(learning_rate=0.1)
+
+    @tf.function
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_mean(tf.square(site(x) - x))
+        optimizer.apply_gradients([(tape.gradient(loss, site.log2_t), site.log2_t)])
+        return loss
+
+    first = float(step())
+    for _ in range(40):
+        last = float(step())
+    assert site.threshold() >= 2.0 and last < 0.1 * first
+
+
+def sgd_step(site, x, learning_rate):
+    with tf.GradientTape() as tape:
+        loss = tf.reduce_sum(tf.square(site(x) - x))  # a sum: its gradient grows with x.size
+    grad = tape.gradient(loss, site.log2_t)
+    site.log2_t.assign_sub(learning_rate * grad)
+    return grad
+
+
+def test_clamp_keeps_sgd_from_throwing_the_threshold_away():
+    x = tf.constant(np.random.default_rng(5).normal(size=4096), tf.float32)
+    thrown, clamped = (quant.QuantSite(f"site_{i}", "activation", 4) for i in range(2))
+    for site in (thrown, clamped):
+        site.log2_t.assign(4.0)
+
+    sgd_step(thrown, x, 1.0)
+    assert thrown.log2_t.numpy() < -100
+    assert not np.any(thrown(x).numpy()) and float(sgd_step(thrown, x, 1.0)) == 0  # dead for good
+
+    for _ in range(3):
+        sgd_step(clamped, x, 1.0)
+        quant.clamp_log2_t([clamped])
+        assert quant.LOG2_T_MIN <= clamped.log2_t.numpy() <= quant.LOG2_T_MAX
+    assert np.all(np.isfinite(clamped(x).numpy())) and float(sgd_step(clamped, x, 0.0)) != 0
+
+
+# ---- QuantSite --------------------------------------------------------------------------------
+
+
+def observed_site(data, role="activation", bits=8):
+    site = quant.QuantSite("decoder/block_1/ffn/input", role, bits)
+    site.observing = True
+    for chunk in np.array_split(data, 4):
+        out = site(tf.constant(chunk, tf.float32))
+        np.testing.assert_array_equal(out, chunk.astype(np.float32))  # float pass-through
+    return site
+
+
+def calibrated_thresholds(data, **kwargs):
+    thresholds = {}
+    for method in ("max", "percentile", "mse", "kl"):
+        site = observed_site(data, **kwargs)
+        site.calibrate(method)
+        assert site.calibrated and not site.observing
+        thresholds[method] = float(site.threshold())
+    return thresholds
+
+
+def test_calibration_on_gaussian_data():
+    data = np.random.default_rng(6).normal(size=50_000)
+    site = observed_site(data)
+    site.calibrate("max")
+    assert site.log2_t.numpy() == pytest.approx(np.log2(np.abs(data).max()), abs=1e-6)
+    percentile = observed_site(data)
+    percentile.calibrate("percentile", percentile=99.0)
+    assert percentile.log2_t.numpy() == pytest.approx(np.log2(np.percentile(np.abs(data), 99)), abs=0.01)
+    thresholds = calibrated_thresholds(data)
+    assert thresholds["max"] >= thresholds["percentile"]
+    assert all(2.0 <= t <= 8.0 for t in thresholds.values())  # around 3 to 4.5 sigma, ceiled
+
+
+def test_search_calibration_clips_heavy_tails():
+    rng = np.random.default_rng(7)
+    student_t = rng.standard_t(2, size=50_000)  # infinite variance
+    for bits in (4, 8):
+        thresholds = calibrated_thresholds(student_t, bits=bits)
+        assert thresholds["mse"] < thresholds["max"] and thresholds["kl"] < thresholds["max"]
+    relu = calibrated_thresholds(np.maximum(rng.normal(size=50_000), 0), role="unsigned", bits=4)
+    assert 2.0 <= relu["kl"] <= relu["max"]  # the zeros of a ReLU do not drag KL down (to 1/16)
+
+
+def test_observations_stay_bounded_and_calibration_needs_them():
+    site = quant.QuantSite("decoder/block_1/self_attention/softmax_output", "unsigned")
+    with pytest.raises(ValueError, match="decoder/block_1/self_attention/softmax_output"):
+        site.calibrate("max")
+    site.observing = True
+    rng = np.random.default_rng(8)
+    for scale in (1.0, 5.0, 40.0):  # the histogram range has to grow twice
+        site(tf.constant(rng.random(40_000) * scale, tf.float32))
+    observations = site._observations
+    assert observations.count() == 120_000 and observations.sample.size == observations.SAMPLE
+    assert observations.top == 64.0 and observations.hist.size == observations.BINS
+    site.calibrate("percentile")
+    assert site._observations is None
+    with pytest.raises(ValueError, match="observed no data"):
+        site.calibrate("max")
+
+
+def test_init_from_weight_per_channel():
+    rng = np.random.default_rng(9)
+    w = rng.normal(size=(64, 3)) * [0.1, 1.0, 10.0] + [0.0, 0.5, 0.0]
+    site = quant.QuantSite("encoder/block_1/self_attention/query/weight", "weight", channels=3)
+    site.init_from_weight(w, "max")
+    np.testing.assert_allclose(site.log2_t.numpy(), np.log2(np.abs(w).max(0)), rtol=1e-6)
+    site.init_from_weight(tf.constant(w), "3sd")
+    np.testing.assert_allclose(site.log2_t.numpy(), np.log2(np.abs(w.mean(0)) + 3 * w.std(0)), rtol=1e-6)
+    per_tensor = quant.QuantSite("embedding/weight", "weight")
+    per_tensor.init_from_weight(w, "max")
+    assert per_tensor.log2_t.numpy() == pytest.approx(np.log2(np.abs(w).max()))
+
+
+@pytest.mark.parametrize("role, frac", [("weight", 7 - 3), ("unsigned", 8 - 3)])
+def test_frac_bits_threshold_and_scale(role, frac):
+    site = quant.QuantSite("a/b", role)
+    site.log2_t.assign(2.3)  # ceil -> 3: threshold 8
+    assert site.frac_bits() == frac and site.frac_bits_tensor().numpy() == frac
+    assert site.threshold() == 8.0 and site.scale() == 2.0**-frac
+    assert quant.frac_bits(np.array([2.3, -1.0, -1.5]), 8, True).tolist() == [4, 8, 8]
+
+
+def test_clip_fraction():
+    site = quant.QuantSite("a", "activation", num_bits=4)  # log2_t 0: s = 1/8, range [-1, 0.875]
+    x = np.array([-1.0, -1.01, 0.875, 0.9, 0.0, 0.5, 3.0, -0.2])
+    assert site.clip_fraction(x) == 3 / 8
+
+
+def test_frozen_site_passes_no_gradient_to_its_threshold():
+    site = quant.QuantSite("a", "activation")
+    x = tf.constant([0.1, 0.7, 3.0])
+    site.frozen = True
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        y = site(x)
+    dx, dl = tape.gradient(y, [x, site.log2_t])
+    assert dl is None and dx.numpy().tolist() == [1.0, 1.0, 0.0]
+
+
+# ---- bias, configuration, factory ---------------------------------------------------------------
+
+
+def test_quantize_bias_is_integer_at_the_accumulator_scale():
+    b = tf.Variable([0.123456, -3.3, 1e-4, 2.5e5])
+    frac = tf.constant([10, 3, 12, 14])
+    with tf.GradientTape() as tape:
+        y = quant.quantize_bias(b, frac)
+    q = y.numpy() * 2.0 ** frac.numpy()
+    np.testing.assert_array_equal(q, [126, -26, 0, 2**31 - 128])  # round, underflow, int32 clip
+    np.testing.assert_array_equal(tape.gradient(y, b), np.ones(4))  # straight through
+    y64 = quant.quantize_bias(tf.constant([2.5e5], tf.float64), 14).numpy()
+    assert y64 * 2.0**14 == 2**31 - 1
+
+
+def test_quant_config_from_flags():
+    assert quant.QuantConfig.from_flags("none", 4, 4, "half_even", False, []) is None
+    overrides = ["*/softmax_output=8", "*attention*=6", "decoder/*/softmax_output=7"]
+    config = quant.QuantConfig.from_flags("w4a8", None, None, "half_up", True, overrides)
+    assert (config.wbits, config.abits, config.rounding, config.per_channel) == (4, 8, "half_up", True)
+    assert config.bits_for("encoder/block_1/ffn/weight", "weight") == 4
+    assert config.bits_for("encoder/block_1/ffn/input", "unsigned") == 8
+    assert config.bits_for("encoder/block_1/self_attention/softmax_output", "unsigned") == 6
+    assert config.bits_for("decoder/block_2/self_attention/softmax_output", "unsigned") == 7  # last wins
+    assert quant.QuantConfig.from_flags("w8a8", 6, None, "floor", False, []).wbits == 6
+    for bad in ("softmax", "=8", "x=eight", "x=1", "x=17"):
+        with pytest.raises(ValueError, match="--quant_override"):
+            quant.QuantConfig.from_flags("w8a8", None, None, "half_even", False, [bad])
+    with pytest.raises(ValueError, match="--quant"):
+        quant.QuantConfig.from_flags("int8", None, None, "half_even", False, [])
+
+
+def test_tqt_sites():
+    sites = quant.TQTSites(quant.QuantConfig(wbits=4, abits=8, per_channel=True,
+                                             overrides=[("*/softmax_output", 6)]))
+    w = sites.site("encoder/block_1/ffn/weight", "weight", channels=16)
+    x = sites.site("encoder/block_1/ffn/input", "activation", channels=16)  # per-channel: weights only
+    p = sites.site("encoder/block_1/self_attention/softmax_output", "unsigned")
+    assert w.log2_t.shape == [16] and x.log2_t.shape == []
+    assert (w.num_bits, x.num_bits, p.num_bits) == (4, 8, 6)
+    assert not p.signed and w.site_name == "encoder/block_1/ffn/weight"
+    assert len(sites.trainable_variables) == 3
+    with pytest.raises(ValueError, match="encoder/block_1/ffn/weight"):
+        sites.site("encoder/block_1/ffn/weight", "weight")
+
+    w.log2_t.assign(np.linspace(-2, 1, 16))
+    b = sites.bias(tf.random.normal([16]), x, w)
+    frac = x.frac_bits() + w.frac_bits()
+    q = b.numpy() * 2.0**frac
+    np.testing.assert_array_equal(q, np.round(q))
+
+
+@pytest.mark.parametrize("bits, rounding, message", [
+    (1, "half_even", "num_bits"), (17, "half_even", "num_bits"), (8.0, "half_even", "num_bits"),
+    (8, "nearest", "rounding"),
+])
+def test_bad_bits_and_rounding_are_rejected(bits, rounding, message):
+    with pytest.raises(ValueError, match=message):
+        quant.tqt_fake_quant(tf.zeros([2]), 0.0, bits, rounding=rounding)
+    with pytest.raises(ValueError, match=message):
+        quant.QuantSite("a", "activation", bits, rounding)
