@@ -17,11 +17,8 @@ from tqdm import tqdm
 
 import data_load
 import hparams
-from model import Transformer
-
-DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
-              "dev_tgt", "test_src", "test_tgt")
-DECODE_FLAGS = ("decode_margin",)
+import quant
+from model import Transformer, load_weights
 
 
 def translate(model: Transformer, sp: spm.SentencePieceProcessor, lines: list[str],
@@ -46,14 +43,14 @@ def bleu_score(hyps: list[str], refs: list[str]) -> tuple[float, str]:
 def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     hp = parser.parse_args(argv)
     saved = hparams.load_hparams(hp.logdir)
-    keys = hparams.MODEL_FLAGS + DATA_FLAGS + DECODE_FLAGS + (
-        "quant", "wbits", "abits", "quant_override", "rounding", "per_channel")
+    keys = hparams.MODEL_FLAGS + hparams.DATA_FLAGS + hparams.QUANT_FLAGS + ("decode_margin",)
     hparams.merge_saved(hp, saved, hparams.explicit_flags(parser, argv), keys)
     return hp
 
 
-def load_model(hp: argparse.Namespace, sites=None) -> tuple[Transformer, spm.SentencePieceProcessor, str]:
-    """The model of <logdir> with its checkpoint restored, its SentencePiece model, the path."""
+def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, bool]:
+    """The model of <logdir> (quantized per hp), its SentencePiece model, the checkpoint path, and
+    whether the checkpoint carried thresholds (False: a float checkpoint that PTQ must calibrate)."""
     spm_path = os.path.join(hp.logdir, "spm.model")
     if not os.path.exists(spm_path):
         raise FileNotFoundError(f"{spm_path} not found: is --logdir a train.py log directory?")
@@ -61,13 +58,8 @@ def load_model(hp: argparse.Namespace, sites=None) -> tuple[Transformer, spm.Sen
     path = hp.checkpoint or tf.train.latest_checkpoint(os.path.join(hp.logdir, "ckpt"))
     if not path:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(hp.logdir, 'ckpt')}")
-    model = Transformer(hp, sp.get_piece_size(), sites)
-    try:
-        tf.train.Checkpoint(model=model).restore(path).expect_partial().assert_existing_objects_matched()
-    except (ValueError, AssertionError, tf.errors.OpError) as e:
-        first = str(e).strip().splitlines()[0][:200]
-        raise ValueError(f"checkpoint {path} does not fit these hparams ({first})") from None
-    return model, sp, path
+    model = Transformer(hp, sp.get_piece_size(), quant.sites_from_flags(hp))
+    return model, sp, path, load_weights(model, path)
 
 
 def test_pairs(hp: argparse.Namespace, src: str | None, ref: str | None) -> tuple[list[str], list[str], str]:
@@ -75,17 +67,35 @@ def test_pairs(hp: argparse.Namespace, src: str | None, ref: str | None) -> tupl
         if not (src and ref):
             raise ValueError("--src and --ref go together")
         return (*data_load.read_parallel(src, ref), src)
-    splits = data_load.load_splits(
+    name = hp.test_src or (f"{hp.data}:{hp.test_set}")
+    return (*load_corpus(hp)["test"], name)
+
+
+def load_corpus(hp: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
+    """The train/dev/test splits named by the data flags."""
+    return data_load.load_splits(
         hp.data, hp.dev_set, hp.test_set, train_src=hp.train_src, train_tgt=hp.train_tgt,
         dev_src=hp.dev_src, dev_tgt=hp.dev_tgt, test_src=hp.test_src, test_tgt=hp.test_tgt,
         demo_dir=hp.demo_dir)
-    name = hp.test_src or (f"{hp.data}:{hp.test_set}")
-    return (*splits["test"], name)
+
+
+def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
+                           hp: argparse.Namespace) -> None:
+    """PTQ: calibrate every threshold of a float checkpoint on training batches, no training."""
+    splits = load_corpus(hp)
+    src, tgt, _ = data_load.filter_by_length(data_load.encode_source(sp, splits["train"][0]),
+                                             data_load.encode_target(sp, splits["train"][1]),
+                                             hp.maxlen1, hp.maxlen2)
+    batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: hp.calib_batches]
+    quant.calibrate(model, batches, hp.calib, hp.weight_init)
+    print(f"post-training quantization: {hp.quant}, calibrated by {hp.calib} on {len(batches)} batches")
 
 
 def main(argv: list[str]) -> None:
     hp = restore_hparams(hparams.eval_parser(), argv)
-    model, sp, ckpt_path = load_model(hp)
+    model, sp, ckpt_path, has_thresholds = load_model(hp)
+    if hp.quant != "none" and not has_thresholds:
+        post_training_quantize(model, sp, hp)
     de, en, test_name = test_pairs(hp, hp.src, hp.ref)
     start = time.time()
     hyps = translate(model, sp, de, hp, progress=True)

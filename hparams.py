@@ -15,6 +15,10 @@ import sys
 # flags that describe the model and its vocabulary: restored from <logdir>/hparams.json
 MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxlen1", "maxlen2",
                "dropout_rate", "smoothing")
+# flags that say which data a run used: restored too, so eval.py and QAT see the same corpus
+DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
+              "dev_tgt", "test_src", "test_tgt")
+QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel")
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -92,7 +96,25 @@ def train_parser() -> argparse.ArgumentParser:
                    help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs")
     add_decode_flags(p)
     add_quant_flags(p)
+    g = p.add_argument_group("quantization-aware training")
+    g.add_argument("--init_from", default=None, metavar="LOGDIR",
+                   help="start from this run's latest checkpoint (its model flags, data flags and "
+                        "SentencePiece model are taken over), e.g. a float run to fine-tune with --quant")
+    add_calib_flags(g)
+    g.add_argument("--th_lr", type=float, default=1e-2, help="Adam learning rate of the thresholds")
+    g.add_argument("--th_decay_steps", type=int, default=1000,
+                   help="halve the threshold learning rate every N steps")
+    g.add_argument("--freeze_thresholds_after", type=int, default=0,
+                   help="stop training thresholds after N steps (0: never)")
     return p
+
+
+def add_calib_flags(g) -> None:
+    g.add_argument("--calib", default="kl", choices=["max", "percentile", "mse", "kl"],
+                   help="activation calibration (kl: symmetric KL-J as in TQT)")
+    g.add_argument("--calib_batches", type=int, default=8, help="training batches to calibrate on")
+    g.add_argument("--weight_init", default="max", choices=["max", "3sd"],
+                   help="weight thresholds from max|w| or |mean| + 3 std")
 
 
 def eval_parser() -> argparse.ArgumentParser:
@@ -110,6 +132,9 @@ def eval_parser() -> argparse.ArgumentParser:
     add_model_flags(p)
     add_decode_flags(p)
     add_quant_flags(p)
+    add_calib_flags(p.add_argument_group("post-training quantization (a float --logdir with --quant)"))
+    p.add_argument("--batch_tokens", type=int, default=4096, help="tokens per calibration batch")
+    p.add_argument("--seed", type=int, default=1234)
     return p
 
 
@@ -126,7 +151,7 @@ def save_hparams(hp: argparse.Namespace, logdir: str) -> None:
     write_json(os.path.join(logdir, "hparams.json"), vars(hp))
 
 
-def write_json(path: str, obj: dict) -> None:
+def write_json(path: str, obj: dict | list) -> None:
     """Write JSON atomically (temp file + rename)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     with open(path + ".tmp", "w") as f:

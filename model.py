@@ -10,6 +10,7 @@ beam search with a GNMT length penalty.  Outputs end at EOS and are padded with 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -20,15 +21,18 @@ from data_load import EOS_ID as EOS
 from data_load import PAD_ID as PAD
 from modules import (
     NEG_INF,
+    Dense,
     FeedForward,
     FloatSites,
     LayerNorm,
     MultiHeadAttention,
+    Site,
     SiteFactory,
     causal_bias,
     label_smoothed_xent,
     padding_bias,
     positional_encoding,
+    set_untracked,
 )
 
 
@@ -103,6 +107,13 @@ class Transformer(tf.Module):
         self.decoder = [DecoderBlock(f"decoder/block_{i + 1}", hp, sites, self.dropout)
                         for i in range(hp.num_blocks)]
         self.output_site = sites.site("decoder/output_input", "activation")
+        set_untracked(self, "beam_fns", {})  # compiled beam searches, not checkpoint content
+
+    def weight_sites(self) -> list[tuple[Site, tf.Variable]]:
+        """(site, weight) for every quantized weight: each dense W and the embedding table."""
+        pairs = [(self.embedding_site, self.embedding)]
+        pairs += [(m.w_site, m.w) for m in self.submodules if isinstance(m, Dense)]
+        return pairs
 
     # ----------------------------------------------------------------------------- forward
     def embed(self, ids: tf.Tensor, table: tf.Tensor, offset: tf.Tensor | int = 0) -> tf.Tensor:
@@ -218,10 +229,14 @@ class Transformer(tf.Module):
         t, tokens, _ = tf.while_loop(cond, body, [0, tokens, finished])
         return tf.where(tf.range(length)[None] < t, tokens[:, 1:], PAD)
 
-    @tf.function(reduce_retracing=True)
     def beam_search(self, src: tf.Tensor, beam: int, alpha: float = 0.6) -> tf.Tensor:
-        """Batched beam search; the best hypothesis per sentence [B, T] (traced per beam, alpha)."""
-        return self.beam_search_impl(src, beam, alpha)
+        """Batched beam search; the best hypothesis per sentence [B, T] (one graph per beam, alpha)."""
+        key = (int(beam), float(alpha))
+        if key not in self.beam_fns:
+            self.beam_fns[key] = tf.function(
+                functools.partial(self.beam_search_impl, beam=key[0], alpha=key[1]),
+                input_signature=[tf.TensorSpec([None, None], tf.int32)])
+        return self.beam_fns[key](src)
 
     def beam_search_impl(self, src: tf.Tensor, beam: int, alpha: float) -> tf.Tensor:
         """Beam search over `beam` hypotheses per sentence with a key/value cache.
@@ -269,3 +284,35 @@ class Transformer(tf.Module):
         best = tf.argmax(state["scores"] / tf.reshape(penalty, [batch, beam]), axis=1, output_type=tf.int32)
         seqs = tf.reshape(state["seqs"], [batch, beam, length])
         return tf.gather(seqs, best, batch_dims=1)
+
+
+def weights_by_path(model: Transformer) -> dict[str, tf.Variable]:
+    """Every weight (not threshold) variable keyed as in a tf.train.Checkpoint(model=...) file."""
+    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
+    keys = {"model/" + "/".join(map(str, path)) + "/.ATTRIBUTES/VARIABLE_VALUE": v for path, v in flat}
+    return {k: v for k, v in keys.items() if "log2_t" not in k}
+
+
+def load_weights(model: Transformer, path: str) -> bool:
+    """Restore `model` from checkpoint `path`, quantized or not.
+
+    Every weight must be there with its shape (ValueError otherwise). Thresholds (log2_t) are
+    restored when the checkpoint has them; returns whether it had any, so a float checkpoint
+    loaded into a quantized model says that it still needs calibration.
+    """
+    try:
+        shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
+    except (tf.errors.OpError, ValueError) as e:
+        raise ValueError(f"cannot read checkpoint {path} ({str(e).splitlines()[0][:160]})") from None
+    for key, var in weights_by_path(model).items():
+        if key not in shapes:
+            raise ValueError(f"checkpoint {path} has no {key}: built with other hparams?")
+        if list(shapes[key]) != var.shape.as_list():
+            raise ValueError(f"checkpoint {path}: {key} has shape {shapes[key]}, the model "
+                             f"{var.shape.as_list()}: built with other hparams?")
+    try:  # matched through the object graph, so each site is found whichever path saved it
+        tf.train.Checkpoint(model=model).read(path).expect_partial()
+    except (ValueError, tf.errors.OpError) as e:
+        raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]})"
+                         ) from None
+    return any("log2_t" in key for key in shapes)

@@ -191,6 +191,12 @@ def noam_lr(step: tf.Tensor, peak_lr: float, warmup_steps: int) -> tf.Tensor:
     return peak_lr * w**0.5 * tf.minimum(step * w**-1.5, tf.math.rsqrt(step))
 
 
+def set_untracked(obj: tf.Module, name: str, value) -> None:
+    """Keep a reference without making it a checkpoint dependency, so that each variable is
+    saved under its one path in the model (a checkpoint names a variable by its shortest path)."""
+    object.__setattr__(obj, name, value)
+
+
 class Adam(tf.Module):
     """Adam (Kingma & Ba) with bias correction, written out so its state is checkpointed.
 
@@ -201,7 +207,7 @@ class Adam(tf.Module):
     def __init__(self, variables: list[tf.Variable], name: str, beta1: float = 0.9,
                  beta2: float = 0.98, eps: float = 1e-9):
         super().__init__(name=name)
-        self.variables_ = list(variables)
+        set_untracked(self, "params", list(variables))
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
         self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
@@ -212,7 +218,7 @@ class Adam(tf.Module):
         t = tf.cast(self.t, tf.float32)
         b1, b2 = self.beta1, self.beta2
         step = lr * tf.sqrt(1.0 - b2**t) / (1.0 - b1**t)  # bias correction folded into the step
-        for var, g, m, v in zip(self.variables_, grads, self.m, self.v):
+        for var, g, m, v in zip(self.params, grads, self.m, self.v):
             m.assign(b1 * m + (1.0 - b1) * g)
             v.assign(b2 * v + (1.0 - b2) * tf.square(g))
             var.assign_sub(step * m / (tf.sqrt(v) + self.eps))

@@ -339,6 +339,8 @@ class QuantSite(tf.Module):
         self.calibrated = False
         self.observing = False
         self._observations: _Observations | None = None
+        # eager only: when a list, every input x is appended (clip statistics, engine checks)
+        self.recorded: list[np.ndarray] | None = None
         shape = [] if channels is None else [channels]
         with self.name_scope:
             # ONLY_FIRST_REPLICA: a clamp inside a MirroredStrategy replica function writes
@@ -353,6 +355,8 @@ class QuantSite(tf.Module):
         if self.observing:
             self._observe(x)
             return x  # calibration runs the model in float
+        if self.recorded is not None:
+            self.recorded.append(np.asarray(x))
         log2_t = tf.stop_gradient(self.log2_t) if self.frozen else self.log2_t
         return tqt_fake_quant(x, log2_t, self.num_bits, self.signed, self.rounding)
 
@@ -406,6 +410,8 @@ class QuantSite(tf.Module):
         else:
             raise ValueError(f"init_from_weight method must be 'max' or '3sd', got {method!r}")
         self._set_log2_t(_log2(t))
+        self._observations = None
+        self.observing = False
 
     def calibrate(self, method: str = "max", percentile: float = 99.99) -> None:
         """Set log2_t from the observed values, then drop them and stop observing.
@@ -543,3 +549,51 @@ class TQTSites(tf.Module):
     def bias(self, b: tf.Tensor, x_site: QuantSite, w_site: QuantSite) -> tf.Tensor:
         """The bias on the accumulator grid of x_site's input times w_site's weight."""
         return quantize_bias(b, x_site.frac_bits_tensor() + w_site.frac_bits_tensor())
+
+
+# --------------------------------------------------------------------------------------------
+# Calibrating a whole model
+# --------------------------------------------------------------------------------------------
+
+
+def calibrate(model, batches, method: str = "kl", weight_init: str = "max") -> None:
+    """Initialize every site of `model` (a Transformer built with TQTSites).
+
+    Weights: log2_t from max|w| or |mean| + 3 std (`weight_init`). Activations: run the float
+    model (every site passes its input through unchanged while observing) eagerly on the
+    (src, tgt) `batches`, then calibrate each activation site from what it saw (`method`).
+    """
+    sites = list(model.sites.sites.values())
+    for site in sites:
+        site.observing = True
+    for src, tgt in batches:
+        model(tf.constant(src), tf.constant(tgt[:, :-1]), training=False)
+    for site, weight in model.weight_sites():
+        site.init_from_weight(weight.numpy(), weight_init)
+    for site in sites:
+        if site.role != "weight":
+            site.calibrate(method)
+
+
+def sites_from_flags(hp):
+    """The site factory for the --quant/--wbits/--abits/--rounding/--per_channel/--quant_override
+    flags: TQTSites, or modules.FloatSites (identity hooks) for --quant none."""
+    from modules import FloatSites
+
+    config = QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
+                                    hp.quant_override)
+    return FloatSites() if config is None else TQTSites(config)
+
+
+def site_table(sites, clip_fractions: dict[str, float] | None = None) -> str:
+    """A text table of the sites: name, bits, signed, threshold 2^ceil(log2_t), f, % clipped."""
+    rows = [f"{'site':58s} {'bits':>4s} {'sign':>4s} {'threshold':>10s} {'f':>4s} {'clipped':>8s}"]
+    for site in sites:
+        f = site.frac_bits()
+        t = site.threshold()
+        f_text = str(int(f)) if f.ndim == 0 else f"{int(f.min())}..{int(f.max())}"
+        t_text = f"{float(t):g}" if t.ndim == 0 else f"{float(t.min()):g}.."
+        clipped = "" if clip_fractions is None else f"{100 * clip_fractions[site.site_name]:7.3f}%"
+        rows.append(f"{site.site_name:58s} {site.num_bits:4d} {'s' if site.signed else 'u':>4s} "
+                    f"{t_text:>10s} {f_text:>4s} {clipped:>8s}")
+    return "\n".join(rows)

@@ -1,7 +1,9 @@
-"""Train the Transformer (float, or TQT-quantized with --quant): python train.py --logdir DIR.
+"""Train the Transformer, float or TQT-quantized: python train.py --logdir DIR [--quant w8a8].
 
 Re-running the same command resumes from the latest checkpoint in DIR (step, optimizer state,
-schedule, random stream, position in the epoch).
+schedule, random stream, position in the epoch).  `--quant w8a8 --init_from FLOAT_LOGDIR` is
+quantization-aware fine-tuning: restore the float weights, calibrate every threshold, train
+weights and thresholds together (thresholds with their own Adam).
 """
 
 from __future__ import annotations
@@ -9,39 +11,58 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import time
 
 import numpy as np
+import sentencepiece as spm
 import tensorflow as tf
 from tqdm import tqdm
 
 import data_load
 import hparams
-from eval import bleu_score, translate
-from model import Transformer
-from modules import Adam, noam_lr
+import quant
+from eval import bleu_score, load_corpus, translate
+from model import Transformer, load_weights
+from modules import Adam, noam_lr, set_untracked
 
 
 def check_flags(hp: argparse.Namespace) -> None:
     if hp.d_model % hp.num_heads:
         raise ValueError(f"--d_model {hp.d_model} is not divisible by --num_heads {hp.num_heads}")
     for flag in ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "batch_tokens",
-                 "maxlen1", "maxlen2", "num_epochs", "ckpt_every"):
+                 "maxlen1", "maxlen2", "num_epochs", "ckpt_every", "calib_batches", "th_decay_steps"):
         if getattr(hp, flag) <= 0:
             raise ValueError(f"--{flag} must be positive, got {getattr(hp, flag)}")
     if hp.d_model % 2:
         raise ValueError(f"--d_model {hp.d_model} must be even (sinusoidal positions)")
+    quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
+                                 hp.quant_override)  # raises on bad bits / overrides
+
+
+def inherit_from_parent(hp: argparse.Namespace, explicit: set[str]) -> str:
+    """--init_from: take the parent run's model and data flags; return its latest checkpoint."""
+    parent = hparams.load_hparams(hp.init_from)
+    for key in hparams.MODEL_FLAGS:
+        if key in explicit and getattr(hp, key) != parent.get(key, getattr(hp, key)):
+            raise ValueError(f"--{key} {getattr(hp, key)} differs from {parent[key]} of --init_from "
+                             f"{hp.init_from}")
+    hparams.merge_saved(hp, parent, explicit, hparams.MODEL_FLAGS + hparams.DATA_FLAGS)
+    path = tf.train.latest_checkpoint(os.path.join(hp.init_from, "ckpt"))
+    if not path:
+        raise FileNotFoundError(f"--init_from {hp.init_from}: no checkpoint in {hp.init_from}/ckpt")
+    return path
 
 
 def check_resume(hp: argparse.Namespace) -> None:
-    """A logdir that holds a run must be resumed with the same model flags."""
+    """A logdir that holds a run must be resumed with the same model and quantization flags."""
     path = os.path.join(hp.logdir, "hparams.json")
     if not os.path.exists(path):
         return
     saved = hparams.load_hparams(hp.logdir)
-    for key in hparams.MODEL_FLAGS + ("quant", "wbits", "abits", "per_channel", "rounding"):
+    for key in hparams.MODEL_FLAGS + hparams.QUANT_FLAGS:
         if key in saved and saved[key] != getattr(hp, key):
-            raise ValueError(f"{path}: the checkpoint there was built with --{key} {saved[key]}, "
+            raise ValueError(f"{path}: the run there was built with --{key} {saved[key]}, "
                              f"not {getattr(hp, key)}; use another --logdir")
 
 
@@ -55,13 +76,16 @@ def spm_cache_dir(hp: argparse.Namespace) -> str:
 
 
 def prepare_data(hp: argparse.Namespace):
-    """Corpora, the joint SentencePiece model (copied to <logdir>/spm.model), encoded training set."""
-    splits = data_load.load_splits(
-        hp.data, hp.dev_set, hp.test_set, train_src=hp.train_src, train_tgt=hp.train_tgt,
-        dev_src=hp.dev_src, dev_tgt=hp.dev_tgt, test_src=hp.test_src, test_tgt=hp.test_tgt,
-        demo_dir=hp.demo_dir)
+    """Corpora, the joint SentencePiece model (kept as <logdir>/spm.model), encoded training set.
+
+    With --init_from the parent's SentencePiece model is reused (the weights depend on it).
+    """
+    splits = load_corpus(hp)
     train_de, train_en = splits["train"]
-    sp = data_load.load_or_train_spm(train_de, train_en, hp.vocab_size, spm_cache_dir(hp))
+    if hp.init_from:
+        sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.init_from, "spm.model"))
+    else:
+        sp = data_load.load_or_train_spm(train_de, train_en, hp.vocab_size, spm_cache_dir(hp))
     os.makedirs(hp.logdir, exist_ok=True)
     local = os.path.join(hp.logdir, "spm.model")
     with open(local + ".tmp", "wb") as f:
@@ -77,14 +101,47 @@ def prepare_data(hp: argparse.Namespace):
     return splits, sp, src, tgt
 
 
-def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: Adam, hp):
+class Optimizers(tf.Module):
+    """Adam on the weights (Noam schedule) and, when quantized, a second Adam on the thresholds
+    (lr = th_lr * 0.5^(step // th_decay_steps)), each log2_t clamped after its update."""
+
+    def __init__(self, model: Transformer, hp: argparse.Namespace):
+        super().__init__(name="optimizers")
+        sites = [s for s in model.sites.sites.values() if isinstance(s, quant.QuantSite)]
+        thresholds = {s.log2_t.ref() for s in sites}
+        set_untracked(self, "sites", sites)
+        set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
+        set_untracked(self, "thresholds", [s.log2_t for s in sites])
+        self.adam = Adam(self.weights, name="adam")
+        self.th_adam = Adam(self.thresholds, name="th_adam", beta2=0.999, eps=1e-8)
+        set_untracked(self, "hp", hp)
+
+    def lr(self) -> tf.Tensor:
+        return noam_lr(self.adam.t + 1, self.hp.lr, self.hp.warmup_steps)
+
+    def th_lr(self) -> tf.Tensor:
+        halvings = tf.cast(self.adam.t // self.hp.th_decay_steps, tf.float32)
+        return self.hp.th_lr * tf.pow(0.5, halvings)
+
+    def apply(self, grads: list[tf.Tensor], train_thresholds: bool) -> tf.Tensor:
+        lr = self.lr()
+        n = len(self.weights)
+        if train_thresholds:
+            self.th_adam.apply(grads[n:], self.th_lr())
+            quant.clamp_log2_t(self.sites)
+        self.adam.apply(grads[:n], lr)
+        return lr
+
+
+def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: Optimizers,
+                    train_thresholds: bool):
     """One optimizer step on a batch split across the strategy's replicas.
 
-    loss = sum over all target tokens of the label-smoothed cross-entropy / number of tokens;
-    each replica divides its partial sum by the *global* token count, so the summed gradients
-    equal the single-device gradient exactly.
+    loss = (sum over all target tokens of the label-smoothed cross-entropy) / (number of tokens);
+    each replica divides its partial sum by the *global* token count, so the summed replica
+    gradients equal the single-device gradient.
     """
-    variables = model.trainable_variables
+    variables = opt.weights + (opt.thresholds if train_thresholds else [])
 
     def replica_grads(src, tgt, n_tokens):
         with tf.GradientTape() as tape:
@@ -96,8 +153,7 @@ def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: A
         grads, loss_sum = strategy.run(replica_grads, args=(src, tgt, n_tokens))
         grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
         loss_sum = strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None)
-        lr = noam_lr(opt.t + 1, hp.lr, hp.warmup_steps)
-        opt.apply(grads, lr)
+        lr = opt.apply(grads, train_thresholds)
         return loss_sum / n_tokens, lr
 
     if strategy.num_replicas_in_sync == 1:  # plain tensors: one trace for every batch shape
@@ -130,13 +186,58 @@ def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
         f.write("\n".join(hyps) + "\n")
     with writer.as_default():
         tf.summary.scalar("dev_bleu", score, step=step)
-    print(f"epoch {epoch}: dev BLEU = {score:.2f}  ({signature})")
+    tqdm.write(f"epoch {epoch}: dev BLEU = {score:.2f}  ({signature})")
+    history = os.path.join(hp.logdir, "dev_bleu.json")
+    curve = json.load(open(history)) if os.path.exists(history) else []
+    curve.append({"epoch": epoch, "step": step, "dev_bleu": round(score, 2), "signature": signature})
+    hparams.write_json(history, curve)
     return score
+
+
+def log_thresholds(sites: list, writer, step: int) -> None:
+    """Every site's log2_t and fractional bits f as summaries (the scales visibly train)."""
+    with writer.as_default():
+        for site in sites:
+            tf.summary.scalar(f"log2_t/{site.site_name}", tf.reduce_mean(site.log2_t), step=step)
+            tf.summary.scalar(f"frac_bits/{site.site_name}", float(np.mean(site.frac_bits())), step=step)
+
+
+def calibrate(model: Transformer, sites: list, batches: list, hp: argparse.Namespace) -> None:
+    """Calibrate every threshold and record the fractional bits it gave (calibration.json)."""
+    t0 = time.time()
+    quant.calibrate(model, batches[: hp.calib_batches], hp.calib, hp.weight_init)
+    hparams.write_json(os.path.join(hp.logdir, "calibration.json"),
+                       {s.site_name: s.frac_bits().tolist() for s in sites})
+    print(f"calibrated {len(sites)} sites ({hp.calib} on {min(hp.calib_batches, len(batches))} "
+          f"batches, weights by {hp.weight_init}) in {time.time() - t0:.1f} s")
+
+
+def threshold_report(model: Transformer, sites: list, batches: list, logdir: str) -> str:
+    """The end-of-training table: per site bits, sign, threshold, f, fraction clipped (measured
+    on two training batches), and how many sites changed f since calibration."""
+    for site in sites:
+        site.recorded = []
+    for src, tgt in batches[:2]:
+        model(tf.constant(src), tf.constant(tgt[:, :-1]), training=False)
+    clipped = {}
+    for site in sites:
+        clipped[site.site_name] = float(np.mean([site.clip_fraction(x) for x in site.recorded]))
+        site.recorded = None
+    table = quant.site_table(sites, clipped)
+    calib_path = os.path.join(logdir, "calibration.json")
+    if os.path.exists(calib_path):
+        with open(calib_path) as f:
+            at_calibration = json.load(f)
+        changed = sum(np.any(np.asarray(at_calibration[s.site_name]) != s.frac_bits()) for s in sites
+                      if s.site_name in at_calibration)
+        table += f"\n{changed} of {len(sites)} sites changed their fractional bits f since calibration"
+    return table
 
 
 def main(argv: list[str]) -> None:
     parser = hparams.train_parser()
     hp = parser.parse_args(argv)
+    parent_ckpt = inherit_from_parent(hp, hparams.explicit_flags(parser, argv)) if hp.init_from else None
     check_flags(hp)
     check_resume(hp)
     tf.random.set_seed(hp.seed)
@@ -145,53 +246,82 @@ def main(argv: list[str]) -> None:
 
     strategy = build_strategy(hp.strategy)
     with strategy.scope():
-        model = Transformer(hp, sp.get_piece_size())
-        opt = Adam(model.trainable_variables, name="adam")
+        model = Transformer(hp, sp.get_piece_size(), quant.sites_from_flags(hp))
+        opt = Optimizers(model, hp)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+    sites = opt.sites
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch, batch_in_epoch=batch_in_epoch)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(hp.logdir, "ckpt"), hp.keep_checkpoints)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} (step {int(opt.t)}, epoch {int(epoch) + 1})")
+        print(f"resumed from {manager.latest_checkpoint} (step {int(opt.adam.t)}, epoch {int(epoch) + 1})")
+    else:
+        has_thresholds = load_weights(model, parent_ckpt) if parent_ckpt else False
+        if parent_ckpt:
+            print(f"initialized from {parent_ckpt}")
+        if sites and not has_thresholds:
+            calibrate(model, sites, data_load.train_batches(train_src, train_tgt, hp.batch_tokens,
+                                                            hp.seed, 0), hp)
     writer = tf.summary.create_file_writer(hp.logdir)
-    train_step = make_train_step(model, strategy, opt, hp)
-
     start = time.time()
 
     def out_of_budget() -> bool:
-        return (hp.max_steps and int(opt.t) >= hp.max_steps) or (
-            hp.max_minutes and time.time() - start > 60 * hp.max_minutes)
+        return bool((hp.max_steps and int(opt.adam.t) >= hp.max_steps) or (
+            hp.max_minutes and time.time() - start > 60 * hp.max_minutes))
 
+    def thresholds_train() -> bool:
+        frozen = bool(hp.freeze_thresholds_after) and int(opt.adam.t) >= hp.freeze_thresholds_after
+        for site in sites:
+            site.frozen = frozen
+        return bool(sites) and not frozen
+
+    train_thresholds = thresholds_train()
+    train_step = make_train_step(model, strategy, opt, train_thresholds)
+    run_tokens = 0
     while int(epoch) < hp.num_epochs and not out_of_budget():
         batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch))
         bar = tqdm(batches[int(batch_in_epoch):], desc=f"epoch {int(epoch) + 1}/{hp.num_epochs}",
-                   initial=int(batch_in_epoch), total=len(batches), dynamic_ncols=True)
+                   initial=int(batch_in_epoch), total=len(batches), dynamic_ncols=True,
+                   mininterval=1.0, file=sys.stderr)
         tokens, t0 = 0, time.time()
         for src, tgt in bar:
             n_tokens = float(np.count_nonzero(tgt[:, 1:]))
             loss, lr = train_step(*distribute(strategy, src, tgt), tf.constant(n_tokens))
             batch_in_epoch.assign_add(1)
             tokens += int(np.count_nonzero(src) + n_tokens)
-            step = int(opt.t)
+            step = int(opt.adam.t)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{float(lr):.2e}",
-                                tok_s=f"{tokens / (time.time() - t0):.0f}")
+                                tok_s=f"{tokens / (time.time() - t0):.0f}", refresh=False)
                 with writer.as_default():
                     tf.summary.scalar("loss", loss, step=step)
                     tf.summary.scalar("lr", lr, step=step)
+            if sites and step % 100 == 0:
+                log_thresholds(sites, writer, step)
             if step % hp.ckpt_every == 0:
                 manager.save(checkpoint_number=step)
+            if train_thresholds != thresholds_train():  # --freeze_thresholds_after reached
+                train_thresholds = False
+                train_step = make_train_step(model, strategy, opt, train_thresholds)
+                tqdm.write(f"step {step}: thresholds frozen")
             if out_of_budget():
                 break
         bar.close()
+        run_tokens += tokens
         if int(batch_in_epoch) == len(batches):  # a finished epoch: score dev, move on
             epoch.assign_add(1)
             batch_in_epoch.assign(0)
-            evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.t))
-        manager.save(checkpoint_number=int(opt.t))
+            evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.adam.t))
+        manager.save(checkpoint_number=int(opt.adam.t))
     writer.flush()
-    summary = {"steps": int(opt.t), "epochs": int(epoch), "minutes": (time.time() - start) / 60}
+    if sites:
+        print(threshold_report(model, sites, data_load.train_batches(
+            train_src, train_tgt, hp.batch_tokens, hp.seed, 0), hp.logdir))
+    minutes = (time.time() - start) / 60
+    summary = {"steps": int(opt.adam.t), "epochs": int(epoch), "minutes": round(minutes, 2),
+               "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9))}
+    hparams.write_json(os.path.join(hp.logdir, "train_summary.json"), summary)
     print("done: " + json.dumps(summary))
 
 

@@ -89,6 +89,12 @@ def test_beam_search_returns_one_wellformed_hypothesis_per_sentence(model):
             assert all(t == PAD for t in row[row.index(EOS) + 1:])
 
 
+def test_beam_search_on_a_single_sentence(model):
+    src = random_src(1, seed=6)
+    np.testing.assert_array_equal(model.beam_search(src, 1).numpy(), model.greedy(src).numpy())
+    assert model.beam_search(src, 4).shape[0] == 1
+
+
 def test_output_length_is_source_length_plus_margin(model):
     src = random_src(3, seed=4)
     out = model.greedy(src).numpy()

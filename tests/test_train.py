@@ -14,7 +14,6 @@ import eval as eval_script
 import train
 from hparams import train_parser
 from model import Transformer
-from modules import Adam
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d_model", "32", "--d_ff", "64", "--num_blocks", "1", "--num_heads", "4",
@@ -42,31 +41,57 @@ def corpus(tmp_path_factory):
 
 def checkpoint_values(logdir):
     reader = tf.train.load_checkpoint(os.path.join(logdir, "ckpt"))
-    names = sorted(n for n in reader.get_variable_to_shape_map() if n.startswith("model/"))
+    skip = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter")
+    names = sorted(n for n in reader.get_variable_to_shape_map() if n.split("/")[0] not in skip)
     return {n: reader.get_tensor(n) for n in names}
 
 
-def test_tiny_model_overfits_200_pairs(corpus, tmp_path):
-    logdir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def float_run(corpus, tmp_path_factory):
+    """A tiny float model trained to overfit the 200 training pairs."""
+    logdir = str(tmp_path_factory.mktemp("float") / "run")
     train.main(["--logdir", logdir, *TINY, *corpus["flags"], "--d_model", "64", "--d_ff", "256",
                 "--num_blocks", "2", "--dropout_rate", "0", "--smoothing", "0", "--num_epochs", "70",
                 "--dev_max_sentences", "5"])
-    out = str(tmp_path / "bleu.json")
+    return logdir
+
+
+def train_set_bleu(logdir, corpus, out):
     eval_script.main(["--logdir", logdir, "--src", corpus["train"][0], "--ref", corpus["train"][1],
                       "--json", out])
-    result = json.load(open(out))
+    return json.load(open(out))
+
+
+def test_tiny_model_overfits_200_pairs(float_run, corpus, tmp_path):
+    result = train_set_bleu(float_run, corpus, str(tmp_path / "bleu.json"))
     assert result["n_sentences"] == 200
     assert result["bleu"] > 90, result
     assert {"bleu", "signature", "decode_seconds", "test_set", "checkpoint"} <= set(result)
 
 
+def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, corpus, tmp_path, capsys):
+    logdir = str(tmp_path / "w8a8")
+    train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--num_epochs", "3",
+                "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
+    report = capsys.readouterr().out
+    assert "calibrated 90 sites" in report and "changed their fractional bits" in report
+    parent = train_set_bleu(float_run, corpus, str(tmp_path / "float.json"))["bleu"]
+    quantized = train_set_bleu(logdir, corpus, str(tmp_path / "w8a8.json"))["bleu"]
+    assert quantized >= parent - 1.0, (parent, quantized)
+    # post-training quantization of the parent runs from eval.py too
+    eval_script.main(["--logdir", float_run, "--quant", "w8a8", "--json", str(tmp_path / "ptq.json")])
+    assert "post-training quantization: w8a8" in capsys.readouterr().out
+
+
 def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):
     common = [*TINY, *corpus["flags"], "--dropout_rate", "0.2", "--ckpt_every", "2", "--num_epochs", "2"]
-    train.main(["--logdir", str(tmp_path / "a"), *common, "--max_steps", "7"])
-    train.main(["--logdir", str(tmp_path / "b"), *common, "--max_steps", "3"])  # interrupted here
-    train.main(["--logdir", str(tmp_path / "b"), *common, "--max_steps", "7"])  # ... and resumed
+    # 15 batches an epoch: the resumed run finishes epoch 1 mid-way and goes into epoch 2
+    train.main(["--logdir", str(tmp_path / "a"), *common, "--max_steps", "18"])
+    train.main(["--logdir", str(tmp_path / "b"), *common, "--max_steps", "5"])  # interrupted here
+    train.main(["--logdir", str(tmp_path / "b"), *common, "--max_steps", "18"])  # ... and resumed
     a, b = checkpoint_values(str(tmp_path / "a")), checkpoint_values(str(tmp_path / "b"))
-    assert a.keys() == b.keys() and len(a) > 10
+    assert a.keys() == b.keys() and sum(k.startswith("model/") for k in a) > 10
+    assert any("/m/" in k for k in a) and "model/rng/_state_var/.ATTRIBUTES/VARIABLE_VALUE" in a
     for name in a:
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
@@ -87,10 +112,11 @@ def test_mirrored_step_equals_single_device_step():
             if init is not None:
                 for v, value in zip(model.trainable_variables, init):
                     v.assign(value)
+            opt = train.Optimizers(model, hp)
             # eps=1 keeps the update ~ lr * g: with the default eps, Adam's first step is
             # lr * sign(g), which turns float noise on near-zero gradients into +-lr
-            opt = Adam(model.trainable_variables, name="adam", eps=1.0)
-        step = train.make_train_step(model, strategy, opt, hp)
+            opt.adam.eps = 1.0
+        step = train.make_train_step(model, strategy, opt, train_thresholds=False)
         step(*train.distribute(strategy, src, tgt), n_tokens)
         return [v.numpy() for v in model.trainable_variables]
 

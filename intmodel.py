@@ -1,0 +1,628 @@
+"""A bit-exact integer reference of the quantized Transformer in NumPy (no TensorFlow).
+
+It reads an export of `export.py` and computes every matrix multiplication as the accelerator
+will: both operands are integers on their sites' power-of-two grids,
+
+    q = clip(R(x * 2^f), n, p)            (the site's rounding R, as in quant.tqt_fake_quant)
+    acc = sum_k q_x[k] q_w[k] + q_b       (exact integer accumulate; q_b the int32 bias)
+    y = acc * 2^-(f_x + f_w)              (rounded once to float32)
+
+Everything between matmuls mirrors model.py in float32: the embedding lookup (the integer
+table times 2^-f) * sqrt(d_model) + sinusoidal positions, LayerNorm, residual adds, the
+1/sqrt(d_k) scaling, additive -1e9 masks, softmax, ReLU.
+
+Matmul names (`matmul_of`): a dense layer's name (`encoder/block_1/ffn/dense1`),
+`<attention>/scores` (Q K^T), `<attention>/context` (P V), `decoder/output_projection`.
+
+Layout: constants and errors; mem files; site grids; the engine (matmuls, layers, the
+teacher-forced forward, beam search); translating text; golden vectors for test benches.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import sys
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+FORMAT_VERSION = 1
+PAD, UNK, BOS, EOS = 0, 1, 2, 3  # as data_load (which imports TensorFlow, so not used here)
+NEG_INF = np.float32(-1e9)  # additive mask, as modules.NEG_INF
+OUTPUT_PROJECTION = "decoder/output_projection"
+BIAS_BITS = 32
+SITE_FIELDS = (".bits", ".signed", ".f")  # model.npz keys <site>.bits etc. describe a grid
+# float64 holds every integer up to 2^53 exactly; float32 up to 2^24
+FLOAT64_EXACT, FLOAT32_EXACT = 2**53, 2**24
+
+
+class ExportError(Exception):
+    """An export directory that cannot be used (missing, corrupt, mismatched, unknown)."""
+
+
+# --------------------------------------------------------------------------------------------
+# Names, files, integer types
+# --------------------------------------------------------------------------------------------
+
+_ATTENTION_MATMUL = {"query_input": "scores", "key_input": "scores",
+                     "softmax_output": "context", "value_input": "context"}
+
+
+def matmul_of(site: str) -> str:
+    """The matmul a site feeds: `<dense>/input|weight` -> `<dense>`; Q, K -> `<attn>/scores`;
+    softmax output, V -> `<attn>/context`; the decoder output and the embedding table ->
+    `decoder/output_projection` (the table also feeds the embedding lookup)."""
+    if site in ("embedding/weight", "decoder/output_input"):
+        return OUTPUT_PROJECTION
+    prefix, leaf = site.rsplit("/", 1)
+    return f"{prefix}/{_ATTENTION_MATMUL[leaf]}" if leaf in _ATTENTION_MATMUL else prefix
+
+
+def int_dtype(bits: int, signed: bool = True) -> np.dtype:
+    """The smallest NumPy integer type holding `bits`-bit values (int8, int16, int32; uint8 ...)."""
+    for width in (8, 16, 32, 64):
+        if bits <= width:
+            return np.dtype(f"{'' if signed else 'u'}int{width}")
+    raise ValueError(f"no integer type holds {bits} bits")
+
+
+def sha256_file(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def mem_file_name(key: str) -> str:
+    """`encoder/block_1/ffn/dense1/weight` -> `encoder.block_1.ffn.dense1.weight.mem`."""
+    return key.replace("/", ".") + ".mem"
+
+
+def write_mem(path: str, values: np.ndarray, bits: int, signed: bool, comment: str = "") -> None:
+    """A `$readmemh` file: one value per line, row-major over `values` (for a weight stored
+    [in, out], line i * out + j holds W[i, j]), ceil(bits / 4) hex digits, two's complement
+    for signed values (sign-extended to the 4 * digits bits the digits hold). An optional
+    first line is a `//` comment.
+    """
+    digits = -(-bits // 4)
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    flat = np.asarray(values).astype(np.int64).ravel()
+    if flat.size and (flat.min() < lo or flat.max() > hi):
+        raise ValueError(f"{path}: values outside the {bits}-bit range [{lo}, {hi}]")
+    words = flat & ((1 << (4 * digits)) - 1)
+    with open(path, "w") as f:
+        if comment:
+            f.write(f"// {comment}\n")
+        f.write("".join(f"{w:0{digits}x}\n" for w in words.tolist()))
+
+
+def read_mem(path: str, bits: int, signed: bool) -> np.ndarray:
+    """Parse a `write_mem` file back into int64 values (1-D): the low `bits` bits of each hex
+    word, two's complement when signed; `//` comment lines and blank lines are skipped."""
+    words = []
+    with open(path) as f:
+        for line in f:
+            line = line.split("//", 1)[0].strip()
+            if line:
+                words.append(int(line, 16) & ((1 << bits) - 1))
+    values = np.array(words, np.int64)
+    if signed:
+        values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
+    return values
+
+
+# --------------------------------------------------------------------------------------------
+# A site's grid
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Grid:
+    """A site's integer grid: x ~ q * 2^-f with q in [n, p] = [-2^(b-1), 2^(b-1) - 1] (signed)
+    or [0, 2^b - 1] (unsigned). `f` is an int64 array, [] or [channels] (last axis)."""
+
+    bits: int
+    signed: bool
+    f: np.ndarray
+
+    @property
+    def range(self) -> tuple[int, int]:
+        if self.signed:
+            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
+        return 0, 2**self.bits - 1
+
+    @property
+    def max_abs(self) -> int:
+        """max |q|: 2^(b-1) signed, 2^b - 1 unsigned."""
+        return max(-self.range[0], self.range[1])
+
+    def quantize(self, x: np.ndarray, rounding: str) -> np.ndarray:
+        """q = clip(R(x * 2^f), n, p), in float32 exactly as quant.tqt_fake_quant computes it
+        (x * 2^f is exact; half_up is floor(v + 0.5) rounded in float32 like the TF graph).
+        Returned as float64 holding the integers."""
+        v = np.asarray(x, np.float32) * np.exp2(self.f).astype(np.float32)
+        if rounding == "half_even":
+            r = np.rint(v)
+        elif rounding == "half_up":
+            r = np.floor(v + np.float32(0.5))
+        elif rounding == "floor":
+            r = np.floor(v)
+        else:
+            raise ValueError(f"unknown rounding {rounding!r}")
+        return np.clip(r, *self.range).astype(np.float64)
+
+
+def grids_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Grid]:
+    """Every site's grid from the `<site>.bits`, `<site>.signed`, `<site>.f` entries."""
+    names = [key[: -len(".bits")] for key in arrays if key.endswith(".bits")]
+    return {name: Grid(int(arrays[f"{name}.bits"]), bool(arrays[f"{name}.signed"]),
+                       np.asarray(arrays[f"{name}.f"], np.int64)) for name in names}
+
+
+def check_exact(k: int, gx: Grid, gw: Grid) -> None:
+    """Raise OverflowError unless a K-term accumulation is exact in float64:
+
+        |acc| <= K * max|q_x| * max|q_w| + 2^31 (bias) < 2^53,
+
+    where max|q| = 2^(b-1) (signed) or 2^b - 1 (unsigned), so for signed operands
+    |acc| <= K * 2^(bx-1) * 2^(bw-1) + 2^31. With b <= 16 each product is at most 2^31, so any
+    K < 2^21 qualifies: every sum of integer products is then an integer below
+    2^53, each partial sum is exactly representable whatever the summation order, and
+    float64 arithmetic on them equals int64 arithmetic.
+    """
+    if k * gx.max_abs * gw.max_abs + 2**31 >= FLOAT64_EXACT:
+        raise OverflowError(f"a {k}-term accumulation of {gx.bits}x{gw.bits}-bit products "
+                            "could exceed 2^53")
+
+
+# --------------------------------------------------------------------------------------------
+# Float parts (float32, as the TF graph)
+# --------------------------------------------------------------------------------------------
+
+
+def positional_encoding(length: int, d_model: int) -> np.ndarray:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...), float32 as modules."""
+    pos = np.arange(length, dtype=np.float32)[:, None]
+    i = np.arange(d_model // 2, dtype=np.float32)[None, :]
+    angle = pos / np.power(np.float32(10000.0), np.float32(2.0) * i / np.float32(d_model))
+    return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(length, d_model)
+
+
+def softmax(x: np.ndarray) -> np.ndarray:
+    """softmax(x) = exp(x - max) / sum(exp(x - max)) over the last axis, float32."""
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def log_softmax(x: np.ndarray) -> np.ndarray:
+    """log_softmax(x) = (x - max) - log(sum(exp(x - max))), float32."""
+    shifted = x - x.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+    """gamma * (x - mean) * rsqrt(var + eps) + beta over the last axis, var = mean((x - mean)^2)."""
+    mean = x.mean(axis=-1, keepdims=True)
+    var = np.square(x - mean).mean(axis=-1, keepdims=True)
+    return gamma * (x - mean) * (np.float32(1.0) / np.sqrt(var + np.float32(eps))) + beta
+
+
+def padding_bias(ids: np.ndarray) -> np.ndarray:
+    """[B, 1, 1, L]: -1e9 at padding keys, 0 elsewhere."""
+    return (ids == PAD).astype(np.float32)[:, None, None, :] * NEG_INF
+
+
+def causal_bias(length: int) -> np.ndarray:
+    """[1, 1, L, L]: query i sees keys j <= i."""
+    future = 1.0 - np.tril(np.ones((length, length), np.float32))
+    return future[None, None] * NEG_INF
+
+
+# --------------------------------------------------------------------------------------------
+# The engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MatmulRecord:
+    """One integer matmul while tracing: its operands (as the sites produced them, before any
+    transpose) and the accumulator acc = x @ w (+ bias); `abs_bound` = max(|x| @ |w|), which
+    bounds every partial sum whatever the order (float32 is exact while it is < 2^24)."""
+
+    name: str
+    x_site: str
+    x: np.ndarray
+    w_site: str
+    w: np.ndarray
+    acc: np.ndarray
+    abs_bound: float
+
+
+class IntTransformer:
+    """The integer engine. `arrays` maps names to the export's tensors (integer weights keyed
+    by site name, `<dense>/bias` int32, `<ln>/gamma|beta` float32, `<site>.bits|signed|f`);
+    `config` has num_heads, num_blocks, decode_margin, rounding, layer_norm_eps."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], config: Mapping):
+        self.config = dict(config)
+        self.rounding = self.config["rounding"]
+        self.num_heads = int(self.config["num_heads"])
+        self.grids = grids_of(arrays)
+        # integers as exact float64 (see check_exact); floats (LayerNorm) as float32
+        self.ints = {k: v.astype(np.float64) for k, v in arrays.items()
+                     if v.dtype.kind in "iu" and not k.endswith(SITE_FIELDS)}
+        self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
+        self.trace: list[MatmulRecord] | None = None
+        self.manifest: dict | None = None  # set by load()
+        self._acc_max: dict[str, int] = {}
+        if "embedding/weight" in self.ints:
+            table = self.ints["embedding/weight"]
+            self.table = table.astype(np.float32) * self._scale("embedding/weight").astype(np.float32)
+            self.vocab, self.d_model = table.shape
+
+    @classmethod
+    def load(cls, export_dir: str) -> IntTransformer:
+        """Load and verify an export: format version, SHA-256 of model.npz and spm.model,
+        integer weights. Any problem is an ExportError naming the file."""
+        manifest = read_manifest(export_dir)
+        arrays = _load_npz(os.path.join(export_dir, "model.npz"), manifest["npz"]["sha256"])
+        _verify_file(os.path.join(export_dir, "spm.model"), manifest["spm"]["sha256"], "spm model")
+        engine = cls(arrays, manifest["model"])
+        engine.manifest = manifest
+        return engine
+
+    def _scale(self, site: str) -> np.ndarray:
+        return np.exp2(-self.grids[site].f.astype(np.float64))
+
+    # ---- integer matmuls --------------------------------------------------------------------
+
+    def quantize(self, site: str, x: np.ndarray) -> np.ndarray:
+        return self.grids[site].quantize(x, self.rounding)
+
+    def matmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
+               bias: np.ndarray | None = None, transpose_w: bool = False) -> np.ndarray:
+        """acc = x @ w (+ bias) on integers, exact (`check_exact`); y = acc * 2^-(f_x + f_w)
+        rounded to float32. The TF graph computes the same sum in float32 on q * 2^-f, exact
+        while every partial sum stays below 2^24 in integer units."""
+        gx, gw = self.grids[x_site], self.grids[w_site]
+        check_exact(x.shape[-1], gx, gw)
+        w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
+        acc = np.matmul(x, w_mat)
+        if bias is not None:
+            acc = acc + bias
+        name = matmul_of(x_site)
+        self._observe(name, acc)
+        if self.trace is not None:
+            bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
+            self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc, bound))
+        return (acc * np.exp2(-(gx.f + gw.f).astype(np.float64))).astype(np.float32)
+
+    def _observe(self, name: str, acc: np.ndarray) -> None:
+        """Track max |acc| per matmul; warn once on stderr when it needs more than 32 bits."""
+        largest = int(np.abs(acc).max(initial=0.0))
+        if largest <= self._acc_max.get(name, -1):
+            return
+        self._acc_max[name] = largest
+        if _signed_bits(largest) > 32:
+            print(f"warning: {name} accumulator reached {largest} ({_signed_bits(largest)} bits "
+                  "> 32)", file=sys.stderr)
+
+    def accumulator_stats(self) -> dict[str, dict[str, int]]:
+        """{matmul: {"max_abs": largest |accumulator| seen, "bits": two's-complement bits}}."""
+        return {name: {"max_abs": m, "bits": _signed_bits(m)} for name, m in self._acc_max.items()}
+
+    @contextlib.contextmanager
+    def tracing(self) -> Iterator[list[MatmulRecord]]:
+        """Record every matmul (operands and accumulator) while inside the block."""
+        self.trace = []
+        try:
+            yield self.trace
+        finally:
+            self.trace = None
+
+    # ---- layers -----------------------------------------------------------------------------
+
+    def dense(self, prefix: str, x: np.ndarray) -> np.ndarray:
+        """y = Q(x) W_q (+ b_q) * 2^-(f_x + f_w)."""
+        x_site, w_site = f"{prefix}/input", f"{prefix}/weight"
+        return self.matmul(x_site, self.quantize(x_site, x), w_site, self.ints[w_site],
+                           self.ints.get(f"{prefix}/bias"))
+
+    def split_heads(self, x: np.ndarray) -> np.ndarray:
+        """[B, L, d] -> [B, h, L, d_k]."""
+        b, length, d = x.shape
+        return x.reshape(b, length, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
+
+    def project_kv(self, prefix: str, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        k, v = self.dense(f"{prefix}/wk", memory), self.dense(f"{prefix}/wv", memory)
+        return self.split_heads(k), self.split_heads(v)
+
+    def attend(self, prefix: str, x: np.ndarray, k: np.ndarray, v: np.ndarray,
+               bias: np.ndarray) -> np.ndarray:
+        """softmax(Q(q) Q(k)^T / sqrt(d_k) + bias) -> Q(P) Q(v), heads concatenated, W^O."""
+        q = self.split_heads(self.dense(f"{prefix}/wq", x))
+        q_site, k_site = f"{prefix}/query_input", f"{prefix}/key_input"
+        logits = self.matmul(q_site, self.quantize(q_site, q), k_site, self.quantize(k_site, k),
+                             transpose_w=True)
+        d_k = q.shape[-1]
+        probs = softmax(logits * np.float32(1.0 / math.sqrt(d_k)) + bias)
+        p_site, v_site = f"{prefix}/softmax_output", f"{prefix}/value_input"
+        heads = self.matmul(p_site, self.quantize(p_site, probs), v_site, self.quantize(v_site, v))
+        b, _, lq, _ = heads.shape
+        return self.dense(f"{prefix}/wo", heads.transpose(0, 2, 1, 3).reshape(b, lq, -1))
+
+    def attention(self, prefix: str, x: np.ndarray, memory: np.ndarray, bias: np.ndarray) -> np.ndarray:
+        return self.attend(prefix, x, *self.project_kv(prefix, memory), bias)
+
+    def ffn(self, prefix: str, x: np.ndarray) -> np.ndarray:
+        """dense2(Q_unsigned(max(0, dense1(x))))."""
+        return self.dense(f"{prefix}/dense2", np.maximum(self.dense(f"{prefix}/dense1", x), 0))
+
+    def layer_norm(self, prefix: str, x: np.ndarray) -> np.ndarray:
+        return layer_norm(x, self.floats[f"{prefix}/gamma"], self.floats[f"{prefix}/beta"],
+                          self.config["layer_norm_eps"])
+
+    def embed(self, ids: np.ndarray, offset: int = 0) -> np.ndarray:
+        """E_q[ids] * 2^-f * sqrt(d) + PE[offset : offset + L]."""
+        pe = positional_encoding(offset + ids.shape[1], self.d_model)[offset:]
+        return self.table[ids] * np.float32(math.sqrt(self.d_model)) + pe
+
+    def logits(self, y: np.ndarray) -> np.ndarray:
+        """Q(y) E_q^T: the output projection with the shared integer table."""
+        site = "decoder/output_input"
+        return self.matmul(site, self.quantize(site, y), "embedding/weight",
+                           self.ints["embedding/weight"], transpose_w=True)
+
+    # ---- the model --------------------------------------------------------------------------
+
+    def encode(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Memory [B, Ls, d] and the source padding bias."""
+        bias = padding_bias(src)
+        x = self.embed(src)
+        for i in range(self.config["num_blocks"]):
+            p = f"encoder/block_{i + 1}"
+            x = self.layer_norm(f"{p}/ln1", x + self.attention(f"{p}/self_attention", x, x, bias))
+            x = self.layer_norm(f"{p}/ln2", x + self.ffn(f"{p}/ffn", x))
+        return x, bias
+
+    def decoder_block(self, i: int, y: np.ndarray, self_kv: tuple, self_bias: np.ndarray,
+                      cross_kv: tuple, src_bias: np.ndarray) -> np.ndarray:
+        p = f"decoder/block_{i + 1}"
+        y = self.layer_norm(f"{p}/ln1", y + self.attend(f"{p}/self_attention", y, *self_kv, self_bias))
+        y = self.layer_norm(f"{p}/ln2", y + self.attend(f"{p}/cross_attention", y, *cross_kv, src_bias))
+        return self.layer_norm(f"{p}/ln3", y + self.ffn(f"{p}/ffn", y))
+
+    def decode(self, tgt_in: np.ndarray, memory: np.ndarray, src_bias: np.ndarray) -> np.ndarray:
+        """Teacher-forced decoder over a whole prefix: logits [B, Lt, V]."""
+        y = self.embed(tgt_in)
+        self_bias = causal_bias(tgt_in.shape[1])
+        for i in range(self.config["num_blocks"]):
+            p = f"decoder/block_{i + 1}"
+            self_kv = self.project_kv(f"{p}/self_attention", y)
+            cross_kv = self.project_kv(f"{p}/cross_attention", memory)
+            y = self.decoder_block(i, y, self_kv, self_bias, cross_kv, src_bias)
+        return self.logits(y)
+
+    def forward(self, src: np.ndarray, tgt_in: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits [B, Lt, V] for int sources [B, Ls] and decoder inputs [B, Lt]."""
+        memory, src_bias = self.encode(np.asarray(src))
+        return self.decode(np.asarray(tgt_in), memory, src_bias)
+
+    # ---- decoding ---------------------------------------------------------------------------
+
+    def _step(self, token: np.ndarray, t: int, cache: list, cross_kv: list,
+              src_bias: np.ndarray) -> np.ndarray:
+        """One cached decoder step at position t: logits [N, V]; writes keys/values at t into
+        `cache` (zeros ahead of t, masked) as model.Transformer._step does."""
+        length = cache[0][0].shape[2]
+        visible = (np.arange(length) <= t).astype(np.float32)
+        self_bias = ((1.0 - visible) * NEG_INF)[None, None, None, :]
+        y = self.embed(token[:, None], offset=t)
+        for i, ((k, v), kv) in enumerate(zip(cache, cross_kv)):
+            k_t, v_t = self.project_kv(f"decoder/block_{i + 1}/self_attention", y)
+            k[:, :, t], v[:, :, t] = k_t[:, :, 0], v_t[:, :, 0]
+            y = self.decoder_block(i, y, (k, v), self_bias, kv, src_bias)
+        return self.logits(y)[:, 0]
+
+    def greedy(self, src: np.ndarray) -> np.ndarray:
+        """Batched greedy decoding with a key/value cache: token ids [B, T] (beam 1)."""
+        return self.beam_search(src, 1, 0.0)
+
+    def beam_search(self, src: np.ndarray, beam: int, alpha: float = 0.6) -> np.ndarray:
+        """model.Transformer.beam_search_impl in NumPy: `beam` hypotheses per sentence ranked
+        by summed log-probability; a finished one continues with PAD at cost 0; at most
+        (non-pad source tokens + decode_margin) outputs; the winner maximizes
+        score / ((5 + len) / 6)^alpha (GNMT). Returns [B, T], PAD after EOS."""
+        src = np.asarray(src)
+        batch, rows = src.shape[0], src.shape[0] * beam
+        memory, src_bias = self.encode(src)
+        memory, src_bias = np.repeat(memory, beam, 0), np.repeat(src_bias, beam, 0)
+        limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
+        length = int(limit.max())
+        cross_kv = [self.project_kv(f"decoder/block_{i + 1}/cross_attention", memory)
+                    for i in range(self.config["num_blocks"])]
+        d_k = self.d_model // self.num_heads
+        cache = [(np.zeros((rows, self.num_heads, length, d_k), np.float32),
+                  np.zeros((rows, self.num_heads, length, d_k), np.float32))
+                 for _ in range(self.config["num_blocks"])]
+        # only beam 0 is live at the start, so the copies do not all pick the same tokens
+        scores = np.tile(np.array([0.0] + [-1e30] * (beam - 1), np.float32), (batch, 1))
+        pad_only = np.full(self.vocab, -1e30, np.float32)
+        pad_only[PAD] = 0.0
+        token = np.full(rows, BOS)
+        finished, lengths = np.zeros(rows, bool), np.zeros(rows, np.int64)
+        seqs = np.zeros((rows, length), np.int64)
+        t = 0
+        while t < length and not finished.all():
+            logp = log_softmax(self._step(token, t, cache, cross_kv, src_bias))
+            logp = np.where(finished[:, None], pad_only[None], logp)
+            total = (scores.reshape(rows, 1) + logp).reshape(batch, beam * self.vocab)
+            index = np.argsort(-total, axis=1, kind="stable")[:, :beam]  # as top_k: ties -> lower
+            scores = np.take_along_axis(total, index, axis=1)
+            parent = (index // self.vocab + np.arange(batch)[:, None] * beam).reshape(rows)
+            token = (index % self.vocab).reshape(rows)
+            was_finished = finished[parent]
+            seqs = seqs[parent]
+            seqs[:, t] = token
+            finished = was_finished | (token == EOS) | (t + 1 >= limit)
+            lengths = lengths[parent] + ~was_finished
+            cache = [(k[parent], v[parent]) for k, v in cache]
+            t += 1
+        penalty = np.power((np.float32(5.0) + lengths.astype(np.float32)) / np.float32(6.0),
+                           np.float32(alpha))
+        best = np.argmax(scores / penalty.reshape(batch, beam), axis=1)
+        return seqs.reshape(batch, beam, length)[np.arange(batch), best]
+
+
+def _signed_bits(magnitude: int) -> int:
+    """Bits of a two's-complement register holding -magnitude .. magnitude."""
+    return int(magnitude).bit_length() + 1
+
+
+# --------------------------------------------------------------------------------------------
+# Loading and verifying an export
+# --------------------------------------------------------------------------------------------
+
+
+def read_manifest(export_dir: str) -> dict:
+    """manifest.json of an export, checked for its format version and required sections."""
+    path = os.path.join(export_dir, "manifest.json")
+    try:
+        with open(path) as f:
+            manifest = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path}: cannot read the manifest ({e.__class__.__name__})") from None
+    version = manifest.get("format_version")
+    if version != FORMAT_VERSION:
+        raise ExportError(f"{path}: unknown format version {version!r} (this engine reads "
+                          f"{FORMAT_VERSION})")
+    if not manifest.get("quantized") or not manifest.get("sites"):
+        raise ExportError(f"{path}: export from a float checkpoint (no quantization sites)")
+    for key in ("model", "npz", "spm"):
+        if key not in manifest:
+            raise ExportError(f"{path}: no {key!r} section")
+    return manifest
+
+
+def _verify_file(path: str, sha256: str, what: str) -> None:
+    if not os.path.isfile(path):
+        raise ExportError(f"{path}: {what} missing")
+    if sha256_file(path) != sha256:
+        raise ExportError(f"{path}: {what} checksum mismatch (SHA-256 differs from the manifest)")
+
+
+def _load_npz(path: str, sha256: str) -> dict[str, np.ndarray]:
+    """The arrays of model.npz after verifying its checksum; integer weights required."""
+    _verify_file(path, sha256, "model.npz")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError, zipfile.BadZipFile) as e:
+        raise ExportError(f"{path}: corrupt model.npz ({e.__class__.__name__})") from None
+    table = arrays.get("embedding/weight")
+    if table is None or table.dtype.kind not in "iu" or "embedding/weight.bits" not in arrays:
+        raise ExportError(f"{path}: export from a float checkpoint (no integer weights)")
+    return arrays
+
+
+# --------------------------------------------------------------------------------------------
+# Text in, text out (SentencePiece only: data_load needs TensorFlow)
+# --------------------------------------------------------------------------------------------
+
+
+def strip_ids(ids) -> list[int]:
+    """The piece ids of a decoder output: up to the first EOS, without PAD/BOS."""
+    pieces = []
+    for token in map(int, ids):
+        if token == EOS:
+            break
+        if token not in (PAD, BOS):
+            pieces.append(token)
+    return pieces
+
+
+def pad_batch(sequences: list[list[int]]) -> np.ndarray:
+    """int32 [len(sequences), longest], padded with PAD."""
+    out = np.full((len(sequences), max(map(len, sequences))), PAD, np.int32)
+    for row, seq in enumerate(sequences):
+        out[row, : len(seq)] = seq
+    return out
+
+
+def translate_lines(engine: IntTransformer, sp, lines: list[str], batch_size: int,
+                    beam: int = 1, alpha: float = 0.6) -> list[str]:
+    """Detokenized translations of `lines` in order: pieces + EOS per line, batches of
+    `batch_size` sorted by length (as data_load.eval_batches), greedy or beam search."""
+    src_ids = [ids + [EOS] for ids in sp.encode(lines)]
+    order = np.argsort([len(s) for s in src_ids], kind="stable")
+    hyps = [""] * len(lines)
+    for start in range(0, len(order), batch_size):
+        index = order[start:start + batch_size]
+        src = pad_batch([src_ids[i] for i in index])
+        out = engine.greedy(src) if beam == 1 else engine.beam_search(src, beam, alpha)
+        for i, row in zip(index, out):
+            hyps[i] = sp.decode(strip_ids(row))
+    return hyps
+
+
+# --------------------------------------------------------------------------------------------
+# Golden vectors for RTL test benches
+# --------------------------------------------------------------------------------------------
+
+
+def teacher_forced_trace(engine: IntTransformer, src: np.ndarray) -> tuple[np.ndarray, list[MatmulRecord]]:
+    """Greedy-decode `src`, then trace the teacher-forced forward over [BOS] + the output
+    (the decoder inputs that produced it). Returns (decoder inputs, matmul records)."""
+    out = engine.greedy(src)
+    tgt_in = np.concatenate([np.full((len(src), 1), BOS), out[:, :-1]], axis=1)
+    with engine.tracing() as trace:
+        engine.forward(src, tgt_in)
+    return tgt_in, trace
+
+
+def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
+    """Golden vectors: every matmul of a teacher-forced forward over the greedy output.
+
+    For the n-th matmul call, `vectors.npz` holds `<n>.<name>.x` (the activation site's
+    integers), `<n>.<name>.w` (the other operand when it is an activation, e.g. K or V; a
+    weight operand is the export's `mem/<site>.mem`) and `<n>.<name>.acc` (the accumulator,
+    int64, bias included); `mem/` the same as `$readmemh` files (`write_mem`; accumulators 32
+    bits, or 64 when they need more). `index.json` lists the calls in execution order with
+    shapes, sites, bits and f. Also `src` and `tgt_in`. Returns the index.
+    """
+    src = pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
+    tgt_in, trace = teacher_forced_trace(engine, src)
+    os.makedirs(os.path.join(out_dir, "mem"), exist_ok=True)
+    arrays = {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32)}
+    index = []
+    for n, rec in enumerate(trace):
+        entry = {"call": n, "matmul": rec.name, "acc_shape": list(rec.acc.shape)}
+        operands = [("x", rec.x_site, rec.x)]
+        if rec.w_site.endswith("/weight"):
+            entry["w"] = {"site": rec.w_site, "mem": mem_file_name(rec.w_site)}
+        else:
+            operands.append(("w", rec.w_site, rec.w))
+        for tag, site, q in operands:
+            grid = engine.grids[site]
+            key = f"{n:04d}.{rec.name.replace('/', '.')}.{tag}"
+            arrays[key] = q.astype(int_dtype(grid.bits, grid.signed))
+            write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, grid.bits, grid.signed)
+            entry[tag] = {"site": site, "key": key, "shape": list(q.shape), "bits": grid.bits,
+                          "signed": grid.signed, "f": grid.f.tolist()}
+        key = f"{n:04d}.{rec.name.replace('/', '.')}.acc"
+        bits = BIAS_BITS if _signed_bits(int(np.abs(rec.acc).max(initial=0))) <= BIAS_BITS else 64
+        arrays[key] = rec.acc.astype(np.int64)
+        write_mem(os.path.join(out_dir, "mem", key + ".mem"), rec.acc, bits, True)
+        entry["acc"] = {"key": key, "bits": bits}
+        index.append(entry)
+    np.savez(os.path.join(out_dir, "vectors.npz"), **arrays)
+    with open(os.path.join(out_dir, "index.json"), "w") as f:
+        json.dump(index, f, indent=1)
+    return index

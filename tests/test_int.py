@@ -1,0 +1,315 @@
+"""Integer export and the NumPy integer engine: round trips, bit-exactness, integrity checks."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+import zipfile
+
+import numpy as np
+import pytest
+import sentencepiece as spm
+import tensorflow as tf
+
+import data_load
+import demo_corpus
+import eval as evaluation
+import export
+import intmodel
+import quant
+from model import Transformer
+from modules import Dense, MultiHeadAttention, padding_bias
+from scripts.compare_engines import site_differences
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_hp(**kw):
+    hp = dict(d_model=32, d_ff=64, num_blocks=2, num_heads=4, dropout_rate=0.0, smoothing=0.1,
+              decode_margin=6, seed=1, vocab_size=120, quant="w8a8", wbits=None, abits=None,
+              rounding="half_even", per_channel=False, quant_override=[], eval_batch_size=4,
+              beam=1, alpha=0.6)
+    hp.update(kw)
+    return types.SimpleNamespace(**hp)
+
+
+def random_src(vocab, batch=6, length=9, seed=0):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(4, vocab, size=(batch, length)).astype(np.int32)
+    for i in range(batch):  # ragged: EOS then padding
+        n = rng.integers(2, length)
+        src[i, n], src[i, n + 1:] = data_load.EOS_ID, data_load.PAD_ID
+    return src
+
+
+def calibrate_sites(module, run):
+    """Observe every QuantSite of `module` while `run()` executes; weights from max|w|."""
+    sites = [m for m in module.submodules if isinstance(m, quant.QuantSite)]
+    for site in sites:
+        site.observing = True
+    run()
+    for dense in [module, *module.submodules]:
+        if isinstance(dense, Dense):
+            dense.w_site.init_from_weight(dense.w.numpy())
+    for site in sites:
+        if site.observing:
+            site.calibrate("max")
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    pairs = demo_corpus.generate_pairs(300, seed=5)
+    cache = str(tmp_path_factory.mktemp("spm"))
+    data_load.load_or_train_spm([p[0] for p in pairs], [p[1] for p in pairs], 120, cache)
+    (name,) = [f for f in os.listdir(cache) if f.endswith(".model")]
+    return os.path.join(cache, name), [p[0] for p in pairs[:10]]
+
+
+def calibrated_model(spm_path, wbits, abits, **kw):
+    """A tiny random Transformer with a large embedding (varied outputs), calibrated."""
+    vocab = spm.SentencePieceProcessor(model_file=spm_path).get_piece_size()
+    hp = tiny_hp(wbits=wbits, abits=abits, **kw)
+    tf.random.set_seed(3)
+    model = Transformer(hp, vocab, quant.sites_from_flags(hp))
+    model.embedding.assign(tf.random.normal(model.embedding.shape, stddev=1.0, seed=4))
+    batches = [(random_src(vocab, 8, 10, seed=s), random_src(vocab, 8, 11, seed=10 + s))
+               for s in range(3)]
+    quant.calibrate(model, batches, method="max")
+    return model, hp
+
+
+@pytest.fixture(scope="module", params=[(8, 8), (4, 8)], ids=["w8a8", "w4a8"])
+def exported(request, spm_file, tmp_path_factory):
+    model, hp = calibrated_model(spm_file[0], *request.param)
+    out = str(tmp_path_factory.mktemp("export") / "model")
+    manifest = export.export_model(model, hp, spm_file[0], out)
+    return model, hp, out, manifest
+
+
+# ---- mem files and the export round trip -------------------------------------------------
+
+
+@pytest.mark.parametrize("bits,signed", [(4, True), (8, True), (6, True), (8, False), (32, True)])
+def test_mem_file_round_trip(tmp_path, bits, signed):
+    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
+    values = np.concatenate([[lo, hi, 0, -1 if signed else 1],
+                             np.random.default_rng(bits).integers(lo, hi + 1, 200)])
+    path = str(tmp_path / "v.mem")
+    intmodel.write_mem(path, values, bits, signed, comment="test")
+    lines = open(path).read().splitlines()
+    assert lines[0].startswith("//") and all(len(w) == -(-bits // 4) for w in lines[1:])
+    np.testing.assert_array_equal(intmodel.read_mem(path, bits, signed), values)
+
+
+def test_mem_file_rejects_values_out_of_range(tmp_path):
+    with pytest.raises(ValueError, match="outside the 4-bit range"):
+        intmodel.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
+
+
+def test_export_round_trip(exported):
+    model, hp, out, manifest = exported
+    npz = np.load(os.path.join(out, "model.npz"))
+    grids = intmodel.grids_of(npz)
+    for site, weight in model.weight_sites():
+        q = npz[site.site_name]
+        assert q.dtype == np.int8  # 4- and 8-bit weights
+        n, p = quant.integer_range(site.num_bits, True)
+        assert q.min() >= n and q.max() <= p and q.min() < 0
+        fake = quant.tqt_fake_quant(weight, site.log2_t, site.num_bits, True, site.rounding).numpy()
+        np.testing.assert_array_equal(q * np.exp2(-site.frac_bits().astype(float)), fake)
+        mem = intmodel.read_mem(os.path.join(out, "mem", intmodel.mem_file_name(site.site_name)),
+                                grids[site.site_name].bits, True)
+        np.testing.assert_array_equal(mem.reshape(q.shape), q)
+    bias = npz["decoder/block_1/ffn/dense1/bias"]
+    assert bias.dtype == np.int32
+    mem = intmodel.read_mem(os.path.join(out, "mem", "decoder.block_1.ffn.dense1.bias.mem"), 32, True)
+    np.testing.assert_array_equal(mem, bias)
+    assert npz["encoder/block_1/ln1/gamma"].dtype == np.float32
+    assert manifest["npz"]["sha256"] == intmodel.sha256_file(os.path.join(out, "model.npz"))
+    assert {row["name"] for row in manifest["sites"]} == set(model.sites.sites)
+    assert manifest["hparams"]["wbits"] == hp.wbits and manifest["rounding"] == "half_even"
+    assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
+
+
+# ---- layers: identical values in both engines ---------------------------------------------
+
+
+@pytest.mark.parametrize("rounding,per_channel", [("half_even", False), ("half_up", True),
+                                                  ("floor", False)])
+def test_dense_layer_identical(rounding, per_channel):
+    tf.random.set_seed(1)
+    sites = quant.TQTSites(quant.QuantConfig(8, 8, rounding=rounding, per_channel=per_channel))
+    dense = Dense("layer", 48, 24, sites)
+    dense.b.assign(tf.random.normal([24], stddev=0.5))
+    x = tf.random.normal([3, 5, 48], stddev=2.0)
+    calibrate_sites(dense, lambda: dense(x))
+    engine = intmodel.IntTransformer(export.quantized_arrays(dense), {"rounding": rounding, "num_heads": 1})
+    y = engine.dense("layer", x.numpy())
+    assert y.dtype == np.float32
+    np.testing.assert_array_equal(y, dense(x).numpy())
+
+
+def test_attention_block_identical():
+    tf.random.set_seed(2)
+    attention = MultiHeadAttention("attn", 32, 4, quant.TQTSites(quant.QuantConfig(8, 8)))
+    x, memory = tf.random.normal([2, 5, 32]), tf.random.normal([2, 7, 32])
+    bias = padding_bias(tf.constant([[5] * 7, [5] * 4 + [0] * 3]))
+    calibrate_sites(attention, lambda: attention(x, memory, bias))
+    engine = intmodel.IntTransformer(export.quantized_arrays(attention), {"rounding": "half_even",
+                                                                         "num_heads": 4})
+    y = engine.attention("attn", x.numpy(), memory.numpy(), bias.numpy())
+    np.testing.assert_array_equal(y, attention(x, memory, bias).numpy())
+
+
+# ---- the whole model ----------------------------------------------------------------------
+
+
+def test_integer_model_equals_fake_quant_model(exported):
+    model, _, out, _ = exported
+    engine = intmodel.IntTransformer.load(out)
+    src = random_src(engine.vocab, 8, 10, seed=7)
+    greedy = engine.greedy(src)
+    assert len({tuple(data_load.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
+    np.testing.assert_array_equal(greedy, model.greedy(tf.constant(src)).numpy())
+    np.testing.assert_array_equal(engine.beam_search(src, 3, 0.6),
+                                  model.beam_search(tf.constant(src), 3, 0.6).numpy())
+    tgt_in = np.concatenate([np.full((8, 1), data_load.BOS_ID), greedy[:, :-1]], axis=1)
+    rows, tf_logits, int_logits = site_differences(model, engine, src, tgt_in)
+    # every matmul is exact in both engines; only float32 ulps (softmax, LayerNorm: Eigen vs
+    # NumPy) can move a value across a rounding boundary, by one unit, rarely
+    assert all(r["float32_exact"] for r in rows) and max(r["max_diff"] for r in rows) <= 1
+    assert sum(r["n_diff"] for r in rows) <= 1e-3 * sum(r["size"] for r in rows)
+    np.testing.assert_array_equal(int_logits.argmax(-1), tf_logits.argmax(-1))
+    stats = engine.accumulator_stats()
+    assert set(stats) >= {"decoder/output_projection", "encoder/block_1/self_attention/scores"}
+    assert all(s["bits"] <= 32 for s in stats.values())
+
+
+def test_translate_lines_matches_eval(exported, spm_file):
+    model, hp, out, _ = exported
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "spm.model"))
+    lines = spm_file[1]
+    engine = intmodel.IntTransformer.load(out)
+    assert intmodel.translate_lines(engine, sp, lines, 4) == evaluation.translate(model, sp, lines, hp)
+
+
+def test_dump_vectors(exported, tmp_path):
+    _, _, out, _ = exported
+    engine = intmodel.IntTransformer.load(out)
+    index = intmodel.dump_vectors(engine, [[5, 6, 7, 3], [8, 9, 3]], str(tmp_path))
+    vectors = np.load(tmp_path / "vectors.npz")
+    first = index[0]  # encoder/block_1/self_attention/wk: x @ W + b
+    assert first["matmul"] == "encoder/block_1/self_attention/wk" and "mem" in first["w"]
+    x = vectors[first["x"]["key"]].astype(np.int64)
+    npz = np.load(os.path.join(out, "model.npz"))
+    prefix = first["matmul"]
+    expected = x @ npz[f"{prefix}/weight"].astype(np.int64) + npz[f"{prefix}/bias"]
+    np.testing.assert_array_equal(vectors[first["acc"]["key"]], expected)
+    scores = next(e for e in index if e["matmul"].endswith("/scores"))
+    mem = intmodel.read_mem(str(tmp_path / "mem" / f"{scores['w']['key']}.mem"), scores["w"]["bits"], True)
+    np.testing.assert_array_equal(mem, vectors[scores["w"]["key"]].ravel())
+    assert index[-1]["matmul"] == "decoder/output_projection"
+
+
+def test_accumulator_over_32_bits_warns(capsys):
+    w = np.full((64, 2), 32767, np.int16)
+    arrays = {"l/weight": w, "l/input.bits": np.int32(16), "l/input.signed": np.bool_(True),
+              "l/input.f": np.int32(0), "l/weight.bits": np.int32(16),
+              "l/weight.signed": np.bool_(True), "l/weight.f": np.int32(0)}
+    engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
+    engine.dense("l", np.full((1, 64), 30000.0, np.float32))
+    assert engine.accumulator_stats()["l"] == {"max_abs": 64 * 30000 * 32767, "bits": 37}
+    assert "warning: l accumulator" in capsys.readouterr().err
+
+
+# ---- integrity ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def export_copy(exported, tmp_path):
+    path = str(tmp_path / "copy")
+    shutil.copytree(exported[2], path)
+    return path
+
+
+def _edit_manifest(path, **changes):
+    manifest_path = os.path.join(path, "manifest.json")
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    manifest.update(changes)
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+
+
+def test_tampered_npz_is_caught(export_copy):
+    path = os.path.join(export_copy, "model.npz")
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 2] ^= 1
+    open(path, "wb").write(bytes(data))
+    with pytest.raises(intmodel.ExportError, match="model.npz.*checksum mismatch"):
+        intmodel.IntTransformer.load(export_copy)
+
+
+def test_missing_npz_and_spm_mismatch(export_copy):
+    with open(os.path.join(export_copy, "spm.model"), "ab") as f:
+        f.write(b"x")
+    with pytest.raises(intmodel.ExportError, match="spm.model: spm model checksum mismatch"):
+        intmodel.IntTransformer.load(export_copy)
+    os.remove(os.path.join(export_copy, "model.npz"))
+    with pytest.raises(intmodel.ExportError, match="model.npz missing"):
+        intmodel.IntTransformer.load(export_copy)
+
+
+def test_corrupt_npz_with_matching_checksum(export_copy):
+    path = os.path.join(export_copy, "model.npz")
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("junk.txt", "not an array")
+    _edit_manifest(export_copy, npz={"path": "model.npz", "sha256": intmodel.sha256_file(path)})
+    with pytest.raises(intmodel.ExportError, match="model.npz: (corrupt|export from a float)"):
+        intmodel.IntTransformer.load(export_copy)
+
+
+def test_unknown_format_version(export_copy):
+    _edit_manifest(export_copy, format_version=99)
+    with pytest.raises(intmodel.ExportError, match="unknown format version 99"):
+        intmodel.IntTransformer.load(export_copy)
+
+
+def test_float_export_is_refused(spm_file, tmp_path, export_copy):
+    float_model = Transformer(tiny_hp(quant="none"), 40)
+    with pytest.raises(ValueError, match=r"export needs a quantized model \(--quant ...\)"):
+        export.export_model(float_model, tiny_hp(quant="none"), spm_file[0], str(tmp_path / "x"))
+    assert not os.path.exists(tmp_path / "x")
+    _edit_manifest(export_copy, quantized=False, sites=[])
+    with pytest.raises(intmodel.ExportError, match="export from a float checkpoint"):
+        intmodel.IntTransformer.load(export_copy)
+
+
+def test_interrupted_export_leaves_no_partial_directory(exported, spm_file, monkeypatch):
+    model, hp, out, _ = exported
+    before = intmodel.sha256_file(os.path.join(out, "manifest.json"))
+    calls = []
+
+    def failing_write_mem(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # as if interrupted mid-write
+        return real_write_mem(*args, **kwargs)
+
+    real_write_mem = intmodel.write_mem
+    monkeypatch.setattr(intmodel, "write_mem", failing_write_mem)
+    fresh = os.path.join(os.path.dirname(out), "fresh")
+    for target in (out, fresh):  # replacing an existing export, and a new one
+        calls.clear()
+        with pytest.raises(KeyboardInterrupt):
+            export.export_model(model, hp, spm_file[0], target)
+    assert intmodel.sha256_file(os.path.join(out, "manifest.json")) == before
+    assert sorted(os.listdir(os.path.dirname(out))) == ["model"]
+    intmodel.IntTransformer.load(out)
+
+
+def test_intmodel_imports_no_tensorflow():
+    code = "import intmodel, sys; assert 'tensorflow' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -1,0 +1,146 @@
+"""Quantization inside the Transformer: every matmul input is quantized, --quant none is the float
+model bit for bit, thresholds move when the real model trains."""
+
+import argparse
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+import quant
+import train
+from hparams import train_parser
+from model import Transformer
+
+# ops that only move or reshape values: a fake-quantized tensor stays on its grid through them
+PASS_THROUGH = {"Reshape", "Transpose", "Identity", "ExpandDims", "Squeeze"}
+MATMULS = {"MatMul", "BatchMatMulV2", "BatchMatMulV3"}
+
+
+def hp_for(quant_preset="w8a8", **kw):
+    args = ["--logdir", "unused", "--d_model", "32", "--d_ff", "64", "--num_blocks", "2",
+            "--num_heads", "4", "--dropout_rate", "0", "--quant", quant_preset]
+    hp = train_parser().parse_args(args)
+    return argparse.Namespace(**{**vars(hp), **kw})
+
+
+def batch(seed=0, rows=4):
+    rng = np.random.default_rng(seed)
+    src = rng.integers(4, 40, size=(rows, 7)).astype(np.int32)
+    tgt = np.concatenate([np.full((rows, 1), 2), rng.integers(4, 40, size=(rows, 6)),
+                          np.full((rows, 1), 3)], 1).astype(np.int32)
+    return src, tgt
+
+
+def unquantized_matmul_inputs(model: Transformer) -> tuple[list[str], int]:
+    """Walk the training-forward graph: every MatMul / BatchMatMul input and the embedding
+    gather's table must come (through reshapes/transposes) from a fake-quant op, which
+    tf.custom_gradient leaves in the graph as IdentityN. Returns (offenders, matmuls seen)."""
+    spec = tf.TensorSpec([None, None], tf.int32)
+    graph = tf.function(lambda s, t: model(s, t, training=True)).get_concrete_function(spec, spec).graph
+    offenders, seen = [], 0
+    for op in graph.get_operations():
+        if op.type in MATMULS:
+            inputs = list(op.inputs)
+        elif op.type in ("GatherV2", "ResourceGather"):
+            inputs = [op.inputs[0]]  # the embedding table (lookup = one-hot matmul)
+        else:
+            continue
+        seen += 1
+        for tensor in inputs:
+            producer = tensor.op
+            while producer.type in PASS_THROUGH:
+                producer = producer.inputs[0].op
+            if producer.type != "IdentityN":
+                offenders.append(f"{op.name} <- {producer.type} {producer.name}")
+    return offenders, seen
+
+
+def calibrated_model(hp, vocab=40):
+    tf.random.set_seed(0)
+    model = Transformer(hp, vocab, quant.sites_from_flags(hp))
+    quant.calibrate(model, [batch(1), batch(2)], "max", "max")
+    return model
+
+
+def test_every_matmul_input_is_quantized():
+    hp = hp_for("w8a8")
+    model = calibrated_model(hp)
+    offenders, seen = unquantized_matmul_inputs(model)
+    n_sites = len(model.sites.sites)
+    # per block: encoder 4 dense + QK^T + PV + 2 FFN dense; decoder twice the attention
+    print(f"\n{n_sites} quantization sites; {seen} matmuls/lookups checked")
+    assert seen > 30 and not offenders, offenders[:5]
+    assert n_sites == 2 * (12 + 4) + 2 * (24 + 4) + 2
+
+
+def test_the_walker_finds_unquantized_inputs_in_the_float_model():
+    offenders, seen = unquantized_matmul_inputs(Transformer(hp_for("none"), 40))
+    assert len(offenders) >= seen  # every matmul has at least one float input
+
+
+def test_quant_none_is_the_float_model_bit_for_bit():
+    hp = hp_for("none")
+    tf.random.set_seed(1)
+    plain = Transformer(hp, 40)
+    hooked = Transformer(hp, 40, quant.sites_from_flags(hp))
+    for a, b in zip(plain.trainable_variables, hooked.trainable_variables):
+        b.assign(a)
+    src, tgt = batch(3)
+    np.testing.assert_array_equal(plain(src, tgt[:, :-1]).numpy(), hooked(src, tgt[:, :-1]).numpy())
+    spec = tf.TensorSpec([None, None], tf.int32)
+
+    def op_types(m):
+        graph = tf.function(lambda s, t: m(s, t)).get_concrete_function(spec, spec).graph
+        return sorted(op.type for op in graph.get_operations())
+
+    assert op_types(plain) == op_types(hooked)  # no extra op: the hook costs nothing
+    assert "IdentityN" not in op_types(hooked)
+
+
+def test_thresholds_move_when_the_real_model_trains():
+    hp = hp_for("w8a8", lr=1e-3, warmup_steps=10)
+    model = calibrated_model(hp)
+    opt = train.Optimizers(model, hp)
+    before = {s.site_name: s.log2_t.numpy().copy() for s in opt.sites}
+    step = train.make_train_step(model, tf.distribute.get_strategy(), opt, train_thresholds=True)
+    for i in range(5):
+        src, tgt = batch(10 + i, rows=8)
+        step(tf.constant(src), tf.constant(tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+    moved = [name for name, v in before.items()
+             if np.any(dict((s.site_name, s.log2_t.numpy()) for s in opt.sites)[name] != v)]
+    assert len(moved) >= 0.9 * len(before), f"only {len(moved)} of {len(before)} thresholds moved"
+
+
+def test_frozen_thresholds_do_not_move():
+    hp = hp_for("w8a8", lr=1e-3, warmup_steps=10)
+    model = calibrated_model(hp)
+    opt = train.Optimizers(model, hp)
+    for site in opt.sites:
+        site.frozen = True
+    before = [s.log2_t.numpy().copy() for s in opt.sites]
+    step = train.make_train_step(model, tf.distribute.get_strategy(), opt, train_thresholds=False)
+    src, tgt = batch(20, rows=8)
+    step(tf.constant(src), tf.constant(tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+    for b, s in zip(before, opt.sites):
+        np.testing.assert_array_equal(b, s.log2_t.numpy())
+
+
+@pytest.mark.parametrize("preset, wbits", [("w4a8", 4), ("w6a6", 6)])
+def test_presets_and_overrides_set_the_bits(preset, wbits):
+    hp = hp_for(preset, quant_override=["*/softmax_output=8"])
+    model = Transformer(hp, 40, quant.sites_from_flags(hp))
+    sites = model.sites.sites
+    assert sites["embedding/weight"].num_bits == wbits
+    assert sites["decoder/block_1/self_attention/softmax_output"].num_bits == 8
+    assert not sites["encoder/block_1/ffn/dense2/input"].signed  # ReLU output is unsigned
+
+
+def test_per_channel_weights():
+    hp = hp_for("w8a8", per_channel=True)
+    model = calibrated_model(hp)
+    site = model.sites.sites["encoder/block_1/ffn/dense1/weight"]
+    assert site.log2_t.shape == [64]
+    assert model.sites.sites["embedding/weight"].log2_t.shape == []  # shared table: per tensor
+    src, tgt = batch(4)
+    assert np.all(np.isfinite(model(src, tgt[:, :-1]).numpy()))
