@@ -40,8 +40,8 @@ import quant
 from model import Transformer
 from modules import Dense, LayerNorm
 
-HPARAM_KEYS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "decode_margin",
-               "quant", "wbits", "abits", "rounding", "per_channel", "quant_override")
+# everything eval.py needs to evaluate an export on its own (model, data and quantization flags)
+HPARAM_KEYS = hparams.MODEL_FLAGS + hparams.DATA_FLAGS + hparams.QUANT_FLAGS + ("decode_margin",)
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,7 +119,18 @@ def add_calib_flags(g) -> None:
 
 def eval_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Translate a test set and report sacreBLEU.")
-    p.add_argument("--logdir", required=True, help="a train.py --logdir (checkpoint + hparams.json)")
+    p.add_argument("--logdir", default=None,
+                   help="a train.py --logdir (checkpoint + hparams.json); optional with --engine int")
+    p.add_argument("--engine", default="tf", choices=["tf", "int"],
+                   help="tf: the TensorFlow (fake-quant) model; int: the NumPy integer engine on --export")
+    p.add_argument("--export", default=None, metavar="DIR",
+                   help="with --engine int: the export to evaluate; with --engine tf: export the "
+                        "(quantized) model's integers here after evaluating")
+    p.add_argument("--dump_vectors", type=int, default=0, metavar="N",
+                   help="write every site's integer inputs/outputs for N test sentences to --out")
+    p.add_argument("--out", default=None, help="folder for --dump_vectors")
+    p.add_argument("--agree_with", default=None, metavar="HYP_FILE",
+                   help="report the %% of sentences whose output equals these hypotheses")
     p.add_argument("--src", default=None, help="German file to translate (instead of the test set)")
     p.add_argument("--ref", default=None, help="English reference for --src")
     p.add_argument("--json", default=None, help="write the result as JSON here")

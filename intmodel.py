@@ -42,7 +42,7 @@ SITE_FIELDS = (".bits", ".signed", ".f")  # model.npz keys <site>.bits etc. desc
 FLOAT64_EXACT, FLOAT32_EXACT = 2**53, 2**24
 
 
-class ExportError(Exception):
+class ExportError(ValueError):
     """An export directory that cannot be used (missing, corrupt, mismatched, unknown)."""
 
 

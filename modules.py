@@ -8,7 +8,8 @@ asks a site factory for one hook per input when it is built:
 
 `FloatSites` (below) returns the identity, so the float model pays nothing: the hook is a
 Python call that adds no op to the graph.  `quant.TQTSites` returns TQT fake-quantizers.
-Roles: "weight" (signed), "activation" (signed), "unsigned" (ReLU output, softmax probabilities).
+Roles: "weight" (signed), "activation" (signed), "unsigned" (ReLU output), "probability" (unsigned
+softmax output, threshold fixed at 1 by calibration).
 """
 
 from __future__ import annotations
@@ -137,7 +138,7 @@ class MultiHeadAttention(tf.Module):
         self.wo = Dense(f"{name}/wo", d_model, d_model, sites)
         self.q_site = sites.site(f"{name}/query_input", "activation")
         self.k_site = sites.site(f"{name}/key_input", "activation")
-        self.p_site = sites.site(f"{name}/softmax_output", "unsigned")
+        self.p_site = sites.site(f"{name}/softmax_output", "probability")
         self.v_site = sites.site(f"{name}/value_input", "activation")
 
     def split_heads(self, x: tf.Tensor) -> tf.Tensor:

@@ -20,6 +20,7 @@ import tensorflow as tf
 from tqdm import tqdm
 
 import data_load
+import export
 import hparams
 import quant
 from eval import bleu_score, load_corpus, translate
@@ -278,7 +279,7 @@ def main(argv: list[str]) -> None:
 
     train_thresholds = thresholds_train()
     train_step = make_train_step(model, strategy, opt, train_thresholds)
-    run_tokens = 0
+    run_tokens, dev_bleu = 0, None
     while int(epoch) < hp.num_epochs and not out_of_budget():
         batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch))
         bar = tqdm(batches[int(batch_in_epoch):], desc=f"epoch {int(epoch) + 1}/{hp.num_epochs}",
@@ -312,12 +313,16 @@ def main(argv: list[str]) -> None:
         if int(batch_in_epoch) == len(batches):  # a finished epoch: score dev, move on
             epoch.assign_add(1)
             batch_in_epoch.assign(0)
-            evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.adam.t))
+            dev_bleu = evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.adam.t))
         manager.save(checkpoint_number=int(opt.adam.t))
     writer.flush()
     if sites:
         print(threshold_report(model, sites, data_load.train_batches(
             train_src, train_tgt, hp.batch_tokens, hp.seed, 0), hp.logdir))
+        out = os.path.join(hp.logdir, "export")
+        export.export_model(model, hp, os.path.join(hp.logdir, "spm.model"), out)
+        bleu_text = "not scored in this run" if dev_bleu is None else f"{dev_bleu:.2f}"
+        print(f"dev BLEU {bleu_text}; integer weights exported to {out}")
     minutes = (time.time() - start) / 60
     summary = {"steps": int(opt.adam.t), "epochs": int(epoch), "minutes": round(minutes, 2),
                "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9))}

@@ -144,3 +144,13 @@ def test_per_channel_weights():
     assert model.sites.sites["embedding/weight"].log2_t.shape == []  # shared table: per tensor
     src, tgt = batch(4)
     assert np.all(np.isfinite(model(src, tgt[:, :-1]).numpy()))
+
+
+def test_softmax_probability_sites_calibrate_to_threshold_one():
+    """Probabilities lie in [0, 1]: every method gives threshold 1 (KL alone clipped them)."""
+    for method in ("kl", "mse", "percentile", "max"):
+        hp = hp_for("w8a8")
+        model = Transformer(hp, 40, quant.sites_from_flags(hp))
+        quant.calibrate(model, [batch(1)], method, "max")
+        probs = [s for s in model.sites.sites.values() if s.role == "probability"]
+        assert len(probs) == 6 and all(float(s.threshold()) == 1.0 for s in probs), method
