@@ -7,7 +7,9 @@ STAMP := $(VENV)/.installed
 DEMO := runs/demo
 # the demo model: small enough to train on 2 CPU cores in a few minutes
 DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size 2000 \
-	--dropout_rate 0.1 --lr 1e-3 --warmup_steps 400 --batch_tokens 2048
+	--dropout_rate 0.1 --lr 2e-3 --warmup_steps 300 --batch_tokens 3000 --dev_max_sentences 200
+# quantization-aware fine-tuning of the float demo model (W8A8, thresholds trained by Adam)
+DEMO_QAT := --quant w8a8 --num_epochs 2 --lr 2e-4 --warmup_steps 100 --dev_max_sentences 200
 
 .PHONY: demo test lint clean
 
@@ -18,8 +20,15 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python train.py --logdir $(DEMO)/float $(DEMO_MODEL) --num_epochs 8
+	rm -f $(DEMO)/summary.json
+	$(BIN)/python train.py --logdir $(DEMO)/float $(DEMO_MODEL) --num_epochs 10
 	$(BIN)/python eval.py --logdir $(DEMO)/float --summary $(DEMO)/summary.json --summary_key float
+	$(BIN)/python train.py --logdir $(DEMO)/w8a8 --init_from $(DEMO)/float $(DEMO_QAT)
+	$(BIN)/python eval.py --logdir $(DEMO)/w8a8 --export $(DEMO)/export_w8a8 \
+		--summary $(DEMO)/summary.json --summary_key qat_w8a8
+	$(BIN)/python eval.py --engine int --export $(DEMO)/export_w8a8 \
+		--agree_with $(DEMO)/w8a8/test_hyp_tf.txt --summary $(DEMO)/summary.json --summary_key int_w8a8
+	$(BIN)/python scripts/summary_table.py $(DEMO)/summary.json
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -187,31 +187,41 @@ def check_exact(k: int, gx: Grid, gw: Grid) -> None:
 # --------------------------------------------------------------------------------------------
 
 
+# As in modules.in_float64, LayerNorm, softmax and the positions are computed in float64 and
+# rounded once to float32: NumPy and TF reduce in different orders, and in float32 a one-ULP
+# difference could cross a rounding boundary of the next quantizer; rounded from float64 both
+# engines get the same float32.
+
+
 def positional_encoding(length: int, d_model: int) -> np.ndarray:
-    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...), float32 as modules."""
-    pos = np.arange(length, dtype=np.float32)[:, None]
-    i = np.arange(d_model // 2, dtype=np.float32)[None, :]
-    angle = pos / np.power(np.float32(10000.0), np.float32(2.0) * i / np.float32(d_model))
-    return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(length, d_model)
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...), float64 -> float32."""
+    pos = np.arange(length, dtype=np.float64)[:, None]
+    i = np.arange(d_model // 2, dtype=np.float64)[None, :]
+    angle = pos / np.power(10000.0, 2.0 * i / d_model)
+    return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(length, d_model).astype(np.float32)
 
 
 def softmax(x: np.ndarray) -> np.ndarray:
-    """softmax(x) = exp(x - max) / sum(exp(x - max)) over the last axis, float32."""
+    """softmax(x) = exp(x - max) / sum(exp(x - max)) over the last axis, float64 -> float32."""
+    x = x.astype(np.float64)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return e / e.sum(axis=-1, keepdims=True)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
-    """log_softmax(x) = (x - max) - log(sum(exp(x - max))), float32."""
-    shifted = x - x.max(axis=-1, keepdims=True)
+    """log_softmax(x) = (x - max) - log(sum(exp(x - max))), in float64 (beam scores stay float64)."""
+    shifted = x.astype(np.float64) - x.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
-    """gamma * (x - mean) * rsqrt(var + eps) + beta over the last axis, var = mean((x - mean)^2)."""
-    mean = x.mean(axis=-1, keepdims=True)
-    var = np.square(x - mean).mean(axis=-1, keepdims=True)
-    return gamma * (x - mean) * (np.float32(1.0) / np.sqrt(var + np.float32(eps))) + beta
+    """gamma * (x - mean) * rsqrt(var + eps) + beta over the last axis, var = mean((x - mean)^2),
+    float64 -> float32."""
+    x64 = x.astype(np.float64)
+    mean = x64.mean(axis=-1, keepdims=True)
+    var = np.square(x64 - mean).mean(axis=-1, keepdims=True)
+    y = gamma.astype(np.float64) * (x64 - mean) / np.sqrt(var + eps) + beta.astype(np.float64)
+    return y.astype(np.float32)
 
 
 def padding_bias(ids: np.ndarray) -> np.ndarray:
@@ -453,8 +463,8 @@ class IntTransformer:
                   np.zeros((rows, self.num_heads, length, d_k), np.float32))
                  for _ in range(self.config["num_blocks"])]
         # only beam 0 is live at the start, so the copies do not all pick the same tokens
-        scores = np.tile(np.array([0.0] + [-1e30] * (beam - 1), np.float32), (batch, 1))
-        pad_only = np.full(self.vocab, -1e30, np.float32)
+        scores = np.tile(np.array([0.0] + [-1e30] * (beam - 1), np.float64), (batch, 1))
+        pad_only = np.full(self.vocab, -1e30, np.float64)
         pad_only[PAD] = 0.0
         token = np.full(rows, BOS)
         finished, lengths = np.zeros(rows, bool), np.zeros(rows, np.int64)
@@ -475,8 +485,7 @@ class IntTransformer:
             lengths = lengths[parent] + ~was_finished
             cache = [(k[parent], v[parent]) for k, v in cache]
             t += 1
-        penalty = np.power((np.float32(5.0) + lengths.astype(np.float32)) / np.float32(6.0),
-                           np.float32(alpha))
+        penalty = np.power((5.0 + lengths.astype(np.float64)) / 6.0, alpha)
         best = np.argmax(scores / penalty.reshape(batch, beam), axis=1)
         return seqs.reshape(batch, beam, length)[np.arange(batch), best]
 

@@ -35,6 +35,13 @@ from modules import (
     set_untracked,
 )
 
+# Grappler's arithmetic optimizer and constant folding rewrite float32 expressions (reordered
+# products in LayerNorm, folded positional-encoding constants), so a tf.function graph would no
+# longer compute bit for bit what the eager model and the integer engine compute: one ULP can move
+# a value across a rounding boundary of the next quantizer. Measured: no slower without them.
+tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False,
+                                              "constant_folding": False})
+
 
 class Dropout:
     """Inverted dropout drawing its masks from the model's checkpointed random generator, so a
@@ -251,8 +258,10 @@ class Transformer(tf.Module):
         rows, length = batch * beam, tf.reduce_max(limit)
         vocab = self.vocab_size
         # only beam 0 is live at the start, so the K copies do not all pick the same tokens
+        # scores in float64, so that both engines rank hypotheses alike (see in_float64)
         scores = tf.tile(tf.concat([[0.0], tf.fill([beam - 1], -1e30)], 0)[None], [batch, 1])
-        pad_only = tf.concat([[0.0], tf.fill([vocab - 1], -1e30)], 0)  # PAD is id 0
+        scores = tf.cast(scores, tf.float64)
+        pad_only = tf.constant([0.0] + [-1e30] * (vocab - 1), tf.float64)  # PAD is id 0
         state = dict(
             t=tf.constant(0), token=tf.fill([rows], BOS), scores=scores,
             finished=tf.zeros([rows], tf.bool), lengths=tf.zeros([rows], tf.int32),
@@ -260,7 +269,7 @@ class Transformer(tf.Module):
 
         def body(s):
             logits, cache = self._step(s["token"], s["t"], s["cache"], cross_kv, src_bias, table)
-            logp = tf.nn.log_softmax(logits)
+            logp = tf.nn.log_softmax(tf.cast(logits, tf.float64))
             logp = tf.where(s["finished"][:, None], pad_only[None], logp)
             total = tf.reshape(s["scores"], [rows, 1]) + logp
             top, index = tf.math.top_k(tf.reshape(total, [batch, beam * vocab]), k=beam)
@@ -280,7 +289,7 @@ class Transformer(tf.Module):
             return (s["t"] < length) & ~tf.reduce_all(s["finished"])
 
         (state,) = tf.while_loop(cond, body, [state])
-        penalty = tf.pow((5.0 + tf.cast(state["lengths"], tf.float32)) / 6.0, alpha)
+        penalty = tf.pow((5.0 + tf.cast(state["lengths"], tf.float64)) / 6.0, alpha)
         best = tf.argmax(state["scores"] / tf.reshape(penalty, [batch, beam]), axis=1, output_type=tf.int32)
         seqs = tf.reshape(state["seqs"], [batch, beam, length])
         return tf.gather(seqs, best, batch_dims=1)

@@ -84,8 +84,20 @@ class Dense(tf.Module):
         return y
 
 
+def in_float64(fn, x: tf.Tensor) -> tf.Tensor:
+    """fn computed in float64 and rounded once to x's dtype.
+
+    The float parts between integer matmuls (LayerNorm, softmax, positions) feed quantizers. The
+    integer engine (NumPy) reduces in another order than TF's kernels; in float32 the two can
+    differ by one ULP, enough to move a value across a rounding boundary of the next quantizer.
+    In float64 both round to the same float32 (unless within ~2^-29 of a float32 boundary).
+    """
+    return tf.cast(fn(tf.cast(x, tf.float64)), x.dtype)
+
+
 class LayerNorm(tf.Module):
-    """LN(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (stays float)."""
+    """LN(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (float, computed in
+    float64 and rounded to float32: see in_float64)."""
 
     def __init__(self, name: str, d: int, eps: float = 1e-6):
         super().__init__(name=name.rsplit("/", 1)[-1])
@@ -94,8 +106,12 @@ class LayerNorm(tf.Module):
         self.eps = eps
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
-        return self.gamma * (x - mean) * tf.math.rsqrt(var + self.eps) + self.beta
+        def norm(x):
+            mean, var = tf.nn.moments(x, axes=[-1], keepdims=True)
+            gamma, beta = tf.cast(self.gamma, x.dtype), tf.cast(self.beta, x.dtype)
+            return gamma * (x - mean) * tf.math.rsqrt(var + self.eps) + beta
+
+        return in_float64(norm, x)
 
 
 def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
@@ -103,11 +119,12 @@ def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
 
     Computed for whatever length arrives, so a test sentence longer than maxlen is fine.
     """
-    pos = tf.cast(tf.range(length), tf.float32)[:, None]
-    i = tf.range(d_model // 2, dtype=tf.float32)[None, :]
-    angle = pos / tf.pow(10000.0, 2.0 * i / d_model)
-    # interleave sin (even columns) and cos (odd columns)
-    return tf.reshape(tf.stack([tf.sin(angle), tf.cos(angle)], axis=-1), [-1, d_model])
+    pos = tf.cast(tf.range(length), tf.float64)[:, None]
+    i = tf.range(d_model // 2, dtype=tf.float64)[None, :]
+    angle = pos / tf.pow(tf.constant(10000.0, tf.float64), 2.0 * i / d_model)
+    # interleave sin (even columns) and cos (odd columns); float64, rounded once (in_float64)
+    pe = tf.reshape(tf.stack([tf.sin(angle), tf.cos(angle)], axis=-1), [-1, d_model])
+    return tf.cast(pe, tf.float32)
 
 
 def padding_bias(ids: tf.Tensor) -> tf.Tensor:
@@ -154,7 +171,7 @@ class MultiHeadAttention(tf.Module):
         """Attention of queries from x over already-projected heads k, v."""
         q = self.split_heads(self.wq(x))
         logits = tf.matmul(self.q_site(q), self.k_site(k), transpose_b=True)
-        probs = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        probs = in_float64(tf.nn.softmax, logits * (1.0 / math.sqrt(self.d_k)) + bias)
         heads = tf.matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
         b, lq = tf.shape(heads)[0], tf.shape(heads)[2]
         concat = tf.reshape(tf.transpose(heads, [0, 2, 1, 3]), [b, lq, self.h * self.d_k])

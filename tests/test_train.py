@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import data_load
 import demo_corpus
 import eval as eval_script
+import hparams
+import intmodel
 import train
 from hparams import train_parser
 from model import Transformer
@@ -69,18 +72,63 @@ def test_tiny_model_overfits_200_pairs(float_run, corpus, tmp_path):
     assert {"bleu", "signature", "decode_seconds", "test_set", "checkpoint"} <= set(result)
 
 
-def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, corpus, tmp_path, capsys):
-    logdir = str(tmp_path / "w8a8")
-    train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--num_epochs", "3",
-                "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
-    report = capsys.readouterr().out
-    assert "calibrated 90 sites" in report and "changed their fractional bits" in report
+@pytest.fixture(scope="module")
+def qat_runs(float_run, tmp_path_factory):
+    """W8A8 and W4A8 QAT fine-tuned from the float run (train.py exports each to <logdir>/export)."""
+    runs = {}
+    for preset in ("w8a8", "w4a8"):
+        runs[preset] = str(tmp_path_factory.mktemp(preset) / "run")
+        train.main(["--logdir", runs[preset], "--init_from", float_run, "--quant", preset,
+                    "--num_epochs", "3", "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
+    return runs
+
+
+def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, qat_runs, corpus, tmp_path, capsys):
     parent = train_set_bleu(float_run, corpus, str(tmp_path / "float.json"))["bleu"]
-    quantized = train_set_bleu(logdir, corpus, str(tmp_path / "w8a8.json"))["bleu"]
+    quantized = train_set_bleu(qat_runs["w8a8"], corpus, str(tmp_path / "w8a8.json"))["bleu"]
     assert quantized >= parent - 1.0, (parent, quantized)
     # post-training quantization of the parent runs from eval.py too
     eval_script.main(["--logdir", float_run, "--quant", "w8a8", "--json", str(tmp_path / "ptq.json")])
     assert "post-training quantization: w8a8" in capsys.readouterr().out
+
+
+def test_qat_run_reports_its_thresholds(qat_runs):
+    calibration = json.load(open(os.path.join(qat_runs["w8a8"], "calibration.json")))
+    assert len(calibration) == 90
+    assert os.path.exists(os.path.join(qat_runs["w8a8"], "export", "manifest.json"))
+
+
+@pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
+def test_integer_engine_translates_token_for_token_like_tf(qat_runs, corpus, preset):
+    """The exported integers, run by the NumPy engine, give the TF fake-quant model's outputs."""
+    logdir = qat_runs[preset]
+    hp = eval_script.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
+    model, sp, _, _ = eval_script.load_model(hp)
+    lines = data_load.read_lines(corpus["train"][0])
+    engine = intmodel.IntTransformer.load(os.path.join(logdir, "export"))
+    tf_ids, int_ids = [], []
+    for _, src in data_load.eval_batches(data_load.encode_source(sp, lines), 64):
+        tf_ids += [data_load.strip_ids(r) for r in model.greedy(tf.constant(src)).numpy()]
+        int_ids += [data_load.strip_ids(r) for r in engine.greedy(src)]
+    same = sum(a == b for a, b in zip(tf_ids, int_ids))
+    assert same == len(lines), f"{same}/{len(lines)} identical"
+    assert max(s["bits"] for s in engine.accumulator_stats().values()) <= 32
+
+
+def test_eval_int_engine_cli(qat_runs, corpus, tmp_path, capsys):
+    export_dir = os.path.join(qat_runs["w8a8"], "export")
+    tf_json, int_json = str(tmp_path / "tf.json"), str(tmp_path / "int.json")
+    args = ["--src", corpus["dev"][0], "--ref", corpus["dev"][1]]
+    eval_script.main(["--logdir", qat_runs["w8a8"], *args, "--json", tf_json,
+                      "--hyp_out", str(tmp_path / "tf.txt")])
+    eval_script.main(["--engine", "int", "--export", export_dir, *args, "--json", int_json,
+                      "--agree_with", str(tmp_path / "tf.txt"), "--hyp_out", str(tmp_path / "int.txt"),
+                      "--dump_vectors", "2", "--out", str(tmp_path / "vectors")])
+    tf_result, int_result = json.load(open(tf_json)), json.load(open(int_json))
+    assert int_result["bleu"] == tf_result["bleu"] and int_result["token_agreement"] == 100.0
+    assert int_result["engine"] == "int" and int_result["n_sentences"] == 20
+    assert os.path.exists(tmp_path / "vectors" / "index.json")
+    assert "BLEU = " in capsys.readouterr().out
 
 
 def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):

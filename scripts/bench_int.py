@@ -1,0 +1,96 @@
+"""Integer-engine benchmark: does the exported integer model translate exactly like the TF model?
+
+    python scripts/bench_int.py --out bench/int.json
+
+For each corpus (the embedded demo set and Multi30k test_2016_flickr) it takes the QAT W8A8 run
+of scripts/bench_quant.py, exports it, and translates the whole test set (greedy) with
+  * the TF fake-quant model, * the NumPy integer engine, * the TF float parent,
+reporting BLEU of each, the % of sentences with identical output (integer vs fake-quant), and
+sentences/s of each engine, measured one after the other in this one process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import sentencepiece as spm  # noqa: E402
+
+import eval as eval_script  # noqa: E402
+import export  # noqa: E402
+import hparams  # noqa: E402
+import intmodel  # noqa: E402
+
+
+def timed(fn, *args) -> tuple[list[str], float]:
+    start = time.time()
+    hyps = fn(*args)
+    return hyps, time.time() - start
+
+
+def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
+    model, hp, spm_path = export.load_quantized(qat_logdir)
+    export.export_model(model, hp, spm_path, export_dir)
+    de, en, test_name = eval_script.test_pairs(hp, None, None)
+    sp = spm.SentencePieceProcessor(model_file=spm_path)
+    engine = intmodel.IntTransformer.load(export_dir)
+    float_hp = eval_script.restore_hparams(hparams.eval_parser(), ["--logdir", float_logdir])
+    float_model = eval_script.load_model(float_hp)[0]
+
+    eval_script.translate(model, sp, de[:8], hp)  # trace the TF graphs outside the timings
+    eval_script.translate(float_model, sp, de[:8], float_hp)
+    runs = {
+        "tf_fake_quant": timed(eval_script.translate, model, sp, de, hp),
+        "int_engine": timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size),
+        "tf_float": timed(eval_script.translate, float_model, sp, de, float_hp),
+    }
+    result = {"test_set": test_name, "n_sentences": len(de), "export": export_dir}
+    for name, (hyps, seconds) in runs.items():
+        result[name] = {"bleu": round(eval_script.bleu_score(hyps, en)[0], 2),
+                        "sent_per_s": round(len(de) / seconds, 1)}
+    int_hyps, tf_hyps = runs["int_engine"][0], runs["tf_fake_quant"][0]
+    result["identical_output_pct"] = round(100 * sum(a == b for a, b in zip(int_hyps, tf_hyps)) / len(de), 2)
+    result["differing_sentences"] = [i for i, (a, b) in enumerate(zip(int_hyps, tf_hyps)) if a != b]
+    result["int_vs_tf_float_speed"] = round(result["int_engine"]["sent_per_s"]
+                                            / result["tf_float"]["sent_per_s"], 2)
+    result["widest_accumulator_bits"] = max(s["bits"] for s in engine.accumulator_stats().values())
+    result["signature"] = eval_script.bleu_score(int_hyps, en)[1]
+    return result
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quant_dir", default=os.path.join(ROOT, "runs", "bench", "quant"),
+                   help="scripts/bench_quant.py --workdir (holds <corpus>/qat_w8a8)")
+    p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"))
+    p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "int.json"))
+    args = p.parse_args()
+    parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
+    result = {}
+    for corpus, parent in parents.items():
+        qat = os.path.join(args.quant_dir, corpus, "qat_w8a8")
+        if not os.path.isdir(qat):
+            print(f"note: {qat} not found (run scripts/bench_quant.py): skipping {corpus}", file=sys.stderr)
+            continue
+        result[corpus] = bench_corpus(qat, parent, os.path.join(args.quant_dir, corpus, "export_w8a8"))
+    if not result:
+        raise SystemExit("error: no QAT W8A8 run found; run scripts/bench_quant.py first")
+    hparams.write_json(args.out, result)
+    print("\n| corpus | BLEU fake-quant | BLEU integer | identical output | sent/s TF float | "
+          "sent/s TF fake-quant | sent/s integer | widest acc |\n" + "|---" * 8 + "|")
+    for corpus, r in result.items():
+        print(f"| {corpus} | {r['tf_fake_quant']['bleu']:.2f} | {r['int_engine']['bleu']:.2f} | "
+              f"{r['identical_output_pct']:.2f}% | {r['tf_float']['sent_per_s']} | "
+              f"{r['tf_fake_quant']['sent_per_s']} | {r['int_engine']['sent_per_s']} | "
+              f"{r['widest_accumulator_bits']} bits |")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
