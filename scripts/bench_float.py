@@ -76,6 +76,8 @@ def main() -> None:
     p.add_argument("--logdir", default=None, help="default runs/bench/float_<corpus>")
     p.add_argument("--out", default=None, help="JSON result (default bench/float_<corpus>.json)")
     p.add_argument("--speed_sentences", type=int, default=300, help="test sentences for decode speed")
+    p.add_argument("--eval_only", action="store_true",
+                   help="do not train: evaluate the run already in --logdir (its train_summary.json)")
     args = p.parse_args()
     if not os.path.isdir(SHARED):
         raise SystemExit(f"error: {SHARED} not found: this benchmark reads the shared corpora")
@@ -83,9 +85,10 @@ def main() -> None:
     out = args.out or os.path.join(ROOT, "bench", f"float_{args.corpus}.json")
     flags, test_name = corpus_flags(args.corpus)
 
-    start = time.time()
-    train.main(["--logdir", logdir, *MODEL, *flags, "--max_minutes", str(args.minutes)])
-    minutes = (time.time() - start) / 60
+    if not args.eval_only:
+        train.main(["--logdir", logdir, *MODEL, *flags, "--max_minutes", str(args.minutes)])
+    with open(os.path.join(logdir, "train_summary.json")) as f:
+        trained = json.load(f)  # steps, minutes and tokens/s of the training run
     with open(os.path.join(logdir, "dev_bleu.json")) as f:
         curve = json.load(f)
     step = curve[-1]["step"] if curve else 0
@@ -97,16 +100,15 @@ def main() -> None:
         with open(path) as f:
             tests[f"beam{beam}"] = json.load(f)
     speed = decode_speed(logdir, args.speed_sentences)
-    with open(os.path.join(logdir, "train_summary.json")) as f:
-        tokens_per_s = json.load(f)["tokens_per_s"]  # source + target tokens, this run
     result = {"corpus": args.corpus, "test_set": test_name, "model": " ".join(MODEL),
-              "train_minutes": round(minutes, 1), "steps_at_last_dev": step, "dev_curve": curve,
+              "train_minutes": trained["minutes"], "steps": trained["steps"],
+              "steps_at_last_dev": step, "dev_curve": curve,
               "test_bleu_greedy": tests["beam1"]["bleu"], "test_bleu_beam4": tests["beam4"]["bleu"],
-              "signature": tests["beam1"]["signature"], "decode": speed, "tokens_per_s": tokens_per_s,
-              "logdir": logdir}
+              "signature": tests["beam1"]["signature"], "decode": speed,
+              "tokens_per_s": trained["tokens_per_s"], "logdir": logdir}
     hparams.write_json(out, result)
     print(f"\n| {args.corpus} | value |\n|---|---|")
-    for key in ("train_minutes", "steps_at_last_dev", "tokens_per_s", "test_bleu_greedy", "test_bleu_beam4"):
+    for key in ("train_minutes", "steps", "tokens_per_s", "test_bleu_greedy", "test_bleu_beam4"):
         print(f"| {key} | {result[key]} |")
     print("| dev curve (step: BLEU) | " + ", ".join(f"{c['step']}: {c['dev_bleu']}" for c in curve) + " |")
     print(f"| greedy sent/s cached vs uncached | {speed['cached_sent_per_s']} vs "

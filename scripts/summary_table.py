@@ -3,18 +3,18 @@
 import json
 import sys
 
-ROWS = (("float", "float"), ("qat_w8a8", "fake-quant W8A8 (TF)"), ("int_w8a8", "integer W8A8 (NumPy)"))
+# (summary key, label, the field that says where the model is)
+ROWS = (("float", "float", "logdir"), ("qat_w8a8", "fake-quant W8A8 (TF)", "logdir"),
+        ("int_w8a8", "integer W8A8 (NumPy)", "export"))
 
 
 def main(path: str) -> None:
     with open(path) as f:
         summary = json.load(f)
     print("\n| model | BLEU | where |\n|---|---|---|")
-    for key, label in ROWS:
+    for key, label, where in ROWS:
         if key in summary:
-            entry = summary[key]
-            where = entry.get("export") or entry.get("logdir")
-            print(f"| {label} | {entry['bleu']:.2f} | {where} |")
+            print(f"| {label} | {summary[key]['bleu']:.2f} | {summary[key][where]} |")
     if "int_w8a8" in summary and "token_agreement" in summary["int_w8a8"]:
         print(f"integer vs fake-quant: identical output on {summary['int_w8a8']['token_agreement']}% "
               f"of test sentences")
