@@ -98,7 +98,7 @@ def main() -> None:
     p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"),
                    help="float parent on Multi30k (scripts/bench_float.py trains it)")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "quant"))
-    p.add_argument("--qat_epochs", type=int, default=2)
+    p.add_argument("--qat_steps", type=int, default=150, help="fine-tuning steps of each QAT run")
     p.add_argument("--timing_steps", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"))
     args = p.parse_args()
@@ -111,8 +111,8 @@ def main() -> None:
         raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
     timing_parent = parents.get("multi30k", parents.get("demo"))
     result = {"timing": step_time_ratio(timing_parent, args.timing_steps), "bleu": {}}
-    qat_flags = ["--num_epochs", str(args.qat_epochs), "--lr", "2e-4", "--warmup_steps", "100",
-                 "--dev_max_sentences", "200"]
+    qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",
+                 "--warmup_steps", "100", "--dev_max_sentences", "200"]
     for name, parent in parents.items():
         result["bleu"][name] = qat_and_ptq(parent, os.path.join(args.workdir, name), qat_flags)
     hparams.write_json(args.out, result)
