@@ -146,17 +146,18 @@ class Grid:
     def quantize(self, x: np.ndarray, rounding: str) -> np.ndarray:
         """q = clip(R(x * 2^f), n, p), in float32 exactly as quant.tqt_fake_quant computes it
         (x * 2^f is exact; half_up is floor(v + 0.5) rounded in float32 like the TF graph).
-        Returned as float64 holding the integers."""
-        v = np.asarray(x, np.float32) * np.exp2(self.f).astype(np.float32)
+        Returned as float32 holding the integers (exact: |q| <= 2^16)."""
+        v = np.asarray(x, np.float32) * np.exp2(self.f).astype(np.float32)  # a new array
         if rounding == "half_even":
-            r = np.rint(v)
+            np.rint(v, out=v)
         elif rounding == "half_up":
-            r = np.floor(v + np.float32(0.5))
+            np.floor(v + np.float32(0.5), out=v)
         elif rounding == "floor":
-            r = np.floor(v)
+            np.floor(v, out=v)
         else:
             raise ValueError(f"unknown rounding {rounding!r}")
-        return np.clip(r, *self.range).astype(np.float64)
+        n, p = self.range
+        return np.minimum(np.maximum(v, n, out=v), p, out=v)
 
 
 def grids_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Grid]:
@@ -193,9 +194,10 @@ def check_exact(k: int, gx: Grid, gw: Grid) -> None:
 # engines get the same float32.
 
 
-def positional_encoding(length: int, d_model: int) -> np.ndarray:
-    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...), float64 -> float32."""
-    pos = np.arange(length, dtype=np.float64)[:, None]
+def positional_encoding(length: int, d_model: int, start: int = 0) -> np.ndarray:
+    """PE[pos, 2i] = sin(pos / 10000^(2i/d)), PE[pos, 2i+1] = cos(...) for pos in
+    [start, start + length), float64 -> float32."""
+    pos = np.arange(start, start + length, dtype=np.float64)[:, None]
     i = np.arange(d_model // 2, dtype=np.float64)[None, :]
     angle = pos / np.power(10000.0, 2.0 * i / d_model)
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(length, d_model).astype(np.float32)
@@ -266,7 +268,8 @@ class IntTransformer:
         self.num_heads = int(self.config["num_heads"])
         self.grids = grids_of(arrays)
         # integers as exact float64 (see check_exact); floats (LayerNorm) as float32
-        self.ints = {k: v.astype(np.float64) for k, v in arrays.items()
+        # integers held in floats: weights (<= 16 bits) exactly in float32, int32 biases in float64
+        self.ints = {k: v.astype(np.float64 if k.endswith("/bias") else np.float32) for k, v in arrays.items()
                      if v.dtype.kind in "iu" and not k.endswith(SITE_FIELDS)}
         self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
         self.trace: list[MatmulRecord] | None = None
@@ -304,7 +307,10 @@ class IntTransformer:
         gx, gw = self.grids[x_site], self.grids[w_site]
         check_exact(x.shape[-1], gx, gw)
         w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
-        acc = np.matmul(x, w_mat)
+        # float32 BLAS is exact while |every partial sum| < 2^24; otherwise use float64 (< 2^53)
+        dtype = np.float32 if x.shape[-1] * gx.max_abs * gw.max_abs < FLOAT32_EXACT else np.float64
+        x, w_mat = x.astype(dtype, copy=False), w_mat.astype(dtype, copy=False)
+        acc = np.matmul(x, w_mat).astype(np.float64)
         if bias is not None:
             acc = acc + bias
         name = matmul_of(x_site)
@@ -381,7 +387,7 @@ class IntTransformer:
 
     def embed(self, ids: np.ndarray, offset: int = 0) -> np.ndarray:
         """E_q[ids] * 2^-f * sqrt(d) + PE[offset : offset + L]."""
-        pe = positional_encoding(offset + ids.shape[1], self.d_model)[offset:]
+        pe = positional_encoding(ids.shape[1], self.d_model, start=offset)
         return self.table[ids] * np.float32(math.sqrt(self.d_model)) + pe
 
     def logits(self, y: np.ndarray) -> np.ndarray:
@@ -474,16 +480,20 @@ class IntTransformer:
             logp = log_softmax(self._step(token, t, cache, cross_kv, src_bias))
             logp = np.where(finished[:, None], pad_only[None], logp)
             total = (scores.reshape(rows, 1) + logp).reshape(batch, beam * self.vocab)
-            index = np.argsort(-total, axis=1, kind="stable")[:, :beam]  # as top_k: ties -> lower
+            if beam == 1:  # greedy: argmax takes the first maximum, as top_k does
+                index = np.argmax(total, axis=1)[:, None]
+            else:  # as top_k: ties -> lower index
+                index = np.argsort(-total, axis=1, kind="stable")[:, :beam]
             scores = np.take_along_axis(total, index, axis=1)
             parent = (index // self.vocab + np.arange(batch)[:, None] * beam).reshape(rows)
             token = (index % self.vocab).reshape(rows)
             was_finished = finished[parent]
-            seqs = seqs[parent]
+            if beam > 1:  # with one hypothesis per sentence, parent is the identity
+                seqs = seqs[parent]
+                cache = [(k[parent], v[parent]) for k, v in cache]
             seqs[:, t] = token
             finished = was_finished | (token == EOS) | (t + 1 >= limit)
             lengths = lengths[parent] + ~was_finished
-            cache = [(k[parent], v[parent]) for k, v in cache]
             t += 1
         penalty = np.power((5.0 + lengths.astype(np.float64)) / 6.0, alpha)
         best = np.argmax(scores / penalty.reshape(batch, beam), axis=1)

@@ -69,9 +69,12 @@ def main() -> None:
                    help="scripts/bench_quant.py --workdir (holds <corpus>/qat_w8a8)")
     p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"))
     p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"))
+    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "int.json"))
     args = p.parse_args()
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
+    if args.corpus != "both":
+        parents = {args.corpus: parents[args.corpus]}
     result = {}
     for corpus, parent in parents.items():
         qat = os.path.join(args.quant_dir, corpus, "qat_w8a8")
