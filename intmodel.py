@@ -357,20 +357,24 @@ class IntTransformer:
         return x.reshape(b, length, self.num_heads, d // self.num_heads).transpose(0, 2, 1, 3)
 
     def project_kv(self, prefix: str, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K and V heads, already requantized to the key/value sites' grids: the TF graph
+        requantizes the whole (cached) tensor at every step, which gives the same integers
+        (elementwise), so here each key and value is quantized once, when it is computed."""
         k, v = self.dense(f"{prefix}/wk", memory), self.dense(f"{prefix}/wv", memory)
-        return self.split_heads(k), self.split_heads(v)
+        return (self.quantize(f"{prefix}/key_input", self.split_heads(k)),
+                self.quantize(f"{prefix}/value_input", self.split_heads(v)))
 
     def attend(self, prefix: str, x: np.ndarray, k: np.ndarray, v: np.ndarray,
                bias: np.ndarray) -> np.ndarray:
-        """softmax(Q(q) Q(k)^T / sqrt(d_k) + bias) -> Q(P) Q(v), heads concatenated, W^O."""
+        """softmax(Q(q) k^T / sqrt(d_k) + bias) -> Q(P) v, heads concatenated, W^O; k and v are
+        integers from project_kv."""
         q = self.split_heads(self.dense(f"{prefix}/wq", x))
         q_site, k_site = f"{prefix}/query_input", f"{prefix}/key_input"
-        logits = self.matmul(q_site, self.quantize(q_site, q), k_site, self.quantize(k_site, k),
-                             transpose_w=True)
+        logits = self.matmul(q_site, self.quantize(q_site, q), k_site, k, transpose_w=True)
         d_k = q.shape[-1]
         probs = softmax(logits * np.float32(1.0 / math.sqrt(d_k)) + bias)
         p_site, v_site = f"{prefix}/softmax_output", f"{prefix}/value_input"
-        heads = self.matmul(p_site, self.quantize(p_site, probs), v_site, self.quantize(v_site, v))
+        heads = self.matmul(p_site, self.quantize(p_site, probs), v_site, v)
         b, _, lq, _ = heads.shape
         return self.dense(f"{prefix}/wo", heads.transpose(0, 2, 1, 3).reshape(b, lq, -1))
 
