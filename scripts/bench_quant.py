@@ -120,7 +120,8 @@ def main() -> None:
     print(f"\ntrain step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s, "
           f"ratio {t['step_time_ratio']} (median of {t['steps']} alternating steps)")
     columns = ["float", "ptq_w8a8", *[f"qat_{c}" for c in QAT_CONFIGS]]
-    print("| corpus | " + " | ".join(columns) + " |\n|---" * (len(columns) + 1) + "|")
+    print("| corpus | " + " | ".join(columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
     for name, bleu in result["bleu"].items():
         cells = [f"{bleu['float']:.2f}"] + [
             f"{bleu[c]:.2f} ({bleu[c + '_pct_of_float']:.1f}%)" for c in columns[1:]]
