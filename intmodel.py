@@ -310,15 +310,19 @@ class IntTransformer:
         # float32 BLAS is exact while |every partial sum| < 2^24; otherwise use float64 (< 2^53)
         dtype = np.float32 if x.shape[-1] * gx.max_abs * gw.max_abs < FLOAT32_EXACT else np.float64
         x, w_mat = x.astype(dtype, copy=False), w_mat.astype(dtype, copy=False)
-        acc = np.matmul(x, w_mat).astype(np.float64)
-        if bias is not None:
-            acc = acc + bias
+        if w_mat.ndim == 2:  # one GEMM over all rows (np.matmul would loop over the batch axes)
+            acc = (x.reshape(-1, x.shape[-1]) @ w_mat).reshape(*x.shape[:-1], w_mat.shape[-1])
+        else:
+            acc = np.matmul(x, w_mat)
+        if bias is not None:  # int32 biases can pass 2^24: add them in float64
+            acc = acc.astype(np.float64) + bias
         name = matmul_of(x_site)
         self._observe(name, acc)
         if self.trace is not None:
             bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
-            self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc, bound))
-        return (acc * np.exp2(-(gx.f + gw.f).astype(np.float64))).astype(np.float32)
+            self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc.astype(np.float64), bound))
+        # times a power of two, rounded once to float32 (exact when acc is already float32)
+        return (acc * np.exp2(-(gx.f + gw.f)).astype(acc.dtype)).astype(np.float32)
 
     def _observe(self, name: str, acc: np.ndarray) -> None:
         """Track max |acc| per matmul; warn once on stderr when it needs more than 32 bits."""
