@@ -380,6 +380,14 @@ def filter_by_length(src_ids: list[list[int]], tgt_ids: list[list[int]], maxlen1
     return kept_src, kept_tgt, len(src_ids) - len(kept_src)
 
 
+def encode_training_pairs(sp: spm.SentencePieceProcessor, src_lines: list[str], tgt_lines: list[str],
+                          maxlen1: int, maxlen2: int) -> tuple[list[list[int]], list[list[int]], int]:
+    """Encoded training pairs (source + eos, bos + target + eos) within maxlen, and how many
+    were dropped for being longer."""
+    return filter_by_length(encode_source(sp, src_lines), encode_target(sp, tgt_lines),
+                            maxlen1, maxlen2)
+
+
 def _pad(sequences: list[list[int]]) -> np.ndarray:
     """Int32 array [len(sequences), longest] padded with PAD_ID."""
     array = np.full((len(sequences), max(len(s) for s in sequences)), PAD_ID, np.int32)

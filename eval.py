@@ -90,9 +90,7 @@ def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
                            hp: argparse.Namespace) -> None:
     """PTQ: calibrate every threshold of a float checkpoint on training batches, no training."""
     splits = load_corpus(hp)
-    src, tgt, _ = data_load.filter_by_length(data_load.encode_source(sp, splits["train"][0]),
-                                             data_load.encode_target(sp, splits["train"][1]),
-                                             hp.maxlen1, hp.maxlen2)
+    src, tgt, _ = data_load.encode_training_pairs(sp, *splits["train"], hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: hp.calib_batches]
     quant.calibrate(model, batches, hp.calib, hp.weight_init)
     print(f"post-training quantization: {hp.quant}, calibrated by {hp.calib} on {len(batches)} batches")

@@ -92,9 +92,7 @@ def prepare_data(hp: argparse.Namespace):
     with open(local + ".tmp", "wb") as f:
         f.write(sp.serialized_model_proto())
     os.replace(local + ".tmp", local)
-    src, tgt, dropped = data_load.filter_by_length(
-        data_load.encode_source(sp, train_de), data_load.encode_target(sp, train_en),
-        hp.maxlen1, hp.maxlen2)
+    src, tgt, dropped = data_load.encode_training_pairs(sp, train_de, train_en, hp.maxlen1, hp.maxlen2)
     if not src:
         raise data_load.DataError(f"no training pair fits --maxlen1 {hp.maxlen1} / --maxlen2 {hp.maxlen2}")
     print(f"data: {len(src)} training pairs ({dropped} longer than maxlen dropped), "

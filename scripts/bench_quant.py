@@ -43,8 +43,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
     sp = spm.SentencePieceProcessor(model_file=os.path.join(parent, "spm.model"))
     de, en = eval_script.load_corpus(hp)["train"]
-    src, tgt, _ = data_load.filter_by_length(data_load.encode_source(sp, de),
-                                             data_load.encode_target(sp, en), hp.maxlen1, hp.maxlen2)
+    src, tgt, _ = data_load.encode_training_pairs(sp, de, en, hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: n_steps + 2]
     steps = {}
     for name in ("float", "w8a8"):
