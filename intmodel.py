@@ -426,7 +426,7 @@ class IntTransformer:
     def decode(self, tgt_in: np.ndarray, memory: np.ndarray, src_bias: np.ndarray) -> np.ndarray:
         """Teacher-forced decoder over a whole prefix: logits [B, Lt, V]."""
         y = self.embed(tgt_in)
-        self_bias = causal_bias(tgt_in.shape[1])
+        self_bias = causal_bias(tgt_in.shape[1]) + padding_bias(tgt_in)  # as model.decode
         for i in range(self.config["num_blocks"]):
             p = f"decoder/block_{i + 1}"
             self_kv = self.project_kv(f"{p}/self_attention", y)

@@ -65,6 +65,17 @@ def glorot(shape: tuple[int, int], seed: int | None = None) -> tf.Tensor:
     return tf.random.uniform(shape, -limit, limit, seed=seed)
 
 
+def matmul_2d(x: tf.Tensor, w: tf.Tensor, transpose_w: bool = False) -> tf.Tensor:
+    """x[..., k] @ w[k, n] (or w[n, k]^T) as one 2-D GEMM over all leading positions.
+
+    Not tf.matmul on the 3-D x: that is a BatchMatMul broadcasting w, whose gradient for w is a
+    batch of per-sentence products summed afterwards (0.8 s of a 1.3 s d256 training step).
+    """
+    n = tf.shape(w)[0] if transpose_w else tf.shape(w)[1]
+    y = tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), w, transpose_b=transpose_w)
+    return tf.reshape(y, tf.concat([tf.shape(x)[:-1], [n]], axis=0))
+
+
 class Dense(tf.Module):
     """y = Q_x(x) @ Q_w(W) + Q_b(b), with Q_* the matmul-input hooks of `sites`."""
 
@@ -78,7 +89,7 @@ class Dense(tf.Module):
         self._bias = sites.bias
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        y = tf.matmul(self.x_site(x), self.w_site(self.w))
+        y = matmul_2d(self.x_site(x), self.w_site(self.w))
         if self.b is not None:
             y = y + self._bias(self.b, self.x_site, self.w_site)
         return y
