@@ -220,9 +220,9 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
     """gamma * (x - mean) * rsqrt(var + eps) + beta over the last axis, var = mean((x - mean)^2),
     float64 -> float32."""
     x64 = x.astype(np.float64)
-    mean = x64.mean(axis=-1, keepdims=True)
-    var = np.square(x64 - mean).mean(axis=-1, keepdims=True)
-    y = gamma.astype(np.float64) * (x64 - mean) / np.sqrt(var + eps) + beta.astype(np.float64)
+    centered = x64 - x64.mean(axis=-1, keepdims=True)
+    var = np.square(centered).mean(axis=-1, keepdims=True)
+    y = gamma.astype(np.float64) * centered / np.sqrt(var + eps) + beta.astype(np.float64)
     return y.astype(np.float32)
 
 
@@ -240,6 +240,15 @@ def causal_bias(length: int) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The engine
 # --------------------------------------------------------------------------------------------
+
+
+def _gemm(x: np.ndarray, w: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """x @ w in `dtype`; a 2-D w as one GEMM over all rows (np.matmul would loop over the
+    leading axes)."""
+    x, w = x.astype(dtype, copy=False), w.astype(dtype, copy=False)
+    if w.ndim == 2:
+        return (x.reshape(-1, x.shape[-1]) @ w).reshape(*x.shape[:-1], w.shape[-1])
+    return np.matmul(x, w)
 
 
 @dataclass
@@ -267,14 +276,22 @@ class IntTransformer:
         self.rounding = self.config["rounding"]
         self.num_heads = int(self.config["num_heads"])
         self.grids = grids_of(arrays)
-        # integers as exact float64 (see check_exact); floats (LayerNorm) as float32
-        # integers held in floats: weights (<= 16 bits) exactly in float32, int32 biases in float64
-        self.ints = {k: v.astype(np.float64 if k.endswith("/bias") else np.float32) for k, v in arrays.items()
+        # integers held in floats: weights (<= 16 bits) exactly in float32; a bias in float32
+        # when accumulator + bias provably stays below 2^24 (then the add is exact), else float64
+        self.ints = {k: v.astype(np.float32) for k, v in arrays.items()
                      if v.dtype.kind in "iu" and not k.endswith(SITE_FIELDS)}
+        for key in [k for k in self.ints if k.endswith("/bias")]:
+            prefix = key.removesuffix("/bias")
+            gx, gw = self.grids[f"{prefix}/input"], self.grids[f"{prefix}/weight"]
+            bound = self.ints[f"{prefix}/weight"].shape[0] * gx.max_abs * gw.max_abs
+            self.ints[key] = arrays[key].astype(
+                np.float32 if bound + np.abs(arrays[key]).max(initial=0) < FLOAT32_EXACT else np.float64)
+        # floats (LayerNorm) as float32
         self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
         self.trace: list[MatmulRecord] | None = None
         self.manifest: dict | None = None  # set by load()
         self._acc_max: dict[str, int] = {}
+        self._plans: dict[tuple[str, str, int], tuple[int, type, np.ndarray, str]] = {}
         if "embedding/weight" in self.ints:
             table = self.ints["embedding/weight"]
             self.table = table.astype(np.float32) * self._scale("embedding/weight").astype(np.float32)
@@ -304,29 +321,41 @@ class IntTransformer:
         """acc = x @ w (+ bias) on integers, exact (`check_exact`); y = acc * 2^-(f_x + f_w)
         rounded to float32. The TF graph computes the same sum in float32 on q * 2^-f, exact
         while every partial sum stays below 2^24 in integer units."""
-        gx, gw = self.grids[x_site], self.grids[w_site]
-        check_exact(x.shape[-1], gx, gw)
+        k = x.shape[-1]
+        chunk, dtype, scale, name = self._plan(x_site, w_site, k)
         w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
-        # float32 BLAS is exact while |every partial sum| < 2^24; otherwise use float64 (< 2^53)
-        dtype = np.float32 if x.shape[-1] * gx.max_abs * gw.max_abs < FLOAT32_EXACT else np.float64
-        x, w_mat = x.astype(dtype, copy=False), w_mat.astype(dtype, copy=False)
-        if w_mat.ndim == 2:  # one GEMM over all rows (np.matmul would loop over the batch axes)
-            acc = (x.reshape(-1, x.shape[-1]) @ w_mat).reshape(*x.shape[:-1], w_mat.shape[-1])
-        else:
-            acc = np.matmul(x, w_mat)
-        if bias is not None:  # int32 biases can pass 2^24: add them in float64
-            acc = acc.astype(np.float64) + bias
-        name = matmul_of(x_site)
+        acc = _gemm(x[..., :chunk], w_mat[..., :chunk, :], dtype)
+        for lo in range(chunk, k, chunk):
+            acc = acc.astype(np.float64) + _gemm(x[..., lo:lo + chunk], w_mat[..., lo:lo + chunk, :])
+        if bias is not None:  # exact: float32 only when both fit below 2^24 (see __init__)
+            acc = acc + bias
         self._observe(name, acc)
         if self.trace is not None:
             bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
             self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc.astype(np.float64), bound))
         # times a power of two, rounded once to float32 (exact when acc is already float32)
-        return (acc * np.exp2(-(gx.f + gw.f)).astype(acc.dtype)).astype(np.float32)
+        acc *= scale.astype(acc.dtype)
+        return acc.astype(np.float32, copy=False)
+
+    def _plan(self, x_site: str, w_site: str, k: int) -> tuple[int, type, np.ndarray, str]:
+        """How a K-term matmul of these sites runs, worked out once: float32 BLAS is exact while
+        |every partial sum| < 2^24, so K is cut into chunks that keep below it and (when there
+        is more than one) the chunk sums are added in float64; when one product can pass 2^24
+        (wide operands) the GEMM runs in float64 (exact below 2^53, `check_exact`).
+        Returns (chunk, dtype of the first chunk, 2^-(f_x + f_w), matmul name)."""
+        key = (x_site, w_site, k)
+        if key not in self._plans:
+            gx, gw = self.grids[x_site], self.grids[w_site]
+            check_exact(k, gx, gw)
+            product = gx.max_abs * gw.max_abs
+            chunk = (FLOAT32_EXACT - 1) // product or k
+            dtype = np.float32 if chunk * product < FLOAT32_EXACT else np.float64
+            self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), matmul_of(x_site))
+        return self._plans[key]
 
     def _observe(self, name: str, acc: np.ndarray) -> None:
         """Track max |acc| per matmul; warn once on stderr when it needs more than 32 bits."""
-        largest = int(np.abs(acc).max(initial=0.0))
+        largest = int(max(acc.max(initial=0.0), -acc.min(initial=0.0)))
         if largest <= self._acc_max.get(name, -1):
             return
         self._acc_max[name] = largest
@@ -365,8 +394,9 @@ class IntTransformer:
         requantizes the whole (cached) tensor at every step, which gives the same integers
         (elementwise), so here each key and value is quantized once, when it is computed."""
         k, v = self.dense(f"{prefix}/wk", memory), self.dense(f"{prefix}/wv", memory)
-        return (self.quantize(f"{prefix}/key_input", self.split_heads(k)),
-                self.quantize(f"{prefix}/value_input", self.split_heads(v)))
+        # contiguous copies: every later decoder step multiplies by them
+        return (np.ascontiguousarray(self.quantize(f"{prefix}/key_input", self.split_heads(k))),
+                np.ascontiguousarray(self.quantize(f"{prefix}/value_input", self.split_heads(v))))
 
     def attend(self, prefix: str, x: np.ndarray, k: np.ndarray, v: np.ndarray,
                bias: np.ndarray) -> np.ndarray:
@@ -444,20 +474,49 @@ class IntTransformer:
     def _step(self, token: np.ndarray, t: int, cache: list, cross_kv: list,
               src_bias: np.ndarray) -> np.ndarray:
         """One cached decoder step at position t: logits [N, V]; writes keys/values at t into
-        `cache` (zeros ahead of t, masked) as model.Transformer._step does."""
-        length = cache[0][0].shape[2]
-        visible = (np.arange(length) <= t).astype(np.float32)
-        self_bias = ((1.0 - visible) * NEG_INF)[None, None, None, :]
+        `cache`.  model.Transformer._step attends over the whole cache with the positions
+        after t masked (-1e9: probability exactly 0, so they add nothing to P V); here the
+        step attends over positions 0..t only, which gives the same values."""
         y = self.embed(token[:, None], offset=t)
+        no_mask = np.float32(0.0)
         for i, ((k, v), kv) in enumerate(zip(cache, cross_kv)):
             k_t, v_t = self.project_kv(f"decoder/block_{i + 1}/self_attention", y)
             k[:, :, t], v[:, :, t] = k_t[:, :, 0], v_t[:, :, 0]
-            y = self.decoder_block(i, y, (k, v), self_bias, kv, src_bias)
+            y = self.decoder_block(i, y, (k[:, :, :t + 1], v[:, :, :t + 1]), no_mask, kv, src_bias)
         return self.logits(y)[:, 0]
 
+    def _start(self, src: np.ndarray, beam: int) -> tuple:
+        """Encoder pass and per-row decoding state, each source row repeated `beam` times:
+        (source bias, output limit per row, cross-attention K/V per block, empty K/V cache)."""
+        memory, src_bias = self.encode(src)
+        memory, src_bias = np.repeat(memory, beam, 0), np.repeat(src_bias, beam, 0)
+        # at most (non-pad source tokens + decode_margin) outputs per sentence
+        limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
+        cross_kv = [self.project_kv(f"decoder/block_{i + 1}/cross_attention", memory)
+                    for i in range(self.config["num_blocks"])]
+        shape = (len(limit), self.num_heads, int(limit.max()), self.d_model // self.num_heads)
+        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+                 for _ in range(self.config["num_blocks"])]
+        return src_bias, limit, cross_kv, cache
+
     def greedy(self, src: np.ndarray) -> np.ndarray:
-        """Batched greedy decoding with a key/value cache: token ids [B, T] (beam 1)."""
-        return self.beam_search(src, 1, 0.0)
+        """Batched greedy decoding with a key/value cache: token ids [B, T], PAD after EOS.
+
+        Each step takes the first maximum of the logits.  TF's greedy (beam search with one
+        beam) ranks score + log_softmax(logits) in float64, which orders the tokens as the
+        logits do; the two could part only if two logits were within float64 rounding of
+        each other.  beam_search(src, 1) computes it TF's way."""
+        src = np.asarray(src)
+        src_bias, limit, cross_kv, cache = self._start(src, 1)
+        out = np.full((len(src), int(limit.max())), PAD, np.int64)
+        token, finished = np.full(len(src), BOS), np.zeros(len(src), bool)
+        for t in range(out.shape[1]):
+            if finished.all():
+                break
+            token = np.where(finished, PAD, np.argmax(self._step(token, t, cache, cross_kv, src_bias), 1))
+            out[:, t] = token
+            finished |= (token == EOS) | (t + 1 >= limit)
+        return out
 
     def beam_search(self, src: np.ndarray, beam: int, alpha: float = 0.6) -> np.ndarray:
         """model.Transformer.beam_search_impl in NumPy: `beam` hypotheses per sentence ranked
@@ -466,16 +525,8 @@ class IntTransformer:
         score / ((5 + len) / 6)^alpha (GNMT). Returns [B, T], PAD after EOS."""
         src = np.asarray(src)
         batch, rows = src.shape[0], src.shape[0] * beam
-        memory, src_bias = self.encode(src)
-        memory, src_bias = np.repeat(memory, beam, 0), np.repeat(src_bias, beam, 0)
-        limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
-        length = int(limit.max())
-        cross_kv = [self.project_kv(f"decoder/block_{i + 1}/cross_attention", memory)
-                    for i in range(self.config["num_blocks"])]
-        d_k = self.d_model // self.num_heads
-        cache = [(np.zeros((rows, self.num_heads, length, d_k), np.float32),
-                  np.zeros((rows, self.num_heads, length, d_k), np.float32))
-                 for _ in range(self.config["num_blocks"])]
+        src_bias, limit, cross_kv, cache = self._start(src, beam)
+        length = cache[0][0].shape[2]
         # only beam 0 is live at the start, so the copies do not all pick the same tokens
         scores = np.tile(np.array([0.0] + [-1e30] * (beam - 1), np.float64), (batch, 1))
         pad_only = np.full(self.vocab, -1e30, np.float64)
@@ -488,17 +539,13 @@ class IntTransformer:
             logp = log_softmax(self._step(token, t, cache, cross_kv, src_bias))
             logp = np.where(finished[:, None], pad_only[None], logp)
             total = (scores.reshape(rows, 1) + logp).reshape(batch, beam * self.vocab)
-            if beam == 1:  # greedy: argmax takes the first maximum, as top_k does
-                index = np.argmax(total, axis=1)[:, None]
-            else:  # as top_k: ties -> lower index
-                index = np.argsort(-total, axis=1, kind="stable")[:, :beam]
+            index = np.argsort(-total, axis=1, kind="stable")[:, :beam]  # as top_k: ties -> lower index
             scores = np.take_along_axis(total, index, axis=1)
             parent = (index // self.vocab + np.arange(batch)[:, None] * beam).reshape(rows)
             token = (index % self.vocab).reshape(rows)
             was_finished = finished[parent]
-            if beam > 1:  # with one hypothesis per sentence, parent is the identity
-                seqs = seqs[parent]
-                cache = [(k[parent], v[parent]) for k, v in cache]
+            seqs = seqs[parent]
+            cache = [(k[parent], v[parent]) for k, v in cache]
             seqs[:, t] = token
             finished = was_finished | (token == EOS) | (t + 1 >= limit)
             lengths = lengths[parent] + ~was_finished

@@ -76,6 +76,24 @@ def _round(v: tf.Tensor, rounding: str) -> tf.Tensor:
     return tf.floor(v)  # truncation: the cheapest in FPGA logic
 
 
+# Roundings that TF's QuantizeAndDequantizeV4 kernel implements.  Per tensor it computes the
+# forward in one pass over x (clip x to [n s, p s], then R(x * 2^f) * 2^-f) instead of five:
+# clipping x before rounding equals clipping R(x / s) because n and p are integers, and the
+# kernel's scale p / (p s) is exactly 2^f.  (Its per-channel form rejects vector ranges in TF 2.21.)
+FUSED_ROUND_MODES = {"half_even": "HALF_TO_EVEN", "half_up": "HALF_UP"}
+
+
+def _quantize_dequantize(x: tf.Tensor, s: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor, signed: bool,
+                         num_bits: int, rounding: str) -> tf.Tensor:
+    """y = clip(R(x / s), n, p) * s = clip(R(x / s) * s, lo, hi) with lo = n s, hi = p s (s a
+    power of two: both products are exact), s a scalar or a vector along x's last axis."""
+    if rounding in FUSED_ROUND_MODES and s.shape.rank == 0:
+        return tf.raw_ops.QuantizeAndDequantizeV4(
+            input=x, input_min=lo, input_max=hi, signed_input=signed, num_bits=num_bits,
+            range_given=True, round_mode=FUSED_ROUND_MODES[rounding], narrow_range=False)
+    return tf.clip_by_value(_round(x / s, rounding) * s, lo, hi)
+
+
 def frac_bits(log2_t: tf.Tensor | np.ndarray | float, num_bits: int, signed: bool) -> tf.Tensor | np.ndarray:
     """Fractional bits f of the grid, s = 2^-f:
 
@@ -91,11 +109,24 @@ def frac_bits(log2_t: tf.Tensor | np.ndarray | float, num_bits: int, signed: boo
     return magnitude_bits - np.ceil(log2_t).astype(np.int64)
 
 
-def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """Sum t down to like's shape: [] (per tensor) or [C] (per channel, x's last axis)."""
+def _inside_mask(x: tf.Tensor, lo: tf.Tensor, hi: tf.Tensor):
+    """The function t -> t * 1[lo <= x <= hi] (lo, hi scalars or vectors along x's last axis).
+
+    Per tensor it is TF's QuantizeAndDequantizeV4Grad kernel, which computes exactly this
+    product in one pass (it is the straight-through gradient of the fused forward).
+    """
+    if lo.shape.rank == 0:
+        return lambda t: tf.raw_ops.QuantizeAndDequantizeV4Grad(
+            gradients=t, input=x, input_min=lo, input_max=hi)[0]
+    inside = tf.logical_and(x >= lo, x <= hi)
+    return lambda t: tf.where(inside, t, tf.zeros([], t.dtype))
+
+
+def _dot_to(a: tf.Tensor, b: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
+    """sum(a * b) down to like's shape: [] (per tensor) or [C] (per channel, x's last axis)."""
     if like.shape.rank == 0:
-        return tf.reduce_sum(t)
-    return tf.reduce_sum(tf.reshape(t, [-1, tf.shape(like)[0]]), axis=0)
+        return tf.reduce_sum(a * b)
+    return tf.reduce_sum(tf.reshape(a * b, [-1, tf.shape(like)[0]]), axis=0)
 
 
 def tqt_fake_quant(
@@ -125,20 +156,18 @@ def tqt_fake_quant(
     def fake_quant(x, log2_t):
         f = magnitude_bits - tf.math.ceil(log2_t)  # s = 2^-f,  f integer
         s = tf.pow(tf.constant(2.0, x.dtype), -f)  # exact: a power of two
-        v = x * tf.pow(tf.constant(2.0, x.dtype), f)  # v = x / s, exact
-        q = tf.clip_by_value(_round(v, rounding), n, p)  # q = clip(R(x/s), n, p)
+        lo, hi = n * s, p * s  # the clipping range in x's units
+        y = _quantize_dequantize(x, s, lo, hi, signed, num_bits, rounding)  # y = clip(R(x/s), n, p) s
 
         def grad(dy):
-            inside = tf.equal(v, tf.clip_by_value(v, n, p))  # n <= x/s <= p
-            zero = tf.zeros([], dy.dtype)
-            dx = tf.where(inside, dy, zero)  # dL/dx = dy * 1[inside]
-            # g / (s ln2) = R(v) - v inside, n below, p above. q already equals R(v), n, p
-            # in those three cases, so g / (s ln2) = q - 1[inside] * v.
-            g_over_s_ln2 = q - tf.where(inside, v, zero)
-            dlog2_t = _sum_to(dy * g_over_s_ln2, log2_t) * (s * LN2)  # sum(dy * g)
+            inside = _inside_mask(x, lo, hi)  # t -> t * 1[n <= x/s <= p]
+            dx = inside(dy)  # dL/dx = dy * 1[inside]
+            # g = s ln2 (q - 1[inside] x/s) = ln2 (y - 1[inside] x), since y equals R(x/s) s,
+            # n s, p s in the three cases; y - x is exact inside (they are within s/2).
+            dlog2_t = _dot_to(dy, y - inside(x), log2_t) * LN2  # sum(dy * g)
             return dx, dlog2_t
 
-        return q * s, grad  # y = q * s
+        return y, grad
 
     return fake_quant(x, tf.cast(log2_t, x.dtype))
 

@@ -173,6 +173,7 @@ def test_integer_model_equals_fake_quant_model(exported):
     greedy = engine.greedy(src)
     assert len({tuple(data_load.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
     np.testing.assert_array_equal(greedy, model.greedy(tf.constant(src)).numpy())
+    np.testing.assert_array_equal(greedy, engine.beam_search(src, 1, 0.0))  # argmax = TF's ranking
     np.testing.assert_array_equal(engine.beam_search(src, 3, 0.6),
                                   model.beam_search(tf.constant(src), 3, 0.6).numpy())
     tgt_in = np.concatenate([np.full((8, 1), data_load.BOS_ID), greedy[:, :-1]], axis=1)
@@ -211,6 +212,29 @@ def test_dump_vectors(exported, tmp_path):
     mem = intmodel.read_mem(str(tmp_path / "mem" / f"{scores['w']['key']}.mem"), scores["w"]["bits"], True)
     np.testing.assert_array_equal(mem, vectors[scores["w"]["key"]].ravel())
     assert index[-1]["matmul"] == "decoder/output_projection"
+
+
+@pytest.mark.parametrize("x_signed", [True, False])
+def test_wide_accumulation_is_exact(x_signed):
+    """K = 3000 products of 8-bit extremes pass 2^24: the engine sums float32 chunks in float64
+    and adds int32 biases exactly; the result equals int64 arithmetic."""
+    rng = np.random.default_rng(5)
+    n, p = (-128, 127) if x_signed else (0, 255)
+    x = rng.choice([n, p], size=(4, 3000)).astype(np.float32)
+    w = rng.choice([-128, 127], size=(3000, 6)).astype(np.int8)
+    w[:, 0] = -128 if x_signed else 127  # a column whose sum is far beyond 2^24
+    x[0] = n
+    bias = rng.integers(-(2**31), 2**31 - 1, size=6).astype(np.int32)
+    arrays = {"l/weight": w, "l/bias": bias, "l/input.bits": np.int32(8),
+              "l/input.signed": np.bool_(x_signed), "l/input.f": np.int32(0),
+              "l/weight.bits": np.int32(8), "l/weight.signed": np.bool_(True), "l/weight.f": np.int32(0)}
+    engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
+    exact = x.astype(np.int64) @ w.astype(np.int64) + bias
+    assert np.abs(exact).max() > 2**24
+    with engine.tracing() as trace:
+        y = engine.dense("l", x)
+    np.testing.assert_array_equal(trace[0].acc, exact.astype(np.float64))
+    np.testing.assert_array_equal(y, exact.astype(np.float32))  # one rounding, as in TF
 
 
 def test_accumulator_over_32_bits_warns(capsys):
