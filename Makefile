@@ -1,5 +1,6 @@
 # `make demo`: set up .venv and run the whole pipeline on the embedded corpus.
 # `make test`: set up .venv, lint, run the tests.
+# `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,19 @@ DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size
 # quantization-aware fine-tuning of the float demo model (W8A8, thresholds trained by Adam)
 DEMO_QAT := --quant w8a8 --num_epochs 2 --lr 2e-4 --warmup_steps 100 --dev_max_sentences 200
 
-.PHONY: demo test lint clean
+# the integer core: the TQT op, the bias grid, calibration (quant.py); the grid quantizer, the
+# exact-GEMM planner and matmul, mem files (intmodel.py). Names as mutmut spells them.
+MUTANTS ?= 'quant.x_check_bits_and_rounding*' 'quant.x_integer_range*' 'quant.x__round*' \
+	'quant.x__quantize_dequantize*' 'quant.x_frac_bits*' 'quant.x__inside_mask*' 'quant.x__dot_to*' \
+	'quant.x_tqt_fake_quant*' 'quant.x__int32_max*' 'quant.x_quantize_bias*' \
+	'quant.xǁ_Observationsǁ*' 'quant.x__log2*' 'quant.x__percentile_threshold*' 'quant.x__mse_log2_t*' \
+	'quant.x__kl_j*' 'quant.x__kl_threshold*' 'quant.xǁQuantSiteǁcalibrate*' \
+	'intmodel.x_int_dtype*' 'intmodel.x_write_mem*' 'intmodel.x_read_mem*' 'intmodel.xǁGridǁ*' \
+	'intmodel.x_accumulator_bound*' 'intmodel.x_bias_dtype*' 'intmodel.x_check_exact*' \
+	'intmodel.xǁIntTransformerǁmatmul*' \
+	'intmodel.xǁIntTransformerǁ_plan*'
+
+.PHONY: demo test lint mutation clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -34,8 +47,12 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
+mutation: $(STAMP)
+	rm -rf mutants
+	$(BIN)/mutmut run $(MUTANTS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs data $(VENV)
+	rm -rf runs data mutants $(VENV)

@@ -19,7 +19,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from collections.abc import Iterator
 
 import numpy as np
@@ -27,6 +26,7 @@ import sentencepiece as spm
 import tensorflow as tf
 
 import demo_corpus
+import hparams
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -300,15 +300,6 @@ def _train_spm(train_src: list[str], train_tgt: list[str], settings: dict) -> by
     return model.getvalue()
 
 
-def _write_atomic(path: str, data: bytes) -> None:
-    folder = os.path.dirname(path) or "."
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=".model")
-    with os.fdopen(handle, "wb") as f:
-        f.write(data)
-    os.replace(tmp_path, path)
-
-
 def load_or_train_spm(train_src: list[str], train_tgt: list[str], vocab_size: int,
                       cache_dir: str) -> spm.SentencePieceProcessor:
     """Joint BPE model of the training split, cached in ``cache_dir``.
@@ -322,7 +313,7 @@ def load_or_train_spm(train_src: list[str], train_tgt: list[str], vocab_size: in
     path = _spm_cache_path(settings, _corpus_hash(train_src, train_tgt), cache_dir)
     if not os.path.isfile(path):
         LOG.info("training SentencePiece BPE (vocab_size %d) -> %s", vocab_size, path)
-        _write_atomic(path, _train_spm(train_src, train_tgt, settings))
+        hparams.write_atomic(path, _train_spm(train_src, train_tgt, settings))
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as error:

@@ -11,6 +11,7 @@ import copy
 import json
 import os
 import sys
+import tempfile
 
 # flags that describe the model and its vocabulary: restored from <logdir>/hparams.json
 MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxlen1", "maxlen2",
@@ -162,12 +163,31 @@ def save_hparams(hp: argparse.Namespace, logdir: str) -> None:
     write_json(os.path.join(logdir, "hparams.json"), vars(hp))
 
 
+def write_atomic(path: str, data: bytes | str) -> None:
+    """Replace `path` by `data` all at once: written to a temp file in the same folder, then
+    renamed over it. A write that fails or is interrupted leaves the old file as it was and
+    removes its temp file; the temp name is unique, so two writers never share one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(handle, 0o666 & ~umask)  # the mode open() would give, not mkstemp's 0600
+        with os.fdopen(handle, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+        os.replace(tmp_path, path)
+    except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
+        try:
+            os.remove(tmp_path)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def write_json(path: str, obj: dict | list) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=2, sort_keys=True)
-    os.replace(path + ".tmp", path)
+    """Write JSON atomically (write_atomic); an object that does not serialize writes nothing."""
+    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def update_json(path: str, key: str, entry: dict) -> None:

@@ -93,29 +93,27 @@ def write_mem(path: str, values: np.ndarray, bits: int, signed: bool, comment: s
     """
     digits = -(-bits // 4)
     lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    flat = np.asarray(values).astype(np.int64).ravel()
-    if flat.size and (flat.min() < lo or flat.max() > hi):
+    flat = np.asarray(values).astype(np.int64).ravel().tolist()  # Python ints: 64-bit words fit
+    if flat and (min(flat) < lo or max(flat) > hi):
         raise ValueError(f"{path}: values outside the {bits}-bit range [{lo}, {hi}]")
-    words = flat & ((1 << (4 * digits)) - 1)
+    mask = (1 << (4 * digits)) - 1
     with open(path, "w") as f:
         if comment:
             f.write(f"// {comment}\n")
-        f.write("".join(f"{w:0{digits}x}\n" for w in words.tolist()))
+        f.write("".join(f"{w & mask:0{digits}x}\n" for w in flat))
 
 
 def read_mem(path: str, bits: int, signed: bool) -> np.ndarray:
     """Parse a `write_mem` file back into int64 values (1-D): the low `bits` bits of each hex
     word, two's complement when signed; `//` comment lines and blank lines are skipped."""
-    words = []
+    values = []
     with open(path) as f:
         for line in f:
             line = line.split("//", 1)[0].strip()
             if line:
-                words.append(int(line, 16) & ((1 << bits) - 1))
-    values = np.array(words, np.int64)
-    if signed:
-        values = np.where(values >= 2 ** (bits - 1), values - 2**bits, values)
-    return values
+                word = int(line, 16) & ((1 << bits) - 1)
+                values.append(word - (1 << bits) if signed and word >> (bits - 1) else word)
+    return np.array(values, np.int64)
 
 
 # --------------------------------------------------------------------------------------------
@@ -167,6 +165,19 @@ def grids_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Grid]:
                        np.asarray(arrays[f"{name}.f"], np.int64)) for name in names}
 
 
+def accumulator_bound(k: int, gx: Grid, gw: Grid) -> int:
+    """K * max|q_x| * max|q_w|: no partial sum of a K-term product of these grids is larger.
+    A Python integer, so a wide layer's bound cannot wrap."""
+    return k * gx.max_abs * gw.max_abs
+
+
+def bias_dtype(bound: int, bias: np.ndarray) -> type:
+    """float32 when every accumulator (|acc| <= bound) plus the int32 bias stays below 2^24, so
+    the float32 add is exact; float64 otherwise. |-2^31| is taken in int64, where it exists."""
+    largest = int(np.abs(bias.astype(np.int64)).max(initial=0))
+    return np.float32 if bound + largest < FLOAT32_EXACT else np.float64
+
+
 def check_exact(k: int, gx: Grid, gw: Grid) -> None:
     """Raise OverflowError unless a K-term accumulation is exact in float64:
 
@@ -178,7 +189,7 @@ def check_exact(k: int, gx: Grid, gw: Grid) -> None:
     2^53, each partial sum is exactly representable whatever the summation order, and
     float64 arithmetic on them equals int64 arithmetic.
     """
-    if k * gx.max_abs * gw.max_abs + 2**31 >= FLOAT64_EXACT:
+    if accumulator_bound(k, gx, gw) + 2**31 >= FLOAT64_EXACT:
         raise OverflowError(f"a {k}-term accumulation of {gx.bits}x{gw.bits}-bit products "
                             "could exceed 2^53")
 
@@ -282,10 +293,9 @@ class IntTransformer:
                      if v.dtype.kind in "iu" and not k.endswith(SITE_FIELDS)}
         for key in [k for k in self.ints if k.endswith("/bias")]:
             prefix = key.removesuffix("/bias")
-            gx, gw = self.grids[f"{prefix}/input"], self.grids[f"{prefix}/weight"]
-            bound = self.ints[f"{prefix}/weight"].shape[0] * gx.max_abs * gw.max_abs
-            self.ints[key] = arrays[key].astype(
-                np.float32 if bound + np.abs(arrays[key]).max(initial=0) < FLOAT32_EXACT else np.float64)
+            bound = accumulator_bound(self.ints[f"{prefix}/weight"].shape[0], self.grids[f"{prefix}/input"],
+                                      self.grids[f"{prefix}/weight"])
+            self.ints[key] = arrays[key].astype(bias_dtype(bound, arrays[key]))
         # floats (LayerNorm) as float32
         self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
         self.trace: list[MatmulRecord] | None = None
@@ -347,7 +357,7 @@ class IntTransformer:
         if key not in self._plans:
             gx, gw = self.grids[x_site], self.grids[w_site]
             check_exact(k, gx, gw)
-            product = gx.max_abs * gw.max_abs
+            product = accumulator_bound(1, gx, gw)
             chunk = (FLOAT32_EXACT - 1) // product or k
             dtype = np.float32 if chunk * product < FLOAT32_EXACT else np.float64
             self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), matmul_of(x_site))
@@ -600,9 +610,15 @@ def _load_npz(path: str, sha256: str) -> dict[str, np.ndarray]:
             arrays = {key: npz[key] for key in npz.files}
     except (OSError, ValueError, zipfile.BadZipFile) as e:
         raise ExportError(f"{path}: corrupt model.npz ({e.__class__.__name__})") from None
-    table = arrays.get("embedding/weight")
-    if table is None or table.dtype.kind not in "iu" or "embedding/weight.bits" not in arrays:
-        raise ExportError(f"{path}: export from a float checkpoint (no integer weights)")
+    not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
+    if not_arrays:  # NpzFile hands members that are not .npy files back as raw bytes
+        raise ExportError(f"{path}: corrupt model.npz ({not_arrays[0]!r} is not an array)")
+    missing = [key for key in ("embedding/weight", "embedding/weight.bits") if key not in arrays]
+    if missing:
+        raise ExportError(f"{path}: corrupt model.npz (no {missing[0]!r})")
+    if arrays["embedding/weight"].dtype.kind not in "iu":
+        raise ExportError(f"{path}: 'embedding/weight' holds {arrays['embedding/weight'].dtype}, "
+                          "not integers (an export from a float checkpoint?)")
     return arrays
 
 

@@ -319,7 +319,9 @@ def _kl_threshold(obs: _Observations, num_bits: int, signed: bool) -> float:
         return obs.max
     occupied = int(nonzero[-1]) + 1
     hist = obs.hist.astype(np.float64)
-    best = min(range(levels, occupied + 1), key=lambda i: _kl_j(hist, i, levels))
+    # a cut must keep at least one occupied bin: with nothing below it P is empty (J = 0/0)
+    first = max(levels, int(nonzero[0]) + 1)
+    best = min(range(first, occupied + 1), key=lambda i: _kl_j(hist, i, levels))
     return best * obs.bin_width()
 
 
@@ -369,8 +371,9 @@ class QuantSite(tf.Module):
         self.calibrated = False
         self.observing = False
         self._observations: _Observations | None = None
-        # eager only: when a list, every input x is appended (clip statistics, engine checks)
-        self.recorded: list[np.ndarray] | None = None
+        # eager only: when a list, every call appends (x, q): its input and the integers
+        # q = y * 2^f the op produced (clip statistics, engine comparisons)
+        self.recorded: list[tuple[np.ndarray, np.ndarray]] | None = None
         shape = [] if channels is None else [channels]
         with self.name_scope:
             # ONLY_FIRST_REPLICA: a clamp inside a MirroredStrategy replica function writes
@@ -385,10 +388,11 @@ class QuantSite(tf.Module):
         if self.observing:
             self._observe(x)
             return x  # calibration runs the model in float
-        if self.recorded is not None:
-            self.recorded.append(np.asarray(x))
         log2_t = tf.stop_gradient(self.log2_t) if self.frozen else self.log2_t
-        return tqt_fake_quant(x, log2_t, self.num_bits, self.signed, self.rounding)
+        y = tqt_fake_quant(x, log2_t, self.num_bits, self.signed, self.rounding)
+        if self.recorded is not None:  # y * 2^f is exact: a power-of-two scale
+            self.recorded.append((np.asarray(x), np.asarray(y, np.float64) * np.exp2(self.frac_bits())))
+        return y
 
     def _observe(self, x: tf.Tensor) -> None:
         if not tf.executing_eagerly():

@@ -87,11 +87,7 @@ def prepare_data(hp: argparse.Namespace):
         sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.init_from, "spm.model"))
     else:
         sp = data_load.load_or_train_spm(train_de, train_en, hp.vocab_size, spm_cache_dir(hp))
-    os.makedirs(hp.logdir, exist_ok=True)
-    local = os.path.join(hp.logdir, "spm.model")
-    with open(local + ".tmp", "wb") as f:
-        f.write(sp.serialized_model_proto())
-    os.replace(local + ".tmp", local)
+    hparams.write_atomic(os.path.join(hp.logdir, "spm.model"), sp.serialized_model_proto())
     src, tgt, dropped = data_load.encode_training_pairs(sp, train_de, train_en, hp.maxlen1, hp.maxlen2)
     if not src:
         raise data_load.DataError(f"no training pair fits --maxlen1 {hp.maxlen1} / --maxlen2 {hp.maxlen2}")
@@ -220,7 +216,7 @@ def threshold_report(model: Transformer, sites: list, batches: list, logdir: str
         model(tf.constant(src), tf.constant(tgt[:, :-1]), training=False)
     clipped = {}
     for site in sites:
-        clipped[site.site_name] = float(np.mean([site.clip_fraction(x) for x in site.recorded]))
+        clipped[site.site_name] = float(np.mean([site.clip_fraction(x) for x, _ in site.recorded]))
         site.recorded = None
     table = quant.site_table(sites, clipped)
     calib_path = os.path.join(logdir, "calibration.json")

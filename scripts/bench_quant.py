@@ -8,7 +8,8 @@ In one process and one run:
   * BLEU (sacreBLEU, greedy) of the float parent, PTQ w8a8 (calibration only), and QAT
     w8a8 / w6a6 / w4a8 fine-tuned from the parent, on the embedded demo test set and on
     Multi30k test_2016_flickr (parent: scripts/bench_float.py's model; skipped when absent).
-Prints a table and writes the JSON given by --out.
+Prints a table and writes the JSON given by --out.  A re-run measures again: the QAT logdirs
+of an earlier run (<workdir>/<corpus>/qat_*) are deleted and trained fresh, with a note.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -75,6 +77,20 @@ def bleu_of(logdir: str, extra: list[str], out: str) -> float:
         return json.load(f)["bleu"]
 
 
+def fresh_logdir(logdir: str) -> None:
+    """Delete a QAT run left in `logdir` by an earlier benchmark: train.py would resume it,
+    find its --max_steps reached and train nothing, so the BLEU would be the old run's.
+    A folder that is not a train.py logdir is refused (it is not the benchmark's to delete)."""
+    if not os.path.exists(logdir):
+        return
+    if not os.path.isfile(os.path.join(logdir, "hparams.json")):
+        raise SystemExit(f"error: {logdir} exists but holds no train.py run (no hparams.json); "
+                         f"remove it or pass another --workdir")
+    print(f"note: {logdir} holds a QAT run of an earlier benchmark: deleted, training it fresh",
+          file=sys.stderr)
+    shutil.rmtree(logdir)
+
+
 def qat_and_ptq(parent: str, workdir: str, qat_flags: list[str]) -> dict:
     """BLEU of the float parent, its PTQ w8a8, and QAT runs fine-tuned from it."""
     os.makedirs(workdir, exist_ok=True)
@@ -108,6 +124,9 @@ def main() -> None:
     parents = {n: p for n, p in parents.items() if tf.train.latest_checkpoint(os.path.join(p, "ckpt"))}
     if not parents:
         raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
+    for name in parents:  # before any work: a refusal should not come after minutes of timing
+        for config in QAT_CONFIGS:
+            fresh_logdir(os.path.join(args.workdir, name, f"qat_{config}"))
     timing_parent = parents.get("multi30k", parents.get("demo"))
     result = {"timing": step_time_ratio(timing_parent, args.timing_steps), "bleu": {}}
     qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",

@@ -4,8 +4,9 @@
 
 Runs both on the first n test sentences (teacher-forced forward over the references) and
 names the first site, in execution order, whose integers differ, with the largest difference
-in integer units. TF's inputs are captured with QuantSite.recorded and put on the site's grid
-with the engine's own quantizer; the engine's come from its matmul trace.
+in integer units. TF's integers are what its fake-quant ops produced (QuantSite.recorded:
+y * 2^f), so a quantizer that differs between the engines shows; the engine's come from its
+matmul trace.
 """
 
 from __future__ import annotations
@@ -28,15 +29,15 @@ import intmodel
 from model import Transformer
 
 
-def tf_site_inputs(model: Transformer, src: np.ndarray, tgt_in: np.ndarray
-                   ) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
-    """Each site's float inputs in call order during one eager forward, and the logits."""
+def tf_site_integers(model: Transformer, src: np.ndarray, tgt_in: np.ndarray
+                     ) -> tuple[dict[str, list[np.ndarray]], np.ndarray]:
+    """Each site's output integers in call order during one eager forward, and the logits."""
     sites = model.sites.sites
     for site in sites.values():
         site.recorded = []
     try:
         logits = model(tf.constant(src, tf.int32), tf.constant(tgt_in, tf.int32)).numpy()
-        return {name: site.recorded for name, site in sites.items()}, logits
+        return {name: [q for _, q in site.recorded] for name, site in sites.items()}, logits
     finally:
         for site in sites.values():
             site.recorded = None
@@ -47,15 +48,14 @@ def site_differences(model: Transformer, engine: intmodel.IntTransformer, src: n
     """One row per matmul operand in the engine's execution order: site, call (n-th use of
     the site), matmul, max_diff and n_diff (integer units), float32_exact (every partial sum
     of that matmul below 2^24, so the TF graph computes it exactly). Also both logits."""
-    recorded, tf_logits = tf_site_inputs(model, src, tgt_in)
+    recorded, tf_logits = tf_site_integers(model, src, tgt_in)
     with engine.tracing() as trace:
         int_logits = engine.forward(src, tgt_in)
     calls: Counter[str] = Counter()
     rows = []
     for rec in trace:
         for site, q in ((rec.x_site, rec.x), (rec.w_site, rec.w)):
-            tf_q = engine.quantize(site, recorded[site][calls[site]])
-            diff = np.abs(tf_q - q)
+            diff = np.abs(recorded[site][calls[site]] - q)
             rows.append({"site": site, "call": calls[site], "matmul": rec.name,
                          "max_diff": int(diff.max(initial=0)), "n_diff": int(np.count_nonzero(diff)),
                          "size": int(q.size), "float32_exact": rec.abs_bound < intmodel.FLOAT32_EXACT})

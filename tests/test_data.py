@@ -373,3 +373,19 @@ def test_real_iwslt17_train_tags_excerpt(shared_data):
     de, en = data_load.read_iwslt_train(os.path.join(folder, "train.tags.de-en.de"),
                                         os.path.join(folder, "train.tags.de-en.en"))
     assert len(de) == len(en) == 9 and de[0] == "Vielen Dank, Chris."
+
+
+def test_spm_cache_write_interrupted_leaves_no_file(tmp_path, monkeypatch):
+    """Ctrl-C between writing the cache and renaming it: no half model, no temp file is left."""
+    lines = [f"Satz Nummer {i} ist kurz." for i in range(10)]
+
+    def interrupted(src, dst):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "replace", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            data_load.load_or_train_spm(lines, lines, 30, str(tmp_path))
+    assert os.listdir(tmp_path) == []
+    data_load.load_or_train_spm(lines, lines, 30, str(tmp_path))
+    assert [name.startswith("spm_") for name in os.listdir(tmp_path)] == [True]

@@ -388,8 +388,9 @@ def test_quantize_bias_is_integer_at_the_accumulator_scale():
     q = y.numpy() * 2.0 ** frac.numpy()
     np.testing.assert_array_equal(q, [126, -26, 0, 2**31 - 128])  # round, underflow, int32 clip
     np.testing.assert_array_equal(tape.gradient(y, b), np.ones(4))  # straight through
-    y64 = quant.quantize_bias(tf.constant([2.5e5], tf.float64), 14).numpy()
-    assert y64 * 2.0**14 == 2**31 - 1
+    y64 = quant.quantize_bias(tf.constant([2.5e5, -2.5e5, -131072.0], tf.float64), 14).numpy()
+    # float64 holds both int32 limits: the clip is [-2^31, 2^31 - 1], asymmetric as int32 is
+    np.testing.assert_array_equal(y64 * 2.0**14, [2**31 - 1, -(2**31), -(2**31)])
 
 
 def test_quant_config_from_flags():

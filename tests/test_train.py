@@ -1,7 +1,9 @@
 """train.py / eval.py end to end on tiny data: overfitting, resuming, mirrored, errors."""
 
+import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 
@@ -14,6 +16,7 @@ import demo_corpus
 import eval as eval_script
 import hparams
 import intmodel
+import quant
 import train
 from hparams import train_parser
 from model import Transformer
@@ -42,8 +45,10 @@ def corpus(tmp_path_factory):
                        "--spm_dir", str(folder)])
 
 
-def checkpoint_values(logdir):
-    reader = tf.train.load_checkpoint(os.path.join(logdir, "ckpt"))
+def checkpoint_values(logdir, step=None):
+    """Every saved value of the latest checkpoint of logdir (or of ckpt-<step>), by name."""
+    folder = os.path.join(logdir, "ckpt")
+    reader = tf.train.load_checkpoint(folder if step is None else os.path.join(folder, f"ckpt-{step}"))
     skip = ("_CHECKPOINTABLE_OBJECT_GRAPH", "save_counter")
     names = sorted(n for n in reader.get_variable_to_shape_map() if n.split("/")[0] not in skip)
     return {n: reader.get_tensor(n) for n in names}
@@ -144,39 +149,133 @@ def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
-def test_mirrored_step_equals_single_device_step():
-    if len(tf.config.list_logical_devices("CPU")) < 2:
-        pytest.skip("needs two logical CPU devices (configured in conftest.py)")
-    hp = train_parser().parse_args(["--logdir", "unused", *TINY, "--dropout_rate", "0", "--lr", "1"])
-    rng = np.random.default_rng(0)
-    src = rng.integers(4, 50, size=(6, 7)).astype(np.int32)
-    tgt = np.concatenate([np.full((6, 1), 2), rng.integers(4, 50, size=(6, 5)), np.full((6, 1), 3)], 1)
-    tgt = tgt.astype(np.int32)
-    n_tokens = tf.constant(float(np.count_nonzero(tgt[:, 1:])))
+def test_freeze_thresholds_after_n_steps(float_run, tmp_path):
+    """QAT with --freeze_thresholds_after 3: thresholds train in steps 1-3, then stay at their
+    step-3 values (and so does their Adam) while the weights keep training to step 5."""
+    logdir = str(tmp_path / "qat")
+    train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--max_steps", "5",
+                "--freeze_thresholds_after", "3", "--ckpt_every", "1", "--keep_checkpoints", "10",
+                "--lr", "5e-4", "--warmup_steps", "10", "--calib", "max"])
+    at = {step: checkpoint_values(logdir, step) for step in (1, 3, 5)}
+    thresholds = [n for n in at[5] if n.startswith("model/") and "log2_t" in n]
+    weights = [n for n in at[5] if n.startswith("model/") and "log2_t" not in n and "rng" not in n]
+    th_adam = [n for n in at[5] if n.startswith("optimizer/th_adam/")]
+    assert len(thresholds) > 40 and len(weights) > 20 and th_adam
+    moved = [n for n in thresholds if np.any(at[1][n] != at[3][n])]
+    assert len(moved) >= 0.9 * len(thresholds), f"only {len(moved)} of {len(thresholds)} moved in steps 2-3"
+    for name in thresholds + th_adam:
+        np.testing.assert_array_equal(at[5][name], at[3][name], err_msg=f"{name} moved after step 3")
+    still = [n for n in weights if np.array_equal(at[5][n], at[3][n])]
+    assert not still, f"weights frozen too: {still[:3]}"
 
-    def one_step(strategy, init=None):
-        with strategy.scope():
-            model = Transformer(hp, 50)
-            if init is not None:
-                for v, value in zip(model.trainable_variables, init):
-                    v.assign(value)
-            opt = train.Optimizers(model, hp)
-            # eps=1 keeps the update ~ lr * g: with the default eps, Adam's first step is
-            # lr * sign(g), which turns float noise on near-zero gradients into +-lr
-            opt.adam.eps = 1.0
-        step = train.make_train_step(model, strategy, opt, train_thresholds=False)
-        step(*train.distribute(strategy, src, tgt), n_tokens)
-        return [v.numpy() for v in model.trainable_variables]
 
+# Runs train.py as its command line does, except that the KILL_AT_CALL-th call of the training
+# step SIGKILLs the process: no handler, no final save, as when a machine goes away.
+KILLED_TRAIN = """
+import os, signal, sys
+import hparams, train
+
+make_train_step, calls = train.make_train_step, []
+
+
+def killing_make_train_step(*args, **kwargs):
+    step = make_train_step(*args, **kwargs)
+
+    def killing_step(*step_args):
+        calls.append(None)
+        if len(calls) == int(os.environ["KILL_AT_CALL"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+        return step(*step_args)
+
+    return killing_step
+
+
+train.make_train_step = killing_make_train_step
+hparams.run_cli(train.main)
+"""
+
+
+def test_qat_run_killed_between_checkpoints_resumes_bit_for_bit(corpus, tmp_path, capsys):
+    """W8A8 QAT (thresholds trained, dropout on) killed at step 5 with checkpoints every 2
+    steps, re-run with the same command: resumes from step 4 and ends, at step 8, with the
+    weights, thresholds, both Adams and the dropout stream of a run never killed."""
+    common = [*TINY, *corpus["flags"], "--quant", "w8a8", "--calib", "max", "--dropout_rate", "0.2",
+              "--ckpt_every", "2", "--max_steps", "8"]
+    killed = str(tmp_path / "killed")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", KILL_AT_CALL="5")
+    proc = subprocess.run([sys.executable, "-c", KILLED_TRAIN, "--logdir", killed, *common], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert tf.train.latest_checkpoint(os.path.join(killed, "ckpt")).endswith("ckpt-4")
+    train.main(["--logdir", killed, *common])
+    assert "ckpt-4 (step 4, epoch 1)" in capsys.readouterr().out
+    train.main(["--logdir", str(tmp_path / "whole"), *common])
+    a, b = checkpoint_values(str(tmp_path / "whole")), checkpoint_values(killed)
+    assert a.keys() == b.keys() and int(a["optimizer/adam/t/.ATTRIBUTES/VARIABLE_VALUE"]) == 8
+    for name in a:
+        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
+    for part in ("log2_t", "optimizer/adam/m/", "optimizer/th_adam/v/", "model/rng/"):
+        assert any(part in name for name in a), f"no {part} in the checkpoint"
+
+
+def padded_batch(rng, rows, vocab):
+    """(src, tgt) of `rows` sentences of random lengths, padded with 0 to one width."""
+    src, tgt = np.zeros((rows, 9), np.int32), np.zeros((rows, 8), np.int32)
+    for i in range(rows):
+        n_src, n_tgt = rng.integers(2, 10), rng.integers(1, 7)
+        src[i, :n_src] = rng.integers(4, vocab, n_src)
+        src[i, n_src - 1] = 3
+        tgt[i, : n_tgt + 2] = [2, *rng.integers(4, vocab, n_tgt), 3]
+    return src, tgt
+
+
+def test_mirrored_steps_equal_single_device_steps(two_cpus):
+    """Four W8A8 steps (thresholds calibrated, then trained with the weights) on uneven shards:
+    2 replicas get 3 and 2 rows with different target-token counts, so only dividing every
+    replica's loss sum by the *global* count reproduces the single-device update."""
+    hp = train_parser().parse_args(["--logdir", "unused", *TINY, "--dropout_rate", "0", "--quant", "w8a8",
+                                    "--lr", "1", "--warmup_steps", "1", "--th_lr", "1e-2"])
+    vocab, rng = 50, np.random.default_rng(0)
+    batches = [padded_batch(rng, 5, vocab) for _ in range(4)]
+    for _, tgt in batches:
+        counts = [np.count_nonzero(shard[:, 1:]) for shard in np.array_split(tgt, 2)]
+        assert counts[0] != counts[1] and np.any(tgt == 0)
     tf.random.set_seed(0)
-    with tf.distribute.get_strategy().scope():
-        init = [v.numpy() for v in Transformer(hp, 50).trainable_variables]
-    single = one_step(tf.distribute.get_strategy(), init)
-    mirrored = one_step(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]), init)
-    moved = [np.abs(s - i).max() for s, i in zip(single, init)]
-    assert max(moved) > 0
-    for s, m in zip(single, mirrored):
-        np.testing.assert_allclose(s, m, rtol=1e-6, atol=1e-9)
+    calibrated = Transformer(hp, vocab, quant.sites_from_flags(hp))
+    quant.calibrate(calibrated, batches[:2], "max", "max")
+    init = [v.numpy() for v in calibrated.variables]
+
+    def train_steps(strategy):
+        with strategy.scope():
+            model = Transformer(hp, vocab, quant.sites_from_flags(hp))
+            for v, value in zip(model.variables, init):
+                v.assign(value)
+            opt = train.Optimizers(model, hp)
+            # eps=1 keeps the weight update ~ lr * g: with eps=1e-9 Adam's first steps are
+            # ~ lr * sign(g), which turns float noise on near-zero gradients into +-lr
+            opt.adam.eps = 1.0
+        step = train.make_train_step(model, strategy, opt, train_thresholds=True)
+        losses = []
+        for src, tgt in batches:
+            args = (*train.distribute(strategy, src, tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+            losses.append(float(step(*args)[0]))
+        ops = {op.type for op in step.get_concrete_function(*args).graph.get_operations()}
+        return losses, {v.name + str(i): v.numpy() for i, v in enumerate(model.variables)}, ops
+
+    single_loss, single, _ = train_steps(tf.distribute.get_strategy())
+    mirrored_loss, mirrored, ops = train_steps(tf.distribute.MirroredStrategy(two_cpus))
+    assert {"QuantizeAndDequantizeV4", "QuantizeAndDequantizeV4Grad"} <= ops  # the fused kernels ran
+    np.testing.assert_allclose(mirrored_loss, single_loss, rtol=1e-6)
+    thresholds = [name for name in single if "log2_t" in name]
+    assert len(thresholds) > 40
+    for name, before in zip(single, init):
+        moved = np.abs(single[name] - before).max()
+        if "log2_t" in name:
+            assert moved > 1e-3, f"{name} did not train"
+        # the update agrees to 1e-4 of its size (the replica sums only reorder float additions);
+        # 1e-8 absolute covers the key biases, whose gradient is zero up to float noise
+        np.testing.assert_allclose(mirrored[name], single[name], rtol=1e-6, atol=1e-4 * moved + 1e-8,
+                                   err_msg=name)
 
 
 def run_cli(script, *args):
@@ -205,9 +304,51 @@ def test_error_heads_do_not_divide_d_model(tmp_path):
     assert_one_line_error(proc, "--d_model", "--num_heads")
 
 
-def test_error_missing_checkpoint(tmp_path):
+def test_error_not_a_logdir(tmp_path):
     proc = run_cli("eval.py", "--logdir", str(tmp_path))
-    assert_one_line_error(proc, str(tmp_path))
+    assert_one_line_error(proc, os.path.join(str(tmp_path), "hparams.json"), "not found")
+
+
+def test_error_logdir_without_checkpoint(corpus, tmp_path, capsys):
+    """hparams.json and spm.model are there (a run that died before its first checkpoint)."""
+    logdir = str(tmp_path / "run")
+    hparams.save_hparams(train_parser().parse_args(["--logdir", logdir, *TINY, *corpus["flags"]]), logdir)
+    sp = data_load.load_or_train_spm(*data_load.read_parallel(*corpus["train"]), 300, corpus["folder"])
+    hparams.write_atomic(os.path.join(logdir, "spm.model"), sp.serialized_model_proto())
+    with pytest.raises(SystemExit) as exit_:
+        hparams.run_cli(eval_script.main, ["--logdir", logdir])
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 1 and len(err.splitlines()) == 1, err
+    assert err == f"error: no checkpoint in {os.path.join(logdir, 'ckpt')}"
+
+
+def bad_inputs(case, folder, corpus):
+    """(flags that override the corpus's, words the error line must contain) for one bad input."""
+    if case == "corrupt_gz":
+        (folder / "train.de.gz").write_bytes(b"not gzip data\n")
+        return ["--train_src", str(folder / "train.de.gz")], ["train.de.gz", "cannot read"]
+    if case == "line_counts":
+        (folder / "short.en").write_text("one\ntwo\n")
+        return ["--train_tgt", str(folder / "short.en")], [corpus["train"][0], "short.en", "line-aligned"]
+    if case == "xml_segments":
+        for lang, ids in (("de", (1, 2, 3)), ("en", (1, 3))):
+            segs = "".join(f'<seg id="{i}">s {i}</seg>\n' for i in ids)
+            (folder / f"dev.{lang}.xml").write_text(f'<doc docid="7">\n{segs}</doc>\n')
+        return (["--dev_src", str(folder / "dev.de.xml"), "--dev_tgt", str(folder / "dev.en.xml")],
+                ["dev.en.xml", "segment 2", "dev.de.xml"])
+    (folder / "empty.de").write_text("")
+    (folder / "empty.en").write_text("")
+    return (["--train_src", str(folder / "empty.de"), "--train_tgt", str(folder / "empty.en")],
+            ["empty.de", "empty corpus"])
+
+
+@pytest.mark.parametrize("case", ["corrupt_gz", "line_counts", "xml_segments", "empty"])
+def test_error_bad_corpus_cli(case, corpus, tmp_path):
+    """Each bad input ends train.py with one line naming the file, exit status 1, no traceback."""
+    flags, words = bad_inputs(case, tmp_path, corpus)
+    proc = run_cli("train.py", "--logdir", str(tmp_path / "run"), *TINY, *corpus["flags"], *flags)
+    assert proc.returncode == 1
+    assert_one_line_error(proc, *words)
 
 
 def test_error_incompatible_checkpoint(corpus, tmp_path):
@@ -223,3 +364,60 @@ def test_error_vocab_larger_than_corpus(tmp_path, corpus):
     proc = run_cli("train.py", "--logdir", str(tmp_path / "run"), *TINY, *corpus["flags"],
                    "--vocab_size", "50000", "--spm_dir", str(tmp_path))
     assert_one_line_error(proc, "--vocab_size")
+
+
+def interrupt_replace_of(target, monkeypatch):
+    """os.replace onto `target` raises KeyboardInterrupt (Ctrl-C between write and rename)."""
+    real_replace = os.replace
+
+    def replace(src, dst):
+        if os.path.abspath(dst) == os.path.abspath(target):
+            raise KeyboardInterrupt
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
+
+
+def test_interrupted_atomic_writes_keep_the_old_file(corpus, tmp_path, monkeypatch):
+    path = str(tmp_path / "result.json")
+    hparams.write_json(path, {"old": 1})
+    with pytest.raises(TypeError):
+        hparams.write_json(path, {"new": object()})  # fails while serializing
+    interrupt_replace_of(path, monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        hparams.write_json(path, {"new": 2})
+    assert json.load(open(path)) == {"old": 1} and os.listdir(tmp_path) == ["result.json"]
+    # the SentencePiece model that train.py keeps in the logdir
+    logdir = tmp_path / "run"
+    logdir.mkdir()
+    (logdir / "spm.model").write_bytes(b"old")
+    hp = train_parser().parse_args(["--logdir", str(logdir), *TINY, *corpus["flags"]])
+    interrupt_replace_of(logdir / "spm.model", monkeypatch)
+    with pytest.raises(KeyboardInterrupt):
+        train.prepare_data(hp)
+    assert (logdir / "spm.model").read_bytes() == b"old" and os.listdir(logdir) == ["spm.model"]
+    monkeypatch.undo()
+    train.prepare_data(hp)
+    assert (logdir / "spm.model").read_bytes() != b"old" and os.listdir(logdir) == ["spm.model"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert os.stat(logdir / "spm.model").st_mode & 0o777 == 0o666 & ~umask  # as open() creates it
+
+
+def test_bench_quant_rerun_trains_its_qat_runs_fresh(tmp_path, capsys):
+    path = os.path.join(ROOT, "scripts", "bench_quant.py")
+    spec = importlib.util.spec_from_file_location("bench_quant", path)
+    bench_quant = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_quant)
+    old_run = tmp_path / "demo" / "qat_w8a8"
+    (old_run / "ckpt").mkdir(parents=True)
+    (old_run / "hparams.json").write_text("{}")
+    bench_quant.fresh_logdir(str(old_run))
+    assert not old_run.exists() and "training it fresh" in capsys.readouterr().err
+    bench_quant.fresh_logdir(str(old_run))  # nothing there: nothing to do
+    foreign = tmp_path / "demo" / "qat_w4a8"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(SystemExit, match="no hparams.json"):
+        bench_quant.fresh_logdir(str(foreign))
+    assert (foreign / "notes.txt").exists()

@@ -1,0 +1,508 @@
+"""Activation calibration (quant.py, "Observation and calibration") against independent references:
+a plain-loop KL-J threshold search written from the docstrings, hand-worked histograms, np.percentile
+and a NumPy brute force over power-of-two thresholds for MSE."""
+
+import math
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import quant
+
+BINS = quant._Observations.BINS
+FLOOR = 1e-12  # the "tiny floor" on Q; its value decides J wherever Q is empty, so it must match
+
+
+# ---- the reference KL-J search ------------------------------------------------------------------
+
+
+def magnitude_levels(num_bits, signed):
+    """Grid steps between 0 and the threshold: a signed grid spends one bit on the sign."""
+    return 2 ** (num_bits - 1) if signed else 2**num_bits
+
+
+def ref_kl_j(hist, i, levels):
+    """J = KL(P||Q) + KL(Q||P) over P's support, from the definition in quant._kl_j's docstring.
+
+    P: bins 0..i-1 of hist, everything from bin i on added to bin i-1.
+    Q: bins 0..i-1 cut into `levels` groups, group g holding the bins j with g <= j*levels/i < g+1;
+       each group's unclipped mass is shared equally by its bins where P > 0.
+    Returns inf when Q has no mass at all (everything clipped): J is undefined there.
+    """
+    hist = [float(h) for h in hist]
+    p = hist[:i]
+    p[i - 1] += sum(hist[i:])
+    q = [0.0] * i
+    for g in range(levels):
+        first = -(-g * i // levels)  # ceil(g * i / levels)
+        end = -(-(g + 1) * i // levels)
+        mass = sum(hist[first:end])
+        kept = [j for j in range(first, end) if p[j] > 0]
+        for j in kept:
+            q[j] = mass / len(kept)
+    support = [j for j in range(i) if p[j] > 0]
+    p_total = sum(p[j] for j in support)
+    q_total = sum(q[j] for j in support)
+    if q_total == 0:
+        return math.inf
+    kl_pq = kl_qp = 0.0
+    for j in support:
+        pj = p[j] / p_total
+        qj = max(q[j] / q_total, FLOOR)
+        kl_pq += pj * math.log(pj / qj)
+        kl_qp += qj * math.log(qj / pj)
+    return kl_pq + kl_qp
+
+
+def ref_kl_costs(hist, levels):
+    """{i: J} for every candidate cut i, from `levels` bins up to just past the last nonzero bin;
+    empty when the grid has at least as many levels as there are occupied bins (keep the max)."""
+    nonzero = [j for j, h in enumerate(hist) if h > 0]
+    occupied = nonzero[-1] + 1 if nonzero else 0
+    if occupied <= levels:
+        return {}
+    hist = list(hist[:occupied])
+    return {i: ref_kl_j(hist, i, levels) for i in range(levels, occupied + 1)}
+
+
+def ref_kl_threshold(hist, num_bits, signed, bin_width, max_value):
+    costs = ref_kl_costs(hist, magnitude_levels(num_bits, signed))
+    if not costs:
+        return max_value
+    best = None
+    for i, cost in costs.items():  # increasing i: a tie keeps the smaller threshold
+        if best is None or cost < costs[best]:
+            best = i
+    return best * bin_width
+
+
+def hand_built(counts, bin_width=1.0, max_value=None):
+    """_Observations holding `counts` in its first bins; max defaults to inside the last one."""
+    obs = quant._Observations(seed=0)
+    obs.hist[: len(counts)] = counts
+    obs.top = bin_width * BINS
+    last = int(np.flatnonzero(obs.hist)[-1]) if obs.hist.any() else 0
+    obs.max = (last + 0.5) * bin_width if max_value is None else max_value
+    return obs
+
+
+def padded(counts, length=BINS):
+    hist = np.zeros(length)
+    hist[: len(counts)] = counts
+    return hist
+
+
+# ---- _kl_j on hand-worked P and Q ---------------------------------------------------------------
+
+CLIP_WINS = [4, 1, 0, 0, 0, 1]  # a decreasing bulk and one far outlier
+# levels 2, i 6 (the max): P = [4,1,0,0,0,1]/6; groups {0,1,2} {3,4,5}, Q on P > 0 = [2.5,2.5,1]/6;
+#   J = (1.5/6) ln(4/2.5) + (-1.5/6) ln(1/2.5) = ln(4)/4
+# i 2: P = [4, 1+1]/6, Q = [4, 1]/5; J = (-2/15) ln(5/6) + (2/15) ln(5/3) = (2/15) ln 2
+# i 3, 4, 5: the outlier folds into a group with no unclipped mass: Q floored there, J > 4
+# so the cut at 2 bins wins.
+MAX_WINS = [1, 1, 1]
+# levels 2: i 3 gives groups {0,1} {2}, Q = P, J = 0; i 2 gives P = [1,2]/3, Q = [1,1]/2,
+# J = (1/6) ln(4/3) - (1/6) ln(2/3) = (1/6) ln 2 > 0: the max wins.
+INTERIOR_WINS = [2, 2, 4, 1]
+# levels 2. i 2: P = [2, 7]/9, Q = [1, 1]/2, J = (5/18) ln(14/9 / (4/9)) = (5/18) ln(3.5)
+# i 3: groups {0,1} {2}: P = [2,2,5]/9, Q = [2,2,4]/8, J = 2 (1/36) ln(9/8) + (1/18) ln(10/9)
+#   = (1/18) ln(5/4)
+# i 4: groups {0,1} {2,3}: P = [2,2,4,1]/9, Q = [2,2,2.5,2.5]/9, J = ln(4)/6
+# 0.0124 < 0.231 < 0.348: the interior cut 3 wins.
+SPARSE = [1, 0, 1, 1]
+# levels 2, i 4: groups {0,1} {2,3}; group 0's mass sits on bin 0 alone (P = 0 on bin 1), so Q = P
+# and J = 0. Spreading it over both bins would give Q = [0.5, 1, 1]/2.5 and J > 0.
+
+
+@pytest.mark.parametrize(
+    "counts, i, expected",
+    [
+        (CLIP_WINS, 6, math.log(4) / 4),
+        (CLIP_WINS, 2, 2 / 15 * math.log(2)),
+        (MAX_WINS, 3, 0.0),
+        (MAX_WINS, 2, math.log(2) / 6),
+        (INTERIOR_WINS, 2, 5 / 18 * math.log(3.5)),
+        (INTERIOR_WINS, 3, math.log(5 / 4) / 18),
+        (INTERIOR_WINS, 4, math.log(4) / 6),
+        (SPARSE, 4, 0.0),
+        # i 3: P = [4,1,1]/6, Q = [0.5, 0.5, 0] floored: the outlier's term dominates
+        (CLIP_WINS, 3, (1 / 6) * math.log(4 / 3) + (1 / 3) * math.log(3)
+         + (1 / 6 - FLOOR) * math.log(1 / 6 / FLOOR)),
+    ],
+)
+def test_kl_j_on_hand_worked_cases(counts, i, expected):
+    for hist in (padded(counts, len(counts)), padded(counts)):  # trailing empty bins change nothing
+        assert quant._kl_j(hist, i, 2) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+    assert ref_kl_j(counts, i, 2) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_kl_j_is_symmetric_not_one_sided():
+    # CLIP_WINS at i = 2: KL(P||Q) = (2/3) ln(5/6) + (1/3) ln(5/3) = 0.0487, J = 0.0924
+    one_sided = 2 / 3 * math.log(5 / 6) + 1 / 3 * math.log(5 / 3)
+    j = quant._kl_j(padded(CLIP_WINS), 2, 2)
+    assert j == pytest.approx(2 / 15 * math.log(2), rel=1e-12)
+    assert abs(j - one_sided) > 0.04
+
+
+def test_kl_j_groups_by_levels():
+    # P = [1,1,3,3,1,1,3,3]/16 at i 8. 4 levels, groups of 2 bins: each group is flat, Q = P, J = 0.
+    # 2 levels, groups of 4: Q = 1/8 everywhere; four bins give (1/16) ln 2 and four (1/16) ln 1.5,
+    # J = ln(3)/4.
+    counts = [1, 1, 3, 3, 1, 1, 3, 3]
+    assert quant._kl_j(padded(counts), 8, 4) == pytest.approx(0.0, abs=1e-15)
+    assert quant._kl_j(padded(counts), 8, 2) == pytest.approx(math.log(3) / 4, rel=1e-12)
+    assert ref_kl_j(counts, 8, 2) == pytest.approx(math.log(3) / 4, rel=1e-12)
+
+
+@st.composite
+def kl_inputs(draw, max_levels=16):
+    """(hist, levels): levels a power of two, the last bin nonzero, and some mass below `levels`
+    bins (test_kl_keeps_the_max_of_data_with_nothing_small covers data with none there)."""
+    levels = draw(st.sampled_from([lv for lv in (2, 4, 8, 16, 32, 64, 128, 256) if lv <= max_levels]))
+    occupied = draw(st.integers(1, 3 * levels + 8))
+    count = st.one_of(st.just(0), st.integers(1, 9), st.integers(10, 100_000))
+    counts = draw(st.lists(count, min_size=occupied, max_size=occupied))
+    counts[-1] = max(counts[-1], 1)
+    low = draw(st.integers(0, min(levels, occupied) - 1))
+    counts[low] = max(counts[low], 1)
+    return counts, levels
+
+
+@settings(max_examples=300, deadline=None)
+@given(kl_inputs(), st.data())
+def test_kl_j_matches_reference_on_random_histograms(inputs, data):
+    counts, levels = inputs
+    if len(counts) < levels:
+        return  # no cut is searched below `levels` bins
+    i = data.draw(st.integers(levels, len(counts)))
+    if sum(counts[:i]) == 0:
+        return
+    expected = ref_kl_j(counts, i, levels)
+    assert quant._kl_j(padded(counts), i, levels) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+
+
+# ---- _kl_threshold ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "counts, num_bits, signed, bin_width, expected_bins",
+    [
+        (CLIP_WINS, 2, True, 1.0, 2),  # 2 levels: clipping wins (worked above)
+        (CLIP_WINS, 2, True, 1 / 256, 2),  # the threshold is in bins of the histogram's width
+        (MAX_WINS, 2, True, 1.0, 3),  # the max wins: the upper edge of the last occupied bin
+        (INTERIOR_WINS, 2, True, 0.5, 3),  # an interior cut wins
+        (SPARSE, 2, True, 1.0, 4),  # the max wins though bin 1 is empty: i 3 has J = ln(2)/6
+        # 4 levels (unsigned 2 bits or signed 3), [1,1,1,1,1]: i 4: P = [1,1,1,2]/5, Q uniform,
+        # J = (3/20) ln 2; i 5: groups {0,1} {2} {3} {4}, Q = P, J = 0: the max wins.
+        ([1, 1, 1, 1, 1], 2, False, 1.0, 5),
+        ([1, 1, 1, 1, 1], 3, True, 1.0, 5),
+        # 4 levels, [8,4,2,1,0,0,0,0,0,1]: i 4 keeps each bulk bin as its own group, P = [8,4,2,2]/16,
+        # Q = [8,4,2,1]/15, J = (7/120) ln 2 = 0.040; i 5..9 fold the outlier into a group with no
+        # unclipped mass (floored Q, J > 1.6); i 10 (the max) averages bins 0..2 to 14/3: J = 0.26.
+        ([8, 4, 2, 1, 0, 0, 0, 0, 0, 1], 2, False, 1.0, 4),
+    ],
+)
+def test_kl_threshold_on_hand_worked_histograms(counts, num_bits, signed, bin_width, expected_bins):
+    obs = hand_built(counts, bin_width)
+    threshold = quant._kl_threshold(obs, num_bits, signed)
+    assert threshold == expected_bins * bin_width
+    assert ref_kl_threshold(obs.hist, num_bits, signed, bin_width, obs.max) == threshold
+
+
+def test_kl_threshold_keeps_the_max_when_levels_cover_the_occupied_bins():
+    # 2 levels, 2 occupied bins: nothing to round away, so the exact max (not a bin edge) comes back
+    assert quant._kl_threshold(hand_built([5, 1], max_value=1.25), 2, True) == 1.25
+    assert quant._kl_threshold(hand_built([0] * 15 + [3], max_value=15.5), 4, False) == 15.5
+    assert quant._kl_threshold(hand_built([], max_value=0.0), 8, True) == 0.0
+    # one more occupied bin than levels: the search runs and returns a bin edge, not the max
+    assert quant._kl_threshold(hand_built(MAX_WINS, max_value=2.25), 2, True) == 3.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(kl_inputs(), st.sampled_from([1.0, 2.0**-10]))
+def test_kl_threshold_matches_reference_on_random_histograms(inputs, bin_width):
+    counts, levels = inputs
+    _kl_threshold_agrees(counts, levels, bin_width)
+
+
+@settings(max_examples=15, deadline=None)
+@given(kl_inputs(max_levels=256))
+def test_kl_threshold_matches_reference_at_real_bit_widths(inputs):
+    counts, levels = inputs
+    _kl_threshold_agrees(counts, levels, 2.0**-8)
+
+
+def _kl_threshold_agrees(counts, levels, bin_width):
+    """quant's cut must cost what the reference's best cut costs (up to rounding: two cuts
+    may tie to the last bits, so the cost is compared, not the cut)."""
+    obs = hand_built(counts, bin_width)
+    for num_bits, signed in ((int(math.log2(levels)), False), (int(math.log2(levels)) + 1, True)):
+        if num_bits < 2:
+            continue
+        threshold = quant._kl_threshold(obs, num_bits, signed)
+        costs = ref_kl_costs(counts, levels)
+        if not costs:
+            assert threshold == obs.max
+            continue
+        cut = threshold / bin_width
+        assert cut == int(cut) and int(cut) in costs, f"cut {cut} outside {min(costs)}..{max(costs)}"
+        best = min(costs.values())
+        assert costs[int(cut)] <= best + 1e-9 * (1 + best), (cut, costs[int(cut)], best)
+
+
+# ---- through QuantSite: a ReLU, and data with nothing small -------------------------------------
+
+
+def observed(data, role, num_bits=8, chunks=3):
+    site = quant.QuantSite("encoder/block_1/ffn/hidden", role, num_bits)
+    site.observing = True
+    for chunk in np.array_split(np.asarray(data, np.float32), chunks):
+        site(tf.constant(chunk))
+    return site
+
+
+def test_kl_clips_a_heavy_tailed_relu_and_ignores_its_zeros():
+    x = np.maximum(np.random.default_rng(11).standard_t(2, 20_000), 0.0).astype(np.float32)
+    relu = observed(x, "unsigned", num_bits=4)
+    obs = relu._observations
+    assert obs.zeros == np.count_nonzero(x == 0) > 9_000 and obs.max == x.max()
+    expected = ref_kl_threshold(obs.hist, 4, False, obs.bin_width(), obs.max)
+    assert quant._kl_threshold(obs, 4, False) == expected
+    relu.calibrate("kl")
+    # the reference cut is 14.9375 (max 72.3): threshold 16, three octaves under the max's 128
+    assert expected == 14.9375 and relu.threshold() == 16.0 and 64 < x.max() <= 128
+    positive = observed(x[x > 0], "unsigned", num_bits=4)
+    positive.calibrate("kl")
+    assert positive.log2_t.numpy() == relu.log2_t.numpy()  # half the data being 0 changes nothing
+
+
+def test_kl_keeps_the_max_of_data_with_nothing_small():
+    # |x| = 1 everywhere: every bin below the last is empty, and any cut under it clips all of x
+    site = observed(np.where(np.arange(1000) % 2 == 0, 1.0, -1.0), "activation", num_bits=8)
+    site.calibrate("kl")
+    assert site.threshold() == 1.0  # a cut that keeps no bin (J = 0/0) would give 1/16
+
+
+# ---- percentile ---------------------------------------------------------------------------------
+
+
+def percentile_edge(x, percentile):
+    """Upper edge of the 2048-bin histogram bin holding np.percentile's inverted-CDF value (the
+    smallest |x| with at least that fraction at or under it), capped at the max."""
+    a = np.abs(np.asarray(x, np.float64))
+    top = 2.0 ** np.ceil(np.log2(a.max()))
+    width = top / BINS
+    value = np.percentile(a, percentile, method="inverted_cdf")
+    return min((np.floor(value / width) + 1) * width, a.max())
+
+
+@pytest.mark.parametrize("percentile", [30.0, 50.0, 99.0, 99.99, 100.0])
+@pytest.mark.parametrize("kind", ["normal", "relu"])
+def test_percentile_is_the_bin_edge_of_np_percentile(kind, percentile):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=40_001).astype(np.float32)  # 40_001: no percentile lands on a whole rank
+    role = "activation"
+    if kind == "relu":
+        x, role = np.maximum(x, 0), "unsigned"  # the zeros count: the 30th percentile is 0
+    site = observed(x, role)
+    expected = percentile_edge(x, percentile)
+    assert quant._percentile_threshold(site._observations, percentile) == expected
+    site.calibrate("percentile", percentile=percentile)
+    assert site.log2_t.numpy() == pytest.approx(np.log2(expected), abs=1e-6)
+
+
+def test_percentile_edges_by_hand():
+    # 10 values of width-1 bins: 2 zeros, then 1, 2, 3 values in bins 0, 1, 2, one in bin 5, one in
+    # bin 9 (max 9.5). Cumulative: 3, 5, 8, 8, 8, 9, 9, 9, 9, 10 (of 10).
+    obs = hand_built([1, 2, 3, 0, 0, 1, 0, 0, 0, 1], max_value=9.5)
+    obs.zeros = 2
+    assert quant._percentile_threshold(obs, 20.0) == 1.0  # 2 of 10 are zeros: 0, first edge
+    assert quant._percentile_threshold(obs, 50.0) == 2.0  # 5 values reached in bin 1
+    assert quant._percentile_threshold(obs, 80.0) == 3.0
+    assert quant._percentile_threshold(obs, 85.0) == 6.0  # bins 3, 4 are empty: bin 5
+    assert quant._percentile_threshold(obs, 90.0) == 6.0
+    assert quant._percentile_threshold(obs, 100.0) == 9.5  # bin 9's edge 10 is above the max
+
+
+# ---- MSE ----------------------------------------------------------------------------------------
+
+
+def numpy_fake_quant(x, log2_t, num_bits, signed, rounding):
+    n, p = (-(2 ** (num_bits - 1)), 2 ** (num_bits - 1) - 1) if signed else (0, 2**num_bits - 1)
+    s = 2.0 ** (log2_t - (num_bits - 1 if signed else num_bits))
+    v = x / s
+    r = {"half_even": np.rint(v), "half_up": np.floor(v + 0.5), "floor": np.floor(v)}[rounding]
+    return np.clip(r, n, p) * s
+
+
+def brute_force_mse_log2_t(x, num_bits, signed, rounding):
+    """The integer log2_t in [-24, 24] with the least squared error; ties keep the larger."""
+    best, best_err = None, math.inf
+    for k in range(24, -25, -1):
+        err = float(np.mean((numpy_fake_quant(x, k, num_bits, signed, rounding) - x) ** 2))
+        if err < best_err:
+            best, best_err = k, err
+    return best
+
+
+@pytest.mark.parametrize(
+    "kind, role, num_bits, rounding, clips",
+    [
+        ("student_t", "activation", 4, "half_even", True),
+        ("student_t", "activation", 8, "floor", True),
+        ("relu_t", "unsigned", 4, "half_up", True),
+        ("relu_t", "unsigned", 3, "floor", True),
+        ("normal", "activation", 6, "half_up", False),
+    ],
+)
+def test_mse_is_the_brute_force_power_of_two(kind, role, num_bits, rounding, clips):
+    rng = np.random.default_rng(13)
+    x = {"student_t": rng.standard_t(3, 30_000), "relu_t": np.maximum(rng.standard_t(3, 30_000), 0),
+         "normal": rng.normal(size=30_000)}[kind].astype(np.float32)  # under SAMPLE: all of x is kept
+    site = quant.QuantSite("decoder/block_2/ffn/input", role, num_bits, rounding=rounding)
+    site.observing = True
+    site(tf.constant(x))
+    expected = brute_force_mse_log2_t(x.astype(np.float64), num_bits, site.signed, rounding)
+    # heavy tails: clipping pays, so a search returning the max fails
+    assert (expected < np.ceil(np.log2(np.abs(x).max()))) == clips
+    site.calibrate("mse")
+    assert site.log2_t.numpy() == expected
+
+
+def test_mse_tie_keeps_the_larger_threshold():
+    # unsigned 2 bits, x = [3] + [0.5] * 9. Threshold 4 (grid 0..3, step 1): 3 exact, each 0.5 rounds
+    # half-even to 0, squared error 9 * 0.25 = 2.25. Threshold 2 (step 0.5, top 1.5): the 0.5s exact,
+    # 3 clips to 1.5, 2.25 again. Threshold 1 clips 3 to 0.75: 5.06. The tie goes to 4.
+    x = np.array([3.0] + [0.5] * 9, np.float32)
+    site = quant.QuantSite("decoder/block_2/ffn/input", "unsigned", 2)
+    site.observing = True
+    site(tf.constant(x))
+    assert brute_force_mse_log2_t(x.astype(np.float64), 2, False, "half_even") == 2
+    site.calibrate("mse")
+    assert site.log2_t.numpy() == 2.0
+
+
+# ---- _Observations bookkeeping ------------------------------------------------------------------
+
+
+def binned(a, top):
+    return np.histogram(np.abs(a[a != 0]), bins=BINS, range=(0.0, top))[0]
+
+
+def test_histogram_doubling_merges_bin_pairs():
+    rng = np.random.default_rng(14)
+    small = rng.uniform(-1, 1, 5_000)
+    small[0] = 0.999  # top 1 after the first chunk
+    obs = quant._Observations(seed=0)
+    obs.add(small)
+    assert obs.top == 1.0
+    np.testing.assert_array_equal(obs.hist, binned(small, 1.0))
+    before = obs.hist.copy()
+    large = rng.uniform(-3.5, 3.5, 5_000)  # two doublings: 1 -> 4
+    obs.add(large)
+    assert obs.top == 4.0 and obs.hist.size == BINS
+    merged = np.concatenate([before.reshape(-1, 4).sum(axis=1), np.zeros(BINS - BINS // 4, np.int64)])
+    np.testing.assert_array_equal(obs.hist, merged + binned(large, 4.0))
+    np.testing.assert_array_equal(obs.hist, binned(np.concatenate([small, large]), 4.0))
+    obs.add(np.array([4.0, -4.0]))  # at top exactly: no doubling, the last bin
+    assert obs.top == 4.0 and obs.hist[-1] == binned(np.concatenate([small, large]), 4.0)[-1] + 2
+
+
+def test_first_top_is_the_power_of_two_at_or_above_max():
+    for values, top in (([0.3, -0.1], 0.5), ([1.0], 1.0), ([-5.0, 1.0], 8.0), ([1e-9], 2.0**-24)):
+        obs = quant._Observations(seed=0)
+        obs.add(np.array(values))
+        assert obs.top == top and obs.max == max(abs(v) for v in values)
+
+
+def test_zeros_are_counted_apart_from_the_histogram():
+    obs = quant._Observations(seed=0)
+    obs.add(np.array([0.0, -0.0, 0.0, 1.5, -1.5, 0.25]))
+    assert obs.zeros == 3 and obs.hist.sum() == 3 and obs.count() == 6
+    assert obs.top == 2.0 and obs.hist[1536] == 2 and obs.hist[256] == 1 and obs.hist[0] == 0
+    obs.add(np.zeros(10))
+    assert obs.zeros == 13 and obs.hist.sum() == 3 and obs.max == 1.5
+
+
+def test_subsample_is_bounded_signed_and_without_replacement():
+    obs = quant._Observations(seed=0)
+    few = np.arange(1.0, 1001.0)
+    obs.add(few)
+    np.testing.assert_array_equal(np.sort(obs.sample), few)  # under the bound: everything
+    obs = quant._Observations(seed=0)
+    positive = np.arange(1.0, 50_001.0)
+    obs.add(positive)
+    obs.add(-positive)  # 100_000 values > SAMPLE
+    sample = obs.sample
+    assert sample.size == obs.keys.size == obs.SAMPLE
+    assert np.unique(sample).size == sample.size  # distinct data: no value drawn twice
+    assert np.all(np.isin(np.abs(sample), positive))
+    # uniform over both chunks: about half negative (hypergeometric sd ~0.001)
+    assert 0.49 < np.mean(sample < 0) < 0.51
+    assert obs.count() == 100_000 and obs.zeros == 0
+
+
+def test_subsample_at_exactly_the_bound_and_seeded_by_the_site():
+    """SAMPLE values are all kept; the subsample's random keys come from the site's seed, so
+    calibrating the same data twice (MSE reads the subsample) gives the same thresholds."""
+    obs = quant._Observations(seed=0)
+    obs.add(np.arange(1.0, obs.SAMPLE + 1.0))
+    assert obs.sample.size == obs.SAMPLE and obs.count() == obs.SAMPLE
+    data = np.random.default_rng(12).normal(size=3 * quant._Observations.SAMPLE)
+    first, second = (observed(data, "activation")._observations for _ in range(2))
+    np.testing.assert_array_equal(first.sample, second.sample)
+
+
+def test_log2_keeps_thresholds_inside_the_clamp():
+    assert quant._log2(0.0) == quant.LOG2_T_MIN and quant._log2(2.0**30) == quant.LOG2_T_MAX
+    np.testing.assert_array_equal(quant._log2([0.5, 3.0]), np.log2([0.5, 3.0]))
+
+
+def test_kl_never_cuts_below_the_first_occupied_bin():
+    """One occupied bin (200) past the 128 levels of a signed 8-bit grid: the only cut that keeps
+    data is just above it; lower cuts would keep nothing (J = 0/0)."""
+    assert quant._kl_threshold(hand_built([0] * 200 + [5]), 8, True) == 201.0
+
+
+def test_calibrate_dispatch_defaults_and_errors():
+    """Defaults: method "max", percentile 99.99; KL uses the site's signedness (a signed 4-bit
+    grid has 8 magnitude levels, not 16); probabilities get threshold 1 whatever the method."""
+    data = np.random.default_rng(13).standard_t(3, 20_000)
+    site = observed(data, "activation")
+    site.calibrate()
+    assert site.log2_t.numpy() == np.float32(quant._log2(np.abs(data.astype(np.float32)).max()))
+    site = observed(data, "activation")
+    expected = quant._log2(quant._percentile_threshold(site._observations, 99.99))
+    site.calibrate("percentile")
+    assert site.log2_t.numpy() == np.float32(expected)
+    site = observed(data, "activation", num_bits=4)
+    expected = quant._log2(quant._kl_threshold(site._observations, 4, True))
+    assert expected != quant._log2(quant._kl_threshold(site._observations, 4, False))
+    site.calibrate("kl")
+    assert site.log2_t.numpy() == np.float32(expected)
+    for method in ("max", "percentile", "mse", "kl"):
+        probability = observed(np.random.default_rng(14).random(5000) * 0.1, "probability")
+        probability.calibrate(method)
+        assert probability.log2_t.numpy() == 0.0 and not probability.observing
+    message = r"^calibration method must be max\|percentile\|mse\|kl, got 'mean'$"
+    with pytest.raises(ValueError, match=message):
+        observed(data, "activation").calibrate("mean")
+
+
+def test_calibration_needs_at_least_one_value():
+    empty = observed(np.zeros(0), "activation", chunks=1)
+    with pytest.raises(ValueError, match="observed no data"):
+        empty.calibrate("max")
+    one = observed(np.array([3.0]), "activation", chunks=1)
+    one.calibrate("max")
+    assert one.log2_t.numpy() == np.float32(np.log2(3.0))
+
+
+def test_mse_on_values_below_the_smallest_threshold():
+    """|x| under 2^-24: the only candidate left is the clamp's floor, log2_t = -24."""
+    site = observed(np.full(100, 2.0**-26), "activation", chunks=1)
+    site.calibrate("mse")
+    assert site.log2_t.numpy() == quant.LOG2_T_MIN
