@@ -12,17 +12,19 @@ DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size
 # quantization-aware fine-tuning of the float demo model (W8A8, thresholds trained by Adam)
 DEMO_QAT := --quant w8a8 --num_epochs 2 --lr 2e-4 --warmup_steps 100 --dev_max_sentences 200
 
-# the integer core: the TQT op, the bias grid, calibration (quant.py); the grid quantizer, the
-# exact-GEMM planner and matmul, mem files (intmodel.py). Names as mutmut spells them.
-MUTANTS ?= 'quant.x_check_bits_and_rounding*' 'quant.x_integer_range*' 'quant.x__round*' \
-	'quant.x__quantize_dequantize*' 'quant.x_frac_bits*' 'quant.x__inside_mask*' 'quant.x__dot_to*' \
+# the integer core: grids, roundings, frac bits, mem files (qformat.py); the TQT op, its fused
+# path and the bias grid (quant.py); the threshold searches (calibration.py); the exact-GEMM
+# planner and matmul (intmodel.py). Names as mutmut spells them.
+MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qformat.x_integer_range*' \
+	'qformat.x_frac_bits*' 'qformat.x_round_to_integer*' 'qformat.x_int_dtype*' 'qformat.xǁGridǁ*' \
+	'qformat.x_write_mem*' 'qformat.x_read_mem*' \
+	'quant.x__round*' 'quant.x_frac_bits_tensor*' 'quant.x__scale*' 'quant.x__sum_to*' 'quant.x__inputs*' \
 	'quant.x_tqt_fake_quant*' 'quant.x__int32_max*' 'quant.x_quantize_bias*' \
-	'quant.xǁ_Observationsǁ*' 'quant.x__log2*' 'quant.x__percentile_threshold*' 'quant.x__mse_log2_t*' \
-	'quant.x__kl_j*' 'quant.x__kl_threshold*' 'quant.xǁQuantSiteǁcalibrate*' \
-	'intmodel.x_int_dtype*' 'intmodel.x_write_mem*' 'intmodel.x_read_mem*' 'intmodel.xǁGridǁ*' \
+	'calibration.xǁObservationsǁ*' 'calibration.x_log2_threshold*' 'calibration.x_percentile_threshold*' \
+	'calibration.x_mse_log2_t*' 'calibration.x_kl_j*' 'calibration.x_kl_threshold*' \
+	'calibration.x_activation_log2_t*' 'calibration.x_weight_log2_t*' \
 	'intmodel.x_accumulator_bound*' 'intmodel.x_bias_dtype*' 'intmodel.x_check_exact*' \
-	'intmodel.xǁIntTransformerǁmatmul*' \
-	'intmodel.xǁIntTransformerǁ_plan*'
+	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*'
 
 .PHONY: demo test lint mutation clean
 
@@ -37,7 +39,7 @@ demo: $(STAMP)
 	$(BIN)/python train.py --logdir $(DEMO)/float $(DEMO_MODEL) --num_epochs 10
 	$(BIN)/python eval.py --logdir $(DEMO)/float --summary $(DEMO)/summary.json --summary_key float
 	$(BIN)/python train.py --logdir $(DEMO)/w8a8 --init_from $(DEMO)/float $(DEMO_QAT)
-	$(BIN)/python eval.py --logdir $(DEMO)/w8a8 --export $(DEMO)/export_w8a8 \
+	$(BIN)/python eval.py --logdir $(DEMO)/w8a8 --export_to $(DEMO)/export_w8a8 \
 		--summary $(DEMO)/summary.json --summary_key qat_w8a8
 	$(BIN)/python eval.py --engine int --export $(DEMO)/export_w8a8 \
 		--agree_with $(DEMO)/w8a8/test_hyp_tf.txt --summary $(DEMO)/summary.json --summary_key int_w8a8

@@ -4,9 +4,12 @@ Every problem with the input data raises ``DataError`` with a one-line
 message naming the file (and line where it helps); the command-line scripts
 turn it into an exit code.
 
-Token ids: pad 0, unk 1, bos 2, eos 3.  Sources are encoded as pieces + eos,
-targets as bos + pieces + eos, so a model feeds ``tgt[:, :-1]`` to the decoder
-and predicts ``tgt[:, 1:]``.
+The token ids PAD, UNK, BOS, EOS (0..3), ``strip_ids`` and ``pad_batch`` are
+defined in qformat.py.  Sources are encoded as pieces + EOS, targets as BOS +
+pieces + EOS, so a model feeds ``tgt[:, :-1]`` to the decoder and predicts
+``tgt[:, 1:]``.
+
+NumPy and SentencePiece only: importing this module never loads TensorFlow.
 """
 
 from __future__ import annotations
@@ -23,12 +26,10 @@ from collections.abc import Iterator
 
 import numpy as np
 import sentencepiece as spm
-import tensorflow as tf
 
-import demo_corpus
 import hparams
-
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+import qformat
+from corpus import demo as demo_corpus
 
 LOG = logging.getLogger(__name__)
 
@@ -42,7 +43,7 @@ _ENTITY = re.compile(r"&(amp|lt|gt|quot|apos|#[0-9]+|#[xX][0-9a-fA-F]+);")
 _NAMED_ENTITIES = {"amp": "&", "lt": "<", "gt": ">", "quot": '"', "apos": "'"}
 
 
-class DataError(Exception):
+class DataError(ValueError):
     """A corpus or vocabulary input is missing, unreadable or malformed."""
 
 
@@ -264,8 +265,8 @@ def _data_folder(data: str, demo_dir: str) -> str:
 
 def _spm_settings(vocab_size: int) -> dict:
     return {"model_type": "bpe", "vocab_size": vocab_size, "character_coverage": 1.0,
-            "pad_id": PAD_ID, "unk_id": UNK_ID, "bos_id": BOS_ID, "eos_id": EOS_ID,
-            "hard_vocab_limit": False}
+            "pad_id": qformat.PAD, "unk_id": qformat.UNK, "bos_id": qformat.BOS,
+            "eos_id": qformat.EOS, "hard_vocab_limit": False}
 
 
 def _corpus_hash(train_src: list[str], train_tgt: list[str]) -> str:
@@ -327,29 +328,17 @@ def load_or_train_spm(train_src: list[str], train_tgt: list[str], vocab_size: in
 
 def encode_source(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
     """Piece ids + eos for each line."""
-    return [ids + [EOS_ID] for ids in sp.encode(lines)]
+    return [ids + [qformat.EOS] for ids in sp.encode(lines)]
 
 
 def encode_target(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
     """bos + piece ids + eos for each line."""
-    return [[BOS_ID] + ids + [EOS_ID] for ids in sp.encode(lines)]
-
-
-def strip_ids(ids: list[int] | np.ndarray) -> list[int]:
-    """The piece ids of a decoder output: up to the first eos, without pad/bos."""
-    pieces = []
-    for token in ids:
-        token = int(token)
-        if token == EOS_ID:
-            break
-        if token not in (PAD_ID, BOS_ID):
-            pieces.append(token)
-    return pieces
+    return [[qformat.BOS] + ids + [qformat.EOS] for ids in sp.encode(lines)]
 
 
 def decode_ids(sp: spm.SentencePieceProcessor, ids: list[int] | np.ndarray) -> str:
-    """Text of an id sequence, stopping at the first eos, ignoring pad/bos."""
-    return sp.decode(strip_ids(ids))
+    """Text of an id sequence, stopping at the first EOS, ignoring PAD/BOS."""
+    return sp.decode(qformat.strip_ids(ids))
 
 
 # ---------------------------------------------------------------------------
@@ -377,14 +366,6 @@ def encode_training_pairs(sp: spm.SentencePieceProcessor, src_lines: list[str], 
     were dropped for being longer."""
     return filter_by_length(encode_source(sp, src_lines), encode_target(sp, tgt_lines),
                             maxlen1, maxlen2)
-
-
-def _pad(sequences: list[list[int]]) -> np.ndarray:
-    """Int32 array [len(sequences), longest] padded with PAD_ID."""
-    array = np.full((len(sequences), max(len(s) for s in sequences)), PAD_ID, np.int32)
-    for row, sequence in enumerate(sequences):
-        array[row, : len(sequence)] = sequence
-    return array
 
 
 def _budget_chunks(sorted_lengths: np.ndarray, batch_tokens: int) -> list[tuple[int, int]]:
@@ -420,31 +401,11 @@ def train_batches(src_ids: list[list[int]], tgt_ids: list[list[int]], batch_toke
     batches = []
     for start, end in _budget_chunks(lengths[order], batch_tokens):
         members = order[start:end].tolist()
-        batches.append((_pad([src_ids[i] for i in members]), _pad([tgt_ids[i] for i in members])))
+        batches.append((qformat.pad_batch([src_ids[i] for i in members]),
+                        qformat.pad_batch([tgt_ids[i] for i in members])))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
-
-
-def train_dataset(src_ids: list[list[int]], tgt_ids: list[list[int]], batch_tokens: int,
-                  seed: int, shuffle: bool = True) -> tuple[tf.data.Dataset, int]:
-    """tf.data view of ``train_batches``: one epoch per iteration.
-
-    The n-th iteration over the dataset uses epoch n (0, 1, ...), so each
-    epoch has a new, reproducible order.  Returns (dataset, batches per epoch).
-    """
-    epochs_started = [0]
-
-    def generate() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        epoch = epochs_started[0]
-        epochs_started[0] += 1
-        yield from train_batches(src_ids, tgt_ids, batch_tokens, seed, epoch, shuffle)
-
-    spec = tf.TensorSpec([None, None], tf.int32)
-    dataset = tf.data.Dataset.from_generator(generate, output_signature=(spec, spec))
-    lengths = np.sort(_pair_lengths(src_ids, tgt_ids))
-    n_batches = len(_budget_chunks(lengths, batch_tokens)) if len(lengths) else 0
-    return dataset.prefetch(2), n_batches
 
 
 def eval_batches(src_ids: list[list[int]], batch_size: int) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -457,5 +418,5 @@ def eval_batches(src_ids: list[list[int]], batch_size: int) -> list[tuple[np.nda
     batches = []
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        batches.append((indices, _pad([src_ids[i] for i in indices])))
+        batches.append((indices, qformat.pad_batch([src_ids[i] for i in indices])))
     return batches

@@ -13,6 +13,9 @@ import os
 import sys
 import tempfile
 
+import calibration
+import qformat
+
 # flags that describe the model and its vocabulary: restored from <logdir>/hparams.json
 MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxlen1", "maxlen2",
                "dropout_rate", "smoothing")
@@ -20,6 +23,8 @@ MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxl
 DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
               "dev_tgt", "test_src", "test_tgt")
 QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel")
+# what a run (or an export) saves of its flags, so eval.py can evaluate it on its own
+SAVED_FLAGS = MODEL_FLAGS + DATA_FLAGS + QUANT_FLAGS + ("decode_margin",)
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
@@ -62,14 +67,14 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (TQT)")
-    g.add_argument("--quant", default="none", choices=["none", "w8a8", "w6a6", "w4a8", "w4a4"],
+    g.add_argument("--quant", default="none", choices=list(qformat.PRESETS),
                    help="bit-width preset for weights / activations")
     g.add_argument("--wbits", type=int, default=None, help="weight bits (overrides the preset)")
     g.add_argument("--abits", type=int, default=None, help="activation bits (overrides the preset)")
     g.add_argument("--quant_override", action="append", default=[], metavar="PATTERN=BITS",
                    help="bits for the sites whose name matches a glob, e.g. '*/softmax_output=8' "
                         "(repeatable; the last match wins)")
-    g.add_argument("--rounding", default="half_even", choices=["half_even", "half_up", "floor"],
+    g.add_argument("--rounding", default="half_even", choices=qformat.ROUNDINGS,
                    help="rounding of x/s (the integer engine uses the same)")
     g.add_argument("--per_channel", action="store_true",
                    help="one power-of-two threshold per output channel for dense weights")
@@ -111,10 +116,10 @@ def train_parser() -> argparse.ArgumentParser:
 
 
 def add_calib_flags(g) -> None:
-    g.add_argument("--calib", default="kl", choices=["max", "percentile", "mse", "kl"],
+    g.add_argument("--calib", default="kl", choices=calibration.METHODS,
                    help="activation calibration (kl: symmetric KL-J as in TQT)")
     g.add_argument("--calib_batches", type=int, default=8, help="training batches to calibrate on")
-    g.add_argument("--weight_init", default="max", choices=["max", "3sd"],
+    g.add_argument("--weight_init", default="max", choices=calibration.WEIGHT_INITS,
                    help="weight thresholds from max|w| or |mean| + 3 std")
 
 
@@ -125,8 +130,9 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="tf", choices=["tf", "int"],
                    help="tf: the TensorFlow (fake-quant) model; int: the NumPy integer engine on --export")
     p.add_argument("--export", default=None, metavar="DIR",
-                   help="with --engine int: the export to evaluate; with --engine tf: export the "
-                        "(quantized) model's integers here after evaluating")
+                   help="the export.py directory that --engine int evaluates")
+    p.add_argument("--export_to", default=None, metavar="DIR",
+                   help="with --engine tf: write the (quantized) model's integers here after evaluating")
     p.add_argument("--dump_vectors", type=int, default=0, metavar="N",
                    help="write every site's integer inputs/outputs for N test sentences to --out")
     p.add_argument("--out", default=None, help="folder for --dump_vectors")
@@ -225,12 +231,11 @@ def merge_saved(hp: argparse.Namespace, saved: dict, explicit: set[str], keys: t
 
 
 def run_cli(main, argv: list[str] | None = None) -> None:
-    """Run main(argv); expected failures become one line on stderr and exit status 1."""
-    from data_load import DataError  # late import: hparams stays importable without TF
-
+    """Run main(argv); expected failures (ValueError, which data_load.DataError and
+    qformat.ExportError are, and FileNotFoundError) become one line on stderr and exit status 1."""
     try:
         main(sys.argv[1:] if argv is None else argv)
-    except (DataError, ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -3,7 +3,7 @@
 It reads an export of `export.py` and computes every matrix multiplication as the accelerator
 will: both operands are integers on their sites' power-of-two grids,
 
-    q = clip(R(x * 2^f), n, p)            (the site's rounding R, as in quant.tqt_fake_quant)
+    q = clip(R(x * 2^f), n, p)            (qformat.Grid.quantize: the site's grid and rounding)
     acc = sum_k q_x[k] q_w[k] + q_b       (exact integer accumulate; q_b the int32 bias)
     y = acc * 2^-(f_x + f_w)              (rounded once to float32)
 
@@ -11,158 +11,35 @@ Everything between matmuls mirrors model.py in float32: the embedding lookup (th
 table times 2^-f) * sqrt(d_model) + sinusoidal positions, LayerNorm, residual adds, the
 1/sqrt(d_k) scaling, additive -1e9 masks, softmax, ReLU.
 
-Matmul names (`matmul_of`): a dense layer's name (`encoder/block_1/ffn/dense1`),
-`<attention>/scores` (Q K^T), `<attention>/context` (P V), `decoder/output_projection`.
+Grids, roundings, site and matmul names and the export format are defined in `qformat.py`.
 
-Layout: constants and errors; mem files; site grids; the engine (matmuls, layers, the
+Layout: exact integer accumulation; the float parts; the engine (matmuls, layers, the
 teacher-forced forward, beam search); translating text; golden vectors for test benches.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
 import sys
-import zipfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
-FORMAT_VERSION = 1
-PAD, UNK, BOS, EOS = 0, 1, 2, 3  # as data_load (which imports TensorFlow, so not used here)
-NEG_INF = np.float32(-1e9)  # additive mask, as modules.NEG_INF
-OUTPUT_PROJECTION = "decoder/output_projection"
-BIAS_BITS = 32
-SITE_FIELDS = (".bits", ".signed", ".f")  # model.npz keys <site>.bits etc. describe a grid
+import data_load
+import qformat
+from qformat import BOS, EOS, PAD, Grid
+
 # float64 holds every integer up to 2^53 exactly; float32 up to 2^24
 FLOAT64_EXACT, FLOAT32_EXACT = 2**53, 2**24
 
 
-class ExportError(ValueError):
-    """An export directory that cannot be used (missing, corrupt, mismatched, unknown)."""
-
-
 # --------------------------------------------------------------------------------------------
-# Names, files, integer types
+# Exact integer accumulation
 # --------------------------------------------------------------------------------------------
-
-_ATTENTION_MATMUL = {"query_input": "scores", "key_input": "scores",
-                     "softmax_output": "context", "value_input": "context"}
-
-
-def matmul_of(site: str) -> str:
-    """The matmul a site feeds: `<dense>/input|weight` -> `<dense>`; Q, K -> `<attn>/scores`;
-    softmax output, V -> `<attn>/context`; the decoder output and the embedding table ->
-    `decoder/output_projection` (the table also feeds the embedding lookup)."""
-    if site in ("embedding/weight", "decoder/output_input"):
-        return OUTPUT_PROJECTION
-    prefix, leaf = site.rsplit("/", 1)
-    return f"{prefix}/{_ATTENTION_MATMUL[leaf]}" if leaf in _ATTENTION_MATMUL else prefix
-
-
-def int_dtype(bits: int, signed: bool = True) -> np.dtype:
-    """The smallest NumPy integer type holding `bits`-bit values (int8, int16, int32; uint8 ...)."""
-    for width in (8, 16, 32, 64):
-        if bits <= width:
-            return np.dtype(f"{'' if signed else 'u'}int{width}")
-    raise ValueError(f"no integer type holds {bits} bits")
-
-
-def sha256_file(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def mem_file_name(key: str) -> str:
-    """`encoder/block_1/ffn/dense1/weight` -> `encoder.block_1.ffn.dense1.weight.mem`."""
-    return key.replace("/", ".") + ".mem"
-
-
-def write_mem(path: str, values: np.ndarray, bits: int, signed: bool, comment: str = "") -> None:
-    """A `$readmemh` file: one value per line, row-major over `values` (for a weight stored
-    [in, out], line i * out + j holds W[i, j]), ceil(bits / 4) hex digits, two's complement
-    for signed values (sign-extended to the 4 * digits bits the digits hold). An optional
-    first line is a `//` comment.
-    """
-    digits = -(-bits // 4)
-    lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    flat = np.asarray(values).astype(np.int64).ravel().tolist()  # Python ints: 64-bit words fit
-    if flat and (min(flat) < lo or max(flat) > hi):
-        raise ValueError(f"{path}: values outside the {bits}-bit range [{lo}, {hi}]")
-    mask = (1 << (4 * digits)) - 1
-    with open(path, "w") as f:
-        if comment:
-            f.write(f"// {comment}\n")
-        f.write("".join(f"{w & mask:0{digits}x}\n" for w in flat))
-
-
-def read_mem(path: str, bits: int, signed: bool) -> np.ndarray:
-    """Parse a `write_mem` file back into int64 values (1-D): the low `bits` bits of each hex
-    word, two's complement when signed; `//` comment lines and blank lines are skipped."""
-    values = []
-    with open(path) as f:
-        for line in f:
-            line = line.split("//", 1)[0].strip()
-            if line:
-                word = int(line, 16) & ((1 << bits) - 1)
-                values.append(word - (1 << bits) if signed and word >> (bits - 1) else word)
-    return np.array(values, np.int64)
-
-
-# --------------------------------------------------------------------------------------------
-# A site's grid
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A site's integer grid: x ~ q * 2^-f with q in [n, p] = [-2^(b-1), 2^(b-1) - 1] (signed)
-    or [0, 2^b - 1] (unsigned). `f` is an int64 array, [] or [channels] (last axis)."""
-
-    bits: int
-    signed: bool
-    f: np.ndarray
-
-    @property
-    def range(self) -> tuple[int, int]:
-        if self.signed:
-            return -(2 ** (self.bits - 1)), 2 ** (self.bits - 1) - 1
-        return 0, 2**self.bits - 1
-
-    @property
-    def max_abs(self) -> int:
-        """max |q|: 2^(b-1) signed, 2^b - 1 unsigned."""
-        return max(-self.range[0], self.range[1])
-
-    def quantize(self, x: np.ndarray, rounding: str) -> np.ndarray:
-        """q = clip(R(x * 2^f), n, p), in float32 exactly as quant.tqt_fake_quant computes it
-        (x * 2^f is exact; half_up is floor(v + 0.5) rounded in float32 like the TF graph).
-        Returned as float32 holding the integers (exact: |q| <= 2^16)."""
-        v = np.asarray(x, np.float32) * np.exp2(self.f).astype(np.float32)  # a new array
-        if rounding == "half_even":
-            np.rint(v, out=v)
-        elif rounding == "half_up":
-            np.floor(v + np.float32(0.5), out=v)
-        elif rounding == "floor":
-            np.floor(v, out=v)
-        else:
-            raise ValueError(f"unknown rounding {rounding!r}")
-        n, p = self.range
-        return np.minimum(np.maximum(v, n, out=v), p, out=v)
-
-
-def grids_of(arrays: Mapping[str, np.ndarray]) -> dict[str, Grid]:
-    """Every site's grid from the `<site>.bits`, `<site>.signed`, `<site>.f` entries."""
-    names = [key[: -len(".bits")] for key in arrays if key.endswith(".bits")]
-    return {name: Grid(int(arrays[f"{name}.bits"]), bool(arrays[f"{name}.signed"]),
-                       np.asarray(arrays[f"{name}.f"], np.int64)) for name in names}
 
 
 def accumulator_bound(k: int, gx: Grid, gw: Grid) -> int:
@@ -239,13 +116,13 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -
 
 def padding_bias(ids: np.ndarray) -> np.ndarray:
     """[B, 1, 1, L]: -1e9 at padding keys, 0 elsewhere."""
-    return (ids == PAD).astype(np.float32)[:, None, None, :] * NEG_INF
+    return (ids == PAD).astype(np.float32)[:, None, None, :] * np.float32(qformat.NEG_INF)
 
 
 def causal_bias(length: int) -> np.ndarray:
     """[1, 1, L, L]: query i sees keys j <= i."""
     future = 1.0 - np.tril(np.ones((length, length), np.float32))
-    return future[None, None] * NEG_INF
+    return future[None, None] * np.float32(qformat.NEG_INF)
 
 
 # --------------------------------------------------------------------------------------------
@@ -286,15 +163,15 @@ class IntTransformer:
         self.config = dict(config)
         self.rounding = self.config["rounding"]
         self.num_heads = int(self.config["num_heads"])
-        self.grids = grids_of(arrays)
+        self.grids = qformat.grids_of(arrays)
         # integers held in floats: weights (<= 16 bits) exactly in float32; a bias in float32
         # when accumulator + bias provably stays below 2^24 (then the add is exact), else float64
         self.ints = {k: v.astype(np.float32) for k, v in arrays.items()
-                     if v.dtype.kind in "iu" and not k.endswith(SITE_FIELDS)}
+                     if v.dtype.kind in "iu" and not k.endswith(qformat.GRID_FIELDS)}
         for key in [k for k in self.ints if k.endswith("/bias")]:
-            prefix = key.removesuffix("/bias")
-            bound = accumulator_bound(self.ints[f"{prefix}/weight"].shape[0], self.grids[f"{prefix}/input"],
-                                      self.grids[f"{prefix}/weight"])
+            names = qformat.dense(key.removesuffix("/bias"))
+            bound = accumulator_bound(self.ints[names.weight].shape[0], self.grids[names.input],
+                                      self.grids[names.weight])
             self.ints[key] = arrays[key].astype(bias_dtype(bound, arrays[key]))
         # floats (LayerNorm) as float32
         self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
@@ -302,18 +179,18 @@ class IntTransformer:
         self.manifest: dict | None = None  # set by load()
         self._acc_max: dict[str, int] = {}
         self._plans: dict[tuple[str, str, int], tuple[int, type, np.ndarray, str]] = {}
-        if "embedding/weight" in self.ints:
-            table = self.ints["embedding/weight"]
-            self.table = table.astype(np.float32) * self._scale("embedding/weight").astype(np.float32)
+        if qformat.EMBEDDING in self.ints:
+            table = self.ints[qformat.EMBEDDING]
+            self.table = table.astype(np.float32) * self._scale(qformat.EMBEDDING).astype(np.float32)
             self.vocab, self.d_model = table.shape
 
     @classmethod
     def load(cls, export_dir: str) -> IntTransformer:
         """Load and verify an export: format version, SHA-256 of model.npz and spm.model,
         integer weights. Any problem is an ExportError naming the file."""
-        manifest = read_manifest(export_dir)
-        arrays = _load_npz(os.path.join(export_dir, "model.npz"), manifest["npz"]["sha256"])
-        _verify_file(os.path.join(export_dir, "spm.model"), manifest["spm"]["sha256"], "spm model")
+        manifest = qformat.read_manifest(export_dir)
+        arrays = qformat.load_arrays(export_dir, manifest)
+        qformat.verify_file(os.path.join(export_dir, qformat.SPM), manifest["spm"]["sha256"], "spm model")
         engine = cls(arrays, manifest["model"])
         engine.manifest = manifest
         return engine
@@ -360,7 +237,7 @@ class IntTransformer:
             product = accumulator_bound(1, gx, gw)
             chunk = (FLOAT32_EXACT - 1) // product or k
             dtype = np.float32 if chunk * product < FLOAT32_EXACT else np.float64
-            self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), matmul_of(x_site))
+            self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), qformat.matmul_of(x_site))
         return self._plans[key]
 
     def _observe(self, name: str, acc: np.ndarray) -> None:
@@ -390,9 +267,9 @@ class IntTransformer:
 
     def dense(self, prefix: str, x: np.ndarray) -> np.ndarray:
         """y = Q(x) W_q (+ b_q) * 2^-(f_x + f_w)."""
-        x_site, w_site = f"{prefix}/input", f"{prefix}/weight"
-        return self.matmul(x_site, self.quantize(x_site, x), w_site, self.ints[w_site],
-                           self.ints.get(f"{prefix}/bias"))
+        names = qformat.dense(prefix)
+        return self.matmul(names.input, self.quantize(names.input, x), names.weight,
+                           self.ints[names.weight], self.ints.get(names.bias))
 
     def split_heads(self, x: np.ndarray) -> np.ndarray:
         """[B, L, d] -> [B, h, L, d_k]."""
@@ -403,31 +280,32 @@ class IntTransformer:
         """K and V heads, already requantized to the key/value sites' grids: the TF graph
         requantizes the whole (cached) tensor at every step, which gives the same integers
         (elementwise), so here each key and value is quantized once, when it is computed."""
-        k, v = self.dense(f"{prefix}/wk", memory), self.dense(f"{prefix}/wv", memory)
+        names = qformat.attention(prefix)
+        k, v = self.dense(names.wk, memory), self.dense(names.wv, memory)
         # contiguous copies: every later decoder step multiplies by them
-        return (np.ascontiguousarray(self.quantize(f"{prefix}/key_input", self.split_heads(k))),
-                np.ascontiguousarray(self.quantize(f"{prefix}/value_input", self.split_heads(v))))
+        return (np.ascontiguousarray(self.quantize(names.key, self.split_heads(k))),
+                np.ascontiguousarray(self.quantize(names.value, self.split_heads(v))))
 
     def attend(self, prefix: str, x: np.ndarray, k: np.ndarray, v: np.ndarray,
                bias: np.ndarray) -> np.ndarray:
         """softmax(Q(q) k^T / sqrt(d_k) + bias) -> Q(P) v, heads concatenated, W^O; k and v are
         integers from project_kv."""
-        q = self.split_heads(self.dense(f"{prefix}/wq", x))
-        q_site, k_site = f"{prefix}/query_input", f"{prefix}/key_input"
-        logits = self.matmul(q_site, self.quantize(q_site, q), k_site, k, transpose_w=True)
+        names = qformat.attention(prefix)
+        q = self.split_heads(self.dense(names.wq, x))
+        logits = self.matmul(names.query, self.quantize(names.query, q), names.key, k, transpose_w=True)
         d_k = q.shape[-1]
         probs = softmax(logits * np.float32(1.0 / math.sqrt(d_k)) + bias)
-        p_site, v_site = f"{prefix}/softmax_output", f"{prefix}/value_input"
-        heads = self.matmul(p_site, self.quantize(p_site, probs), v_site, v)
+        heads = self.matmul(names.probs, self.quantize(names.probs, probs), names.value, v)
         b, _, lq, _ = heads.shape
-        return self.dense(f"{prefix}/wo", heads.transpose(0, 2, 1, 3).reshape(b, lq, -1))
+        return self.dense(names.wo, heads.transpose(0, 2, 1, 3).reshape(b, lq, -1))
 
     def attention(self, prefix: str, x: np.ndarray, memory: np.ndarray, bias: np.ndarray) -> np.ndarray:
         return self.attend(prefix, x, *self.project_kv(prefix, memory), bias)
 
     def ffn(self, prefix: str, x: np.ndarray) -> np.ndarray:
         """dense2(Q_unsigned(max(0, dense1(x))))."""
-        return self.dense(f"{prefix}/dense2", np.maximum(self.dense(f"{prefix}/dense1", x), 0))
+        names = qformat.feed_forward(prefix)
+        return self.dense(names.dense2, np.maximum(self.dense(names.dense1, x), 0))
 
     def layer_norm(self, prefix: str, x: np.ndarray) -> np.ndarray:
         return layer_norm(x, self.floats[f"{prefix}/gamma"], self.floats[f"{prefix}/beta"],
@@ -440,9 +318,9 @@ class IntTransformer:
 
     def logits(self, y: np.ndarray) -> np.ndarray:
         """Q(y) E_q^T: the output projection with the shared integer table."""
-        site = "decoder/output_input"
-        return self.matmul(site, self.quantize(site, y), "embedding/weight",
-                           self.ints["embedding/weight"], transpose_w=True)
+        site = qformat.OUTPUT_INPUT
+        return self.matmul(site, self.quantize(site, y), qformat.EMBEDDING,
+                           self.ints[qformat.EMBEDDING], transpose_w=True)
 
     # ---- the model --------------------------------------------------------------------------
 
@@ -451,26 +329,27 @@ class IntTransformer:
         bias = padding_bias(src)
         x = self.embed(src)
         for i in range(self.config["num_blocks"]):
-            p = f"encoder/block_{i + 1}"
-            x = self.layer_norm(f"{p}/ln1", x + self.attention(f"{p}/self_attention", x, x, bias))
-            x = self.layer_norm(f"{p}/ln2", x + self.ffn(f"{p}/ffn", x))
+            names = qformat.block_names("encoder", i)
+            x = self.layer_norm(names.norms[0], x + self.attention(names.self_attention, x, x, bias))
+            x = self.layer_norm(names.norms[1], x + self.ffn(names.ffn, x))
         return x, bias
 
     def decoder_block(self, i: int, y: np.ndarray, self_kv: tuple, self_bias: np.ndarray,
                       cross_kv: tuple, src_bias: np.ndarray) -> np.ndarray:
-        p = f"decoder/block_{i + 1}"
-        y = self.layer_norm(f"{p}/ln1", y + self.attend(f"{p}/self_attention", y, *self_kv, self_bias))
-        y = self.layer_norm(f"{p}/ln2", y + self.attend(f"{p}/cross_attention", y, *cross_kv, src_bias))
-        return self.layer_norm(f"{p}/ln3", y + self.ffn(f"{p}/ffn", y))
+        names = qformat.block_names("decoder", i)
+        ln1, ln2, ln3 = names.norms
+        y = self.layer_norm(ln1, y + self.attend(names.self_attention, y, *self_kv, self_bias))
+        y = self.layer_norm(ln2, y + self.attend(names.cross_attention, y, *cross_kv, src_bias))
+        return self.layer_norm(ln3, y + self.ffn(names.ffn, y))
 
     def decode(self, tgt_in: np.ndarray, memory: np.ndarray, src_bias: np.ndarray) -> np.ndarray:
         """Teacher-forced decoder over a whole prefix: logits [B, Lt, V]."""
         y = self.embed(tgt_in)
         self_bias = causal_bias(tgt_in.shape[1]) + padding_bias(tgt_in)  # as model.decode
         for i in range(self.config["num_blocks"]):
-            p = f"decoder/block_{i + 1}"
-            self_kv = self.project_kv(f"{p}/self_attention", y)
-            cross_kv = self.project_kv(f"{p}/cross_attention", memory)
+            names = qformat.block_names("decoder", i)
+            self_kv = self.project_kv(names.self_attention, y)
+            cross_kv = self.project_kv(names.cross_attention, memory)
             y = self.decoder_block(i, y, self_kv, self_bias, cross_kv, src_bias)
         return self.logits(y)
 
@@ -490,7 +369,7 @@ class IntTransformer:
         y = self.embed(token[:, None], offset=t)
         no_mask = np.float32(0.0)
         for i, ((k, v), kv) in enumerate(zip(cache, cross_kv)):
-            k_t, v_t = self.project_kv(f"decoder/block_{i + 1}/self_attention", y)
+            k_t, v_t = self.project_kv(qformat.block_names("decoder", i).self_attention, y)
             k[:, :, t], v[:, :, t] = k_t[:, :, 0], v_t[:, :, 0]
             y = self.decoder_block(i, y, (k[:, :, :t + 1], v[:, :, :t + 1]), no_mask, kv, src_bias)
         return self.logits(y)[:, 0]
@@ -502,7 +381,7 @@ class IntTransformer:
         memory, src_bias = np.repeat(memory, beam, 0), np.repeat(src_bias, beam, 0)
         # at most (non-pad source tokens + decode_margin) outputs per sentence
         limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
-        cross_kv = [self.project_kv(f"decoder/block_{i + 1}/cross_attention", memory)
+        cross_kv = [self.project_kv(qformat.block_names("decoder", i).cross_attention, memory)
                     for i in range(self.config["num_blocks"])]
         shape = (len(limit), self.num_heads, int(limit.max()), self.d_model // self.num_heads)
         cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
@@ -571,94 +450,19 @@ def _signed_bits(magnitude: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Loading and verifying an export
+# Text in, text out
 # --------------------------------------------------------------------------------------------
-
-
-def read_manifest(export_dir: str) -> dict:
-    """manifest.json of an export, checked for its format version and required sections."""
-    path = os.path.join(export_dir, "manifest.json")
-    try:
-        with open(path) as f:
-            manifest = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ExportError(f"{path}: cannot read the manifest ({e.__class__.__name__})") from None
-    version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise ExportError(f"{path}: unknown format version {version!r} (this engine reads "
-                          f"{FORMAT_VERSION})")
-    if not manifest.get("quantized") or not manifest.get("sites"):
-        raise ExportError(f"{path}: export from a float checkpoint (no quantization sites)")
-    for key in ("model", "npz", "spm"):
-        if key not in manifest:
-            raise ExportError(f"{path}: no {key!r} section")
-    return manifest
-
-
-def _verify_file(path: str, sha256: str, what: str) -> None:
-    if not os.path.isfile(path):
-        raise ExportError(f"{path}: {what} missing")
-    if sha256_file(path) != sha256:
-        raise ExportError(f"{path}: {what} checksum mismatch (SHA-256 differs from the manifest)")
-
-
-def _load_npz(path: str, sha256: str) -> dict[str, np.ndarray]:
-    """The arrays of model.npz after verifying its checksum; integer weights required."""
-    _verify_file(path, sha256, "model.npz")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            arrays = {key: npz[key] for key in npz.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as e:
-        raise ExportError(f"{path}: corrupt model.npz ({e.__class__.__name__})") from None
-    not_arrays = [key for key, value in arrays.items() if not isinstance(value, np.ndarray)]
-    if not_arrays:  # NpzFile hands members that are not .npy files back as raw bytes
-        raise ExportError(f"{path}: corrupt model.npz ({not_arrays[0]!r} is not an array)")
-    missing = [key for key in ("embedding/weight", "embedding/weight.bits") if key not in arrays]
-    if missing:
-        raise ExportError(f"{path}: corrupt model.npz (no {missing[0]!r})")
-    if arrays["embedding/weight"].dtype.kind not in "iu":
-        raise ExportError(f"{path}: 'embedding/weight' holds {arrays['embedding/weight'].dtype}, "
-                          "not integers (an export from a float checkpoint?)")
-    return arrays
-
-
-# --------------------------------------------------------------------------------------------
-# Text in, text out (SentencePiece only: data_load needs TensorFlow)
-# --------------------------------------------------------------------------------------------
-
-
-def strip_ids(ids) -> list[int]:
-    """The piece ids of a decoder output: up to the first EOS, without PAD/BOS."""
-    pieces = []
-    for token in map(int, ids):
-        if token == EOS:
-            break
-        if token not in (PAD, BOS):
-            pieces.append(token)
-    return pieces
-
-
-def pad_batch(sequences: list[list[int]]) -> np.ndarray:
-    """int32 [len(sequences), longest], padded with PAD."""
-    out = np.full((len(sequences), max(map(len, sequences))), PAD, np.int32)
-    for row, seq in enumerate(sequences):
-        out[row, : len(seq)] = seq
-    return out
 
 
 def translate_lines(engine: IntTransformer, sp, lines: list[str], batch_size: int,
                     beam: int = 1, alpha: float = 0.6) -> list[str]:
-    """Detokenized translations of `lines` in order: pieces + EOS per line, batches of
-    `batch_size` sorted by length (as data_load.eval_batches), greedy or beam search."""
-    src_ids = [ids + [EOS] for ids in sp.encode(lines)]
-    order = np.argsort([len(s) for s in src_ids], kind="stable")
+    """Detokenized translations of `lines` in order (batched as the TF model's: data_load's
+    sources and batches), greedy or beam search."""
     hyps = [""] * len(lines)
-    for start in range(0, len(order), batch_size):
-        index = order[start:start + batch_size]
-        src = pad_batch([src_ids[i] for i in index])
+    for index, src in data_load.eval_batches(data_load.encode_source(sp, lines), batch_size):
         out = engine.greedy(src) if beam == 1 else engine.beam_search(src, beam, alpha)
         for i, row in zip(index, out):
-            hyps[i] = sp.decode(strip_ids(row))
+            hyps[i] = data_load.decode_ids(sp, row)
     return hyps
 
 
@@ -687,7 +491,7 @@ def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
     bits, or 64 when they need more). `index.json` lists the calls in execution order with
     shapes, sites, bits and f. Also `src` and `tgt_in`. Returns the index.
     """
-    src = pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
+    src = qformat.pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
     tgt_in, trace = teacher_forced_trace(engine, src)
     os.makedirs(os.path.join(out_dir, "mem"), exist_ok=True)
     arrays = {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32)}
@@ -696,20 +500,21 @@ def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
         entry = {"call": n, "matmul": rec.name, "acc_shape": list(rec.acc.shape)}
         operands = [("x", rec.x_site, rec.x)]
         if rec.w_site.endswith("/weight"):
-            entry["w"] = {"site": rec.w_site, "mem": mem_file_name(rec.w_site)}
+            entry["w"] = {"site": rec.w_site, "mem": qformat.mem_file_name(rec.w_site)}
         else:
             operands.append(("w", rec.w_site, rec.w))
         for tag, site, q in operands:
             grid = engine.grids[site]
             key = f"{n:04d}.{rec.name.replace('/', '.')}.{tag}"
-            arrays[key] = q.astype(int_dtype(grid.bits, grid.signed))
-            write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, grid.bits, grid.signed)
+            arrays[key] = q.astype(qformat.int_dtype(grid.bits, grid.signed))
+            qformat.write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, grid.bits, grid.signed)
             entry[tag] = {"site": site, "key": key, "shape": list(q.shape), "bits": grid.bits,
                           "signed": grid.signed, "f": grid.f.tolist()}
         key = f"{n:04d}.{rec.name.replace('/', '.')}.acc"
-        bits = BIAS_BITS if _signed_bits(int(np.abs(rec.acc).max(initial=0))) <= BIAS_BITS else 64
+        wide = _signed_bits(int(np.abs(rec.acc).max(initial=0))) > qformat.BIAS_BITS
+        bits = 64 if wide else qformat.BIAS_BITS
         arrays[key] = rec.acc.astype(np.int64)
-        write_mem(os.path.join(out_dir, "mem", key + ".mem"), rec.acc, bits, True)
+        qformat.write_mem(os.path.join(out_dir, "mem", key + ".mem"), rec.acc, bits, True)
         entry["acc"] = {"key": key, "bits": bits}
         index.append(entry)
     np.savez(os.path.join(out_dir, "vectors.npz"), **arrays)

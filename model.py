@@ -16,9 +16,7 @@ from typing import Any
 
 import tensorflow as tf
 
-from data_load import BOS_ID as BOS
-from data_load import EOS_ID as EOS
-from data_load import PAD_ID as PAD
+import qformat
 from modules import (
     NEG_INF,
     Dense,
@@ -35,11 +33,12 @@ from modules import (
     positional_encoding,
     set_untracked,
 )
+from qformat import BOS, EOS, PAD
 
 # Grappler's arithmetic optimizer and constant folding rewrite float32 expressions (reordered
 # products in LayerNorm, folded positional-encoding constants), so a tf.function graph would no
 # longer compute bit for bit what the eager model and the integer engine compute: one ULP can move
-# a value across a rounding boundary of the next quantizer. Measured: no slower without them.
+# a value across a rounding boundary of the next quantizer.
 tf.config.optimizer.set_experimental_options({"arithmetic_optimization": False,
                                               "constant_folding": False})
 
@@ -59,12 +58,12 @@ class Dropout:
 
 
 class EncoderBlock(tf.Module):
-    def __init__(self, name: str, hp: Any, sites: SiteFactory, drop: Dropout):
-        super().__init__(name=name.rsplit("/", 1)[-1])
-        self.self_attention = MultiHeadAttention(f"{name}/self_attention", hp.d_model, hp.num_heads, sites)
-        self.ffn = FeedForward(f"{name}/ffn", hp.d_model, hp.d_ff, sites)
-        self.ln1 = LayerNorm(f"{name}/ln1", hp.d_model)
-        self.ln2 = LayerNorm(f"{name}/ln2", hp.d_model)
+    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
+        names = qformat.block_names("encoder", index)
+        super().__init__(name=qformat.block("encoder", index).rsplit("/", 1)[-1])
+        self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
+        self.ffn = FeedForward(names.ffn, hp.d_model, hp.d_ff, sites)
+        self.ln1, self.ln2 = (LayerNorm(name, hp.d_model) for name in names.norms)
         self.dropout = drop
 
     def __call__(self, x: tf.Tensor, bias: tf.Tensor, training: bool) -> tf.Tensor:
@@ -73,14 +72,13 @@ class EncoderBlock(tf.Module):
 
 
 class DecoderBlock(tf.Module):
-    def __init__(self, name: str, hp: Any, sites: SiteFactory, drop: Dropout):
-        super().__init__(name=name.rsplit("/", 1)[-1])
-        self.self_attention = MultiHeadAttention(f"{name}/self_attention", hp.d_model, hp.num_heads, sites)
-        self.cross_attention = MultiHeadAttention(f"{name}/cross_attention", hp.d_model, hp.num_heads, sites)
-        self.ffn = FeedForward(f"{name}/ffn", hp.d_model, hp.d_ff, sites)
-        self.ln1 = LayerNorm(f"{name}/ln1", hp.d_model)
-        self.ln2 = LayerNorm(f"{name}/ln2", hp.d_model)
-        self.ln3 = LayerNorm(f"{name}/ln3", hp.d_model)
+    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
+        names = qformat.block_names("decoder", index)
+        super().__init__(name=qformat.block("decoder", index).rsplit("/", 1)[-1])
+        self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
+        self.cross_attention = MultiHeadAttention(names.cross_attention, hp.d_model, hp.num_heads, sites)
+        self.ffn = FeedForward(names.ffn, hp.d_model, hp.d_ff, sites)
+        self.ln1, self.ln2, self.ln3 = (LayerNorm(name, hp.d_model) for name in names.norms)
         self.dropout = drop
 
     def __call__(self, y: tf.Tensor, self_kv: tuple[tf.Tensor, tf.Tensor], self_bias: tf.Tensor,
@@ -109,12 +107,10 @@ class Transformer(tf.Module):
         self.dropout = Dropout(hp.dropout_rate, self.rng)
         self.embedding = tf.Variable(
             tf.random.normal([vocab_size, hp.d_model], stddev=hp.d_model**-0.5), name="embedding")
-        self.embedding_site = sites.site("embedding/weight", "weight")
-        self.encoder = [EncoderBlock(f"encoder/block_{i + 1}", hp, sites, self.dropout)
-                        for i in range(hp.num_blocks)]
-        self.decoder = [DecoderBlock(f"decoder/block_{i + 1}", hp, sites, self.dropout)
-                        for i in range(hp.num_blocks)]
-        self.output_site = sites.site("decoder/output_input", "activation")
+        self.embedding_site = sites.site(qformat.EMBEDDING, "weight")
+        self.encoder = [EncoderBlock(i, hp, sites, self.dropout) for i in range(hp.num_blocks)]
+        self.decoder = [DecoderBlock(i, hp, sites, self.dropout) for i in range(hp.num_blocks)]
+        self.output_site = sites.site(qformat.OUTPUT_INPUT, "activation")
         set_untracked(self, "beam_fns", {})  # compiled beam searches, not checkpoint content
 
     def weight_sites(self) -> list[tuple[Site, tf.Variable]]:
@@ -154,8 +150,8 @@ class Transformer(tf.Module):
         table = self.table() if table is None else table
         y = self.dropout(self.embed(tgt_in, table), training)
         # [B, 1, L, L]: future and padding keys.  Not the broadcast [1, 1, L, L]: oneDNN's fused
-        # BatchMatMul+Mul+Add takes a slow path (~60x, 0.2 s per d256 training step) when the
-        # added tensor broadcasts over the batch.  Real queries never see padding keys anyway.
+        # BatchMatMul+Mul+Add takes a much slower path when the added tensor broadcasts over the
+        # batch (README, Results).  Real queries never see padding keys anyway.
         self_bias = causal_bias(tf.shape(tgt_in)[1]) + padding_bias(tgt_in)
         for block in self.decoder:
             self_kv = block.self_attention.project_kv(y)

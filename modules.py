@@ -8,8 +8,7 @@ asks a site factory for one hook per input when it is built:
 
 `FloatSites` (below) returns the identity, so the float model pays nothing: the hook is a
 Python call that adds no op to the graph.  `quant.TQTSites` returns TQT fake-quantizers.
-Roles: "weight" (signed), "activation" (signed), "unsigned" (ReLU output), "probability" (unsigned
-softmax output, threshold fixed at 1 by calibration).
+Roles: qformat.SIGNED_BY_ROLE; site names: qformat's builders (`qformat.dense(name)` ...).
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from typing import Protocol
 
 import tensorflow as tf
 
-NEG_INF = -1e9  # additive mask value; exp(NEG_INF - max) is exactly 0 in float32
+import qformat
+from qformat import NEG_INF, PAD
 
 
 class Site(Protocol):
@@ -69,7 +69,7 @@ def matmul_2d(x: tf.Tensor, w: tf.Tensor, transpose_w: bool = False) -> tf.Tenso
     """x[..., k] @ w[k, n] (or w[n, k]^T) as one 2-D GEMM over all leading positions.
 
     Not tf.matmul on the 3-D x: that is a BatchMatMul broadcasting w, whose gradient for w is a
-    batch of per-sentence products summed afterwards (0.8 s of a 1.3 s d256 training step).
+    batch of per-sentence products summed afterwards, several times slower (README, Results).
     """
     n = tf.shape(w)[0] if transpose_w else tf.shape(w)[1]
     y = tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), w, transpose_b=transpose_w)
@@ -82,10 +82,11 @@ class Dense(tf.Module):
     def __init__(self, name: str, d_in: int, d_out: int, sites: SiteFactory,
                  input_role: str = "activation", use_bias: bool = True):
         super().__init__(name=name.rsplit("/", 1)[-1])
+        self.names = qformat.dense(name)
         self.w = tf.Variable(glorot((d_in, d_out)), name="w")
         self.b = tf.Variable(tf.zeros([d_out]), name="b") if use_bias else None
-        self.x_site = sites.site(f"{name}/input", input_role)
-        self.w_site = sites.site(f"{name}/weight", "weight", channels=d_out)
+        self.x_site = sites.site(self.names.input, input_role)
+        self.w_site = sites.site(self.names.weight, "weight", channels=d_out)
         self._bias = sites.bias
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
@@ -112,6 +113,7 @@ class LayerNorm(tf.Module):
 
     def __init__(self, name: str, d: int, eps: float = 1e-6):
         super().__init__(name=name.rsplit("/", 1)[-1])
+        self.path = name  # the full name, `encoder/block_1/ln1` (qformat.block_names)
         self.gamma = tf.Variable(tf.ones([d]), name="gamma")
         self.beta = tf.Variable(tf.zeros([d]), name="beta")
         self.eps = eps
@@ -139,8 +141,8 @@ def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
 
 
 def padding_bias(ids: tf.Tensor) -> tf.Tensor:
-    """Additive attention bias [B, 1, 1, L]: NEG_INF at padding (id 0) keys, 0 elsewhere."""
-    return tf.cast(tf.equal(ids, 0), tf.float32)[:, None, None, :] * NEG_INF
+    """Additive attention bias [B, 1, 1, L]: NEG_INF at padding (PAD) keys, 0 elsewhere."""
+    return tf.cast(tf.equal(ids, PAD), tf.float32)[:, None, None, :] * NEG_INF
 
 
 def causal_bias(length: tf.Tensor | int) -> tf.Tensor:
@@ -160,14 +162,15 @@ class MultiHeadAttention(tf.Module):
     def __init__(self, name: str, d_model: int, num_heads: int, sites: SiteFactory):
         super().__init__(name=name.rsplit("/", 1)[-1])
         self.h, self.d_k = num_heads, d_model // num_heads
-        self.wq = Dense(f"{name}/wq", d_model, d_model, sites)
-        self.wk = Dense(f"{name}/wk", d_model, d_model, sites)
-        self.wv = Dense(f"{name}/wv", d_model, d_model, sites)
-        self.wo = Dense(f"{name}/wo", d_model, d_model, sites)
-        self.q_site = sites.site(f"{name}/query_input", "activation")
-        self.k_site = sites.site(f"{name}/key_input", "activation")
-        self.p_site = sites.site(f"{name}/softmax_output", "probability")
-        self.v_site = sites.site(f"{name}/value_input", "activation")
+        names = qformat.attention(name)
+        self.wq = Dense(names.wq, d_model, d_model, sites)
+        self.wk = Dense(names.wk, d_model, d_model, sites)
+        self.wv = Dense(names.wv, d_model, d_model, sites)
+        self.wo = Dense(names.wo, d_model, d_model, sites)
+        self.q_site = sites.site(names.query, "activation")
+        self.k_site = sites.site(names.key, "activation")
+        self.p_site = sites.site(names.probs, "probability")
+        self.v_site = sites.site(names.value, "activation")
 
     def split_heads(self, x: tf.Tensor) -> tf.Tensor:
         """[B, L, d_model] -> [B, h, L, d_k]."""
@@ -198,8 +201,9 @@ class FeedForward(tf.Module):
 
     def __init__(self, name: str, d_model: int, d_ff: int, sites: SiteFactory):
         super().__init__(name=name.rsplit("/", 1)[-1])
-        self.dense1 = Dense(f"{name}/dense1", d_model, d_ff, sites)
-        self.dense2 = Dense(f"{name}/dense2", d_ff, d_model, sites, input_role="unsigned")
+        names = qformat.feed_forward(name)
+        self.dense1 = Dense(names.dense1, d_model, d_ff, sites)
+        self.dense2 = Dense(names.dense2, d_ff, d_model, sites, input_role="unsigned")
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         return self.dense2(tf.nn.relu(self.dense1(x)))
@@ -210,7 +214,7 @@ def label_smoothed_xent(logits: tf.Tensor, labels: tf.Tensor, smoothing: float) 
     vocab = tf.shape(logits)[-1]
     target = tf.one_hot(labels, vocab) * (1.0 - smoothing) + smoothing / tf.cast(vocab, tf.float32)
     xent = tf.nn.softmax_cross_entropy_with_logits(target, logits)
-    return xent * tf.cast(tf.not_equal(labels, 0), xent.dtype)
+    return xent * tf.cast(tf.not_equal(labels, PAD), xent.dtype)
 
 
 def noam_lr(step: tf.Tensor, peak_lr: float, warmup_steps: int) -> tf.Tensor:

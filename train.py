@@ -19,11 +19,12 @@ import sentencepiece as spm
 import tensorflow as tf
 from tqdm import tqdm
 
+import calibration
 import data_load
 import export
 import hparams
 import quant
-from eval import bleu_score, load_corpus, translate
+import runs
 from model import Transformer, load_weights
 from modules import Adam, noam_lr, set_untracked
 
@@ -81,7 +82,7 @@ def prepare_data(hp: argparse.Namespace):
 
     With --init_from the parent's SentencePiece model is reused (the weights depend on it).
     """
-    splits = load_corpus(hp)
+    splits = runs.load_corpus(hp)
     train_de, train_en = splits["train"]
     if hp.init_from:
         sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.init_from, "spm.model"))
@@ -175,8 +176,8 @@ def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
     de, en = splits["dev"]
     if hp.dev_max_sentences:
         de, en = de[: hp.dev_max_sentences], en[: hp.dev_max_sentences]
-    hyps = translate(model, sp, de, hp)
-    score, signature = bleu_score(hyps, en)
+    hyps = runs.translate(model, sp, de, hp)
+    score, signature = runs.bleu_score(hyps, en)
     with open(os.path.join(hp.logdir, f"dev_hyp_epoch{epoch}.txt"), "w") as f:
         f.write("\n".join(hyps) + "\n")
     with writer.as_default():
@@ -200,11 +201,25 @@ def log_thresholds(sites: list, writer, step: int) -> None:
 def calibrate(model: Transformer, sites: list, batches: list, hp: argparse.Namespace) -> None:
     """Calibrate every threshold and record the fractional bits it gave (calibration.json)."""
     t0 = time.time()
-    quant.calibrate(model, batches[: hp.calib_batches], hp.calib, hp.weight_init)
+    calibration.calibrate(model, batches[: hp.calib_batches], hp.calib, hp.weight_init)
     hparams.write_json(os.path.join(hp.logdir, "calibration.json"),
                        {s.site_name: s.frac_bits().tolist() for s in sites})
     print(f"calibrated {len(sites)} sites ({hp.calib} on {min(hp.calib_batches, len(batches))} "
           f"batches, weights by {hp.weight_init}) in {time.time() - t0:.1f} s")
+
+
+def site_table(sites, clip_fractions: dict[str, float] | None = None) -> str:
+    """A text table of the sites: name, bits, signed, threshold 2^ceil(log2_t), f, % clipped."""
+    rows = [f"{'site':58s} {'bits':>4s} {'sign':>4s} {'threshold':>10s} {'f':>4s} {'clipped':>8s}"]
+    for site in sites:
+        f = site.frac_bits()
+        t = site.threshold()
+        f_text = str(int(f)) if f.ndim == 0 else f"{int(f.min())}..{int(f.max())}"
+        t_text = f"{float(t):g}" if t.ndim == 0 else f"{float(t.min()):g}.."
+        clipped = "" if clip_fractions is None else f"{100 * clip_fractions[site.site_name]:7.3f}%"
+        rows.append(f"{site.site_name:58s} {site.num_bits:4d} {'s' if site.signed else 'u':>4s} "
+                    f"{t_text:>10s} {f_text:>4s} {clipped:>8s}")
+    return "\n".join(rows)
 
 
 def threshold_report(model: Transformer, sites: list, batches: list, logdir: str) -> str:
@@ -218,7 +233,7 @@ def threshold_report(model: Transformer, sites: list, batches: list, logdir: str
     for site in sites:
         clipped[site.site_name] = float(np.mean([site.clip_fraction(x) for x, _ in site.recorded]))
         site.recorded = None
-    table = quant.site_table(sites, clipped)
+    table = site_table(sites, clipped)
     calib_path = os.path.join(logdir, "calibration.json")
     if os.path.exists(calib_path):
         with open(calib_path) as f:
@@ -241,7 +256,7 @@ def main(argv: list[str]) -> None:
 
     strategy = build_strategy(hp.strategy)
     with strategy.scope():
-        model = Transformer(hp, sp.get_piece_size(), quant.sites_from_flags(hp))
+        model = Transformer(hp, sp.get_piece_size(), runs.sites_from_flags(hp))
         opt = Optimizers(model, hp)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")

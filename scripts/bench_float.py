@@ -20,10 +20,14 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+import tensorflow as tf  # noqa: E402
+
 import data_load  # noqa: E402
-import eval as eval_script  # noqa: E402
 import hparams  # noqa: E402
+import qformat  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
+from eval import main as eval_main  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 MODEL = ["--d_model", "256", "--d_ff", "1024", "--num_blocks", "3", "--num_heads", "4",
@@ -50,11 +54,9 @@ def corpus_flags(corpus: str) -> tuple[list[str], str]:
 
 def decode_speed(logdir: str, max_sentences: int) -> dict:
     """Greedy sentences/s with and without the key/value cache on the same test sentences."""
-    import tensorflow as tf
-
-    hp = eval_script.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
-    model, sp, _, _ = eval_script.load_model(hp)
-    de = eval_script.load_corpus(hp)["test"][0][:max_sentences]
+    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
+    model, sp, _, _ = runs.load_model(hp)
+    de = runs.load_corpus(hp)["test"][0][:max_sentences]
     batches = data_load.eval_batches(data_load.encode_source(sp, de), hp.eval_batch_size)
     result = {}
     for name, fn in (("cached", model.greedy), ("uncached", model.greedy_uncached)):
@@ -62,7 +64,7 @@ def decode_speed(logdir: str, max_sentences: int) -> dict:
         start = time.time()
         outputs = [fn(tf.constant(src)).numpy() for _, src in batches]
         result[name] = len(de) / (time.time() - start)
-        result[f"{name}_tokens"] = [data_load.strip_ids(r) for out in outputs for r in out]
+        result[f"{name}_tokens"] = [qformat.strip_ids(r) for out in outputs for r in out]
     same = sum(a == b for a, b in zip(result.pop("cached_tokens"), result.pop("uncached_tokens")))
     return {"sentences": len(de), "cached_sent_per_s": round(result["cached"], 2),
             "uncached_sent_per_s": round(result["uncached"], 2),
@@ -95,7 +97,7 @@ def main() -> None:
     tests = {}
     for beam in (1, 4):
         path = os.path.join(logdir, f"test_beam{beam}.json")
-        eval_script.main(["--logdir", logdir, "--beam", str(beam), "--json", path,
+        eval_main(["--logdir", logdir, "--beam", str(beam), "--json", path,
                           "--hyp_out", os.path.join(logdir, f"test_beam{beam}.txt")])
         with open(path) as f:
             tests[f"beam{beam}"] = json.load(f)
@@ -105,7 +107,7 @@ def main() -> None:
               "steps_at_last_dev": step, "dev_curve": curve,
               "test_bleu_greedy": tests["beam1"]["bleu"], "test_bleu_beam4": tests["beam4"]["bleu"],
               "signature": tests["beam1"]["signature"], "decode": speed,
-              "tokens_per_s": trained["tokens_per_s"], "logdir": logdir}
+              "tokens_per_s": trained["tokens_per_s"], "logdir": runs.repo_relative(logdir)}
     hparams.write_json(out, result)
     print(f"\n| {args.corpus} | value |\n|---|---|")
     for key in ("train_minutes", "steps", "tokens_per_s", "test_bleu_greedy", "test_bleu_beam4"):

@@ -21,10 +21,10 @@ sys.path.insert(0, ROOT)
 
 import sentencepiece as spm  # noqa: E402
 
-import eval as eval_script  # noqa: E402
 import export  # noqa: E402
 import hparams  # noqa: E402
 import intmodel  # noqa: E402
+import runs  # noqa: E402
 
 
 def timed(fn, *args) -> tuple[list[str], float]:
@@ -34,32 +34,34 @@ def timed(fn, *args) -> tuple[list[str], float]:
 
 
 def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
-    model, hp, spm_path = export.load_quantized(qat_logdir)
+    model, hp, spm_path = runs.load_quantized(qat_logdir)
     export.export_model(model, hp, spm_path, export_dir)
-    de, en, test_name = eval_script.test_pairs(hp, None, None)
+    de, en, test_name = runs.test_pairs(hp)
     sp = spm.SentencePieceProcessor(model_file=spm_path)
     engine = intmodel.IntTransformer.load(export_dir)
-    float_hp = eval_script.restore_hparams(hparams.eval_parser(), ["--logdir", float_logdir])
-    float_model = eval_script.load_model(float_hp)[0]
+    float_hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", float_logdir])
+    float_model = runs.load_model(float_hp)[0]
 
-    eval_script.translate(model, sp, de[:8], hp)  # trace the TF graphs outside the timings
-    eval_script.translate(float_model, sp, de[:8], float_hp)
-    runs = {
-        "tf_fake_quant": timed(eval_script.translate, model, sp, de, hp),
+    runs.translate(model, sp, de[:8], hp)  # trace the TF graphs outside the timings
+    runs.translate(float_model, sp, de[:8], float_hp)
+    engines = {
+        "tf_fake_quant": timed(runs.translate, model, sp, de, hp),
         "int_engine": timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size),
-        "tf_float": timed(eval_script.translate, float_model, sp, de, float_hp),
+        "tf_float": timed(runs.translate, float_model, sp, de, float_hp),
     }
-    result = {"test_set": test_name, "n_sentences": len(de), "export": export_dir}
-    for name, (hyps, seconds) in runs.items():
-        result[name] = {"bleu": round(eval_script.bleu_score(hyps, en)[0], 2),
+    if hp.test_src:  # a file: named relative to the repository
+        test_name = runs.repo_relative(test_name)
+    result = {"test_set": test_name, "n_sentences": len(de), "export": runs.repo_relative(export_dir)}
+    for name, (hyps, seconds) in engines.items():
+        result[name] = {"bleu": round(runs.bleu_score(hyps, en)[0], 2),
                         "sent_per_s": round(len(de) / seconds, 1)}
-    int_hyps, tf_hyps = runs["int_engine"][0], runs["tf_fake_quant"][0]
+    int_hyps, tf_hyps = engines["int_engine"][0], engines["tf_fake_quant"][0]
     result["identical_output_pct"] = round(100 * sum(a == b for a, b in zip(int_hyps, tf_hyps)) / len(de), 2)
     result["differing_sentences"] = [i for i, (a, b) in enumerate(zip(int_hyps, tf_hyps)) if a != b]
     result["int_vs_tf_float_speed"] = round(result["int_engine"]["sent_per_s"]
                                             / result["tf_float"]["sent_per_s"], 2)
     result["widest_accumulator_bits"] = max(s["bits"] for s in engine.accumulator_stats().values())
-    result["signature"] = eval_script.bleu_score(int_hyps, en)[1]
+    result["signature"] = runs.bleu_score(int_hyps, en)[1]
     return result
 
 

@@ -29,11 +29,12 @@ import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import calibration  # noqa: E402
 import data_load  # noqa: E402
-import eval as eval_script  # noqa: E402
 import hparams  # noqa: E402
-import quant  # noqa: E402
+import runs  # noqa: E402
 import train  # noqa: E402
+from eval import main as eval_main  # noqa: E402
 from model import Transformer  # noqa: E402
 
 QAT_CONFIGS = ("w8a8", "w6a6", "w4a8")
@@ -41,19 +42,19 @@ QAT_CONFIGS = ("w8a8", "w6a6", "w4a8")
 
 def step_time_ratio(parent: str, n_steps: int) -> dict:
     """Median time of a float and a w8a8 train step, alternating on the parent's batches."""
-    hp = eval_script.restore_hparams(hparams.train_parser(), ["--logdir", parent])
+    hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
     sp = spm.SentencePieceProcessor(model_file=os.path.join(parent, "spm.model"))
-    de, en = eval_script.load_corpus(hp)["train"]
+    de, en = runs.load_corpus(hp)["train"]
     src, tgt, _ = data_load.encode_training_pairs(sp, de, en, hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: n_steps + 2]
     steps = {}
     for name in ("float", "w8a8"):
         hp_q = argparse.Namespace(**{**vars(hp), "quant": name if name != "float" else "none"})
-        model = Transformer(hp_q, sp.get_piece_size(), quant.sites_from_flags(hp_q))
+        model = Transformer(hp_q, sp.get_piece_size(), runs.sites_from_flags(hp_q))
         opt = train.Optimizers(model, hp_q)
         if opt.sites:
-            quant.calibrate(model, batches[:2], "max", "max")
+            calibration.calibrate(model, batches[:2], "max", "max")
         steps[name] = train.make_train_step(model, tf.distribute.get_strategy(), opt, bool(opt.sites))
     times = {name: [] for name in steps}
     for i, (s, t) in enumerate(batches):
@@ -71,7 +72,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
 
 
 def bleu_of(logdir: str, extra: list[str], out: str) -> float:
-    eval_script.main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"),
+    eval_main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"),
                       *extra])
     with open(out) as f:
         return json.load(f)["bleu"]

@@ -22,10 +22,11 @@ import numpy as np
 import sentencepiece as spm
 import tensorflow as tf
 
-import eval as evaluation
-import export
+import data_load
 import hparams
 import intmodel
+import qformat
+import runs
 from model import Transformer
 
 
@@ -86,9 +87,9 @@ def report(rows: list[dict], tf_logits: np.ndarray, int_logits: np.ndarray) -> s
 def first_test_batch(hp: argparse.Namespace, sp: spm.SentencePieceProcessor, n: int
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(sources, decoder inputs BOS + pieces) of the first n test pairs."""
-    de, en, _ = evaluation.test_pairs(hp, None, None)
-    src = intmodel.pad_batch([ids + [intmodel.EOS] for ids in sp.encode(de[:n])])
-    tgt_in = intmodel.pad_batch([[intmodel.BOS] + ids for ids in sp.encode(en[:n])])
+    de, en, _ = runs.test_pairs(hp)
+    src = qformat.pad_batch(data_load.encode_source(sp, de[:n]))
+    tgt_in = qformat.pad_batch([ids[:-1] for ids in data_load.encode_target(sp, en[:n])])
     return src, tgt_in
 
 
@@ -98,9 +99,9 @@ def main(argv: list[str]) -> None:
     p.add_argument("--export", required=True, help="its export.py directory")
     p.add_argument("--n", type=int, default=8, help="test sentences in the batch")
     args = p.parse_args(argv)
-    model, hp, spm_path = export.load_quantized(args.logdir)
+    model, hp, spm_path = runs.load_quantized(args.logdir)
     engine = intmodel.IntTransformer.load(args.export)
-    if intmodel.sha256_file(spm_path) != engine.manifest["spm"]["sha256"]:
+    if qformat.sha256_file(spm_path) != engine.manifest["spm"]["sha256"]:
         raise ValueError(f"{spm_path}: spm model mismatch: {args.export} was exported with another")
     src, tgt_in = first_test_batch(hp, spm.SentencePieceProcessor(model_file=spm_path), args.n)
     print(report(*site_differences(model, engine, src, tgt_in)))

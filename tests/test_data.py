@@ -1,16 +1,21 @@
-"""Tests of data_load.py (readers, SentencePiece, batching) and demo_corpus.py."""
+"""Tests of data_load.py (readers, SentencePiece, batching) and corpus/demo.py."""
 
 import gzip
 import os
 import random
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 
 import data_load
-import demo_corpus
+import qformat
+from corpus import demo as demo_corpus
 from data_load import DataError
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # ---------------------------------------------------------------------------
 # Fixture files
@@ -61,6 +66,27 @@ def iwslt_folder(tmp_path):
         xml_file(tmp_path / f"IWSLT16.TED.{set_name}.de-en.en.xml",
                  [("1", "He said: &quot;Hello&quot; &amp; left."), ("2", "That&apos;s &lt;good&gt;.")], "en")
     return str(tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# Imports
+# ---------------------------------------------------------------------------
+
+
+def test_imports_load_no_tensorflow_and_parse_no_lexicon():
+    """`import data_load` (and with it corpus.demo) in a fresh interpreter loads no TensorFlow,
+    and importing the demo grammar parses no lexicon table until the generator needs one."""
+    code = ("import sys\n"
+            "import corpus.demo\n"
+            "assert corpus.demo.lexicon.cache_info().currsize == 0, 'corpus.demo parsed its lexicon'\n"
+            "import data_load\n"
+            "tf = sorted(m for m in sys.modules if m.split('.')[0] == 'tensorflow')\n"
+            "assert not tf, f'data_load loaded {tf[:3]}'\n"
+            "assert corpus.demo.lexicon.cache_info().currsize == 0, 'data_load parsed the lexicon'\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert demo_corpus.lexicon() is demo_corpus.lexicon()  # parsed once, then cached
 
 
 # ---------------------------------------------------------------------------
@@ -189,7 +215,7 @@ def test_demo_lexicon_and_sentence_shapes():
     assert len(weil_final) > 10
     assert all(g.rstrip(".").split()[-1] in finite for g in weil_final)
     clause = demo_corpus.Clause(demo_corpus.Phrase(["der", "Mann"], ["the", "man"]),
-                                demo_corpus.TRANSITIVE[0], time=("heute", "today"),
+                                demo_corpus.lexicon().transitive[0], time=("heute", "today"),
                                 obj=demo_corpus.Phrase(["einen", "roten", "Apfel"], ["a", "red", "apple"]))
     assert demo_corpus.german_main(clause, front_time=True) == \
         "heute kauft der Mann einen roten Apfel".split()
@@ -237,13 +263,15 @@ def demo_spm(tmp_path_factory):
 def test_spm_round_trip_and_special_ids(demo_spm):
     sp, german, english, _ = demo_spm
     assert [sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()] == [0, 1, 2, 3]
+    assert [qformat.PAD, qformat.UNK, qformat.BOS, qformat.EOS] == [0, 1, 2, 3]
     assert sp.get_piece_size() == 500
     src = data_load.encode_source(sp, german[:20])
     tgt = data_load.encode_target(sp, english[:20])
-    assert all(ids[-1] == 3 and 2 not in ids for ids in src)
-    assert all(ids[0] == 2 and ids[-1] == 3 for ids in tgt)
+    assert all(ids[-1] == qformat.EOS and qformat.BOS not in ids for ids in src)
+    assert all(ids[0] == qformat.BOS and ids[-1] == qformat.EOS for ids in tgt)
     assert [data_load.decode_ids(sp, ids) for ids in src] == german[:20]
-    assert data_load.decode_ids(sp, tgt[0] + [0, 0]) == english[0]
+    assert data_load.decode_ids(sp, tgt[0] + [qformat.PAD] * 2) == english[0]
+    assert sp.decode(qformat.strip_ids(tgt[0])) == english[0]
     assert data_load.decode_ids(sp, np.array(tgt[1] + tgt[2])) == english[1]  # stops at eos
 
 
@@ -318,15 +346,6 @@ def test_train_batches_budget_coverage_determinism():
     other_epoch = data_load.train_batches(src, tgt, 150, seed=1, epoch=1)
     assert pair_keys(other_epoch) != pair_keys(batches)
     assert sorted(len(s) for s, _ in other_epoch) == sorted(len(s) for s, _ in batches)
-
-
-def test_train_dataset_one_epoch_per_iteration():
-    src, tgt = random_pairs(60)
-    dataset, n_batches = data_load.train_dataset(src, tgt, batch_tokens=100, seed=4)
-    for epoch in range(2):
-        got = [(s.numpy(), t.numpy()) for s, t in dataset]
-        expected = data_load.train_batches(src, tgt, 100, seed=4, epoch=epoch)
-        assert len(got) == n_batches and pair_keys(got) == pair_keys(expected)
 
 
 def test_eval_batches_keep_everything_and_restore_order():

@@ -11,17 +11,19 @@ Transformer can learn to translate it almost perfectly.
 (``train.tags.de-en.*`` plus ``IWSLT16.TED.tst201[34].de-en.*.xml``) so the
 same reader handles the demo and the real data.
 
-Usage: python demo_corpus.py --out data/demo [--seed 1234 --n_train 20000]
+Usage: python -m corpus.demo --out data/demo [--seed 1234 --n_train 20000 --n_dev 1000 --n_test 1000]
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import random
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
@@ -488,37 +490,71 @@ def _parse_adjectives(table: str) -> list[tuple[str, str, str]]:
     return adjectives
 
 
-ANIMATE = _parse_nouns(ANIMATE_NOUNS)
-THINGS = _parse_nouns(THING_NOUNS)
-ALL_NOUNS = ANIMATE + THINGS
-ADJECTIVE_LIST = _parse_adjectives(ADJECTIVES)
-TRANSITIVE = _parse_verbs(TRANSITIVE_VERBS)
-INTRANSITIVE = _parse_verbs(INTRANSITIVE_VERBS)
-REPORTING = _parse_verbs(REPORT_VERBS)
-SEIN = Verb("sein", _conjugate("sein"), "be")
-ASK = next(verb for verb in TRANSITIVE if verb.infinitive == "fragen")
-MODAL_VERBS = [Verb(name, _conjugate(name), name) for name in MODALS]
-TIMES = _entries(TIME_ADVERBS)
-FREQUENCIES = _entries(FREQUENCY_ADVERBS)
-MANNERS = _entries(MANNER_ADVERBS)
-NUMBER_WORDS = _entries(NUMBERS)
-SUBORDINATING = _entries(SUBORDINATORS)
-COORDINATING = _entries(COORDINATORS)
-WH_WORDS = _entries(QUESTION_WORDS)
-NAME_LIST = NAMES.split()
+@dataclass(frozen=True)
+class Lexicon:
+    """The parsed lexicon tables (tuples, so the shared cached value cannot be changed)."""
+
+    animate: tuple[Noun, ...]
+    things: tuple[Noun, ...]
+    all_nouns: tuple[Noun, ...]
+    adjectives: tuple[tuple[str, str, str], ...]
+    transitive: tuple[Verb, ...]
+    intransitive: tuple[Verb, ...]
+    reporting: tuple[Verb, ...]
+    sein: Verb  # compared by identity: `clause.verb is lexicon().sein`
+    ask: Verb
+    modal_verbs: tuple[Verb, ...]
+    times: tuple[tuple[str, str], ...]
+    frequencies: tuple[tuple[str, str], ...]
+    manners: tuple[tuple[str, str], ...]
+    number_words: tuple[tuple[str, str], ...]
+    subordinating: tuple[tuple[str, str], ...]
+    coordinating: tuple[tuple[str, str], ...]
+    wh_words: tuple[tuple[str, str], ...]
+    names: tuple[str, ...]
+
+
+@functools.cache
+def lexicon() -> Lexicon:
+    """The lexicon tables above, parsed on first use (importing this module parses nothing)."""
+    animate = tuple(_parse_nouns(ANIMATE_NOUNS))
+    things = tuple(_parse_nouns(THING_NOUNS))
+    transitive = tuple(_parse_verbs(TRANSITIVE_VERBS))
+    return Lexicon(
+        animate=animate,
+        things=things,
+        all_nouns=animate + things,
+        adjectives=tuple(_parse_adjectives(ADJECTIVES)),
+        transitive=transitive,
+        intransitive=tuple(_parse_verbs(INTRANSITIVE_VERBS)),
+        reporting=tuple(_parse_verbs(REPORT_VERBS)),
+        sein=Verb("sein", _conjugate("sein"), "be"),
+        ask=next(verb for verb in transitive if verb.infinitive == "fragen"),
+        modal_verbs=tuple(Verb(name, _conjugate(name), name) for name in MODALS),
+        times=tuple(_entries(TIME_ADVERBS)),
+        frequencies=tuple(_entries(FREQUENCY_ADVERBS)),
+        manners=tuple(_entries(MANNER_ADVERBS)),
+        number_words=tuple(_entries(NUMBERS)),
+        subordinating=tuple(_entries(SUBORDINATORS)),
+        coordinating=tuple(_entries(COORDINATORS)),
+        wh_words=tuple(_entries(QUESTION_WORDS)),
+        names=tuple(NAMES.split()),
+    )
 
 
 def lexicon_size() -> tuple[int, int]:
     """Number of distinct German and English lexicon entries (lemmas)."""
+    lex = lexicon()
     pairs: list[tuple[str, str]] = []
-    pairs += [(n.nominative, n.english) for n in ALL_NOUNS]
-    pairs += [(a[0], a[2]) for a in ADJECTIVE_LIST]
-    pairs += [(v.infinitive, v.english) for v in TRANSITIVE + INTRANSITIVE + REPORTING]
+    pairs += [(n.nominative, n.english) for n in lex.all_nouns]
+    pairs += [(a[0], a[2]) for a in lex.adjectives]
+    pairs += [(v.infinitive, v.english) for v in lex.transitive + lex.intransitive + lex.reporting]
     pairs += [(m, MODALS[m][0] or "want") for m in MODALS] + [("sein", "be")]
-    pairs += TIMES + FREQUENCIES + MANNERS + NUMBER_WORDS
-    pairs += SUBORDINATING + COORDINATING + WH_WORDS + [("dass", "that"), ("ob", "whether")]
+    pairs += lex.times + lex.frequencies + lex.manners + lex.number_words
+    pairs += lex.subordinating + lex.coordinating + lex.wh_words
+    pairs += [("dass", "that"), ("ob", "whether")]
     pairs += [(p[0], p[1]) for p in SUBJECT_PRONOUNS] + [(p[0], p[1]) for p in OBJECT_PRONOUNS]
-    pairs += [(name, name) for name in NAME_LIST] + POSSESSIVES
+    pairs += [(name, name) for name in lex.names] + POSSESSIVES
     pairs += [("der", "the"), ("ein", "a"), ("kein", "no"), ("dieser", "this"),
               ("jeder", "every"), ("viele", "many"), ("einige", "some"),
               ("nicht", "not"), ("was", "what"), ("wer", "who")]
@@ -527,7 +563,8 @@ def lexicon_size() -> tuple[int, int]:
 
 def finite_verb_forms() -> set[str]:
     """All conjugated German verb forms the grammar can produce."""
-    verbs = TRANSITIVE + INTRANSITIVE + REPORTING + MODAL_VERBS + [SEIN]
+    lex = lexicon()
+    verbs = lex.transitive + lex.intransitive + lex.reporting + lex.modal_verbs + (lex.sein,)
     return {form for verb in verbs for form in verb.forms}
 
 
@@ -574,7 +611,7 @@ def _choose_determiner(rng: random.Random, plural: bool) -> tuple[str, str, str]
         options += [("ein", "kein", "no"), ("strong", "viele", "many"),
                     ("strong", "einige", "some"), ("strong", "", "")]
         options += [("ein", stem, english) for stem, english in POSSESSIVES]
-        options += [("strong", g, e) for g, e in NUMBER_WORDS]
+        options += [("strong", g, e) for g, e in lexicon().number_words]
         return rng.choice(options)
     options = [("der", "der", "the")] * 4 + [("ein", "ein", "a")] * 3
     options += [("ein", "kein", "no"), ("dieser", "dies", "this"),
@@ -596,7 +633,7 @@ def _german_determiner(kind: str, stem: str, gender: str, case: str,
     return stem + ("e" if plural else EIN_ENDINGS[(gender, case)])
 
 
-def noun_phrase(rng: random.Random, nouns: list[Noun], case: str) -> Phrase:
+def noun_phrase(rng: random.Random, nouns: Sequence[Noun], case: str) -> Phrase:
     """A determiner (+ adjective) + noun phrase in nominative or accusative."""
     noun = rng.choice(nouns)
     plural = rng.random() < 0.3
@@ -605,7 +642,7 @@ def noun_phrase(rng: random.Random, nouns: list[Noun], case: str) -> Phrase:
     german = [german_det] if german_det else []
     english = [english_det] if english_det else []
     if rng.random() < 0.3:
-        predicative, adj_stem, adj_en = rng.choice(ADJECTIVE_LIST)
+        predicative, adj_stem, adj_en = rng.choice(lexicon().adjectives)
         style = "strong_plural" if kind == "strong" else (
             "weak" if kind in ("der", "dieser") or plural else "mixed")
         german.append(adj_stem + _adjective_ending(style, noun.gender, case, plural))
@@ -623,14 +660,14 @@ def noun_phrase(rng: random.Random, nouns: list[Noun], case: str) -> Phrase:
                   negative=stem == "kein")
 
 
-def subject_phrase(rng: random.Random, nouns: list[Noun]) -> Phrase:
+def subject_phrase(rng: random.Random, nouns: Sequence[Noun]) -> Phrase:
     """Subject: pronoun, name or noun phrase in the nominative."""
     draw = rng.random()
     if draw < 0.25:
         german, english, person, can_start = rng.choice(SUBJECT_PRONOUNS)
         return Phrase([german], [english], person, pronoun=True, can_start=can_start)
     if draw < 0.4:
-        name = rng.choice(NAME_LIST)
+        name = rng.choice(lexicon().names)
         return Phrase([name], [name])
     return noun_phrase(rng, nouns, "nom")
 
@@ -643,9 +680,9 @@ def object_phrase(rng: random.Random, subject_person: int) -> Phrase:
         if person != subject_person:
             return Phrase([german], [english], person, pronoun=True)
     if draw < 0.2:
-        name = rng.choice(NAME_LIST)
+        name = rng.choice(lexicon().names)
         return Phrase([name], [name])
-    return noun_phrase(rng, ALL_NOUNS, "acc")
+    return noun_phrase(rng, lexicon().all_nouns, "acc")
 
 
 # ---------------------------------------------------------------------------
@@ -670,27 +707,28 @@ class Clause:
 
 def sample_clause(rng: random.Random, kind: str = "") -> Clause:
     """Random clause; kind is "trans", "intr" or "cop" (random when empty)."""
+    lex = lexicon()
     kind = kind or rng.choices(["trans", "intr", "cop"], [0.55, 0.27, 0.18])[0]
     if kind == "cop":
-        subject = subject_phrase(rng, ALL_NOUNS)
-        predicative, _, english = rng.choice(ADJECTIVE_LIST)
-        clause = Clause(subject, SEIN, adjective=(predicative, english))
+        subject = subject_phrase(rng, lex.all_nouns)
+        predicative, _, english = rng.choice(lex.adjectives)
+        clause = Clause(subject, lex.sein, adjective=(predicative, english))
     else:
-        subject = subject_phrase(rng, ANIMATE)
-        verbs = TRANSITIVE if kind == "trans" else INTRANSITIVE
+        subject = subject_phrase(rng, lex.animate)
+        verbs = lex.transitive if kind == "trans" else lex.intransitive
         clause = Clause(subject, rng.choice(verbs))
         if kind == "trans":
             clause.obj = object_phrase(rng, subject.person)
         elif rng.random() < 0.4:
-            clause.manner = rng.choice(MANNERS)
+            clause.manner = rng.choice(lex.manners)
         if rng.random() < 0.15:
-            clause.modal = rng.choice(MODAL_VERBS)
+            clause.modal = rng.choice(lex.modal_verbs)
     if rng.random() < 0.25:
-        clause.time = rng.choice(TIMES)
+        clause.time = rng.choice(lex.times)
     if rng.random() < 0.12 and not subject.negative and (clause.obj is None or clause.obj.definite):
         clause.negated = True
     elif rng.random() < 0.15:
-        clause.frequency = rng.choice(FREQUENCIES)
+        clause.frequency = rng.choice(lex.frequencies)
     return clause
 
 
@@ -763,7 +801,7 @@ def _english_head(clause: Clause, question: bool) -> tuple[list[str], list[str]]
     person, frequency = clause.subject.person, clause.frequency
     adverb = [frequency[1]] if frequency else []
     nots = ["not"] if clause.negated else []
-    if clause.verb is SEIN:
+    if clause.verb is lexicon().sein:
         return [_be(person)], adverb + nots
     if clause.modal and MODALS[clause.modal.infinitive][0]:
         aux, after = MODALS[clause.modal.infinitive]
@@ -814,11 +852,12 @@ def english_question(clause: Clause, with_object: bool = True) -> list[str]:
 
 def _statement(rng: random.Random, clause: Clause) -> tuple[list[str], list[str]]:
     """Main clause; fronts a time expression when the subject cannot start."""
+    lex = lexicon()
     if not clause.subject.can_start and not clause.time:
-        clause.time = rng.choice(TIMES)
+        clause.time = rng.choice(lex.times)
     front = clause.time is not None and (not clause.subject.can_start or rng.random() < 0.5)
     if not front and clause.frequency and rng.random() < 0.3 and \
-            FREQUENCIES.index(clause.frequency) < FRONTABLE_FREQUENCY:
+            lex.frequencies.index(clause.frequency) < FRONTABLE_FREQUENCY:
         return _fronted_frequency(clause)
     return german_main(clause, front), english_statement(clause, front)
 
@@ -837,7 +876,7 @@ def _simple(rng: random.Random) -> tuple[list[str], list[str]]:
 
 
 def _with_subordinate(rng: random.Random) -> tuple[list[str], list[str]]:
-    conjunction, english_conjunction = rng.choice(SUBORDINATING)
+    conjunction, english_conjunction = rng.choice(lexicon().subordinating)
     main, sub = sample_clause(rng), sample_clause(rng)
     sub_german = german_subordinate(conjunction, sub)
     sub_english = english_conjunction.split() + english_statement(sub)
@@ -850,11 +889,12 @@ def _with_subordinate(rng: random.Random) -> tuple[list[str], list[str]]:
 
 def _reported(rng: random.Random) -> tuple[list[str], list[str]]:
     """"Die Frau sagt, dass ..." or "Der Mann fragt, ob ..."."""
-    speaker = subject_phrase(rng, ANIMATE)
+    lex = lexicon()
+    speaker = subject_phrase(rng, lex.animate)
     if rng.random() < 0.3:
-        verb, conjunction, english_conjunction = ASK, "ob", "whether"
+        verb, conjunction, english_conjunction = lex.ask, "ob", "whether"
     else:
-        verb, conjunction, english_conjunction = rng.choice(REPORTING), "dass", "that"
+        verb, conjunction, english_conjunction = rng.choice(lex.reporting), "dass", "that"
     main = Clause(speaker, verb)
     sub = sample_clause(rng)
     german, english = _statement(rng, main)
@@ -863,7 +903,7 @@ def _reported(rng: random.Random) -> tuple[list[str], list[str]]:
 
 
 def _coordinated(rng: random.Random) -> tuple[list[str], list[str]]:
-    conjunction, english_conjunction = rng.choice(COORDINATING)
+    conjunction, english_conjunction = rng.choice(lexicon().coordinating)
     first_german, first_english = _statement(rng, sample_clause(rng))
     second = sample_clause(rng)
     comma = [","] if conjunction in ("aber", "denn") else []
@@ -889,7 +929,7 @@ def _question(rng: random.Random) -> tuple[list[str], list[str]]:
     german = [_finite(clause)] + clause.subject.german + _middle_field(clause)
     english = english_question(clause)
     if draw < 0.7:
-        wh_german, wh_english = rng.choice(WH_WORDS)
+        wh_german, wh_english = rng.choice(lexicon().wh_words)
         if wh_german == "wann":
             clause.time = None
         if wh_german == "wo":

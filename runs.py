@@ -1,0 +1,118 @@
+"""What train.py, eval.py, export.py and scripts/ share about a run: its restored hparams, its
+model and checkpoint, its corpus, translating with it and scoring BLEU.
+
+A run is a train.py `--logdir`: `hparams.json`, `spm.model` and `ckpt/`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import sacrebleu
+import sentencepiece as spm
+import tensorflow as tf
+from tqdm import tqdm
+
+import data_load
+import hparams
+import qformat
+import quant
+from model import Transformer, load_weights
+from modules import FloatSites, SiteFactory
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """Flags as typed, completed by the hparams saved with the run (or with the export, for
+    eval.py --engine int): hparams.SAVED_FLAGS, each unless typed (then a warning on mismatch)."""
+    hp = parser.parse_args(argv)
+    if hp.logdir:
+        saved = hparams.load_hparams(hp.logdir)
+    elif getattr(hp, "engine", "tf") == "int" and hp.export:
+        saved = qformat.read_manifest(hp.export)["hparams"]
+    else:
+        raise ValueError("--logdir is required (or --engine int --export DIR)")
+    hparams.merge_saved(hp, saved, hparams.explicit_flags(parser, argv), hparams.SAVED_FLAGS)
+    return hp
+
+
+def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:
+    """The site factory for the --quant/--wbits/--abits/--rounding/--per_channel/--quant_override
+    flags: quant.TQTSites, or modules.FloatSites (identity hooks) for --quant none."""
+    config = quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
+                                          hp.quant_override)
+    return FloatSites() if config is None else quant.TQTSites(config)
+
+
+def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, bool]:
+    """The model of <logdir> (quantized per hp), its SentencePiece model, the checkpoint path, and
+    whether the checkpoint carried thresholds (False: a float checkpoint that PTQ must calibrate)."""
+    spm_path = os.path.join(hp.logdir, "spm.model")
+    if not os.path.exists(spm_path):
+        raise FileNotFoundError(f"{spm_path} not found: is --logdir a train.py log directory?")
+    sp = spm.SentencePieceProcessor(model_file=spm_path)
+    path = hp.checkpoint or tf.train.latest_checkpoint(os.path.join(hp.logdir, "ckpt"))
+    if not path:
+        raise FileNotFoundError(f"no checkpoint in {os.path.join(hp.logdir, 'ckpt')}")
+    model = Transformer(hp, sp.get_piece_size(), sites_from_flags(hp))
+    return model, sp, path, load_weights(model, path)
+
+
+def load_quantized(logdir: str, checkpoint: str | None = None
+                   ) -> tuple[Transformer, argparse.Namespace, str]:
+    """The model of a quantized train.py logdir with its hparams, the checkpoint restored; also
+    its SentencePiece model path. A checkpoint without thresholds (a float run) is a ValueError:
+    its grids would be uncalibrated."""
+    argv = ["--logdir", logdir] + (["--checkpoint", checkpoint] if checkpoint else [])
+    hp = restore_hparams(hparams.eval_parser(), argv)
+    model, _, path, has_thresholds = load_model(hp)
+    if isinstance(model.sites, quant.TQTSites) and not has_thresholds:
+        raise ValueError(f"checkpoint {path} has no quantization thresholds (a float checkpoint): "
+                         "calibrate or fine-tune it with --quant first")
+    return model, hp, os.path.join(logdir, "spm.model")
+
+
+def load_corpus(hp: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:
+    """The train/dev/test splits named by the data flags."""
+    return data_load.load_splits(
+        hp.data, hp.dev_set, hp.test_set, train_src=hp.train_src, train_tgt=hp.train_tgt,
+        dev_src=hp.dev_src, dev_tgt=hp.dev_tgt, test_src=hp.test_src, test_tgt=hp.test_tgt,
+        demo_dir=hp.demo_dir)
+
+
+def test_pairs(hp: argparse.Namespace, src: str | None = None, ref: str | None = None
+               ) -> tuple[list[str], list[str], str]:
+    """(German lines, English references, a name for them): --src/--ref when given, else the
+    run's test set."""
+    if src or ref:
+        if not (src and ref):
+            raise ValueError("--src and --ref go together")
+        return (*data_load.read_parallel(src, ref), src)
+    name = hp.test_src or f"{hp.data}:{hp.test_set}"
+    return (*load_corpus(hp)["test"], name)
+
+
+def translate(model: Transformer, sp: spm.SentencePieceProcessor, lines: list[str],
+              hp: argparse.Namespace, progress: bool = False) -> list[str]:
+    """Detokenized translations of `lines`, in order (greedy with cache, or beam search)."""
+    hyps: list[str] = [""] * len(lines)
+    batches = data_load.eval_batches(data_load.encode_source(sp, lines), hp.eval_batch_size)
+    for index, src in tqdm(batches, desc="translate", disable=not progress, dynamic_ncols=True):
+        src = tf.constant(src)
+        out = model.greedy(src) if hp.beam == 1 else model.beam_search(src, hp.beam, hp.alpha)
+        for i, row in zip(index, out.numpy()):
+            hyps[i] = data_load.decode_ids(sp, row)
+    return hyps
+
+
+def bleu_score(hyps: list[str], refs: list[str]) -> tuple[float, str]:
+    """Corpus sacreBLEU (cased, detokenized, 13a) and its signature."""
+    metric = sacrebleu.metrics.BLEU()
+    return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
+
+
+def repo_relative(path: str) -> str:
+    """`path` relative to the repository (benchmark JSON never records a machine's own paths)."""
+    return os.path.relpath(os.path.abspath(path), ROOT)
