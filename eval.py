@@ -80,6 +80,8 @@ def main(argv: list[str]) -> None:
     hp = runs.restore_hparams(hparams.eval_parser(), argv)
     if hp.engine == "int" and not hp.export:
         raise ValueError("--engine int needs --export DIR (an export.py directory)")
+    if hp.engine == "int" and hp.export_to:
+        raise ValueError("--export_to writes the integers of a TF model (--engine tf --logdir DIR)")
     de, en, test_name = runs.test_pairs(hp, hp.src, hp.ref)
     start = time.time()
     hyps, source = (translate_int if hp.engine == "int" else translate_tf)(hp, de)

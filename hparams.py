@@ -141,7 +141,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--src", default=None, help="German file to translate (instead of the test set)")
     p.add_argument("--ref", default=None, help="English reference for --src")
     p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.add_argument("--hyp_out", default=None, help="hypotheses file (default <logdir>/test_hyp.txt)")
+    p.add_argument("--hyp_out", default=None,
+                   help="hypotheses file (default <logdir or export>/test_hyp_<engine>.txt)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint prefix (default: latest)")
     p.add_argument("--summary", default=None,
                    help="add this result to a JSON summary file (e.g. runs/demo/summary.json)")

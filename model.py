@@ -57,29 +57,34 @@ class Dropout:
         return x * keep * (1.0 / (1.0 - self.rate))
 
 
-class EncoderBlock(tf.Module):
-    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
-        names = qformat.block_names("encoder", index)
-        super().__init__(name=qformat.block("encoder", index).rsplit("/", 1)[-1])
+class Block(tf.Module):
+    """The sublayers of one encoder or decoder block, named by qformat.block_names: attention(s),
+    FFN, LayerNorms `ln1`, `ln2` (, `ln3`), created in that order."""
+
+    def __init__(self, side: str, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
+        names = qformat.block_names(side, index)
+        super().__init__(name=qformat.block(side, index).rsplit("/", 1)[-1])
         self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
+        if names.cross_attention:
+            self.cross_attention = MultiHeadAttention(names.cross_attention, hp.d_model, hp.num_heads, sites)
         self.ffn = FeedForward(names.ffn, hp.d_model, hp.d_ff, sites)
-        self.ln1, self.ln2 = (LayerNorm(name, hp.d_model) for name in names.norms)
+        for name in names.norms:
+            setattr(self, name.rsplit("/", 1)[-1], LayerNorm(name, hp.d_model))
         self.dropout = drop
+
+
+class EncoderBlock(Block):
+    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
+        super().__init__("encoder", index, hp, sites, drop)
 
     def __call__(self, x: tf.Tensor, bias: tf.Tensor, training: bool) -> tf.Tensor:
         x = self.ln1(x + self.dropout(self.self_attention(x, x, bias), training))
         return self.ln2(x + self.dropout(self.ffn(x), training))
 
 
-class DecoderBlock(tf.Module):
+class DecoderBlock(Block):
     def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
-        names = qformat.block_names("decoder", index)
-        super().__init__(name=qformat.block("decoder", index).rsplit("/", 1)[-1])
-        self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
-        self.cross_attention = MultiHeadAttention(names.cross_attention, hp.d_model, hp.num_heads, sites)
-        self.ffn = FeedForward(names.ffn, hp.d_model, hp.d_ff, sites)
-        self.ln1, self.ln2, self.ln3 = (LayerNorm(name, hp.d_model) for name in names.norms)
-        self.dropout = drop
+        super().__init__("decoder", index, hp, sites, drop)
 
     def __call__(self, y: tf.Tensor, self_kv: tuple[tf.Tensor, tf.Tensor], self_bias: tf.Tensor,
                  cross_kv: tuple[tf.Tensor, tf.Tensor], src_bias: tf.Tensor, training: bool) -> tf.Tensor:

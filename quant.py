@@ -10,7 +10,8 @@ Jain et al., "Trained Quantization Thresholds ..." (MLSys 2020). The equations, 
 
 The grid, the roundings and [n, p] are defined once in `qformat.py`. `tqt_fake_quant_reference`
 computes the equations line for line; `tqt_fake_quant_fused` is the same op per tensor on TF's
-fused kernels (bit for bit equal, tested); `tqt_fake_quant` picks the fused one where it exists.
+fused kernels (equal bit for bit, tested; docs/tqt.md "The fused path" names the two exceptions,
+a zero's sign and subnormal x/s); `tqt_fake_quant` picks the fused one where it exists.
 
 Layout: the op (`tqt_fake_quant`, `quantize_bias`); one quantizer at one matmul input
 (`QuantSite`) and the threshold clamp; the run's bit widths (`QuantConfig`) and the site
@@ -90,7 +91,7 @@ def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: 
 
         def grad(dy):
             inside = (v >= n) & (v <= p)
-            dx = tf.where(inside, dy, tf.zeros_like(dy))  # dL/dx = dy 1[n <= x/s <= p]
+            dx = dy * tf.cast(inside, dy.dtype)  # dL/dx = dy 1[n <= x/s <= p]
             below_or_above = tf.where(v < n, tf.constant(n, v.dtype), tf.constant(p, v.dtype))
             g = tf.where(inside, r - v, below_or_above)  # R(x/s) - x/s | n | p
             dlog2_t = LN2 * _sum_to(dy * (s * g), log2_t)  # sum(dy s ln2 g)

@@ -1,6 +1,7 @@
-"""Activation calibration (quant.py, "Observation and calibration") against independent references:
-a plain-loop KL-J threshold search written from the docstrings, hand-worked histograms, np.percentile
-and a NumPy brute force over power-of-two thresholds for MSE."""
+"""Activation calibration (calibration.py; docs/tqt.md, "Calibration") against independent
+references: a plain-loop KL-J threshold search written from the docstrings, hand-worked histograms,
+np.percentile and a NumPy brute force over power-of-two thresholds for MSE. Sites observe through
+calibration.observe and are calibrated by calibration.calibrate_site."""
 
 import math
 
@@ -10,9 +11,11 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import calibration
+import qformat
 import quant
 
-BINS = quant._Observations.BINS
+BINS = calibration.Observations.BINS
 FLOOR = 1e-12  # the "tiny floor" on Q; its value decides J wherever Q is empty, so it must match
 
 
@@ -25,7 +28,7 @@ def magnitude_levels(num_bits, signed):
 
 
 def ref_kl_j(hist, i, levels):
-    """J = KL(P||Q) + KL(Q||P) over P's support, from the definition in quant._kl_j's docstring.
+    """J = KL(P||Q) + KL(Q||P) over P's support, from the definition in calibration.kl_j's docstring.
 
     P: bins 0..i-1 of hist, everything from bin i on added to bin i-1.
     Q: bins 0..i-1 cut into `levels` groups, group g holding the bins j with g <= j*levels/i < g+1;
@@ -80,8 +83,8 @@ def ref_kl_threshold(hist, num_bits, signed, bin_width, max_value):
 
 
 def hand_built(counts, bin_width=1.0, max_value=None):
-    """_Observations holding `counts` in its first bins; max defaults to inside the last one."""
-    obs = quant._Observations(seed=0)
+    """Observations holding `counts` in its first bins; max defaults to inside the last one."""
+    obs = calibration.Observations(seed=0)
     obs.hist[: len(counts)] = counts
     obs.top = bin_width * BINS
     last = int(np.flatnonzero(obs.hist)[-1]) if obs.hist.any() else 0
@@ -95,7 +98,7 @@ def padded(counts, length=BINS):
     return hist
 
 
-# ---- _kl_j on hand-worked P and Q ---------------------------------------------------------------
+# ---- kl_j on hand-worked P and Q ---------------------------------------------------------------
 
 CLIP_WINS = [4, 1, 0, 0, 0, 1]  # a decreasing bulk and one far outlier
 # levels 2, i 6 (the max): P = [4,1,0,0,0,1]/6; groups {0,1,2} {3,4,5}, Q on P > 0 = [2.5,2.5,1]/6;
@@ -135,14 +138,14 @@ SPARSE = [1, 0, 1, 1]
 )
 def test_kl_j_on_hand_worked_cases(counts, i, expected):
     for hist in (padded(counts, len(counts)), padded(counts)):  # trailing empty bins change nothing
-        assert quant._kl_j(hist, i, 2) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+        assert calibration.kl_j(hist, i, 2) == pytest.approx(expected, rel=1e-12, abs=1e-15)
     assert ref_kl_j(counts, i, 2) == pytest.approx(expected, rel=1e-12, abs=1e-15)
 
 
 def test_kl_j_is_symmetric_not_one_sided():
     # CLIP_WINS at i = 2: KL(P||Q) = (2/3) ln(5/6) + (1/3) ln(5/3) = 0.0487, J = 0.0924
     one_sided = 2 / 3 * math.log(5 / 6) + 1 / 3 * math.log(5 / 3)
-    j = quant._kl_j(padded(CLIP_WINS), 2, 2)
+    j = calibration.kl_j(padded(CLIP_WINS), 2, 2)
     assert j == pytest.approx(2 / 15 * math.log(2), rel=1e-12)
     assert abs(j - one_sided) > 0.04
 
@@ -152,8 +155,8 @@ def test_kl_j_groups_by_levels():
     # 2 levels, groups of 4: Q = 1/8 everywhere; four bins give (1/16) ln 2 and four (1/16) ln 1.5,
     # J = ln(3)/4.
     counts = [1, 1, 3, 3, 1, 1, 3, 3]
-    assert quant._kl_j(padded(counts), 8, 4) == pytest.approx(0.0, abs=1e-15)
-    assert quant._kl_j(padded(counts), 8, 2) == pytest.approx(math.log(3) / 4, rel=1e-12)
+    assert calibration.kl_j(padded(counts), 8, 4) == pytest.approx(0.0, abs=1e-15)
+    assert calibration.kl_j(padded(counts), 8, 2) == pytest.approx(math.log(3) / 4, rel=1e-12)
     assert ref_kl_j(counts, 8, 2) == pytest.approx(math.log(3) / 4, rel=1e-12)
 
 
@@ -181,10 +184,10 @@ def test_kl_j_matches_reference_on_random_histograms(inputs, data):
     if sum(counts[:i]) == 0:
         return
     expected = ref_kl_j(counts, i, levels)
-    assert quant._kl_j(padded(counts), i, levels) == pytest.approx(expected, rel=1e-9, abs=1e-12)
+    assert calibration.kl_j(padded(counts), i, levels) == pytest.approx(expected, rel=1e-9, abs=1e-12)
 
 
-# ---- _kl_threshold ------------------------------------------------------------------------------
+# ---- kl_threshold -------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -207,18 +210,18 @@ def test_kl_j_matches_reference_on_random_histograms(inputs, data):
 )
 def test_kl_threshold_on_hand_worked_histograms(counts, num_bits, signed, bin_width, expected_bins):
     obs = hand_built(counts, bin_width)
-    threshold = quant._kl_threshold(obs, num_bits, signed)
+    threshold = calibration.kl_threshold(obs, num_bits, signed)
     assert threshold == expected_bins * bin_width
     assert ref_kl_threshold(obs.hist, num_bits, signed, bin_width, obs.max) == threshold
 
 
 def test_kl_threshold_keeps_the_max_when_levels_cover_the_occupied_bins():
     # 2 levels, 2 occupied bins: nothing to round away, so the exact max (not a bin edge) comes back
-    assert quant._kl_threshold(hand_built([5, 1], max_value=1.25), 2, True) == 1.25
-    assert quant._kl_threshold(hand_built([0] * 15 + [3], max_value=15.5), 4, False) == 15.5
-    assert quant._kl_threshold(hand_built([], max_value=0.0), 8, True) == 0.0
+    assert calibration.kl_threshold(hand_built([5, 1], max_value=1.25), 2, True) == 1.25
+    assert calibration.kl_threshold(hand_built([0] * 15 + [3], max_value=15.5), 4, False) == 15.5
+    assert calibration.kl_threshold(hand_built([], max_value=0.0), 8, True) == 0.0
     # one more occupied bin than levels: the search runs and returns a bin edge, not the max
-    assert quant._kl_threshold(hand_built(MAX_WINS, max_value=2.25), 2, True) == 3.0
+    assert calibration.kl_threshold(hand_built(MAX_WINS, max_value=2.25), 2, True) == 3.0
 
 
 @settings(max_examples=300, deadline=None)
@@ -236,13 +239,13 @@ def test_kl_threshold_matches_reference_at_real_bit_widths(inputs):
 
 
 def _kl_threshold_agrees(counts, levels, bin_width):
-    """quant's cut must cost what the reference's best cut costs (up to rounding: two cuts
+    """calibration's cut must cost what the reference's best cut costs (up to rounding: two cuts
     may tie to the last bits, so the cost is compared, not the cut)."""
     obs = hand_built(counts, bin_width)
     for num_bits, signed in ((int(math.log2(levels)), False), (int(math.log2(levels)) + 1, True)):
         if num_bits < 2:
             continue
-        threshold = quant._kl_threshold(obs, num_bits, signed)
+        threshold = calibration.kl_threshold(obs, num_bits, signed)
         costs = ref_kl_costs(counts, levels)
         if not costs:
             assert threshold == obs.max
@@ -256,33 +259,34 @@ def _kl_threshold_agrees(counts, levels, bin_width):
 # ---- through QuantSite: a ReLU, and data with nothing small -------------------------------------
 
 
-def observed(data, role, num_bits=8, chunks=3):
-    site = quant.QuantSite("encoder/block_1/ffn/hidden", role, num_bits)
-    site.observing = True
+def observed(data, role, num_bits=8, chunks=3, rounding="half_even", name="encoder/block_1/ffn/hidden"):
+    """A site that observed `data` (as float32, in `chunks` calls) and its Observations."""
+    site = quant.QuantSite(name, role, num_bits, rounding=rounding)
+    obs = calibration.observe([site])[name]
+    assert site.observer is not None
     for chunk in np.array_split(np.asarray(data, np.float32), chunks):
         site(tf.constant(chunk))
-    return site
+    return site, obs
 
 
 def test_kl_clips_a_heavy_tailed_relu_and_ignores_its_zeros():
     x = np.maximum(np.random.default_rng(11).standard_t(2, 20_000), 0.0).astype(np.float32)
-    relu = observed(x, "unsigned", num_bits=4)
-    obs = relu._observations
+    relu, obs = observed(x, "unsigned", num_bits=4)
     assert obs.zeros == np.count_nonzero(x == 0) > 9_000 and obs.max == x.max()
     expected = ref_kl_threshold(obs.hist, 4, False, obs.bin_width(), obs.max)
-    assert quant._kl_threshold(obs, 4, False) == expected
-    relu.calibrate("kl")
+    assert calibration.kl_threshold(obs, 4, False) == expected
+    calibration.calibrate_site(relu, obs, "kl")
     # the reference cut is 14.9375 (max 72.3): threshold 16, three octaves under the max's 128
     assert expected == 14.9375 and relu.threshold() == 16.0 and 64 < x.max() <= 128
-    positive = observed(x[x > 0], "unsigned", num_bits=4)
-    positive.calibrate("kl")
+    positive, positive_obs = observed(x[x > 0], "unsigned", num_bits=4)
+    calibration.calibrate_site(positive, positive_obs, "kl")
     assert positive.log2_t.numpy() == relu.log2_t.numpy()  # half the data being 0 changes nothing
 
 
 def test_kl_keeps_the_max_of_data_with_nothing_small():
     # |x| = 1 everywhere: every bin below the last is empty, and any cut under it clips all of x
-    site = observed(np.where(np.arange(1000) % 2 == 0, 1.0, -1.0), "activation", num_bits=8)
-    site.calibrate("kl")
+    site, obs = observed(np.where(np.arange(1000) % 2 == 0, 1.0, -1.0), "activation", num_bits=8)
+    calibration.calibrate_site(site, obs, "kl")
     assert site.threshold() == 1.0  # a cut that keeps no bin (J = 0/0) would give 1/16
 
 
@@ -307,10 +311,10 @@ def test_percentile_is_the_bin_edge_of_np_percentile(kind, percentile):
     role = "activation"
     if kind == "relu":
         x, role = np.maximum(x, 0), "unsigned"  # the zeros count: the 30th percentile is 0
-    site = observed(x, role)
+    site, obs = observed(x, role)
     expected = percentile_edge(x, percentile)
-    assert quant._percentile_threshold(site._observations, percentile) == expected
-    site.calibrate("percentile", percentile=percentile)
+    assert calibration.percentile_threshold(obs, percentile) == expected
+    calibration.calibrate_site(site, obs, "percentile", percentile=percentile)
     assert site.log2_t.numpy() == pytest.approx(np.log2(expected), abs=1e-6)
 
 
@@ -319,12 +323,12 @@ def test_percentile_edges_by_hand():
     # bin 9 (max 9.5). Cumulative: 3, 5, 8, 8, 8, 9, 9, 9, 9, 10 (of 10).
     obs = hand_built([1, 2, 3, 0, 0, 1, 0, 0, 0, 1], max_value=9.5)
     obs.zeros = 2
-    assert quant._percentile_threshold(obs, 20.0) == 1.0  # 2 of 10 are zeros: 0, first edge
-    assert quant._percentile_threshold(obs, 50.0) == 2.0  # 5 values reached in bin 1
-    assert quant._percentile_threshold(obs, 80.0) == 3.0
-    assert quant._percentile_threshold(obs, 85.0) == 6.0  # bins 3, 4 are empty: bin 5
-    assert quant._percentile_threshold(obs, 90.0) == 6.0
-    assert quant._percentile_threshold(obs, 100.0) == 9.5  # bin 9's edge 10 is above the max
+    assert calibration.percentile_threshold(obs, 20.0) == 1.0  # 2 of 10 are zeros: 0, first edge
+    assert calibration.percentile_threshold(obs, 50.0) == 2.0  # 5 values reached in bin 1
+    assert calibration.percentile_threshold(obs, 80.0) == 3.0
+    assert calibration.percentile_threshold(obs, 85.0) == 6.0  # bins 3, 4 are empty: bin 5
+    assert calibration.percentile_threshold(obs, 90.0) == 6.0
+    assert calibration.percentile_threshold(obs, 100.0) == 9.5  # bin 9's edge 10 is above the max
 
 
 # ---- MSE ----------------------------------------------------------------------------------------
@@ -362,14 +366,13 @@ def test_mse_is_the_brute_force_power_of_two(kind, role, num_bits, rounding, cli
     rng = np.random.default_rng(13)
     x = {"student_t": rng.standard_t(3, 30_000), "relu_t": np.maximum(rng.standard_t(3, 30_000), 0),
          "normal": rng.normal(size=30_000)}[kind].astype(np.float32)  # under SAMPLE: all of x is kept
-    site = quant.QuantSite("decoder/block_2/ffn/input", role, num_bits, rounding=rounding)
-    site.observing = True
-    site(tf.constant(x))
+    site, obs = observed(x, role, num_bits, chunks=1, rounding=rounding, name="decoder/block_2/ffn/input")
     expected = brute_force_mse_log2_t(x.astype(np.float64), num_bits, site.signed, rounding)
     # heavy tails: clipping pays, so a search returning the max fails
     assert (expected < np.ceil(np.log2(np.abs(x).max()))) == clips
-    site.calibrate("mse")
+    calibration.calibrate_site(site, obs, "mse")
     assert site.log2_t.numpy() == expected
+    assert calibration.mse_log2_t(obs, num_bits, site.signed, rounding) == expected
 
 
 def test_mse_tie_keeps_the_larger_threshold():
@@ -377,15 +380,27 @@ def test_mse_tie_keeps_the_larger_threshold():
     # half-even to 0, squared error 9 * 0.25 = 2.25. Threshold 2 (step 0.5, top 1.5): the 0.5s exact,
     # 3 clips to 1.5, 2.25 again. Threshold 1 clips 3 to 0.75: 5.06. The tie goes to 4.
     x = np.array([3.0] + [0.5] * 9, np.float32)
-    site = quant.QuantSite("decoder/block_2/ffn/input", "unsigned", 2)
-    site.observing = True
-    site(tf.constant(x))
+    site, obs = observed(x, "unsigned", 2, chunks=1)
     assert brute_force_mse_log2_t(x.astype(np.float64), 2, False, "half_even") == 2
-    site.calibrate("mse")
+    calibration.calibrate_site(site, obs, "mse")
     assert site.log2_t.numpy() == 2.0
 
 
-# ---- _Observations bookkeeping ------------------------------------------------------------------
+def test_mse_quantizes_float64_observations_in_float64():
+    """Observations keep float64 values; the MSE search must quantize them in float64. Unsigned
+    2 bits, x = [3] + [1/2 + 2^-40] * 9. Threshold 4 (step 1): each 1/2 + 2^-40 rounds to 1, 3 is
+    exact: 9 (1/2 - 2^-40)^2 = 9/4 - 9 * 2^-40 + ... Threshold 2 (step 1/2): 3 clips to 3/2, the
+    rest cost 2^-80 each: 9/4 + 9 * 2^-80. Threshold 4 wins. Rounded to float32 first, 1/2 + 2^-40
+    becomes the tie 1/2, which rounds (half to even) to 0 at threshold 4: 9/4 + 9 * 2^-40 + ...,
+    and threshold 2 would win."""
+    x = np.array([3.0] + [0.5 + 2.0**-40] * 9)
+    obs = calibration.Observations(seed=0)
+    obs.add(x)
+    assert brute_force_mse_log2_t(x, 2, False, "half_even") == 2
+    assert calibration.mse_log2_t(obs, 2, False, "half_even") == 2.0
+
+
+# ---- Observations bookkeeping -------------------------------------------------------------------
 
 
 def binned(a, top):
@@ -396,7 +411,7 @@ def test_histogram_doubling_merges_bin_pairs():
     rng = np.random.default_rng(14)
     small = rng.uniform(-1, 1, 5_000)
     small[0] = 0.999  # top 1 after the first chunk
-    obs = quant._Observations(seed=0)
+    obs = calibration.Observations(seed=0)
     obs.add(small)
     assert obs.top == 1.0
     np.testing.assert_array_equal(obs.hist, binned(small, 1.0))
@@ -413,13 +428,13 @@ def test_histogram_doubling_merges_bin_pairs():
 
 def test_first_top_is_the_power_of_two_at_or_above_max():
     for values, top in (([0.3, -0.1], 0.5), ([1.0], 1.0), ([-5.0, 1.0], 8.0), ([1e-9], 2.0**-24)):
-        obs = quant._Observations(seed=0)
+        obs = calibration.Observations(seed=0)
         obs.add(np.array(values))
         assert obs.top == top and obs.max == max(abs(v) for v in values)
 
 
 def test_zeros_are_counted_apart_from_the_histogram():
-    obs = quant._Observations(seed=0)
+    obs = calibration.Observations(seed=0)
     obs.add(np.array([0.0, -0.0, 0.0, 1.5, -1.5, 0.25]))
     assert obs.zeros == 3 and obs.hist.sum() == 3 and obs.count() == 6
     assert obs.top == 2.0 and obs.hist[1536] == 2 and obs.hist[256] == 1 and obs.hist[0] == 0
@@ -428,11 +443,11 @@ def test_zeros_are_counted_apart_from_the_histogram():
 
 
 def test_subsample_is_bounded_signed_and_without_replacement():
-    obs = quant._Observations(seed=0)
+    obs = calibration.Observations(seed=0)
     few = np.arange(1.0, 1001.0)
     obs.add(few)
     np.testing.assert_array_equal(np.sort(obs.sample), few)  # under the bound: everything
-    obs = quant._Observations(seed=0)
+    obs = calibration.Observations(seed=0)
     positive = np.arange(1.0, 50_001.0)
     obs.add(positive)
     obs.add(-positive)  # 100_000 values > SAMPLE
@@ -448,61 +463,168 @@ def test_subsample_is_bounded_signed_and_without_replacement():
 def test_subsample_at_exactly_the_bound_and_seeded_by_the_site():
     """SAMPLE values are all kept; the subsample's random keys come from the site's seed, so
     calibrating the same data twice (MSE reads the subsample) gives the same thresholds."""
-    obs = quant._Observations(seed=0)
+    obs = calibration.Observations(seed=0)
     obs.add(np.arange(1.0, obs.SAMPLE + 1.0))
     assert obs.sample.size == obs.SAMPLE and obs.count() == obs.SAMPLE
-    data = np.random.default_rng(12).normal(size=3 * quant._Observations.SAMPLE)
-    first, second = (observed(data, "activation")._observations for _ in range(2))
+    data = np.random.default_rng(12).normal(size=3 * calibration.Observations.SAMPLE)
+    first, second = (observed(data, "activation")[1] for _ in range(2))
     np.testing.assert_array_equal(first.sample, second.sample)
+    other = observed(data, "activation", name="encoder/block_2/ffn/hidden")[1]  # another name, seed
+    assert other.sample.size == first.sample.size and not np.array_equal(np.sort(other.sample),
+                                                                          np.sort(first.sample))
 
 
 def test_log2_keeps_thresholds_inside_the_clamp():
-    assert quant._log2(0.0) == quant.LOG2_T_MIN and quant._log2(2.0**30) == quant.LOG2_T_MAX
-    np.testing.assert_array_equal(quant._log2([0.5, 3.0]), np.log2([0.5, 3.0]))
+    assert calibration.log2_threshold(0.0) == qformat.LOG2_T_MIN
+    assert calibration.log2_threshold(2.0**30) == qformat.LOG2_T_MAX
+    np.testing.assert_array_equal(calibration.log2_threshold([0.5, 3.0]), np.log2([0.5, 3.0]))
 
 
 def test_kl_never_cuts_below_the_first_occupied_bin():
     """One occupied bin (200) past the 128 levels of a signed 8-bit grid: the only cut that keeps
     data is just above it; lower cuts would keep nothing (J = 0/0)."""
-    assert quant._kl_threshold(hand_built([0] * 200 + [5]), 8, True) == 201.0
+    assert calibration.kl_threshold(hand_built([0] * 200 + [5]), 8, True) == 201.0
 
 
 def test_calibrate_dispatch_defaults_and_errors():
     """Defaults: method "max", percentile 99.99; KL uses the site's signedness (a signed 4-bit
     grid has 8 magnitude levels, not 16); probabilities get threshold 1 whatever the method."""
     data = np.random.default_rng(13).standard_t(3, 20_000)
-    site = observed(data, "activation")
-    site.calibrate()
-    assert site.log2_t.numpy() == np.float32(quant._log2(np.abs(data.astype(np.float32)).max()))
-    site = observed(data, "activation")
-    expected = quant._log2(quant._percentile_threshold(site._observations, 99.99))
-    site.calibrate("percentile")
+    site, obs = observed(data, "activation")
+    calibration.calibrate_site(site, obs)
+    expected = calibration.log2_threshold(np.abs(data.astype(np.float32)).max())
     assert site.log2_t.numpy() == np.float32(expected)
-    site = observed(data, "activation", num_bits=4)
-    expected = quant._log2(quant._kl_threshold(site._observations, 4, True))
-    assert expected != quant._log2(quant._kl_threshold(site._observations, 4, False))
-    site.calibrate("kl")
+    site, obs = observed(data, "activation")
+    expected = calibration.log2_threshold(calibration.percentile_threshold(obs, 99.99))
+    calibration.calibrate_site(site, obs, "percentile")
     assert site.log2_t.numpy() == np.float32(expected)
+    site, obs = observed(data, "activation", num_bits=4)
+    expected = calibration.log2_threshold(calibration.kl_threshold(obs, 4, True))
+    assert expected != calibration.log2_threshold(calibration.kl_threshold(obs, 4, False))
+    calibration.calibrate_site(site, obs, "kl")
+    assert site.log2_t.numpy() == np.float32(expected)
+    assert calibration.activation_log2_t(obs, "activation", 4, True, "half_even", "kl") == expected
     for method in ("max", "percentile", "mse", "kl"):
-        probability = observed(np.random.default_rng(14).random(5000) * 0.1, "probability")
-        probability.calibrate(method)
-        assert probability.log2_t.numpy() == 0.0 and not probability.observing
-    message = r"^calibration method must be max\|percentile\|mse\|kl, got 'mean'$"
-    with pytest.raises(ValueError, match=message):
-        observed(data, "activation").calibrate("mean")
+        probability, obs = observed(np.random.default_rng(14).random(5000) * 0.1, "probability")
+        calibration.calibrate_site(probability, obs, method)
+        assert probability.log2_t.numpy() == 0.0 and probability.observer is None
+        assert calibration.activation_log2_t(obs, "probability", 8, False, "half_even", method) == 0.0
+    message = r"calibration method must be one of max\|percentile\|mse\|kl, got 'mean'$"
+    with pytest.raises(ValueError, match="^site 'encoder/block_1/ffn/hidden': " + message):
+        calibration.calibrate_site(*observed(data, "activation"), "mean")
+    with pytest.raises(ValueError, match="^" + message):
+        calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "mean")
+    with pytest.raises(ValueError, match="^" + message):
+        calibration.calibrate(None, [], "mean")  # checked before the model is touched
+
+
+def test_activation_log2_t_is_the_method_applied_to_the_observations():
+    """activation_log2_t on its own: each method is the threshold function it names, for the
+    site's bits, signedness and rounding."""
+    x = np.random.default_rng(15).standard_t(2, 20_000)
+    obs = calibration.Observations(seed=3)
+    obs.add(x)
+    max_abs = np.abs(x).max()
+    assert calibration.activation_log2_t(obs, "activation", 8, True, "half_even") == np.log2(max_abs)
+    assert calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "percentile", 99.0) == (
+        calibration.log2_threshold(calibration.percentile_threshold(obs, 99.0)))
+    for bits, signed, rounding in ((4, True, "half_even"), (3, False, "floor"), (6, True, "half_up")):
+        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "mse") == (
+            brute_force_mse_log2_t(x, bits, signed, rounding))
+        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "kl") == (
+            calibration.log2_threshold(calibration.kl_threshold(obs, bits, signed)))
 
 
 def test_calibration_needs_at_least_one_value():
-    empty = observed(np.zeros(0), "activation", chunks=1)
-    with pytest.raises(ValueError, match="observed no data"):
-        empty.calibrate("max")
-    one = observed(np.array([3.0]), "activation", chunks=1)
-    one.calibrate("max")
+    empty, obs = observed(np.zeros(0), "activation", chunks=1)
+    message = r"^site 'encoder/block_1/ffn/hidden': observed no data; cannot calibrate$"
+    with pytest.raises(ValueError, match=message):
+        calibration.calibrate_site(empty, obs, "max")
+    with pytest.raises(ValueError, match=r"^observed no data; cannot calibrate$"):
+        calibration.activation_log2_t(obs, "activation", 8, True, "half_even")
+    one, obs = observed(np.array([3.0]), "activation", chunks=1)
+    calibration.calibrate_site(one, obs, "max")
     assert one.log2_t.numpy() == np.float32(np.log2(3.0))
 
 
 def test_mse_on_values_below_the_smallest_threshold():
     """|x| under 2^-24: the only candidate left is the clamp's floor, log2_t = -24."""
-    site = observed(np.full(100, 2.0**-26), "activation", chunks=1)
-    site.calibrate("mse")
-    assert site.log2_t.numpy() == quant.LOG2_T_MIN
+    site, obs = observed(np.full(100, 2.0**-26), "activation", chunks=1)
+    calibration.calibrate_site(site, obs, "mse")
+    assert site.log2_t.numpy() == qformat.LOG2_T_MIN
+
+
+def test_weight_log2_t():
+    """max|w| or |mean| + 3 std, per tensor or per output channel (the last axis), clamped."""
+    rng = np.random.default_rng(16)
+    w = rng.normal(size=(2, 8, 3)) * [0.1, 1.0, 10.0] + [0.0, 0.5, 0.0]
+    np.testing.assert_array_equal(calibration.weight_log2_t(w), np.log2(np.abs(w).max()))
+    np.testing.assert_array_equal(calibration.weight_log2_t(w, "max", per_channel=True),
+                                  np.log2(np.abs(w).max(axis=(0, 1))))
+    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd", per_channel=True),
+                               np.log2(np.abs(w.mean(axis=(0, 1))) + 3 * w.std(axis=(0, 1))), rtol=1e-12)
+    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd"), np.log2(abs(w.mean()) + 3 * w.std()),
+                               rtol=1e-12)
+    np.testing.assert_array_equal(calibration.weight_log2_t(np.array([[0.0, 2.0**30]]), per_channel=True),
+                                  [qformat.LOG2_T_MIN, qformat.LOG2_T_MAX])
+    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd, got 'absmax'$"):
+        calibration.weight_log2_t(w, "absmax")
+
+
+# ---- calibrate(): a whole model ----------------------------------------------------------------
+
+
+class TwoLayerModel:
+    """What calibration.calibrate uses of a model.Transformer: `sites.sites`, `weight_sites()`
+    and a call on (src, tgt_in, training). Its activation site sees src / 2."""
+
+    def __init__(self, fail=False):
+        self.sites = quant.TQTSites(quant.QuantConfig(wbits=4, abits=8, per_channel=True))
+        self.w_site = self.sites.site("l/weight", "weight", channels=2)
+        self.x_site = self.sites.site("l/input", "activation")
+        self.p_site = self.sites.site("a/softmax_output", "probability")
+        self.weight = tf.constant([[0.5, -3.0], [1.0, 0.25]])
+        self.fail = fail
+        self.calls = []
+
+    def weight_sites(self):
+        return [(self.w_site, self.weight)]
+
+    def __call__(self, src, tgt_in, training):
+        self.calls.append((src.tolist(), tgt_in.tolist(), training))
+        if self.fail:
+            raise RuntimeError("model failed")
+        x = self.x_site(tf.constant(src, tf.float32) / 2)
+        return self.p_site(tf.nn.softmax(x))
+
+
+def test_calibrate_initializes_every_site_and_stops_observing():
+    batches = [(np.array([[3, 5, 0]]), np.array([[2, 7, 9, 3]])), (np.array([[11, 4]]), np.array([[2, 3]]))]
+    model = TwoLayerModel()
+    calibration.calibrate(model, batches, "max", "max")
+    assert model.calls == [([[3, 5, 0]], [[2, 7, 9]], False), ([[11, 4]], [[2]], False)]
+    assert model.x_site.log2_t.numpy() == np.float32(np.log2(5.5))  # max |src / 2| over both batches
+    assert model.p_site.log2_t.numpy() == 0.0
+    np.testing.assert_array_equal(model.w_site.log2_t.numpy(), np.log2([1.0, 3.0]).astype(np.float32))
+    assert all(site.observer is None for site in model.sites.sites.values())
+    calibration.calibrate(model, batches, "max", "3sd")
+    w = model.weight.numpy().astype(np.float64)
+    np.testing.assert_allclose(model.w_site.log2_t.numpy(), np.log2(np.abs(w.mean(0)) + 3 * w.std(0)),
+                               rtol=1e-6)
+
+    failing = TwoLayerModel(fail=True)
+    with pytest.raises(RuntimeError, match="model failed"):
+        calibration.calibrate(failing, batches)
+    assert all(site.observer is None for site in failing.sites.sites.values())  # not left observing
+
+
+def test_observe_gives_each_site_its_own_observations():
+    sites = [quant.QuantSite(name, "activation") for name in ("a/input", "b/input")]
+    observed_by_name = calibration.observe(sites)
+    assert list(observed_by_name) == ["a/input", "b/input"]
+    sites[0](tf.constant([1.0, -2.0]))
+    sites[1](tf.constant([4.0]))
+    assert [obs.count() for obs in observed_by_name.values()] == [2, 1]
+    assert [obs.max for obs in observed_by_name.values()] == [2.0, 4.0]
+    with pytest.raises(RuntimeError, match="observing works eagerly only"):
+        tf.function(sites[0])(tf.constant([1.0]))

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -14,12 +15,14 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
+import calibration
 import data_load
-import demo_corpus
-import eval as evaluation
 import export
 import intmodel
+import qformat
 import quant
+import runs
+from corpus import demo as demo_corpus
 from model import Transformer
 from modules import Dense, MultiHeadAttention, padding_bias
 from scripts.compare_engines import site_differences
@@ -41,22 +44,25 @@ def random_src(vocab, batch=6, length=9, seed=0):
     src = rng.integers(4, vocab, size=(batch, length)).astype(np.int32)
     for i in range(batch):  # ragged: EOS then padding
         n = rng.integers(2, length)
-        src[i, n], src[i, n + 1:] = data_load.EOS_ID, data_load.PAD_ID
+        src[i, n], src[i, n + 1:] = qformat.EOS, qformat.PAD
     return src
 
 
 def calibrate_sites(module, run):
-    """Observe every QuantSite of `module` while `run()` executes; weights from max|w|."""
+    """As calibration.calibrate for one layer: every QuantSite of `module` observes (passing its
+    input through in float) while `run()` executes; then weights from max|w|, activations by max."""
     sites = [m for m in module.submodules if isinstance(m, quant.QuantSite)]
-    for site in sites:
-        site.observing = True
+    observed = calibration.observe(sites)
     run()
+    for site in sites:
+        site.observer = None
     for dense in [module, *module.submodules]:
         if isinstance(dense, Dense):
-            dense.w_site.init_from_weight(dense.w.numpy())
+            calibration.init_weight_site(dense.w_site, dense.w.numpy())
     for site in sites:
-        if site.observing:
-            site.calibrate("max")
+        if site.role != "weight":
+            calibration.calibrate_site(site, observed[site.site_name], "max")
+    assert all(site.observer is None for site in sites)
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +79,11 @@ def calibrated_model(spm_path, **kw):
     vocab = spm.SentencePieceProcessor(model_file=spm_path).get_piece_size()
     hp = tiny_hp(**kw)
     tf.random.set_seed(3)
-    model = Transformer(hp, vocab, quant.sites_from_flags(hp))
+    model = Transformer(hp, vocab, runs.sites_from_flags(hp))
     model.embedding.assign(tf.random.normal(model.embedding.shape, stddev=1.0, seed=4))
     batches = [(random_src(vocab, 8, 10, seed=s), random_src(vocab, 8, 11, seed=10 + s))
                for s in range(3)]
-    quant.calibrate(model, batches, method="max")
+    calibration.calibrate(model, batches, method="max")
     return model, hp
 
 
@@ -103,45 +109,51 @@ def test_mem_file_round_trip(tmp_path, bits, signed):
     values = np.concatenate([[lo, hi, 0, -1 if signed else 1],
                              np.random.default_rng(bits).integers(lo, hi + 1, 200)])
     path = str(tmp_path / "v.mem")
-    intmodel.write_mem(path, values, bits, signed, comment="test")
+    qformat.write_mem(path, values, bits, signed, comment="test")
     lines = open(path).read().splitlines()
     assert lines[0].startswith("//") and all(len(w) == -(-bits // 4) for w in lines[1:])
-    np.testing.assert_array_equal(intmodel.read_mem(path, bits, signed), values)
+    np.testing.assert_array_equal(qformat.read_mem(path, bits, signed), values)
 
 
 def test_mem_file_rejects_values_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="outside the 4-bit range"):
-        intmodel.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
+        qformat.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
 
 
 def test_export_round_trip(exported):
     model, hp, out, manifest = exported
     npz = np.load(os.path.join(out, "model.npz"))
-    grids = intmodel.grids_of(npz)
+    grids = qformat.grids_of(npz)
     for site, weight in model.weight_sites():
         q = npz[site.site_name]
         assert q.dtype == np.int8  # 4- and 8-bit weights
-        n, p = quant.integer_range(site.num_bits, True)
+        n, p = qformat.integer_range(site.num_bits, True)
         assert q.min() >= n and q.max() <= p and q.min() < 0
         fake = quant.tqt_fake_quant(weight, site.log2_t, site.num_bits, True, site.rounding).numpy()
         np.testing.assert_array_equal(q * np.exp2(-site.frac_bits().astype(float)), fake)
-        mem = intmodel.read_mem(os.path.join(out, "mem", intmodel.mem_file_name(site.site_name)),
-                                grids[site.site_name].bits, True)
+        mem = qformat.read_mem(os.path.join(out, "mem", qformat.mem_file_name(site.site_name)),
+                               grids[site.site_name].bits, True)
         np.testing.assert_array_equal(mem.reshape(q.shape), q)
-    bias = npz["decoder/block_1/ffn/dense1/bias"]
+    dense1 = qformat.dense(qformat.feed_forward(qformat.block_names("decoder", 0).ffn).dense1)
+    bias = npz[dense1.bias]
     assert bias.dtype == np.int32
-    mem = intmodel.read_mem(os.path.join(out, "mem", "decoder.block_1.ffn.dense1.bias.mem"), 32, True)
+    mem = qformat.read_mem(os.path.join(out, "mem", qformat.mem_file_name(dense1.bias)), 32, True)
     np.testing.assert_array_equal(mem, bias)
     # the files' text as a $readmemh reader sees it: two's complement in ceil(bits/4) hex digits
-    for key, bits in (("decoder/block_1/ffn/dense1/bias", 32), ("embedding/weight", hp.wbits)):
+    for key, bits in ((dense1.bias, 32), (qformat.EMBEDDING, hp.wbits)):
         digits = -(-bits // 4)
-        lines = open(os.path.join(out, "mem", intmodel.mem_file_name(key))).read().splitlines()
+        lines = open(os.path.join(out, "mem", qformat.mem_file_name(key))).read().splitlines()
         assert lines[0].startswith("//") and lines[1:] == [
             format(int(v) % 16**digits, f"0{digits}x") for v in npz[key].ravel()]
-    assert npz["encoder/block_1/ln1/gamma"].dtype == np.float32
-    assert manifest["npz"]["sha256"] == intmodel.sha256_file(os.path.join(out, "model.npz"))
+    for norm in qformat.block_names("encoder", 0).norms + qformat.block_names("decoder", 0).norms:
+        assert npz[f"{norm}/gamma"].dtype == npz[f"{norm}/beta"].dtype == np.float32
+    assert manifest["npz"]["sha256"] == qformat.sha256_file(os.path.join(out, "model.npz"))
     assert {row["name"] for row in manifest["sites"]} == set(model.sites.sites)
-    assert manifest["hparams"]["wbits"] == hp.wbits and manifest["rounding"] == hp.rounding
+    assert manifest["hparams"]["wbits"] == hp.wbits and manifest["model"]["rounding"] == hp.rounding
+    # format 2: the rounding lives in the engine's config only, and every export is quantized
+    assert manifest["format_version"] == qformat.FORMAT_VERSION == 2
+    assert "rounding" not in manifest and "quantized" not in manifest
+    assert json.load(open(os.path.join(out, "manifest.json"))) == manifest
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
 
 
@@ -183,12 +195,12 @@ def test_integer_model_equals_fake_quant_model(exported):
     engine = intmodel.IntTransformer.load(out)
     src = random_src(engine.vocab, 8, 10, seed=7)
     greedy = engine.greedy(src)
-    assert len({tuple(data_load.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
+    assert len({tuple(qformat.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
     np.testing.assert_array_equal(greedy, model.greedy(tf.constant(src)).numpy())
     np.testing.assert_array_equal(greedy, engine.beam_search(src, 1, 0.0))  # argmax = TF's ranking
     np.testing.assert_array_equal(engine.beam_search(src, 3, 0.6),
                                   model.beam_search(tf.constant(src), 3, 0.6).numpy())
-    tgt_in = np.concatenate([np.full((8, 1), data_load.BOS_ID), greedy[:, :-1]], axis=1)
+    tgt_in = np.concatenate([np.full((8, 1), qformat.BOS), greedy[:, :-1]], axis=1)
     rows, tf_logits, int_logits = site_differences(model, engine, src, tgt_in)
     # the TF side's integers are its own fake-quant outputs: every matmul operand, weights and
     # activations alike, must be the same integer in both engines, and so the logits
@@ -197,16 +209,17 @@ def test_integer_model_equals_fake_quant_model(exported):
     assert [r for r in rows if r["n_diff"]] == []
     np.testing.assert_array_equal(int_logits, tf_logits)
     stats = engine.accumulator_stats()
-    assert set(stats) >= {"decoder/output_projection", "encoder/block_1/self_attention/scores"}
+    encoder_attention = qformat.attention(qformat.block_names("encoder", 0).self_attention)
+    assert set(stats) >= {qformat.OUTPUT_PROJECTION, encoder_attention.scores}
     assert all(s["bits"] <= 32 for s in stats.values())
 
 
-def test_translate_lines_matches_eval(exported, spm_file):
+def test_translate_lines_matches_runs_translate(exported, spm_file):
     model, hp, out, _ = exported
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "spm.model"))
     lines = spm_file[1]
     engine = intmodel.IntTransformer.load(out)
-    assert intmodel.translate_lines(engine, sp, lines, 4) == evaluation.translate(model, sp, lines, hp)
+    assert intmodel.translate_lines(engine, sp, lines, 4) == runs.translate(model, sp, lines, hp)
 
 
 def test_dump_vectors(exported, tmp_path):
@@ -214,17 +227,21 @@ def test_dump_vectors(exported, tmp_path):
     engine = intmodel.IntTransformer.load(out)
     index = intmodel.dump_vectors(engine, [[5, 6, 7, 3], [8, 9, 3]], str(tmp_path))
     vectors = np.load(tmp_path / "vectors.npz")
-    first = index[0]  # encoder/block_1/self_attention/wk: x @ W + b
-    assert first["matmul"] == "encoder/block_1/self_attention/wk" and "mem" in first["w"]
+    first = index[0]  # the first block's W^K: x @ W + b
+    wk = qformat.dense(qformat.attention(qformat.block_names("encoder", 0).self_attention).wk)
+    assert first["matmul"] == qformat.matmul_of(wk.input) and first["x"]["site"] == wk.input
+    assert first["w"] == {"site": wk.weight, "mem": qformat.mem_file_name(wk.weight)}
+    assert os.path.isfile(os.path.join(out, "mem", first["w"]["mem"]))
     x = vectors[first["x"]["key"]].astype(np.int64)
     npz = np.load(os.path.join(out, "model.npz"))
-    prefix = first["matmul"]
-    expected = x @ npz[f"{prefix}/weight"].astype(np.int64) + npz[f"{prefix}/bias"]
+    expected = x @ npz[wk.weight].astype(np.int64) + npz[wk.bias]
     np.testing.assert_array_equal(vectors[first["acc"]["key"]], expected)
-    scores = next(e for e in index if e["matmul"].endswith("/scores"))
-    mem = intmodel.read_mem(str(tmp_path / "mem" / f"{scores['w']['key']}.mem"), scores["w"]["bits"], True)
+    attention = qformat.attention(qformat.block_names("encoder", 0).self_attention)
+    scores = next(e for e in index if e["matmul"] == attention.scores)  # Q K^T: K is an activation
+    assert scores["x"]["site"] == attention.query and scores["w"]["site"] == attention.key
+    mem = qformat.read_mem(str(tmp_path / "mem" / f"{scores['w']['key']}.mem"), scores["w"]["bits"], True)
     np.testing.assert_array_equal(mem, vectors[scores["w"]["key"]].ravel())
-    assert index[-1]["matmul"] == "decoder/output_projection"
+    assert index[-1]["matmul"] == qformat.OUTPUT_PROJECTION
 
 
 @pytest.mark.parametrize("x_signed", [True, False])
@@ -238,9 +255,10 @@ def test_wide_accumulation_is_exact(x_signed):
     w[:, 0] = -128 if x_signed else 127  # a column whose sum is far beyond 2^24
     x[0] = n
     bias = rng.integers(-(2**31), 2**31 - 1, size=6).astype(np.int32)
-    arrays = {"l/weight": w, "l/bias": bias, "l/input.bits": np.int32(8),
-              "l/input.signed": np.bool_(x_signed), "l/input.f": np.int32(0),
-              "l/weight.bits": np.int32(8), "l/weight.signed": np.bool_(True), "l/weight.f": np.int32(0)}
+    names = qformat.dense("l")
+    arrays = {names.weight: w, names.bias: bias,
+              **qformat.grid_arrays(names.input, qformat.Grid(8, x_signed, np.int64(0))),
+              **qformat.grid_arrays(names.weight, qformat.Grid(8, True, np.int64(0)))}
     engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
     exact = x.astype(np.int64) @ w.astype(np.int64) + bias
     assert np.abs(exact).max() > 2**24
@@ -252,13 +270,16 @@ def test_wide_accumulation_is_exact(x_signed):
 
 def test_accumulator_over_32_bits_warns(capsys):
     w = np.full((64, 2), 32767, np.int16)
-    arrays = {"l/weight": w, "l/input.bits": np.int32(16), "l/input.signed": np.bool_(True),
-              "l/input.f": np.int32(0), "l/weight.bits": np.int32(16),
-              "l/weight.signed": np.bool_(True), "l/weight.f": np.int32(0)}
+    names = qformat.dense("l")
+    grid = qformat.Grid(16, True, np.int64(0))
+    arrays = {names.weight: w, **qformat.grid_arrays(names.input, grid),
+              **qformat.grid_arrays(names.weight, grid)}
     engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
     engine.dense("l", np.full((1, 64), 30000.0, np.float32))
-    assert engine.accumulator_stats()["l"] == {"max_abs": 64 * 30000 * 32767, "bits": 37}
-    assert "warning: l accumulator" in capsys.readouterr().err
+    matmul = qformat.matmul_of(names.input)
+    assert engine.accumulator_stats() == {matmul: {"max_abs": 64 * 30000 * 32767, "bits": 37}}
+    warning = f"warning: {matmul} accumulator reached {64 * 30000 * 32767} (37 bits > 32)"
+    assert warning in capsys.readouterr().err
 
 
 # ---- integrity ----------------------------------------------------------------------------
@@ -285,27 +306,29 @@ def test_tampered_npz_is_caught(export_copy):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 1
     open(path, "wb").write(bytes(data))
-    with pytest.raises(intmodel.ExportError, match="model.npz.*checksum mismatch"):
+    with pytest.raises(qformat.ExportError, match="model.npz.*checksum mismatch"):
         intmodel.IntTransformer.load(export_copy)
 
 
 def test_missing_npz_and_spm_mismatch(export_copy):
     with open(os.path.join(export_copy, "spm.model"), "ab") as f:
         f.write(b"x")
-    with pytest.raises(intmodel.ExportError, match="spm.model: spm model checksum mismatch"):
+    with pytest.raises(qformat.ExportError, match="spm.model: spm model checksum mismatch"):
         intmodel.IntTransformer.load(export_copy)
     os.remove(os.path.join(export_copy, "model.npz"))
-    with pytest.raises(intmodel.ExportError, match="model.npz missing"):
+    with pytest.raises(qformat.ExportError, match="model.npz missing"):
         intmodel.IntTransformer.load(export_copy)
+
+
+EMBEDDING, GAMMA = qformat.EMBEDDING, f"{qformat.block_names('encoder', 0).norms[0]}/gamma"
 
 
 @pytest.mark.parametrize("members, message", [
-    ({"embedding/weight.npy": b"\x93NUMPY junk"}, r"corrupt model.npz \(ValueError\)"),
+    ({f"{EMBEDDING}.npy": b"\x93NUMPY junk"}, r"corrupt model.npz \(ValueError\)"),
     ({"junk.txt": b"not an array"}, r"corrupt model.npz \('junk.txt' is not an array\)"),
-    ({"encoder/block_1/ln1/gamma.npy": np.ones(2, np.float32)},
-     r"corrupt model.npz \(no 'embedding/weight'\)"),
-    ({"embedding/weight.npy": np.zeros((3, 2), np.float32), "embedding/weight.bits.npy": np.int32(8)},
-     "'embedding/weight' holds float32, not integers"),
+    ({f"{GAMMA}.npy": np.ones(2, np.float32)}, rf"corrupt model.npz \(no '{re.escape(EMBEDDING)}'\)"),
+    ({f"{EMBEDDING}.npy": np.zeros((3, 2), np.float32), f"{EMBEDDING}.bits.npy": np.int32(8)},
+     f"'{re.escape(EMBEDDING)}' holds float32, not integers"),
 ])
 def test_corrupt_npz_with_matching_checksum(export_copy, members, message):
     """Each way model.npz can be damaged (with a checksum that matches, so the damage is in
@@ -318,15 +341,47 @@ def test_corrupt_npz_with_matching_checksum(export_copy, members, message):
                 np.save(buffer, content)
                 content = buffer.getvalue()
             z.writestr(name, content)
-    _edit_manifest(export_copy, npz={"path": "model.npz", "sha256": intmodel.sha256_file(path)})
-    with pytest.raises(intmodel.ExportError, match=f"model.npz: {message}"):
+    _edit_manifest(export_copy, npz={"path": "model.npz", "sha256": qformat.sha256_file(path)})
+    with pytest.raises(qformat.ExportError, match=f"model.npz: {message}"):
         intmodel.IntTransformer.load(export_copy)
 
 
 def test_unknown_format_version(export_copy):
     _edit_manifest(export_copy, format_version=99)
-    with pytest.raises(intmodel.ExportError, match="unknown format version 99"):
+    with pytest.raises(qformat.ExportError, match=r"manifest.json: export format version 99, but this "
+                                                  r"code reads version 2: re-export it with export.py$"):
         intmodel.IntTransformer.load(export_copy)
+
+
+def as_format_version_1(path):
+    """Turn an export into what the format-1 exporter wrote: a top-level "quantized" flag and
+    "rounding" besides the engine's config, and format_version 1."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        rounding = json.load(f)["model"]["rounding"]
+    _edit_manifest(path, format_version=1, quantized=True, rounding=rounding)
+
+
+@pytest.mark.parametrize("exported", ["w8a8"], indirect=True)  # one export: eval.py starts TF
+def test_format_version_1_export_is_refused_with_a_re_export_hint(export_copy):
+    """An export from before the format change (version 1) is one ExportError line naming the
+    manifest and saying to re-export, in the engine and from eval.py (exit 1, no traceback)."""
+    as_format_version_1(export_copy)
+    manifest_path = os.path.join(export_copy, "manifest.json")
+    with pytest.raises(qformat.ExportError) as error:
+        intmodel.IntTransformer.load(export_copy)
+    message = str(error.value)
+    assert message == (f"{manifest_path}: export format version 1, but this code reads version 2: "
+                       "re-export it with export.py")
+    with pytest.raises(qformat.ExportError, match="re-export"):
+        qformat.read_manifest(export_copy)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "eval.py", "--engine", "int", "--export", export_copy],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: {message}"] and proc.stderr.strip().splitlines()[-1] == errors[0]
+    assert proc.stdout == ""
 
 
 def test_float_export_is_refused(spm_file, tmp_path, export_copy):
@@ -334,14 +389,14 @@ def test_float_export_is_refused(spm_file, tmp_path, export_copy):
     with pytest.raises(ValueError, match=r"export needs a quantized model \(--quant ...\)"):
         export.export_model(float_model, tiny_hp(quant="none"), spm_file[0], str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
-    _edit_manifest(export_copy, quantized=False, sites=[])
-    with pytest.raises(intmodel.ExportError, match="export from a float checkpoint"):
+    _edit_manifest(export_copy, sites=[])
+    with pytest.raises(qformat.ExportError, match="export from a float checkpoint"):
         intmodel.IntTransformer.load(export_copy)
 
 
 def test_interrupted_export_leaves_no_partial_directory(exported, spm_file, monkeypatch):
     model, hp, out, _ = exported
-    before = intmodel.sha256_file(os.path.join(out, "manifest.json"))
+    before = qformat.sha256_file(os.path.join(out, "manifest.json"))
     calls = []
 
     def failing_write_mem(*args, **kwargs):
@@ -350,18 +405,18 @@ def test_interrupted_export_leaves_no_partial_directory(exported, spm_file, monk
             raise KeyboardInterrupt  # as if interrupted mid-write
         return real_write_mem(*args, **kwargs)
 
-    real_write_mem = intmodel.write_mem
-    monkeypatch.setattr(intmodel, "write_mem", failing_write_mem)
+    real_write_mem = qformat.write_mem
+    monkeypatch.setattr(qformat, "write_mem", failing_write_mem)
     fresh = os.path.join(os.path.dirname(out), "fresh")
     for target in (out, fresh):  # replacing an existing export, and a new one
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             export.export_model(model, hp, spm_file[0], target)
-    assert intmodel.sha256_file(os.path.join(out, "manifest.json")) == before
+    assert qformat.sha256_file(os.path.join(out, "manifest.json")) == before
     assert sorted(os.listdir(os.path.dirname(out))) == ["model"]
     intmodel.IntTransformer.load(out)
 
 
 def test_intmodel_imports_no_tensorflow():
-    code = "import intmodel, sys; assert 'tensorflow' not in sys.modules"
+    code = "import intmodel, qformat, sys; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from data_load import BOS_ID as BOS
-from data_load import EOS_ID as EOS
-from data_load import PAD_ID as PAD
-from data_load import strip_ids as strip_output
 from model import Transformer
-from modules import NEG_INF, Adam, Dense, causal_bias, noam_lr, padding_bias, positional_encoding
+from modules import Adam, Dense, causal_bias, noam_lr, padding_bias, positional_encoding
+from qformat import BOS, EOS, NEG_INF, PAD
+from qformat import strip_ids as strip_output
 
 
 def tiny_hp(**kw):

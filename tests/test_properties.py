@@ -1,5 +1,6 @@
-"""Property-based tests (hypothesis) of the integer core: quantizers, fractional bits, int32
-biases, the exact-GEMM planner of the integer engine and the `$readmemh` files.
+"""Property-based tests (hypothesis) of the integer core: quantizers (both paths of the TF op,
+qformat's rounding and grids), fractional bits, int32 biases, the exact-GEMM planner of the
+integer engine and the `$readmemh` files.
 
 Every property is checked against a reference written in Python integers and
 `fractions.Fraction` (no floating point), so the reference cannot share a rounding error with
@@ -26,6 +27,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import intmodel
+import qformat
 import quant
 
 # database=None: no examples saved under .hypothesis/ to replay; every run draws afresh, and a
@@ -47,7 +49,7 @@ FRAC = st.integers(-23, 40)
 
 
 def ref_range(bits: int, signed: bool) -> tuple[int, int]:
-    """[n, p] of a b-bit grid, written independently of quant.integer_range."""
+    """[n, p] of a b-bit grid, written independently of qformat.integer_range."""
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
@@ -168,18 +170,20 @@ def special_grid_units(n: int, p: int, dtype) -> list[float]:
     return values + [0.0, -0.0, 2.0**20, -(2.0**20), 1e9, -1e9, 2.0**100, -(2.0**100)]
 
 
-def grid_units(n: int, p: int) -> st.SearchStrategy[float]:
-    """One grid-unit value v (a float32, so representable in either dtype)."""
+def grid_units(n: int, p: int, dtype=np.float32) -> st.SearchStrategy[float]:
+    """One grid-unit value v of `dtype` (float32 values are representable in either dtype;
+    float64 ones use all 53 bits, e.g. one float64 ulp beside a tie)."""
     margin = (p - n) // 4 + 2
     k = st.integers(n - 3, p + 3)
+    width = 8 * np.dtype(dtype).itemsize
     return st.one_of(
         k.map(lambda i: i + 0.5),  # a tie
         k.map(float),  # an exact grid point
-        st.tuples(k, st.sampled_from([-1, 1])).map(  # one float32 ulp beside a tie
-            lambda t: float(np.nextafter(np.float32(t[0] + 0.5), np.float32(t[1] * np.inf)))),
-        st.floats(n - margin, p + margin, width=32),
-        st.floats(-4, 4, width=32),
-        st.floats(-(2.0**60), 2.0**60, width=32),
+        st.tuples(k, st.sampled_from([-1, 1])).map(  # one ulp beside a tie
+            lambda t: float(np.nextafter(dtype(t[0] + 0.5), dtype(t[1] * np.inf)))),
+        st.floats(n - margin, p + margin, width=width),
+        st.floats(-4, 4, width=width),
+        st.floats(-(2.0**60), 2.0**60, width=width),
     ).filter(lambda v: v == 0 or abs(v) >= 2**-60)  # tiny v: v * 2^-f could underflow
 
 
@@ -201,14 +205,16 @@ class QuantCase:
 
 
 @st.composite
-def quant_cases(draw, dtypes=(np.float32, np.float64)) -> QuantCase:
+def quant_cases(draw, dtypes=(np.float32, np.float64), roundings=ROUNDINGS,
+                channel_counts=(None, 1, 3)) -> QuantCase:
+    """A quantizer case; channel count None is per tensor (f a scalar)."""
     bits, signed = draw(BITS), draw(st.booleans())
-    rounding, dtype = draw(st.sampled_from(ROUNDINGS)), draw(st.sampled_from(dtypes))
+    rounding, dtype = draw(st.sampled_from(roundings)), draw(st.sampled_from(dtypes))
     n, p = ref_range(bits, signed)
-    channels = draw(st.sampled_from([None, 1, 3]))
+    channels = draw(st.sampled_from(channel_counts))
     f = np.array(draw(FRAC) if channels is None else draw(st.lists(FRAC, min_size=channels,
                                                                     max_size=channels)), np.int64)
-    v = special_grid_units(n, p, dtype) + draw(st.lists(grid_units(n, p), max_size=40))
+    v = special_grid_units(n, p, dtype) + draw(st.lists(grid_units(n, p, dtype), max_size=40))
     v = np.array(v, dtype)
     if channels is not None:  # every column gets every value, at its own f
         v = np.repeat(v[:, None], channels, axis=1)
@@ -247,14 +253,19 @@ def check_quantizer_output(case: QuantCase, y: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================================
-# 1. The quantizer: quant.tqt_fake_quant and intmodel.Grid.quantize
+# 1. The quantizer: quant.tqt_fake_quant (both paths), qformat.round_to_integer and Grid.quantize
 # ============================================================================================
 
+FUSED_ROUNDINGS = ("half_even", "half_up")  # per tensor, tqt_fake_quant takes the fused kernels
 
-def tf_quantize(case: QuantCase, x: np.ndarray) -> np.ndarray:
+
+def fusable(case: QuantCase) -> bool:
+    return case.rounding in FUSED_ROUNDINGS and case.f.ndim == 0
+
+
+def tf_quantize(case: QuantCase, x: np.ndarray, op=quant.tqt_fake_quant) -> np.ndarray:
     log2_t = case.log2_t
-    return quant.tqt_fake_quant(tf.constant(x), tf.constant(log2_t), case.bits, case.signed,
-                                case.rounding).numpy()
+    return op(tf.constant(x), tf.constant(log2_t), case.bits, case.signed, case.rounding).numpy()
 
 
 @MEDIUM
@@ -262,23 +273,123 @@ def tf_quantize(case: QuantCase, x: np.ndarray) -> np.ndarray:
 def test_tqt_fake_quant_matches_the_integer_reference(case):
     """Per tensor (fused QuantizeAndDequantizeV4 for half_even/half_up, written out for floor)
     and per channel, float32 and float64: range, grid, monotonicity, the reference integers,
-    and idempotence (y quantizes to itself)."""
-    y = tf_quantize(case, case.x)
-    check_quantizer_output(case, y)
-    np.testing.assert_array_equal(tf_quantize(case, y), y)
+    and idempotence (y quantizes to itself). Where tqt_fake_quant takes the fused kernels,
+    tqt_fake_quant_reference is checked as well."""
+    ops = [quant.tqt_fake_quant] + ([quant.tqt_fake_quant_reference] if fusable(case) else [])
+    for op in ops:
+        y = tf_quantize(case, case.x, op)
+        check_quantizer_output(case, y)
+        np.testing.assert_array_equal(tf_quantize(case, y, op), y)
+
+
+def assert_same_bits(got: np.ndarray, expected: np.ndarray, zero_sign: bool = True) -> None:
+    """Equal floats bit for bit. zero_sign=False lets a zero differ in sign (-0.0 + 0.0 = +0.0
+    maps both zeros to +0.0 before the bits are compared; every other value keeps its bits)."""
+    got, expected = np.asarray(got), np.asarray(expected)
+    assert got.dtype == expected.dtype and got.shape == expected.shape
+    if not zero_sign:
+        got, expected = (np.asarray(a + a.dtype.type(0)) for a in (got, expected))
+    uint = np.dtype(f"u{got.dtype.itemsize}")
+    bad = np.flatnonzero(got.view(uint) != expected.view(uint))
+    assert bad.size == 0, f"{got.ravel()[bad[:4]]!r} != {expected.ravel()[bad[:4]]!r}"
+
+
+def value_and_grads(op, x: np.ndarray, log2_t: np.float32, dy: np.ndarray, case: QuantCase):
+    """y, dL/dx, dL/dlog2_t of op, log2_t a float32 variable as a QuantSite owns it."""
+    x_t, log2_t = tf.constant(x), tf.Variable(log2_t)
+    with tf.GradientTape() as tape:
+        tape.watch(x_t)
+        y = op(x_t, log2_t, case.bits, case.signed, case.rounding)
+    dx, dl = tape.gradient(y, [x_t, log2_t], output_gradients=tf.constant(dy))
+    return y.numpy(), dx.numpy(), dl.numpy()
+
+
+@MEDIUM
+@given(case=quant_cases(roundings=FUSED_ROUNDINGS, channel_counts=(None,)), data=st.data())
+def test_reference_and_fused_paths_are_equal_bit_for_bit(case, data):
+    """tqt_fake_quant_reference and tqt_fake_quant_fused give the same y, dL/dx and dL/dlog2_t,
+    bit for bit: float32/float64, half_even/half_up, signed/unsigned, 2..16 bits, f over
+    [-23, 40], ties, clip edges, both clipping sides, +-0, +-max, log2_t integer or not.
+
+    A zero y may differ in sign at an unsigned site clipped up to n = 0 (the reference clips
+    R(x/s) = -0, the kernel clips x first). Inputs keep |x/s| >= 2^-60 (quant_cases): where x/s
+    is subnormal the reference flushes it to zero (and so drops that element's x from
+    dL/dlog2_t) while the fused path keeps it."""
+    magnitude = case.bits - 1 if case.signed else case.bits
+    frac = data.draw(st.sampled_from([0.0, 0.375, 0.9921875]), label="frac")  # ceil(log2_t) is the same
+    log2_t = np.float32(magnitude - int(case.f)) - np.float32(frac)
+    assert math.ceil(log2_t) == magnitude - int(case.f)
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    dy = rng.normal(size=case.x.shape) * np.exp2(rng.integers(-8, 9, size=case.x.shape))
+    dy[rng.random(size=dy.shape) < 0.1] = 0.0
+    dy[rng.random(size=dy.shape) < 0.1] = -0.0
+    dy = dy.astype(case.dtype)
+    ref = value_and_grads(quant.tqt_fake_quant_reference, case.x, log2_t, dy, case)
+    fused = value_and_grads(quant.tqt_fake_quant_fused, case.x, log2_t, dy, case)
+    assert_same_bits(fused[0], ref[0], zero_sign=case.signed)
+    assert_same_bits(fused[1], ref[1])
+    assert_same_bits(fused[2], ref[2])
+    check_quantizer_output(case, ref[0])
 
 
 @MEDIUM
 @given(case=quant_cases(dtypes=(np.float32,)))
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # x = float32 max
 def test_grid_quantize_matches_the_integer_reference(case):
-    """intmodel.Grid.quantize returns the integers q (float32) the TF op's y encodes."""
-    grid = intmodel.Grid(case.bits, case.signed, case.f)
+    """qformat.Grid.quantize returns the integers q (float32) the TF op's y encodes."""
+    grid = qformat.Grid(case.bits, case.signed, case.f)
     q = grid.quantize(case.x, case.rounding)
     assert q.dtype == np.float32 and q.shape == case.x.shape
     y = np.ldexp(q.astype(np.float64), -np.broadcast_to(case.f, q.shape)).astype(np.float32)
     check_quantizer_output(case, y)
     np.testing.assert_array_equal(grid.quantize(y, case.rounding), q)  # idempotent
+
+
+@MEDIUM
+@given(case=quant_cases(dtypes=(np.float64,)))
+@pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # x = float64 max
+def test_grid_quantize_in_float64_matches_the_integer_reference(case):
+    """Grid.quantize(x, rounding, np.float64), as calibration's MSE search runs it: float64 inputs
+    keep all their bits (no trip through float32) and half_up is the floor of the float64 sum."""
+    grid = qformat.Grid(case.bits, case.signed, case.f)
+    q = grid.quantize(case.x, case.rounding, np.float64)
+    assert q.dtype == np.float64 and q.shape == case.x.shape
+    y = np.ldexp(q, -np.broadcast_to(case.f, q.shape))
+    check_quantizer_output(case, y)
+    np.testing.assert_array_equal(grid.quantize(y, case.rounding, np.float64), q)  # idempotent
+
+
+def rounding_inputs(dtype) -> st.SearchStrategy[float]:
+    """Values of dtype to round: ties k + 1/2 and their neighbours up to where floats stop
+    having fractions (2^nmant), 1/2 - ulp/2, any finite value; no subnormals (the reference's
+    round_to_float models normal numbers)."""
+    nmant = np.finfo(dtype).nmant
+    k = st.one_of(st.integers(-40, 40), st.integers(-(2 ** (nmant + 1)), 2 ** (nmant + 1)))
+    below_half = float(np.nextafter(dtype(0.5), dtype(0)))
+    top = float(2**nmant)
+    return st.one_of(
+        k.map(lambda i: float(dtype(i + 0.5))),
+        st.tuples(k, st.sampled_from([-1, 1])).map(
+            lambda t: float(np.nextafter(dtype(t[0] + 0.5), dtype(t[1] * np.inf)))),
+        st.sampled_from([0.0, -0.0, below_half, -below_half, top - 0.5, top, top + 1, -top + 0.5]),
+        st.floats(-8, 8, width=8 * np.dtype(dtype).itemsize),
+        st.floats(allow_nan=False, allow_infinity=False, width=8 * np.dtype(dtype).itemsize),
+    ).filter(lambda v: v == 0 or abs(v) >= np.finfo(dtype).tiny)
+
+
+@MEDIUM
+@given(dtype=st.sampled_from([np.float32, np.float64]), rounding=st.sampled_from(ROUNDINGS), data=st.data())
+def test_round_to_integer_matches_the_integer_reference(dtype, rounding, data):
+    """qformat.round_to_integer: R(v) in place, in v's type, equal to the Python-integer
+    reference (half_up as the floor of v + 1/2 rounded once to v's type)."""
+    values = data.draw(st.lists(rounding_inputs(dtype), min_size=1, max_size=40))
+    v = np.array(values, dtype)
+    out = qformat.round_to_integer(v, rounding)
+    assert out is v and out.dtype == dtype
+    expected = [ref_round(exact(dtype(a)), rounding, half_up_in=dtype) for a in values]
+    got = [exact(r) for r in out]
+    bad = [i for i, (g, e) in enumerate(zip(got, expected)) if g != e]
+    assert not bad, [(values[i], got[i], expected[i]) for i in bad[:4]]
 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
@@ -292,12 +403,17 @@ def test_half_up_is_the_floor_of_a_float_sum(dtype):
     assert exact(x[0]) == v
     assert ref_round(v, "half_up") == 0 and ref_round(v, "half_up", half_up_in=dtype) == 1
     bits, signed, log2_t = 8, True, 7.0  # f = 0
-    fused = quant.tqt_fake_quant(tf.constant(x), log2_t, bits, signed, "half_up").numpy()
+    fused = quant.tqt_fake_quant_fused(tf.constant(x), log2_t, bits, signed, "half_up").numpy()
+    reference = quant.tqt_fake_quant_reference(tf.constant(x), log2_t, bits, signed, "half_up").numpy()
     per_channel = quant.tqt_fake_quant(tf.constant(x), [log2_t] * 2, bits, signed, "half_up").numpy()
     np.testing.assert_array_equal(fused, [1, 1])
+    np.testing.assert_array_equal(reference, [1, 1])
     np.testing.assert_array_equal(per_channel, [1, 1])
+    np.testing.assert_array_equal(qformat.round_to_integer(x.copy(), "half_up"), [1, 1])
+    grid = qformat.Grid(bits, signed, np.array(0))
+    np.testing.assert_array_equal(grid.quantize(x, "half_up", dtype), [1, 1])
     if dtype == np.float32:
-        np.testing.assert_array_equal(intmodel.Grid(bits, signed, np.array(0)).quantize(x, "half_up"), [1, 1])
+        np.testing.assert_array_equal(grid.quantize(x, "half_up"), [1, 1])
 
 
 def test_rounding_reference_on_ties():
@@ -331,19 +447,20 @@ def log2_t_values() -> st.SearchStrategy[float]:
 @FAST
 @given(bits=BITS, signed=st.booleans(), values=st.lists(log2_t_values(), min_size=1, max_size=20))
 def test_frac_bits_formula_for_tf_and_numpy_inputs(bits, signed, values):
+    """qformat.frac_bits (NumPy, int64) and quant.frac_bits_tensor (in the graph, int32)."""
     expected = np.array([ref_frac_bits(v, bits, signed) for v in values])
     arr = np.array(values, np.float32)
-    from_numpy = quant.frac_bits(arr, bits, signed)
+    from_numpy = qformat.frac_bits(arr, bits, signed)
     assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.int64
     np.testing.assert_array_equal(from_numpy, expected)
-    for scalar, e in zip(values[:3], expected):  # Python floats give 0-d int64 arrays
-        s = quant.frac_bits(scalar, bits, signed)
+    for scalar, e in zip(values[:3], expected):  # Python floats give 0-d int64 values
+        s = qformat.frac_bits(scalar, bits, signed)
         assert np.ndim(s) == 0 and np.asarray(s).dtype == np.int64 and int(s) == e
     for tensor in (tf.constant(arr), tf.Variable(arr)):
-        from_tf = quant.frac_bits(tensor, bits, signed)
+        from_tf = quant.frac_bits_tensor(tensor, bits, signed)
         assert tf.is_tensor(from_tf) and from_tf.dtype == tf.int32
         np.testing.assert_array_equal(from_tf.numpy(), expected)
-    scalar_tf = quant.frac_bits(tf.constant(arr[0]), bits, signed)
+    scalar_tf = quant.frac_bits_tensor(tf.constant(arr[0]), bits, signed)
     assert scalar_tf.shape == () and int(scalar_tf) == expected[0]
 
 
@@ -510,7 +627,7 @@ def run_dense(case: GemmCase):
     qw = operand(rng, case.w_pattern, *ref_range(case.w_bits, case.w_signed), (case.k, case.cols))
     qb = int32_bias(rng, case.bias_pattern, case.cols)
     f_w = np.array(case.f_w if len(case.f_w) > 1 else case.f_w[0], np.int64)
-    w = qw.astype(intmodel.int_dtype(case.w_bits, case.w_signed))
+    w = qw.astype(qformat.int_dtype(case.w_bits, case.w_signed))
     engine = intmodel.IntTransformer(
         dense_arrays(w, qb, case.x_bits, case.x_signed, case.f_x, case.w_bits, case.w_signed, f_w),
         {"rounding": case.rounding, "num_heads": 1})
@@ -577,9 +694,9 @@ def test_grid_range_and_max_abs():
     """Grid.range is [n, p] and Grid.max_abs = max(-n, p) (2^(b-1) signed, 2^b - 1 unsigned)."""
     for bits in range(2, 17):
         for signed in (True, False):
-            grid = intmodel.Grid(bits, signed, np.array(0))
+            grid = qformat.Grid(bits, signed, np.array(0))
             n, p = ref_range(bits, signed)
-            assert grid.range == (n, p) == quant.integer_range(bits, signed)
+            assert grid.range == (n, p) == qformat.integer_range(bits, signed)
             assert grid.max_abs == max(-n, p)
 
 
@@ -592,8 +709,8 @@ def test_check_exact_raises_exactly_past_the_float64_bound():
         for bw in range(2, 17):
             for sx in (True, False):
                 for sw in (True, False):
-                    gx = intmodel.Grid(bx, sx, np.array(0))
-                    gw = intmodel.Grid(bw, sw, np.array(0))
+                    gx = qformat.Grid(bx, sx, np.array(0))
+                    gw = qformat.Grid(bw, sw, np.array(0))
                     product = max_abs(bx, sx) * max_abs(bw, sw)
                     first_bad = -(-(2**53 - 2**31) // product)  # smallest K over the bound
                     equalities += first_bad * product + 2**31 == 2**53
@@ -612,7 +729,7 @@ def test_check_exact_raises_exactly_past_the_float64_bound():
                                                              (8, False, 12, True), (2, True, 3, False)])
 def test_planner_refuses_k_past_the_float64_bound(x_bits, x_signed, w_bits, w_signed):
     """IntTransformer._plan runs check_exact for the K it is asked for."""
-    w = np.zeros((1, 1), intmodel.int_dtype(w_bits, w_signed))
+    w = np.zeros((1, 1), qformat.int_dtype(w_bits, w_signed))
     engine = intmodel.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 0, w_bits, w_signed, 0),
                                      {"rounding": "floor", "num_heads": 1})
     product = max_abs(x_bits, x_signed) * max_abs(w_bits, w_signed)
@@ -640,7 +757,7 @@ def test_planner_chunks_as_the_reference(x_bits, x_signed, w_bits, w_signed):
     """The plan: chunk = the most terms a float32 sum holds exactly (all of K when not even one
     product fits), first chunk in float32 iff chunk * product < 2^24, scale 2^-(f_x + f_w).
     (8u x 2u: the product 765 divides 2^24 - 1; 16 x 10: one product is exactly 2^24.)"""
-    w = np.zeros((1, 1), intmodel.int_dtype(w_bits, w_signed))
+    w = np.zeros((1, 1), qformat.int_dtype(w_bits, w_signed))
     engine = intmodel.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 3, w_bits, w_signed, -1),
                                      {"rounding": "floor", "num_heads": 1})
     product = max_abs(x_bits, x_signed) * max_abs(w_bits, w_signed)
@@ -699,32 +816,32 @@ def test_matmul_of_attention_shaped_operands_past_the_chunk():
 def test_grid_quantize_rounds_float64_inputs_through_float32():
     """Grid.quantize computes in float32, as the TF graph's float32 activations are: a float64
     input first rounds to float32 (0.5 + 2^-30 becomes the tie 0.5, which half_even rounds to 0)."""
-    grid = intmodel.Grid(8, True, np.array(0))
+    grid = qformat.Grid(8, True, np.array(0))
     q = grid.quantize(np.array([0.5 + 2.0**-30, 1.5 + 2.0**-30]), "half_even")
     assert q.dtype == np.float32 and q.tolist() == [0.0, 2.0]
 
 
 def test_error_messages_name_what_is_wrong(tmp_path):
-    assert intmodel.int_dtype(8) == np.int8  # signed unless told otherwise
+    assert qformat.int_dtype(8) == np.int8  # signed unless told otherwise
     with pytest.raises(ValueError, match="^no integer type holds 65 bits$"):
-        intmodel.int_dtype(65)
+        qformat.int_dtype(65)
     with pytest.raises(ValueError, match=r"v.mem: values outside the 4-bit range \[-8, 7\]$"):
-        intmodel.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
+        qformat.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
     with pytest.raises(ValueError, match="^unknown rounding 'nearest'$"):
-        intmodel.Grid(8, True, np.array(0)).quantize(np.zeros(2), "nearest")
+        qformat.Grid(8, True, np.array(0)).quantize(np.zeros(2), "nearest")
 
 
 def test_mem_comments_end_a_line_at_their_first_slashes(tmp_path):
     path = tmp_path / "c.mem"
     path.write_text("// header // more\n7f // 127 // max\n\n  80\n")
-    assert intmodel.read_mem(str(path), 8, True).tolist() == [127, -128]
+    assert qformat.read_mem(str(path), 8, True).tolist() == [127, -128]
 
 
 def test_int_dtype_is_the_smallest_that_holds_the_range():
     order = {True: ["int8", "int16", "int32", "int64"], False: ["uint8", "uint16", "uint32", "uint64"]}
     for bits in range(2, 65):
         for signed in (True, False):
-            dt = intmodel.int_dtype(bits, signed)
+            dt = qformat.int_dtype(bits, signed)
             n, p = ref_range(bits, signed)
             assert np.iinfo(dt).min <= n and np.iinfo(dt).max >= p
             smaller = order[signed][: order[signed].index(dt.name)]
@@ -752,13 +869,13 @@ def test_mem_file_round_trip_and_format(case, tmp_path_factory):
     two's complement, sign-extended; the optional first line is a // comment."""
     bits, signed, values, comment = case
     path = str(tmp_path_factory.mktemp("mem") / "v.mem")
-    intmodel.write_mem(path, np.array(values, np.int64), bits, signed, comment)
+    qformat.write_mem(path, np.array(values, np.int64), bits, signed, comment)
     lines = open(path).read().splitlines()
     if comment:
         assert lines.pop(0) == f"// {comment}"
     assert all(len(line) == -(-bits // 4) for line in lines)
     assert lines == [ref_mem_word(v, bits) for v in values]
-    back = intmodel.read_mem(path, bits, signed)
+    back = qformat.read_mem(path, bits, signed)
     assert back.dtype == np.int64 and back.tolist() == values
 
 
@@ -771,7 +888,7 @@ def test_mem_file_rejects_values_out_of_range(case, data, tmp_path_factory):
     position = data.draw(st.integers(0, len(values)))
     path = str(tmp_path_factory.mktemp("mem") / "bad.mem")
     with pytest.raises(ValueError):
-        intmodel.write_mem(path, np.array(values[:position] + [bad] + values[position:], np.int64),
+        qformat.write_mem(path, np.array(values[:position] + [bad] + values[position:], np.int64),
                            bits, signed)
 
 
@@ -784,14 +901,14 @@ def test_mem_file_rejects_values_out_of_range(case, data, tmp_path_factory):
 def test_mem_words_of_known_values(tmp_path, value, bits, signed, word):
     assert ref_mem_word(value, bits) == word
     path = str(tmp_path / "v.mem")
-    intmodel.write_mem(path, np.array([value]), bits, signed)
+    qformat.write_mem(path, np.array([value]), bits, signed)
     assert open(path).read() == word + "\n"
-    assert intmodel.read_mem(path, bits, signed).tolist() == [value]
+    assert qformat.read_mem(path, bits, signed).tolist() == [value]
 
 
 def test_mem_file_of_64_bit_accumulators(tmp_path):
     path = str(tmp_path / "acc.mem")
     values = [-1, -(2**63), 2**63 - 1, 5]
-    intmodel.write_mem(path, np.array(values, np.int64), 64, True)
+    qformat.write_mem(path, np.array(values, np.int64), 64, True)
     assert open(path).read().split() == [ref_mem_word(v, 64) for v in values]
-    assert intmodel.read_mem(path, 64, True).tolist() == values
+    assert qformat.read_mem(path, 64, True).tolist() == values

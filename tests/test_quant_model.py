@@ -7,11 +7,13 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import quant
+import calibration
+import qformat
 import train
 from hparams import train_parser
 from model import Transformer
-from modules import Dense, FloatSites, Identity
+from modules import Dense, FloatSites, Identity, LayerNorm
+from runs import sites_from_flags
 
 # ops that only move or reshape values: a fake-quantized tensor stays on its grid through them
 PASS_THROUGH = {"Reshape", "Transpose", "Identity", "ExpandDims", "Squeeze"}
@@ -59,8 +61,8 @@ def unquantized_matmul_inputs(model: Transformer) -> tuple[list[str], int]:
 
 def calibrated_model(hp, vocab=40):
     tf.random.set_seed(0)
-    model = Transformer(hp, vocab, quant.sites_from_flags(hp))
-    quant.calibrate(model, [batch(1), batch(2)], "max", "max")
+    model = Transformer(hp, vocab, sites_from_flags(hp))
+    calibration.calibrate(model, [batch(1), batch(2)], "max", "max")
     return model
 
 
@@ -101,7 +103,7 @@ def test_quant_none_is_the_float_model_bit_for_bit():
     FloatSites on both sides would share any op a hook added, and could not show it)."""
     hp = hp_for("none")
     tf.random.set_seed(1)
-    hooked = Transformer(hp, 40, quant.sites_from_flags(hp))
+    hooked = Transformer(hp, 40, sites_from_flags(hp))
     bare = Transformer(hp, 40)
     assert type(hooked.sites) is FloatSites
     n_dense = sum(isinstance(m, Dense) for m in bare.submodules)
@@ -125,7 +127,7 @@ def test_float_hooks_return_their_very_input_and_add_no_op():
     """Each --quant none hook hands back the object it was given (not a copy, not x * 1), eagerly
     and while a tf.function traces, and the trace gains no op from any hook or bias call."""
     hp = hp_for("none")
-    model = Transformer(hp, 40, quant.sites_from_flags(hp))
+    model = Transformer(hp, 40, sites_from_flags(hp))
     hooks = list(model.sites.sites.values())
     denses = [m for m in model.submodules if isinstance(m, Dense)]
     assert len(hooks) == 2 * (12 + 4) + 2 * (24 + 4) + 2 and len(denses) > 30
@@ -164,22 +166,33 @@ def test_thresholds_move_when_the_real_model_trains():
     assert len(moved) >= 0.9 * len(before), f"only {len(moved)} of {len(before)} thresholds moved"
 
 
-@pytest.mark.parametrize("preset, wbits", [("w4a8", 4), ("w6a6", 6)])
-def test_presets_and_overrides_set_the_bits(preset, wbits):
+@pytest.mark.parametrize("preset, wbits, abits", [("w4a8", 4, 8), ("w6a6", 6, 6)])
+def test_presets_and_overrides_set_the_bits(preset, wbits, abits):
     hp = hp_for(preset, quant_override=["*/softmax_output=8"])
-    model = Transformer(hp, 40, quant.sites_from_flags(hp))
+    model = Transformer(hp, 40, sites_from_flags(hp))
     sites = model.sites.sites
-    assert sites["embedding/weight"].num_bits == wbits
-    assert sites["decoder/block_1/self_attention/softmax_output"].num_bits == 8
-    assert not sites["encoder/block_1/ffn/dense2/input"].signed  # ReLU output is unsigned
+    assert sites[qformat.EMBEDDING].num_bits == wbits
+    for side in ("encoder", "decoder"):
+        for i in range(hp.num_blocks):
+            names = qformat.block_names(side, i)
+            attentions = [names.self_attention] + ([names.cross_attention] if side == "decoder" else [])
+            for prefix in attentions:
+                attention = qformat.attention(prefix)
+                assert sites[attention.probs].num_bits == 8  # the override
+                assert sites[attention.query].num_bits == abits
+                assert sites[qformat.dense(attention.wq).weight].num_bits == wbits
+            ffn = qformat.feed_forward(names.ffn)
+            assert not sites[qformat.dense(ffn.dense2).input].signed  # ReLU output is unsigned
+            assert sites[qformat.dense(ffn.dense1).input].signed
 
 
 def test_per_channel_weights():
     hp = hp_for("w8a8", per_channel=True)
     model = calibrated_model(hp)
-    site = model.sites.sites["encoder/block_1/ffn/dense1/weight"]
+    ffn = qformat.feed_forward(qformat.block_names("encoder", 0).ffn)
+    site = model.sites.sites[qformat.dense(ffn.dense1).weight]
     assert site.log2_t.shape == [64]
-    assert model.sites.sites["embedding/weight"].log2_t.shape == []  # shared table: per tensor
+    assert model.sites.sites[qformat.EMBEDDING].log2_t.shape == []  # shared table: per tensor
     src, tgt = batch(4)
     assert np.all(np.isfinite(model(src, tgt[:, :-1]).numpy()))
 
@@ -188,7 +201,42 @@ def test_softmax_probability_sites_calibrate_to_threshold_one():
     """Probabilities lie in [0, 1]: every method gives threshold 1 (KL alone clipped them)."""
     for method in ("kl", "mse", "percentile", "max"):
         hp = hp_for("w8a8")
-        model = Transformer(hp, 40, quant.sites_from_flags(hp))
-        quant.calibrate(model, [batch(1)], method, "max")
+        model = Transformer(hp, 40, sites_from_flags(hp))
+        calibration.calibrate(model, [batch(1)], method, "max")
         probs = [s for s in model.sites.sites.values() if s.role == "probability"]
         assert len(probs) == 6 and all(float(s.threshold()) == 1.0 for s in probs), method
+
+
+# The naming scheme, spelled out once (every other test builds names with qformat's builders):
+# (leaf, role, the matmul it feeds relative to the layer) for an attention and an FFN
+ATTENTION_SITES = [("wq/input", "activation", "wq"), ("wq/weight", "weight", "wq"),
+                   ("wk/input", "activation", "wk"), ("wk/weight", "weight", "wk"),
+                   ("wv/input", "activation", "wv"), ("wv/weight", "weight", "wv"),
+                   ("wo/input", "activation", "wo"), ("wo/weight", "weight", "wo"),
+                   ("query_input", "activation", "scores"), ("key_input", "activation", "scores"),
+                   ("softmax_output", "probability", "context"), ("value_input", "activation", "context")]
+FFN_SITES = [("dense1/input", "activation", "dense1"), ("dense1/weight", "weight", "dense1"),
+             ("dense2/input", "unsigned", "dense2"), ("dense2/weight", "weight", "dense2")]
+
+
+def test_the_sites_of_a_one_plus_one_block_model_are_the_documented_list():
+    """docs/tqt.md "Where the sites are": names, roles and matmuls, in creation order, of the
+    model with one encoder and one decoder block; its LayerNorms, bias keys and a mem file name."""
+    hp = hp_for("w8a8", num_blocks=1)
+    model = Transformer(hp, 40, sites_from_flags(hp))
+    layers = [("encoder/block_1/self_attention", ATTENTION_SITES), ("encoder/block_1/ffn", FFN_SITES),
+              ("decoder/block_1/self_attention", ATTENTION_SITES),
+              ("decoder/block_1/cross_attention", ATTENTION_SITES), ("decoder/block_1/ffn", FFN_SITES)]
+    expected = [("embedding/weight", "weight", "decoder/output_projection")]
+    expected += [(f"{prefix}/{leaf}", role, f"{prefix}/{matmul}")
+                 for prefix, table in layers for leaf, role, matmul in table]
+    expected.append(("decoder/output_input", "activation", "decoder/output_projection"))
+    sites = [(name, site.role, qformat.matmul_of(name)) for name, site in model.sites.sites.items()]
+    assert sites == expected and len(sites) == 2 + 16 + 28
+    assert sorted(m.path for m in model.submodules if isinstance(m, LayerNorm)) == [
+        "decoder/block_1/ln1", "decoder/block_1/ln2", "decoder/block_1/ln3",
+        "encoder/block_1/ln1", "encoder/block_1/ln2"]
+    biases = sorted(m.names.bias for m in model.submodules if isinstance(m, Dense))
+    assert biases == sorted(f"{prefix}/{leaf.split('/')[0]}/bias" for prefix, table in layers
+                            for leaf, _, _ in table if leaf.endswith("/weight"))
+    assert qformat.mem_file_name("decoder/block_1/ffn/dense1/bias") == "decoder.block_1.ffn.dense1.bias.mem"

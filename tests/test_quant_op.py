@@ -1,5 +1,6 @@
 """quant.py against independent references: NumPy for the forward and the STE gradients of
-REFERENCE.md section 1, finite differences for the gradients, and the TQT sites' bookkeeping."""
+docs/tqt.md ("Forward", "Gradients"), finite differences for the gradients, the reference and
+the fused path against each other ("The fused path"), and the TQT sites' bookkeeping."""
 
 import math
 
@@ -7,12 +8,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import calibration
+import qformat
 import quant
 
 ROUND = {"half_even": np.rint, "half_up": lambda v: np.floor(v + 0.5), "floor": np.floor}
 BITS = [2, 3, 4, 6, 8, 12, 16]
 SCALAR_LOG2_T = 0.37  # not an integer: ceil makes the threshold 2, not 2^0.37
 CHANNEL_LOG2_T = [-2.6, -0.0, 0.4, 3.0, 1.5]  # negative, integer and fractional exponents
+# written out here, not read from quant.FUSED_ROUND_MODES: the dispatch test checks quant against it
+FUSED_ROUNDINGS = ("half_even", "half_up")
+OPS = {"dispatch": quant.tqt_fake_quant, "reference": quant.tqt_fake_quant_reference,
+       "fused": quant.tqt_fake_quant_fused}
 
 
 def np_range(bits, signed):
@@ -50,28 +57,40 @@ def make_x(rng, shape, log2_t, bits, signed, dtype):
     return (v * np_scale(log2_t, bits, signed, np.float64)).astype(dtype)
 
 
-def run_op(x, log2_t, dy, **kwargs):
+def run_op(x, log2_t, dy, op=quant.tqt_fake_quant, **kwargs):
     """y and both gradients of the op, log2_t as the float32 variable a QuantSite owns."""
     x = tf.constant(x)
     log2_t = tf.Variable(log2_t, dtype=tf.float32)
     with tf.GradientTape() as tape:
         tape.watch(x)
-        y = quant.tqt_fake_quant(x, log2_t, **kwargs)
+        y = op(x, log2_t, **kwargs)
     dx, dl = tape.gradient(y, [x, log2_t], output_gradients=tf.constant(dy))
     return y.numpy(), dx.numpy(), dl.numpy()
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("bits", BITS)
-@pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
-def test_forward_and_gradients_match_numpy(rounding, signed, bits, per_channel, dtype):
+def op_cases():
+    """Every mode through the dispatching op; where it takes the fused kernels (per tensor,
+    half_even/half_up) also the reference and the fused op directly, so a bug in either shows
+    although the model only runs one of them there."""
+    for dtype in (np.float32, np.float64):
+        for per_channel in (False, True):
+            for bits in BITS:
+                for signed in (True, False):
+                    for rounding in qformat.ROUNDINGS:
+                        fusable = rounding in FUSED_ROUNDINGS and not per_channel
+                        for op in ("dispatch", "reference", "fused") if fusable else ("dispatch",):
+                            yield pytest.param(op, rounding, signed, bits, per_channel, dtype, id="-".join([
+                                op, rounding, "signed" if signed else "unsigned", str(bits),
+                                "channel" if per_channel else "tensor", dtype.__name__]))
+
+
+@pytest.mark.parametrize("op, rounding, signed, bits, per_channel, dtype", list(op_cases()))
+def test_forward_and_gradients_match_numpy(op, rounding, signed, bits, per_channel, dtype):
     rng = np.random.default_rng(bits)
     log2_t = np.array(CHANNEL_LOG2_T if per_channel else SCALAR_LOG2_T, np.float32)
     x = make_x(rng, (6, 4, 5), log2_t, bits, signed, dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
-    y, dx, dl = run_op(x, log2_t, dy, num_bits=bits, signed=signed, rounding=rounding)
+    y, dx, dl = run_op(x, log2_t, dy, OPS[op], num_bits=bits, signed=signed, rounding=rounding)
     y_ref, dx_ref, dl_ref = np_tqt(x, log2_t, bits, signed, rounding, dy)
 
     assert y.dtype == dtype and dl.shape == log2_t.shape
@@ -81,12 +100,63 @@ def test_forward_and_gradients_match_numpy(rounding, signed, bits, per_channel, 
     np.testing.assert_allclose(dl, dl_ref, rtol=tol, atol=tol * np.abs(dl_ref).max())
 
 
-def test_rounding_modes_differ_on_ties():
+@pytest.mark.parametrize("op", ["dispatch", "reference"])
+def test_rounding_modes_differ_on_ties(op):
     x = tf.constant([0.5, 1.5, 2.5, -0.5, -1.5, 0.75])
-    outputs = {r: quant.tqt_fake_quant(x, 7.0, rounding=r).numpy() for r in quant.ROUNDINGS}  # s = 1
+    outputs = {r: OPS[op](x, 7.0, rounding=r).numpy() for r in qformat.ROUNDINGS}  # s = 1
     np.testing.assert_array_equal(outputs["half_even"], [0, 2, 2, -0, -2, 1])
     np.testing.assert_array_equal(outputs["half_up"], [1, 2, 3, 0, -1, 1])
     np.testing.assert_array_equal(outputs["floor"], [0, 1, 2, -1, -2, 0])
+    for r in FUSED_ROUNDINGS:
+        np.testing.assert_array_equal(quant.tqt_fake_quant_fused(x, 7.0, rounding=r), outputs[r])
+
+
+# ---- which path tqt_fake_quant takes (the two are compared bit for bit in test_properties.py) ----
+
+
+def traced_op_types(log2_t, rounding, gradient):
+    """The op types in the graph of tqt_fake_quant (with its gradient when asked), traced by
+    tf.function, its function library included."""
+    x = tf.constant(np.linspace(-2.0, 2.0, 20).reshape(4, 5), tf.float32)
+
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = quant.tqt_fake_quant(x, log2_t, 4, True, rounding)
+        return tape.gradient(y, x) if gradient else y
+
+    graph = step.get_concrete_function(x).graph
+    types = {op.type for op in graph.get_operations()}
+    for function in graph.as_graph_def().library.function:
+        types |= {node.op for node in function.node_def}
+    return types
+
+
+@pytest.mark.parametrize("form", ["variable", "python"])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("rounding", qformat.ROUNDINGS)
+def test_dispatch_takes_the_fused_kernels_exactly_per_tensor_with_half_roundings(rounding, per_channel, form):
+    value = [0.5] * 5 if per_channel else 0.5
+    log2_t = tf.Variable(value) if form == "variable" else value
+    fused = rounding in FUSED_ROUNDINGS and not per_channel
+    forward = traced_op_types(log2_t, rounding, gradient=False)
+    backward = traced_op_types(log2_t, rounding, gradient=True)
+    assert ("QuantizeAndDequantizeV4" in forward) == fused
+    assert ("QuantizeAndDequantizeV4Grad" in backward) == fused
+    # one path, not both: the reference divides by s and rounds; the kernel does neither
+    assert bool({"RealDiv", "Round", "Floor"} & forward) == (not fused)
+
+
+def test_fused_path_refuses_floor_and_per_channel_thresholds():
+    x = tf.zeros([3, 4])
+    with pytest.raises(ValueError, match="no fused kernel for rounding 'floor'"):
+        quant.tqt_fake_quant_fused(x, 0.0, 8, True, "floor")
+    for rounding in FUSED_ROUNDINGS:
+        for log2_t in ([0.0] * 4, [0.0], tf.zeros([4]), tf.Variable(tf.zeros([4]))):
+            with pytest.raises(ValueError, match="no fused kernel"):
+                quant.tqt_fake_quant_fused(x, log2_t, 8, True, rounding)
+    quant.tqt_fake_quant_fused(x, tf.Variable(0.0), 8, True, "half_up")  # a scalar variable is fine
 
 
 # ---- finite differences ---------------------------------------------------------------------
@@ -117,9 +187,25 @@ def frozen_surrogate_loss(x, log2_t, log2_t0, bits, signed, rounding, dy):
     return np.sum(dy * y)
 
 
+def op_and_surrogate(x, log2_t0, bits, signed, rounding, dy):
+    """y and dL/dlog2_t of tqt_fake_quant and of tf_ste_surrogate with a float64 log2_t of
+    log2_t0's shape (a scalar takes the fused path for half_even/half_up)."""
+    log2_t = tf.Variable(log2_t0, dtype=tf.float64)
+    with tf.GradientTape(persistent=True) as tape:
+        y = quant.tqt_fake_quant(tf.constant(x), log2_t, bits, signed, rounding)
+        y_sur = tf_ste_surrogate(tf.constant(x), log2_t, bits, signed, rounding)
+    grad = tape.gradient(y, log2_t, output_gradients=tf.constant(dy)).numpy()
+    grad_sur = tape.gradient(y_sur, log2_t, output_gradients=tf.constant(dy)).numpy()
+    return y.numpy(), grad, y_sur.numpy(), grad_sur
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("rounding", quant.ROUNDINGS)
-def test_log2_t_gradient_is_the_ste_derivative(rounding, signed):
+@pytest.mark.parametrize("rounding", qformat.ROUNDINGS)
+def test_log2_t_gradient_is_the_ste_derivative(rounding, signed, per_channel):
+    """Per channel (the reference path) and per tensor, one column at a time (the fused path
+    for half_even/half_up): the same gradient as autodiff of the STE surrogate and as a central
+    difference of the frozen surrogate."""
     rng = np.random.default_rng(1)
     bits, log2_t0 = 4, np.array(CHANNEL_LOG2_T)
     x = make_x(rng, (40, 5), log2_t0, bits, signed, np.float64)
@@ -128,13 +214,14 @@ def test_log2_t_gradient_is_the_ste_derivative(rounding, signed):
     n, p = np_range(bits, signed)
     assert (v < n).any() and (v > p).any() and ((v > n) & (v < p)).any()
 
-    log2_t = tf.Variable(log2_t0, dtype=tf.float64)
-    with tf.GradientTape(persistent=True) as tape:
-        y = quant.tqt_fake_quant(tf.constant(x), log2_t, bits, signed, rounding)
-        y_sur = tf_ste_surrogate(tf.constant(x), log2_t, bits, signed, rounding)
-    grad = tape.gradient(y, log2_t, output_gradients=tf.constant(dy)).numpy()
-    grad_sur = tape.gradient(y_sur, log2_t, output_gradients=tf.constant(dy)).numpy()
-    np.testing.assert_array_equal(y.numpy(), y_sur.numpy())
+    if per_channel:
+        y, grad, y_sur, grad_sur = op_and_surrogate(x, log2_t0, bits, signed, rounding, dy)
+    else:
+        columns = [op_and_surrogate(x[:, c], log2_t0[c], bits, signed, rounding, dy[:, c])
+                   for c in range(len(log2_t0))]
+        y, grad, y_sur, grad_sur = (np.stack(parts, axis=-1) for parts in zip(*columns))
+    assert grad.shape == log2_t0.shape
+    np.testing.assert_array_equal(y, y_sur)
     np.testing.assert_allclose(grad, grad_sur, rtol=1e-12, atol=1e-12)
 
     h = 1e-6
@@ -192,18 +279,20 @@ def site_step(site, x):
     return y, dx, dl
 
 
-def test_eager_function_and_mirrored_strategy_agree(two_cpus):
-    x = make_x(np.random.default_rng(3), (8, 5), np.array(CHANNEL_LOG2_T), 4, True, np.float32)
+@pytest.mark.parametrize("channels", [5, None])  # per channel: the reference path; per tensor: fused
+def test_eager_function_and_mirrored_strategy_agree(two_cpus, channels):
+    log2_t0 = np.array(CHANNEL_LOG2_T if channels else CHANNEL_LOG2_T[0], np.float32)
+    x = make_x(np.random.default_rng(3), (8, 5), log2_t0, 4, True, np.float32)
     x = tf.constant(x)
-    site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=5)
-    site.log2_t.assign(CHANNEL_LOG2_T)
+    site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=channels)
+    site.log2_t.assign(log2_t0)
     eager = site_step(site, x)
     graph = tf.function(site_step)(site, x)
 
     strategy = tf.distribute.MirroredStrategy(two_cpus)
     with strategy.scope():
-        mirrored_site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=5)
-        mirrored_site.log2_t.assign(CHANNEL_LOG2_T)
+        mirrored_site = quant.QuantSite("encoder/block_1/ffn/weight", "weight", 4, channels=channels)
+        mirrored_site.log2_t.assign(log2_t0)
     halves = tf.split(x, 2)
     x_per_replica = strategy.experimental_distribute_values_from_function(
         lambda ctx: halves[ctx.replica_id_in_sync_group])
@@ -226,7 +315,7 @@ def test_eager_function_and_mirrored_strategy_agree(two_cpus):
         np.testing.assert_array_equal(got[1], eager[1])
         np.testing.assert_allclose(got[2], eager[2], rtol=1e-5, atol=1e-5)
     for value in mirrored_site.log2_t.values:
-        np.testing.assert_array_equal(value, np.maximum(CHANNEL_LOG2_T, -2.0).astype(np.float32))
+        np.testing.assert_array_equal(value, np.maximum(log2_t0, np.float32(-2.0)))
 
 
 # ---- training the threshold -----------------------------------------------------------------
@@ -272,7 +361,7 @@ def test_clamp_keeps_sgd_from_throwing_the_threshold_away():
     for _ in range(3):
         sgd_step(clamped, x, 1.0)
         quant.clamp_log2_t([clamped])
-        assert quant.LOG2_T_MIN <= clamped.log2_t.numpy() <= quant.LOG2_T_MAX
+        assert qformat.LOG2_T_MIN <= clamped.log2_t.numpy() <= qformat.LOG2_T_MAX
     assert np.all(np.isfinite(clamped(x).numpy())) and float(sgd_step(clamped, x, 0.0)) != 0
 
 
@@ -280,31 +369,33 @@ def test_clamp_keeps_sgd_from_throwing_the_threshold_away():
 
 
 def observed_site(data, role="activation", bits=8):
+    """A site that observed `data` in four chunks, and its Observations."""
     site = quant.QuantSite("decoder/block_1/ffn/input", role, bits)
-    site.observing = True
+    obs = calibration.observe([site])[site.site_name]
     for chunk in np.array_split(data, 4):
         out = site(tf.constant(chunk, tf.float32))
         np.testing.assert_array_equal(out, chunk.astype(np.float32))  # float pass-through
-    return site
+    assert obs.count() == len(data)
+    return site, obs
 
 
 def calibrated_thresholds(data, **kwargs):
     thresholds = {}
     for method in ("max", "percentile", "mse", "kl"):
-        site = observed_site(data, **kwargs)
-        site.calibrate(method)
-        assert site.calibrated and not site.observing
+        site, obs = observed_site(data, **kwargs)
+        calibration.calibrate_site(site, obs, method)
+        assert site.observer is None
         thresholds[method] = float(site.threshold())
     return thresholds
 
 
 def test_calibration_on_gaussian_data():
     data = np.random.default_rng(6).normal(size=50_000)
-    site = observed_site(data)
-    site.calibrate("max")
+    site, obs = observed_site(data)
+    calibration.calibrate_site(site, obs, "max")
     assert site.log2_t.numpy() == pytest.approx(np.log2(np.abs(data).max()), abs=1e-6)
-    percentile = observed_site(data)
-    percentile.calibrate("percentile", percentile=99.0)
+    percentile, obs = observed_site(data)
+    calibration.calibrate_site(percentile, obs, "percentile", percentile=99.0)
     assert percentile.log2_t.numpy() == pytest.approx(np.log2(np.percentile(np.abs(data), 99)), abs=0.01)
     thresholds = calibrated_thresholds(data)
     assert thresholds["max"] >= thresholds["percentile"]
@@ -323,41 +414,61 @@ def test_search_calibration_clips_heavy_tails():
 
 def test_observations_stay_bounded_and_calibration_needs_them():
     site = quant.QuantSite("decoder/block_1/self_attention/softmax_output", "unsigned")
-    with pytest.raises(ValueError, match="decoder/block_1/self_attention/softmax_output"):
-        site.calibrate("max")
-    site.observing = True
+    obs = calibration.observe([site])[site.site_name]
+    with pytest.raises(ValueError, match=r"^site 'decoder/block_1/self_attention/softmax_output': "
+                       r"observed no data; cannot calibrate$"):
+        calibration.calibrate_site(site, obs, "max")
+    site.observer = obs.add  # the failed calibration stopped observing
     rng = np.random.default_rng(8)
     for scale in (1.0, 5.0, 40.0):  # the histogram range has to grow twice
         site(tf.constant(rng.random(40_000) * scale, tf.float32))
-    observations = site._observations
-    assert observations.count() == 120_000 and observations.sample.size == observations.SAMPLE
-    assert observations.top == 64.0 and observations.hist.size == observations.BINS
-    site.calibrate("percentile")
-    assert site._observations is None
-    with pytest.raises(ValueError, match="observed no data"):
-        site.calibrate("max")
+    assert obs.count() == 120_000 and obs.sample.size == obs.SAMPLE
+    assert obs.top == 64.0 and obs.hist.size == obs.BINS
+    calibration.calibrate_site(site, obs, "percentile")
+    assert site.observer is None  # calibrated: the site quantizes again and observes no more
+    x = tf.constant([0.1, 70.0])
+    np.testing.assert_array_equal(site(x), quant.tqt_fake_quant(x, site.log2_t, 8, False))
+    assert site(x).numpy()[1] < 70.0 and obs.count() == 120_000
 
 
-def test_init_from_weight_per_channel():
+def test_init_weight_site_per_channel():
     rng = np.random.default_rng(9)
     w = rng.normal(size=(64, 3)) * [0.1, 1.0, 10.0] + [0.0, 0.5, 0.0]
     site = quant.QuantSite("encoder/block_1/self_attention/query/weight", "weight", channels=3)
-    site.init_from_weight(w, "max")
+    calibration.init_weight_site(site, w, "max")
     np.testing.assert_allclose(site.log2_t.numpy(), np.log2(np.abs(w).max(0)), rtol=1e-6)
-    site.init_from_weight(tf.constant(w), "3sd")
+    calibration.init_weight_site(site, tf.constant(w), "3sd")
     np.testing.assert_allclose(site.log2_t.numpy(), np.log2(np.abs(w.mean(0)) + 3 * w.std(0)), rtol=1e-6)
     per_tensor = quant.QuantSite("embedding/weight", "weight")
-    per_tensor.init_from_weight(w, "max")
+    calibration.init_weight_site(per_tensor, w, "max")
     assert per_tensor.log2_t.numpy() == pytest.approx(np.log2(np.abs(w).max()))
+    calibration.init_weight_site(per_tensor, w)  # "max" is the default
+    assert per_tensor.log2_t.numpy() == pytest.approx(np.log2(np.abs(w).max()))
+    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd, got 'mean'$"):
+        calibration.init_weight_site(site, w, "mean")
+
+
+def test_set_log2_t_broadcasts_and_clips_to_the_clamp_range():
+    site = quant.QuantSite("a/weight", "weight", channels=3)
+    site.set_log2_t(1.5)
+    np.testing.assert_array_equal(site.log2_t.numpy(), [1.5] * 3)
+    site.set_log2_t(np.array([-30.0, 2.25, 99.0]))
+    np.testing.assert_array_equal(site.log2_t.numpy(), [qformat.LOG2_T_MIN, 2.25, qformat.LOG2_T_MAX])
+    assert site.log2_t.dtype == tf.float32
 
 
 @pytest.mark.parametrize("role, frac", [("weight", 7 - 3), ("unsigned", 8 - 3)])
-def test_frac_bits_threshold_and_scale(role, frac):
+def test_frac_bits_threshold_and_grid(role, frac):
     site = quant.QuantSite("a/b", role)
     site.log2_t.assign(2.3)  # ceil -> 3: threshold 8
     assert site.frac_bits() == frac and site.frac_bits_tensor().numpy() == frac
-    assert site.threshold() == 8.0 and site.scale() == 2.0**-frac
-    assert quant.frac_bits(np.array([2.3, -1.0, -1.5]), 8, True).tolist() == [4, 8, 8]
+    assert site.frac_bits().dtype == np.int64 and site.frac_bits_tensor().dtype == tf.int32
+    grid = site.grid()
+    assert (grid.bits, grid.signed, int(grid.f)) == (8, role == "weight", frac)
+    assert site.threshold() == 8.0 and np.exp2(-grid.f.astype(np.float64)) == 2.0**-frac  # the scale s
+    assert qformat.frac_bits(np.array([2.3, -1.0, -1.5]), 8, True).tolist() == [4, 8, 8]
+    f = quant.frac_bits_tensor(tf.constant([2.3, -1.0, -1.5]), 8, False)
+    assert f.dtype == tf.int32 and f.numpy().tolist() == [5, 9, 9]
 
 
 def test_clip_fraction():
@@ -435,7 +546,8 @@ def test_tqt_sites():
     (8, "nearest", "rounding"),
 ])
 def test_bad_bits_and_rounding_are_rejected(bits, rounding, message):
-    with pytest.raises(ValueError, match=message):
-        quant.tqt_fake_quant(tf.zeros([2]), 0.0, bits, rounding=rounding)
+    for op in OPS.values():
+        with pytest.raises(ValueError, match=message):
+            op(tf.zeros([2]), 0.0, bits, rounding=rounding)
     with pytest.raises(ValueError, match=message):
         quant.QuantSite("a", "activation", bits, rounding)

@@ -1,5 +1,6 @@
 """train.py / eval.py end to end on tiny data: overfitting, resuming, mirrored, errors."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -11,15 +12,19 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import calibration
 import data_load
-import demo_corpus
-import eval as eval_script
 import hparams
 import intmodel
-import quant
+import qformat
+import runs
 import train
+from corpus import demo as demo_corpus
 from hparams import train_parser
 from model import Transformer
+
+# eval.py's main, for the tests that run it in-process (`import eval` would shadow the builtin)
+eval_main = importlib.import_module("eval").main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d_model", "32", "--d_ff", "64", "--num_blocks", "1", "--num_heads", "4",
@@ -65,8 +70,7 @@ def float_run(corpus, tmp_path_factory):
 
 
 def train_set_bleu(logdir, corpus, out):
-    eval_script.main(["--logdir", logdir, "--src", corpus["train"][0], "--ref", corpus["train"][1],
-                      "--json", out])
+    eval_main(["--logdir", logdir, "--src", corpus["train"][0], "--ref", corpus["train"][1], "--json", out])
     return json.load(open(out))
 
 
@@ -80,12 +84,12 @@ def test_tiny_model_overfits_200_pairs(float_run, corpus, tmp_path):
 @pytest.fixture(scope="module")
 def qat_runs(float_run, tmp_path_factory):
     """W8A8 and W4A8 QAT fine-tuned from the float run (train.py exports each to <logdir>/export)."""
-    runs = {}
+    logdirs = {}
     for preset in ("w8a8", "w4a8"):
-        runs[preset] = str(tmp_path_factory.mktemp(preset) / "run")
-        train.main(["--logdir", runs[preset], "--init_from", float_run, "--quant", preset,
+        logdirs[preset] = str(tmp_path_factory.mktemp(preset) / "run")
+        train.main(["--logdir", logdirs[preset], "--init_from", float_run, "--quant", preset,
                     "--num_epochs", "3", "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
-    return runs
+    return logdirs
 
 
 def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, qat_runs, corpus, tmp_path, capsys):
@@ -93,13 +97,13 @@ def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, qat_runs,
     quantized = train_set_bleu(qat_runs["w8a8"], corpus, str(tmp_path / "w8a8.json"))["bleu"]
     assert quantized >= parent - 1.0, (parent, quantized)
     # post-training quantization of the parent runs from eval.py too
-    eval_script.main(["--logdir", float_run, "--quant", "w8a8", "--json", str(tmp_path / "ptq.json")])
+    eval_main(["--logdir", float_run, "--quant", "w8a8", "--json", str(tmp_path / "ptq.json")])
     assert "post-training quantization: w8a8" in capsys.readouterr().out
 
 
 def test_qat_run_reports_its_thresholds(qat_runs):
-    calibration = json.load(open(os.path.join(qat_runs["w8a8"], "calibration.json")))
-    assert len(calibration) == 90
+    at_calibration = json.load(open(os.path.join(qat_runs["w8a8"], "calibration.json")))
+    assert len(at_calibration) == 90
     assert os.path.exists(os.path.join(qat_runs["w8a8"], "export", "manifest.json"))
 
 
@@ -107,33 +111,72 @@ def test_qat_run_reports_its_thresholds(qat_runs):
 def test_integer_engine_translates_token_for_token_like_tf(qat_runs, corpus, preset):
     """The exported integers, run by the NumPy engine, give the TF fake-quant model's outputs."""
     logdir = qat_runs[preset]
-    hp = eval_script.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
-    model, sp, _, _ = eval_script.load_model(hp)
+    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
+    model, sp, _, _ = runs.load_model(hp)
     lines = data_load.read_lines(corpus["train"][0])
     engine = intmodel.IntTransformer.load(os.path.join(logdir, "export"))
     tf_ids, int_ids = [], []
     for _, src in data_load.eval_batches(data_load.encode_source(sp, lines), 64):
-        tf_ids += [data_load.strip_ids(r) for r in model.greedy(tf.constant(src)).numpy()]
-        int_ids += [data_load.strip_ids(r) for r in engine.greedy(src)]
+        tf_ids += [qformat.strip_ids(r) for r in model.greedy(tf.constant(src)).numpy()]
+        int_ids += [qformat.strip_ids(r) for r in engine.greedy(src)]
     same = sum(a == b for a, b in zip(tf_ids, int_ids))
     assert same == len(lines), f"{same}/{len(lines)} identical"
     assert max(s["bits"] for s in engine.accumulator_stats().values()) <= 32
 
 
+def npz_arrays(export_dir):
+    with np.load(os.path.join(export_dir, "model.npz")) as npz:
+        return {key: npz[key] for key in npz.files}
+
+
 def test_eval_int_engine_cli(qat_runs, corpus, tmp_path, capsys):
-    export_dir = os.path.join(qat_runs["w8a8"], "export")
+    """eval.py --export_to D after a TF evaluation writes the export that --engine int
+    --export D evaluates (the integers train.py exported, bit for bit), with the TF BLEU."""
+    logdir = qat_runs["w8a8"]
+    export_dir = str(tmp_path / "export")
     tf_json, int_json = str(tmp_path / "tf.json"), str(tmp_path / "int.json")
     args = ["--src", corpus["dev"][0], "--ref", corpus["dev"][1]]
-    eval_script.main(["--logdir", qat_runs["w8a8"], *args, "--json", tf_json,
-                      "--hyp_out", str(tmp_path / "tf.txt")])
-    eval_script.main(["--engine", "int", "--export", export_dir, *args, "--json", int_json,
-                      "--agree_with", str(tmp_path / "tf.txt"), "--hyp_out", str(tmp_path / "int.txt"),
-                      "--dump_vectors", "2", "--out", str(tmp_path / "vectors")])
+    eval_main(["--logdir", logdir, *args, "--json", tf_json, "--hyp_out", str(tmp_path / "tf.txt"),
+               "--export_to", export_dir])
+    assert f"with the integers in {export_dir}" in capsys.readouterr().out
+    manifest = qformat.read_manifest(export_dir)
+    trained = qformat.read_manifest(os.path.join(logdir, "export"))
+    assert manifest["sites"] == trained["sites"] and manifest["model"] == trained["model"]
+    exported, by_train = npz_arrays(export_dir), npz_arrays(os.path.join(logdir, "export"))
+    assert exported.keys() == by_train.keys()
+    for key in exported:
+        assert exported[key].dtype == by_train[key].dtype, key
+        np.testing.assert_array_equal(exported[key], by_train[key], err_msg=key)
+    eval_main(["--engine", "int", "--export", export_dir, *args, "--json", int_json,
+               "--agree_with", str(tmp_path / "tf.txt"), "--hyp_out", str(tmp_path / "int.txt"),
+               "--dump_vectors", "2", "--out", str(tmp_path / "vectors")])
     tf_result, int_result = json.load(open(tf_json)), json.load(open(int_json))
+    assert tf_result["export"] == export_dir and tf_result["engine"] == "tf"
     assert int_result["bleu"] == tf_result["bleu"] and int_result["token_agreement"] == 100.0
     assert int_result["engine"] == "int" and int_result["n_sentences"] == 20
+    assert int_result["export"] == int_result["checkpoint"] == export_dir
     assert os.path.exists(tmp_path / "vectors" / "index.json")
     assert "BLEU = " in capsys.readouterr().out
+
+
+def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, capsys):
+    """--export names an export for --engine int to read: with the TF engine it is one error line
+    pointing to --export_to (exit status 1), and nothing is written there; --engine int needs it."""
+    target = str(tmp_path / "export")
+    args = ["--logdir", qat_runs["w8a8"], "--src", corpus["dev"][0], "--ref", corpus["dev"][1],
+            "--hyp_out", str(tmp_path / "hyp.txt")]
+    for argv, message in [
+        ([*args, "--engine", "tf", "--export", target],
+         "error: --export names an export to evaluate with --engine int; to write the integers of "
+         "--logdir use --export_to DIR"),
+        ([*args, "--engine", "int"], "error: --engine int needs --export DIR (an export.py directory)"),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            hparams.run_cli(eval_main, argv)
+        captured = capsys.readouterr()
+        assert exit_.value.code == 1 and captured.err.strip().splitlines() == [message], captured.err
+        assert "BLEU" not in captured.out
+    assert not os.path.exists(target) and not os.path.exists(tmp_path / "hyp.txt")
 
 
 def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):
@@ -219,13 +262,13 @@ def test_qat_run_killed_between_checkpoints_resumes_bit_for_bit(corpus, tmp_path
 
 
 def padded_batch(rng, rows, vocab):
-    """(src, tgt) of `rows` sentences of random lengths, padded with 0 to one width."""
-    src, tgt = np.zeros((rows, 9), np.int32), np.zeros((rows, 8), np.int32)
+    """(src, tgt) of `rows` sentences of random lengths, padded with PAD to one width."""
+    src, tgt = np.full((rows, 9), qformat.PAD, np.int32), np.full((rows, 8), qformat.PAD, np.int32)
     for i in range(rows):
         n_src, n_tgt = rng.integers(2, 10), rng.integers(1, 7)
         src[i, :n_src] = rng.integers(4, vocab, n_src)
-        src[i, n_src - 1] = 3
-        tgt[i, : n_tgt + 2] = [2, *rng.integers(4, vocab, n_tgt), 3]
+        src[i, n_src - 1] = qformat.EOS
+        tgt[i, : n_tgt + 2] = [qformat.BOS, *rng.integers(4, vocab, n_tgt), qformat.EOS]
     return src, tgt
 
 
@@ -239,15 +282,15 @@ def test_mirrored_steps_equal_single_device_steps(two_cpus):
     batches = [padded_batch(rng, 5, vocab) for _ in range(4)]
     for _, tgt in batches:
         counts = [np.count_nonzero(shard[:, 1:]) for shard in np.array_split(tgt, 2)]
-        assert counts[0] != counts[1] and np.any(tgt == 0)
+        assert counts[0] != counts[1] and np.any(tgt == qformat.PAD)
     tf.random.set_seed(0)
-    calibrated = Transformer(hp, vocab, quant.sites_from_flags(hp))
-    quant.calibrate(calibrated, batches[:2], "max", "max")
+    calibrated = Transformer(hp, vocab, runs.sites_from_flags(hp))
+    calibration.calibrate(calibrated, batches[:2], "max", "max")
     init = [v.numpy() for v in calibrated.variables]
 
     def train_steps(strategy):
         with strategy.scope():
-            model = Transformer(hp, vocab, quant.sites_from_flags(hp))
+            model = Transformer(hp, vocab, runs.sites_from_flags(hp))
             for v, value in zip(model.variables, init):
                 v.assign(value)
             opt = train.Optimizers(model, hp)
@@ -316,7 +359,7 @@ def test_error_logdir_without_checkpoint(corpus, tmp_path, capsys):
     sp = data_load.load_or_train_spm(*data_load.read_parallel(*corpus["train"]), 300, corpus["folder"])
     hparams.write_atomic(os.path.join(logdir, "spm.model"), sp.serialized_model_proto())
     with pytest.raises(SystemExit) as exit_:
-        hparams.run_cli(eval_script.main, ["--logdir", logdir])
+        hparams.run_cli(eval_main, ["--logdir", logdir])
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 1 and len(err.splitlines()) == 1, err
     assert err == f"error: no checkpoint in {os.path.join(logdir, 'ckpt')}"
