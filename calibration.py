@@ -141,7 +141,7 @@ def kl_threshold(obs: Observations, num_bits: int, signed: bool) -> float:
 
 
 def activation_log2_t(obs: Observations, role: str, num_bits: int, signed: bool, rounding: str,
-                      method: str = "max", percentile: float = 99.99) -> float:
+                      method: str, percentile: float) -> float:
     """log2_t of an activation site from what it observed.
 
     "max": log2(max|x|). "percentile": log2 of that percentile of |x|. "mse": the

@@ -75,8 +75,8 @@ def _inputs(x, log2_t, num_bits: int, rounding: str) -> tuple[tf.Tensor, tf.Tens
     return x, tf.cast(log2_t, x.dtype)  # a variable still gets its gradient through the read
 
 
-def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int = 8,
-                             signed: bool = True, rounding: str = "half_even") -> tf.Tensor:
+def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,
+                             rounding: str) -> tf.Tensor:
     """TQT fake quantization, docs/tqt.md "Forward" and "Gradients" line for line. `log2_t` is a
     scalar or [C] along x's last axis (per output channel); float32/float64."""
     x, log2_t = _inputs(x, log2_t, num_bits, rounding)
@@ -102,8 +102,8 @@ def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: 
     return fake_quant(x, log2_t)
 
 
-def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int = 8,
-                         signed: bool = True, rounding: str = "half_even") -> tf.Tensor:
+def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,
+                         rounding: str) -> tf.Tensor:
     """The same op per tensor (scalar log2_t, rounding in FUSED_ROUND_MODES) on TF's kernels,
     docs/tqt.md "The fused path": one pass over x forward instead of five.
 

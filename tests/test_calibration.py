@@ -503,17 +503,17 @@ def test_calibrate_dispatch_defaults_and_errors():
     assert expected != calibration.log2_threshold(calibration.kl_threshold(obs, 4, False))
     calibration.calibrate_site(site, obs, "kl")
     assert site.log2_t.numpy() == np.float32(expected)
-    assert calibration.activation_log2_t(obs, "activation", 4, True, "half_even", "kl") == expected
+    assert calibration.activation_log2_t(obs, "activation", 4, True, "half_even", "kl", 99.99) == expected
     for method in ("max", "percentile", "mse", "kl"):
         probability, obs = observed(np.random.default_rng(14).random(5000) * 0.1, "probability")
         calibration.calibrate_site(probability, obs, method)
         assert probability.log2_t.numpy() == 0.0 and probability.observer is None
-        assert calibration.activation_log2_t(obs, "probability", 8, False, "half_even", method) == 0.0
+        assert calibration.activation_log2_t(obs, "probability", 8, False, "half_even", method, 99.99) == 0.0
     message = r"calibration method must be one of max\|percentile\|mse\|kl, got 'mean'$"
     with pytest.raises(ValueError, match="^site 'encoder/block_1/ffn/hidden': " + message):
         calibration.calibrate_site(*observed(data, "activation"), "mean")
     with pytest.raises(ValueError, match="^" + message):
-        calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "mean")
+        calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "mean", 99.99)
     with pytest.raises(ValueError, match="^" + message):
         calibration.calibrate(None, [], "mean")  # checked before the model is touched
 
@@ -525,13 +525,14 @@ def test_activation_log2_t_is_the_method_applied_to_the_observations():
     obs = calibration.Observations(seed=3)
     obs.add(x)
     max_abs = np.abs(x).max()
-    assert calibration.activation_log2_t(obs, "activation", 8, True, "half_even") == np.log2(max_abs)
+    assert calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "max", 99.99) == (
+        np.log2(max_abs))
     assert calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "percentile", 99.0) == (
         calibration.log2_threshold(calibration.percentile_threshold(obs, 99.0)))
     for bits, signed, rounding in ((4, True, "half_even"), (3, False, "floor"), (6, True, "half_up")):
-        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "mse") == (
+        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "mse", 99.99) == (
             brute_force_mse_log2_t(x, bits, signed, rounding))
-        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "kl") == (
+        assert calibration.activation_log2_t(obs, "activation", bits, signed, rounding, "kl", 99.99) == (
             calibration.log2_threshold(calibration.kl_threshold(obs, bits, signed)))
 
 
@@ -541,7 +542,7 @@ def test_calibration_needs_at_least_one_value():
     with pytest.raises(ValueError, match=message):
         calibration.calibrate_site(empty, obs, "max")
     with pytest.raises(ValueError, match=r"^observed no data; cannot calibrate$"):
-        calibration.activation_log2_t(obs, "activation", 8, True, "half_even")
+        calibration.activation_log2_t(obs, "activation", 8, True, "half_even", "max", 99.99)
     one, obs = observed(np.array([3.0]), "activation", chunks=1)
     calibration.calibrate_site(one, obs, "max")
     assert one.log2_t.numpy() == np.float32(np.log2(3.0))
@@ -565,6 +566,11 @@ def test_weight_log2_t():
                                np.log2(np.abs(w.mean(axis=(0, 1))) + 3 * w.std(axis=(0, 1))), rtol=1e-12)
     np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd"), np.log2(abs(w.mean()) + 3 * w.std()),
                                rtol=1e-12)
+    w32 = w.astype(np.float32)  # as a model's weights arrive: the statistics still run in float64
+    w64 = w32.astype(np.float64)
+    got = calibration.weight_log2_t(w32, "3sd", per_channel=True)
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, np.log2(np.abs(w64.mean(axis=(0, 1))) + 3 * w64.std(axis=(0, 1))))
     np.testing.assert_array_equal(calibration.weight_log2_t(np.array([[0.0, 2.0**30]]), per_channel=True),
                                   [qformat.LOG2_T_MIN, qformat.LOG2_T_MAX])
     with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd, got 'absmax'$"):

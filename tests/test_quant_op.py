@@ -103,12 +103,12 @@ def test_forward_and_gradients_match_numpy(op, rounding, signed, bits, per_chann
 @pytest.mark.parametrize("op", ["dispatch", "reference"])
 def test_rounding_modes_differ_on_ties(op):
     x = tf.constant([0.5, 1.5, 2.5, -0.5, -1.5, 0.75])
-    outputs = {r: OPS[op](x, 7.0, rounding=r).numpy() for r in qformat.ROUNDINGS}  # s = 1
+    outputs = {r: OPS[op](x, 7.0, 8, True, r).numpy() for r in qformat.ROUNDINGS}  # s = 1
     np.testing.assert_array_equal(outputs["half_even"], [0, 2, 2, -0, -2, 1])
     np.testing.assert_array_equal(outputs["half_up"], [1, 2, 3, 0, -1, 1])
     np.testing.assert_array_equal(outputs["floor"], [0, 1, 2, -1, -2, 0])
     for r in FUSED_ROUNDINGS:
-        np.testing.assert_array_equal(quant.tqt_fake_quant_fused(x, 7.0, rounding=r), outputs[r])
+        np.testing.assert_array_equal(quant.tqt_fake_quant_fused(x, 7.0, 8, True, r), outputs[r])
 
 
 # ---- which path tqt_fake_quant takes (the two are compared bit for bit in test_properties.py) ----
@@ -548,6 +548,6 @@ def test_tqt_sites():
 def test_bad_bits_and_rounding_are_rejected(bits, rounding, message):
     for op in OPS.values():
         with pytest.raises(ValueError, match=message):
-            op(tf.zeros([2]), 0.0, bits, rounding=rounding)
+            op(tf.zeros([2]), 0.0, bits, True, rounding)
     with pytest.raises(ValueError, match=message):
         quant.QuantSite("a", "activation", bits, rounding)
