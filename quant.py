@@ -138,8 +138,8 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
     return fake_quant(x, log2_t)
 
 
-def tqt_fake_quant(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int = 8, signed: bool = True,
-                   rounding: str = "half_even") -> tf.Tensor:
+def tqt_fake_quant(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,
+                   rounding: str) -> tf.Tensor:
     """TQT fake quantization with straight-through gradients: the fused kernels where TF has them
     (per tensor, half_even or half_up), else the reference; both compute the same bits."""
     per_tensor = tf.convert_to_tensor(log2_t).shape.rank == 0

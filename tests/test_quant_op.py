@@ -243,11 +243,12 @@ def test_x_gradient_is_the_slope_of_the_staircase():
     x = np.linspace((n - 40) * s, (p + 40) * s, 2001)
 
     def y(x):
-        return quant.tqt_fake_quant(tf.constant(x), log2_t, bits).numpy()
+        return quant.tqt_fake_quant(tf.constant(x), log2_t, bits, True, "half_even").numpy()
 
     big_h = 20 * s
     fd = (y(x + big_h) - y(x - big_h)) / (2 * big_h)
-    _, dx, _ = run_op(x, np.float32(log2_t), np.ones_like(x), num_bits=bits)
+    _, dx, _ = run_op(x, np.float32(log2_t), np.ones_like(x), num_bits=bits, signed=True,
+                      rounding="half_even")
     away = np.minimum(np.abs(x / s - n), np.abs(x / s - p)) > 21  # the difference spans no clip edge
     assert set(dx[away]) == {0.0, 1.0}
     np.testing.assert_allclose(fd[away], dx[away], atol=1 / 40 + 1e-12)
@@ -258,10 +259,11 @@ def test_per_channel_gradient_is_the_per_tensor_gradient_of_each_channel():
     log2_t = np.array(CHANNEL_LOG2_T, np.float32)
     x = make_x(rng, (3, 7, 5), log2_t, 4, True, np.float32)
     dy = rng.normal(size=x.shape).astype(np.float32)
-    _, _, dl = run_op(x, log2_t, dy, num_bits=4)
+    _, _, dl = run_op(x, log2_t, dy, num_bits=4, signed=True, rounding="half_even")
     assert dl.shape == (5,)
     for c in range(5):
-        _, _, dl_c = run_op(x[..., c], log2_t[c], dy[..., c], num_bits=4)
+        _, _, dl_c = run_op(x[..., c], log2_t[c], dy[..., c], num_bits=4, signed=True,
+                            rounding="half_even")
         np.testing.assert_allclose(dl[c], dl_c, rtol=1e-6)
 
 
@@ -427,7 +429,7 @@ def test_observations_stay_bounded_and_calibration_needs_them():
     calibration.calibrate_site(site, obs, "percentile")
     assert site.observer is None  # calibrated: the site quantizes again and observes no more
     x = tf.constant([0.1, 70.0])
-    np.testing.assert_array_equal(site(x), quant.tqt_fake_quant(x, site.log2_t, 8, False))
+    np.testing.assert_array_equal(site(x), quant.tqt_fake_quant(x, site.log2_t, 8, False, "half_even"))
     assert site(x).numpy()[1] < 70.0 and obs.count() == 120_000
 
 
