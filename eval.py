@@ -64,7 +64,7 @@ def translate_tf(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], s
         raise ValueError("--dump_vectors runs on the integer engine: add --engine int --export DIR")
     hyps = runs.translate(model, sp, lines, hp, progress=True)
     if hp.export_to:
-        export.export_model(model, hp, os.path.join(hp.logdir, "spm.model"), hp.export_to)
+        export.export_model(model, hp, runs.spm_path(hp.logdir), hp.export_to)
     return hyps, ckpt_path
 
 

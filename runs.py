@@ -24,6 +24,11 @@ from modules import FloatSites, SiteFactory
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
+def spm_path(logdir: str) -> str:
+    """The SentencePiece model a run was trained with, kept in its logdir."""
+    return os.path.join(logdir, "spm.model")
+
+
 def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
     """Flags as typed, completed by the hparams saved with the run (or with the export, for
     eval.py --engine int): hparams.SAVED_FLAGS, each unless typed (then a warning on mismatch)."""
@@ -38,21 +43,27 @@ def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
     return hp
 
 
+def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
+    """The --quant/--wbits/--abits/--rounding/--per_channel/--quant_override flags as a
+    QuantConfig (ValueError on bad bits or overrides); None for --quant none."""
+    return quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
+                                        hp.quant_override)
+
+
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:
-    """The site factory for the --quant/--wbits/--abits/--rounding/--per_channel/--quant_override
-    flags: quant.TQTSites, or modules.FloatSites (identity hooks) for --quant none."""
-    config = quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
-                                          hp.quant_override)
+    """The site factory for the quantization flags: quant.TQTSites, or modules.FloatSites
+    (identity hooks) for --quant none."""
+    config = quant_config(hp)
     return FloatSites() if config is None else quant.TQTSites(config)
 
 
 def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, bool]:
     """The model of <logdir> (quantized per hp), its SentencePiece model, the checkpoint path, and
     whether the checkpoint carried thresholds (False: a float checkpoint that PTQ must calibrate)."""
-    spm_path = os.path.join(hp.logdir, "spm.model")
-    if not os.path.exists(spm_path):
-        raise FileNotFoundError(f"{spm_path} not found: is --logdir a train.py log directory?")
-    sp = spm.SentencePieceProcessor(model_file=spm_path)
+    spm_file = spm_path(hp.logdir)
+    if not os.path.exists(spm_file):
+        raise FileNotFoundError(f"{spm_file} not found: is --logdir a train.py log directory?")
+    sp = spm.SentencePieceProcessor(model_file=spm_file)
     path = hp.checkpoint or tf.train.latest_checkpoint(os.path.join(hp.logdir, "ckpt"))
     if not path:
         raise FileNotFoundError(f"no checkpoint in {os.path.join(hp.logdir, 'ckpt')}")
@@ -71,7 +82,7 @@ def load_quantized(logdir: str, checkpoint: str | None = None
     if isinstance(model.sites, quant.TQTSites) and not has_thresholds:
         raise ValueError(f"checkpoint {path} has no quantization thresholds (a float checkpoint): "
                          "calibrate or fine-tune it with --quant first")
-    return model, hp, os.path.join(logdir, "spm.model")
+    return model, hp, spm_path(logdir)
 
 
 def load_corpus(hp: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]]:

@@ -38,8 +38,7 @@ def check_flags(hp: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be positive, got {getattr(hp, flag)}")
     if hp.d_model % 2:
         raise ValueError(f"--d_model {hp.d_model} must be even (sinusoidal positions)")
-    quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
-                                 hp.quant_override)  # raises on bad bits / overrides
+    runs.quant_config(hp)  # raises on bad bits / overrides
 
 
 def inherit_from_parent(hp: argparse.Namespace, explicit: set[str]) -> str:
@@ -85,10 +84,10 @@ def prepare_data(hp: argparse.Namespace):
     splits = runs.load_corpus(hp)
     train_de, train_en = splits["train"]
     if hp.init_from:
-        sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.init_from, "spm.model"))
+        sp = spm.SentencePieceProcessor(model_file=runs.spm_path(hp.init_from))
     else:
         sp = data_load.load_or_train_spm(train_de, train_en, hp.vocab_size, spm_cache_dir(hp))
-    hparams.write_atomic(os.path.join(hp.logdir, "spm.model"), sp.serialized_model_proto())
+    hparams.write_atomic(runs.spm_path(hp.logdir), sp.serialized_model_proto())
     src, tgt, dropped = data_load.encode_training_pairs(sp, train_de, train_en, hp.maxlen1, hp.maxlen2)
     if not src:
         raise data_load.DataError(f"no training pair fits --maxlen1 {hp.maxlen1} / --maxlen2 {hp.maxlen2}")
@@ -329,7 +328,7 @@ def main(argv: list[str]) -> None:
         print(threshold_report(model, sites, data_load.train_batches(
             train_src, train_tgt, hp.batch_tokens, hp.seed, 0), hp.logdir))
         out = os.path.join(hp.logdir, "export")
-        export.export_model(model, hp, os.path.join(hp.logdir, "spm.model"), out)
+        export.export_model(model, hp, runs.spm_path(hp.logdir), out)
         bleu_text = "not scored in this run" if dev_bleu is None else f"{dev_bleu:.2f}"
         print(f"dev BLEU {bleu_text}; integer weights exported to {out}")
     minutes = (time.time() - start) / 60

@@ -44,7 +44,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     """Median time of a float and a w8a8 train step, alternating on the parent's batches."""
     hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(parent, "spm.model"))
+    sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
     de, en = runs.load_corpus(hp)["train"]
     src, tgt, _ = data_load.encode_training_pairs(sp, de, en, hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: n_steps + 2]
