@@ -5,7 +5,7 @@
   the commands `eval` and `train`, and no script imports another script;
 - dynamic: every module imports on its own in an interpreter that holds no project module yet
   (an import-time cycle or error shows only when the module is the first one imported);
-- the integer side (qformat, intmodel, calibration, data_load, hparams, corpus.demo) never loads
+- the integer side (qformat, intops, intmodel, calibration, data_load, hparams, corpus.demo) never loads
   TensorFlow;
 - the choices of --quant, --rounding, --calib and --weight_init come from qformat / calibration.
 """
@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
 REQUIRED = ("qformat", "quant", "intmodel", "model", "train", "eval", "export", "runs", "calibration",
             "data_load", "hparams", "modules", "corpus.demo")
-TF_FREE = ("qformat", "intmodel", "calibration", "data_load", "hparams", "corpus.demo")
+TF_FREE = ("qformat", "intops", "intmodel", "calibration", "data_load", "hparams", "corpus.demo")
 COMMANDS = ("eval", "train")  # importable only by scripts/bench_*.py
 TIMEOUT = 300
 

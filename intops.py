@@ -1,0 +1,297 @@
+"""Integer kernels of integer-only inference: what the accelerator computes between matmuls.
+
+NumPy int64 only (no floating point anywhere), so each kernel is its own bit-exact spec; the
+TF graph emulates the same integers for training (`intops_tf.py`). Values live on power-of-two
+grids (qformat.Grid): an integer q on grid f stands for q * 2^-f. Equations: docs/integer_only.md.
+
+    shift_round(q, k, R)    R(q * 2^-k): a requantizing shift (k < 0 shifts left, exactly)
+    div_round(a, b, R)      R(a / b) for integers, b > 0
+    isqrt(n)                floor(sqrt(n)) by 31 fixed digit-by-digit steps, 0 <= n < 2^62
+    exp_neg(x, f)           exp(x 2^-f) for x <= 0 (I-BERT's i-exp): shifts and one square
+    softmax(q, f, mask, b)  masked keys by selection, one integer division, unsigned b-bit output
+    layer_norm(q, ...)      exact mean and variance, one isqrt per row, one division per element
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+import qformat
+
+ISQRT_MAX = 1 << 62  # isqrt's domain: n < 2^62 (the root < 2^31)
+_ISQRT_STEPS = 31  # one result bit per step: the root of n < 2^62 has 31 bits
+
+
+def _int64(a) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iu":
+        raise TypeError(f"integer kernels take integer arrays, got {a.dtype}")
+    return a.astype(np.int64)
+
+
+def div_round(a, b, rounding: str) -> np.ndarray:
+    """R(a / b) for int64 a and 0 < b <= 2^62, exactly: floor, half_up (floor(a/b + 1/2)) or
+    half_even. From a = q b + r, 0 <= r < b: R rounds q up when 2r > b, and at the tie 2r = b
+    when half_up, or when q is odd for half_even (2r < 2^63: no intermediate leaves int64)."""
+    a, b = _int64(a), _int64(b)
+    if np.any(b <= 0):
+        raise ValueError("div_round needs a positive divisor")
+    if rounding not in qformat.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    q, r = np.divmod(a, b)
+    if rounding == "floor":
+        return q
+    tie_up = np.ones_like(q, bool) if rounding == "half_up" else q % 2 == 1
+    return q + ((2 * r > b) | ((2 * r == b) & tie_up))
+
+
+def shift_round(q, k, rounding: str) -> np.ndarray:
+    """R(q * 2^-k) for int64 q and integer shifts -62 <= k <= 62 (scalar or broadcasting): a right
+    shift by k with the rounding R of the bits shifted out; k <= 0 is the exact left shift q << -k
+    (the caller keeps the result inside int64)."""
+    q, k = _int64(q), _int64(k)
+    if np.any(np.abs(k) > 62):
+        raise ValueError("shift_round shifts by at most 62 bits")
+    right = np.maximum(k, 0)
+    divided = div_round(q, np.left_shift(np.int64(1), right), rounding)
+    return np.where(k > 0, divided, np.left_shift(q, np.maximum(-k, 0)))
+
+
+def isqrt(n) -> np.ndarray:
+    """floor(sqrt(n)) for int64 0 <= n < 2^62, digit by digit: 31 steps, each deciding one bit
+    of the root from the top (r + bit)^2 <= n, with shifts, adds and compares only."""
+    n = _int64(n)
+    if np.any(n < 0) or np.any(n >= ISQRT_MAX):
+        raise ValueError("isqrt takes 0 <= n < 2^62")
+    root = np.zeros_like(n)
+    for step in range(_ISQRT_STEPS - 1, -1, -1):
+        trial = root | np.int64(1 << step)
+        root = np.where(trial * trial <= n, trial, root)
+    return root
+
+
+def clip_to(q, bits: int, signed: bool) -> np.ndarray:
+    """q clipped into the integer range of a `bits`-bit grid (qformat.integer_range)."""
+    n, p = qformat.integer_range(bits, signed)
+    return np.clip(_int64(q), n, p)
+
+
+# ---- softmax ----
+# I-BERT's i-exp (Kim et al. 2021, "I-BERT: Integer-only BERT Quantization") on power-of-two grids,
+# then softmax by one integer division per element. Every constant below is an integer (or an
+# exact ratio of integers); exp_constants(F) derives the kernel's integers from them without floats.
+#
+#   x <= 0 on grid f  --clamp at -64, shift_round-->  x on grid F (the internal grid, 2^-F)
+#   z = (-x) // q_ln2,  p = x + z q_ln2 in (-q_ln2, 0]          (x = -z ln2 + p)
+#   L = (p + q_b)^2 + q_c                                        exp(p) ~ A ((p + B)^2 + C/A)
+#   e = L >> min(z, 62)                                          on the grid A 2^-2F (A = 0.3585)
+#
+# Error budget (value x 2^-f vs exp, measured in tests/test_int_softmax.py): the polynomial's
+# relative error on (-ln2, 0] is <= 3.1e-3 (A=0.3585, B=1.353, C=0.344; its spread max/min - 1 is
+# 5.6e-3, the part that survives softmax's normalization); q_ln2's rounding adds z |q_ln2 2^-F - ln2|
+# to the exponent, 1.4e-6 z at F = 15 (ln2 2^15 = 22713.047, a lucky F: 0.05 of a unit); the floor
+# shift loses < 1 unit of A 2^-2F absolutely; an input grid f > F rounds x by 2^-F-1. F = 15 keeps
+# all but the polynomial's error under 1e-4 for every z that matters (e >= 2^-20 of the max) while
+# L <= EXP_MAX = q_b^2 + q_c < 2^31.5 stays a 32-bit number.
+EXP_F = 15  # default internal grid of exp_neg
+EXP_F_MAX = 30  # L < 2^(2F+2) <= 2^62: L >> 62 is 0 and (p + q_b)^2 + q_c fits int64
+LN2_Q64 = 12786308645202655660  # round(ln(2) * 2^64); q_ln2 = round(ln2 2^F) is derived from it
+EXP_A = (717, 2000)  # A = 0.3585, the result grid's non-power-of-two factor (cancels in softmax)
+EXP_B = (1353, 1000)  # B = 1.353
+EXP_C_OVER_A = (688, 717)  # C / A = 0.344 / 0.3585
+EXP_SHIFT_CAP = 62  # z is capped here; L < 2^62 so the capped shift gives 0, as exp(-43) ~ 0 does
+EXP_X_MIN_LOG2 = 6  # x is clamped at -2^6 = -64 (value) first: exp(-64) is 0 on every grid here
+EXP_ROUNDING = "half_up"  # of the shift onto grid F when f > F (f <= F is an exact left shift)
+
+
+def _round_ratio(num: int, den: int) -> int:
+    """round(num / den) half up, num >= 0, den > 0, Python integers."""
+    return (2 * num + den) // (2 * den)
+
+
+def exp_constants(F: int = EXP_F) -> tuple[int, int, int]:
+    """(q_ln2, q_b, q_c) = (round(ln2 2^F), round(B 2^F), round(C/A 2^2F)), integers (exported)."""
+    _check_exp_grids(0, F)
+    q_ln2 = _round_ratio(LN2_Q64, 1 << (64 - F))
+    q_b = _round_ratio(EXP_B[0] << F, EXP_B[1])
+    q_c = _round_ratio(EXP_C_OVER_A[0] << (2 * F), EXP_C_OVER_A[1])
+    return q_ln2, q_b, q_c
+
+
+def exp_max(F: int = EXP_F) -> int:
+    """exp_neg's largest result, at x = 0: q_b^2 + q_c (about 2.79 * 2^2F < 2^(2F+2))."""
+    _, q_b, q_c = exp_constants(F)
+    return q_b * q_b + q_c
+
+
+def _check_exp_grids(f, F) -> None:
+    if not isinstance(F, int | np.integer) or not 1 <= F <= EXP_F_MAX:
+        raise ValueError(f"the internal grid F must be an integer in 1..{EXP_F_MAX}, got {F!r}")
+    if not isinstance(f, int | np.integer) or not F - 62 <= f <= 62 - EXP_X_MIN_LOG2:
+        raise ValueError(f"the input grid f must be an integer in {F - 62}..{62 - EXP_X_MIN_LOG2}, got {f!r}")
+
+
+def exp_neg(x, f: int, F: int = EXP_F) -> np.ndarray:
+    """exp(x 2^-f) for int64 x <= 0 on grid f, as e on the grid A 2^-2F (exp ~ e * 0.3585 * 2^-2F):
+    I-BERT's i-exp with shifts, one integer division by the constant q_ln2, one square and adds.
+    0 <= e <= exp_max(F) < 2^(2F+2); e = 0 once z > 62 or the value is below -64. Relative error
+    <= 3.1e-3 (the polynomial) + 1.4e-6 z (q_ln2, F = 15) plus an absolute A 2^-2F (the shift)."""
+    x = _int64(x)
+    _check_exp_grids(f, F)
+    if np.any(x > 0):
+        raise ValueError("exp_neg takes x <= 0")
+    q_ln2, q_b, q_c = exp_constants(F)
+    x = np.maximum(x, -(1 << max(EXP_X_MIN_LOG2 + int(f), 0)))  # value >= -64 (or x >= -1)
+    x = shift_round(x, int(f) - F, EXP_ROUNDING)  # onto grid F: |x| <= 2^(F+6) (or 2^62)
+    z = (-x) // q_ln2
+    p = x + z * q_ln2  # in (-q_ln2, 0]
+    s = p + q_b  # in (q_b - q_ln2, q_b]: positive
+    return np.right_shift(s * s + q_c, np.minimum(z, EXP_SHIFT_CAP))
+
+
+def _check_softmax_widths(length, out_bits: int, F: int) -> None:
+    """The row sum S <= length * exp_max(F) and the numerator 2 (e << out_bits) + S of div_round
+    must fit int64: S < 2^62 and exp_max(F) << (out_bits + 1) < 2^62."""
+    top = exp_max(F)
+    if length is not None and length * top >= 1 << 62:
+        raise ValueError(f"a softmax row of {length} overflows the int64 sum at F={F}")
+    if top << (out_bits + 1) >= 1 << 62:
+        raise ValueError(f"out_bits={out_bits} with F={F} overflows the int64 division")
+
+
+def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F) -> np.ndarray:
+    """Softmax over the last axis of int64 scores q on grid f (|q| < 2^62), as unsigned integers on
+    the probability grid 2^-out_bits (threshold 1), clipped to [0, 2^out_bits - 1]:
+
+        m = max of q over the unmasked positions,  e = exp_neg(q - m) there and 0 where masked,
+        S = sum(e) (int64: S <= row length * exp_max(F), 2.79 * 2^30 * length at F = 15),
+        out = clip(R((e << out_bits) / S), 0, 2^out_bits - 1).
+
+    `mask` is a bool array broadcasting against q (True = may attend; e.g. [B,1,1,L] padding or
+    [L,L] causal) or None (no mask). Masked positions are selected out (exactly 0), never pushed
+    down by a large negative number. A fully masked row has S = 0 and gives all zeros.
+    Error vs the float64 softmax p: |out 2^-out_bits - p| <= p (1 - p) 5.6e-3 (<= 1.4e-3; 5.6e-3 is
+    exp_neg's relative spread max/min - 1, which normalization does not cancel) + 1e-4 + one unit
+    of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py."""
+    q = _int64(q)
+    qformat.check_bits_and_rounding(out_bits, rounding)
+    if np.any(q >= 1 << 62) or np.any(q <= -(1 << 62)):
+        raise ValueError("softmax takes scores |q| < 2^62")
+    if mask is None:
+        mask = np.ones(q.shape, bool)
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"the softmax mask is a bool array (True = may attend), got {mask.dtype}")
+    q, mask = np.broadcast_arrays(q, mask)
+    _check_softmax_widths(q.shape[-1], out_bits, F)
+    m = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
+    x = np.where(mask, q, m) - m  # <= 0; 0 where masked (and everywhere in a fully masked row)
+    e = np.where(mask, exp_neg(x, f, F), 0)
+    total = np.sum(e, axis=-1, keepdims=True)
+    probs = div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
+    return clip_to(probs, out_bits, signed=False)
+
+
+# ---- LayerNorm ----
+
+LN_MAX_D = 4096  # the longest normalized axis
+LN_MAX_ABS_Q = 1 << 15  # |q| <= 2^15: inputs on grids of at most 16 bits
+LN_MAX_ABS_GAMMA = 1 << 15  # |gamma_q| <= 2^15: a 16-bit gamma
+LN_MAX_ABS_BETA = 1 << 48  # |beta_q| < 2^48 on the product grid f_gamma + F
+LN_MAX_EPS_Q = 1 << 32  # 0 <= eps_q <= 2^32
+LN_K, LN_F = 24, 16  # defaults: the divisor D has K bits, the normalized value F fractional bits
+_BIT_LENGTH_STEPS = (32, 16, 8, 4, 2, 1)
+
+
+def bit_length(n) -> np.ndarray:
+    """The bit length of int64 0 <= n < 2^63 (0 for 0; floor(log2 n) + 1 otherwise): a priority
+    encoder by 6 fixed halving steps (compare, shift, add)."""
+    n = _int64(n)
+    if np.any(n < 0):
+        raise ValueError("bit_length takes n >= 0")
+    length = np.zeros_like(n)
+    for step in _BIT_LENGTH_STEPS:
+        big = n >= np.int64(1 << step)
+        n = np.where(big, np.right_shift(n, step), n)
+        length = length + np.where(big, np.int64(step), np.int64(0))
+    return length + (n > 0)
+
+
+def layer_norm_eps_q(eps: float, f_in: int) -> int:
+    """Export time, not inference: the float LayerNorm's eps on the input grid squared, the integer
+    eps_q = round_half_even(eps * 2^(2 f_in)) (the scaling by 2^(2 f_in) is exact; 0 is allowed)."""
+    eps_q = int(np.rint(np.ldexp(np.float64(eps), 2 * f_in)))
+    if not 0 <= eps_q <= LN_MAX_EPS_Q:
+        raise ValueError(f"eps * 2^(2 f_in) rounds to {eps_q}, outside 0..2^32")
+    return eps_q
+
+
+def check_layer_norm_args(d: int, out_shift: int, out_bits: int, rounding: str, K: int, F: int) -> None:
+    """The static arguments of layer_norm (shared with intops_tf): ValueError beyond the bounds."""
+    qformat.check_bits_and_rounding(out_bits, rounding)
+    if not 1 <= d <= LN_MAX_D:
+        raise ValueError(f"layer_norm normalizes 1..{LN_MAX_D} values, got d = {d}")
+    if not (2 <= K <= 31 and 0 <= F <= 24):
+        raise ValueError(f"layer_norm needs 2 <= K <= 31 and 0 <= F <= 24, got K = {K}, F = {F}")
+    if not -13 <= out_shift <= 62:
+        raise ValueError(f"layer_norm needs -13 <= f_gamma + F - f_out <= 62, got {out_shift}")
+
+
+def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: int, rounding: str,
+               K: int = LN_K, F: int = LN_F) -> np.ndarray:
+    """Integer LayerNorm over the last axis: gamma (x - mean) / sqrt(var + eps) + beta, exact but for
+    the floor of one square root per row and two roundings R, on power-of-two grids, in int64 only.
+
+    Arguments (integers; shapes broadcast against q's [..., d]):
+        q        [..., d] on the input grid f_in, |q| <= 2^15 (b_in <= 16), 1 <= d <= 4096
+        gamma_q  [d] on grid f_gamma, |gamma_q| <= 2^15
+        beta_q   [d] on the product grid f_gamma + F (like a bias on an accumulator grid), |beta_q| < 2^48
+        eps_q    eps on the input grid squared: eps = eps_q 2^(-2 f_in), 0 <= eps_q <= 2^32
+                 (layer_norm_eps_q); f_in enters only here (LayerNorm is scale invariant)
+        f_out, out_bits, rounding: the output grid (signed) and the rounding R of both roundings
+        K, F     the divisor's bits and the normalized value's fractional bits (defaults 24, 16)
+    Returns int64 [..., d] in qformat.integer_range(out_bits, signed=True), on grid f_out.
+
+    Algorithm (all integers, per row; every step exact unless marked R):
+        s  = sum q                       |s| <= 2^27
+        c  = d q - s                     = d (x - mean) in q units, exact: |c| <= 2^28
+        S2 = d sum q^2 - s^2             = d^2 var, exact: 0 <= S2 <= d^2 2^30 <= 2^54
+        W  = S2 + d^2 eps_q              = d^2 (var + eps) < 2^57;  then n = c / sqrt(W) exactly
+        k  = floor((2K - bit_length(W)) / 2)     normalization: W 2^2k in [2^(2K-2), 2^2K)
+        D  = max(isqrt(floor(W 2^2k)), 1)        = floor(2^k sqrt(W)) in [2^(K-1), 2^K) (1 if W = 0)
+        n  = R(c 2^(k+F) / D)            the normalized value on grid F (div_round, the shift on
+                                         the numerator or the denominator by the sign of k + F)
+        y  = gamma_q n + beta_q          on grid f_gamma + F, |y| < 2^49
+        out = clip(R(y 2^-(f_gamma + F - f_out)), out_bits)     the output site's shift
+    A constant row (W = 0 only when eps_q = 0, then c = 0) gives n = 0, out = R(beta): the limit
+    of the float LayerNorm for eps -> 0; never a division by zero.
+
+    Error bound. With u = 1/2 (half_even, half_up) or 1 (floor): D <= 2^k sqrt(W) < D + 1 and
+    D >= 2^(K-1) give n = c 2^(k+F)/D within |n*| 2^(1-K) 2^F of the exact n* 2^F = c 2^F / sqrt(W),
+    and |n*| <= sqrt(d - 1); rounding n adds u. So y differs from the exact gamma_q n* 2^F + beta_q
+    by at most, in units of the output grid,
+        E = |gamma_q| 2^(f_out - f_gamma) (sqrt(d - 1) 2^(1-K) + u 2^-F),
+    and out differs from the float64 LayerNorm (gamma = gamma_q 2^-f_gamma, beta = beta_q
+    2^-(f_gamma+F), eps = eps_q 2^(-2 f_in)) rounded by R onto the output grid and clipped by at
+    most floor(E) + 1 units: at most 1 unit whenever E < 1. With the defaults, d <= 4096 and a gamma
+    the output grid holds (|gamma_q| 2^(f_out - f_gamma) <= 2^(out_bits - 1) <= 2^15):
+    E <= 2^15 (2^6 2^-23 + 2^-16) = 3/4, so out is within 1 unit of the rounded float LayerNorm.
+    """
+    q, gamma_q, beta_q, eps_q = _int64(q), _int64(gamma_q), _int64(beta_q), _int64(eps_q)
+    if q.ndim == 0:
+        raise ValueError("layer_norm needs an array with a last axis")
+    d, out_shift = q.shape[-1], f_gamma + F - f_out
+    check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
+    if np.any(np.abs(q) > LN_MAX_ABS_Q) or np.any(np.abs(gamma_q) > LN_MAX_ABS_GAMMA):
+        raise ValueError("layer_norm takes |q| <= 2^15 and |gamma_q| <= 2^15")
+    if np.any(np.abs(beta_q) >= LN_MAX_ABS_BETA) or np.any(eps_q < 0) or np.any(eps_q > LN_MAX_EPS_Q):
+        raise ValueError("layer_norm takes |beta_q| < 2^48 and 0 <= eps_q <= 2^32")
+    s = np.sum(q, axis=-1, keepdims=True)
+    c = d * q - s
+    w = d * np.sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q
+    k = np.right_shift(2 * K - bit_length(w), 1)  # floor division by 2
+    root = np.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
+    up = k + F
+    n = div_round(np.left_shift(c, np.maximum(up, 0)), np.left_shift(root, np.maximum(-up, 0)), rounding)
+    y = gamma_q * n + beta_q
+    return clip_to(shift_round(y, out_shift, rounding), out_bits, signed=True)

@@ -1,0 +1,132 @@
+"""The integer kernels of `intops.py` in TensorFlow (int64 tensors), for training: the graph
+computes exactly the integers the accelerator will, line for line like intops.py.
+
+Gradients are not defined here: a kernel's caller wraps it as the forward of a straight-through
+or surrogate estimator (docs/integer_only.md).
+"""
+
+from __future__ import annotations
+
+import tensorflow as tf
+
+import intops
+import qformat
+
+
+def div_round(a: tf.Tensor, b: tf.Tensor, rounding: str) -> tf.Tensor:
+    """R(a / b) for int64 a and b > 0 (intops.div_round)."""
+    a, b = tf.cast(a, tf.int64), tf.cast(b, tf.int64)
+    if rounding not in qformat.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    q = tf.math.floordiv(a, b)
+    if rounding == "floor":
+        return q
+    r = a - q * b  # 0 <= r < b
+    tie_up = tf.ones_like(q, tf.bool) if rounding == "half_up" else tf.math.floormod(q, 2) == 1
+    return q + tf.cast((2 * r > b) | ((2 * r == b) & tie_up), tf.int64)
+
+
+def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
+    """R(q * 2^-k), -62 <= k <= 62 (intops.shift_round)."""
+    q, k = tf.cast(q, tf.int64), tf.cast(k, tf.int64)
+    one = tf.constant(1, tf.int64)
+    divided = div_round(q, tf.bitwise.left_shift(one, tf.maximum(k, 0)), rounding)
+    shifted = tf.bitwise.left_shift(q, tf.broadcast_to(tf.maximum(-k, 0), tf.shape(q)))
+    return tf.where(k > 0, divided, shifted)
+
+
+def isqrt(n: tf.Tensor) -> tf.Tensor:
+    """floor(sqrt(n)) for int64 0 <= n < 2^62, the same 31 digit-by-digit steps (intops.isqrt)."""
+    n = tf.cast(n, tf.int64)
+    root = tf.zeros_like(n)
+    for step in range(intops._ISQRT_STEPS - 1, -1, -1):
+        trial = tf.bitwise.bitwise_or(root, tf.constant(1 << step, tf.int64))
+        root = tf.where(trial * trial <= n, trial, root)
+    return root
+
+
+# ---- softmax ----
+
+
+def _softmax_int64(a) -> tf.Tensor:
+    a = tf.convert_to_tensor(a)
+    if not a.dtype.is_integer:
+        raise TypeError(f"integer kernels take integer tensors, got {a.dtype.name}")
+    return tf.cast(a, tf.int64)
+
+
+def exp_neg(x: tf.Tensor, f: int, F: int = intops.EXP_F) -> tf.Tensor:
+    """exp(x 2^-f) for int64 x <= 0 on grid f, on the grid 0.3585 * 2^-2F (intops.exp_neg; x > 0 is
+    not checked here)."""
+    x = _softmax_int64(x)
+    intops._check_exp_grids(f, F)
+    q_ln2, q_b, q_c = intops.exp_constants(F)
+    x = tf.maximum(x, tf.constant(-(1 << max(intops.EXP_X_MIN_LOG2 + int(f), 0)), tf.int64))
+    x = shift_round(x, int(f) - F, intops.EXP_ROUNDING)
+    z = tf.math.floordiv(-x, tf.constant(q_ln2, tf.int64))
+    p = x + z * tf.constant(q_ln2, tf.int64)
+    s = p + tf.constant(q_b, tf.int64)
+    return tf.bitwise.right_shift(s * s + tf.constant(q_c, tf.int64),
+                                  tf.minimum(z, tf.constant(intops.EXP_SHIFT_CAP, tf.int64)))
+
+
+def softmax(q: tf.Tensor, f: int, mask, out_bits: int, rounding: str, F: int = intops.EXP_F) -> tf.Tensor:
+    """Softmax over the last axis on the probability grid 2^-out_bits (intops.softmax): `mask` a
+    bool tensor broadcasting against q (True = may attend) or None; fully masked rows give zeros."""
+    q = _softmax_int64(q)
+    qformat.check_bits_and_rounding(out_bits, rounding)
+    if mask is None:
+        mask = tf.ones_like(q, tf.bool)
+    mask = tf.convert_to_tensor(mask)
+    if mask.dtype != tf.bool:
+        raise TypeError(f"the softmax mask is a bool tensor (True = may attend), got {mask.dtype.name}")
+    lowest = tf.constant(tf.int64.min, tf.int64)
+    m = tf.reduce_max(tf.where(mask, q, lowest), axis=-1, keepdims=True)
+    x = tf.where(mask, q, m) - m
+    intops._check_softmax_widths(x.shape[-1], out_bits, F)
+    e = tf.where(mask, exp_neg(x, f, F), tf.zeros_like(x))
+    total = tf.reduce_sum(e, axis=-1, keepdims=True)
+    shifted = tf.bitwise.left_shift(e, tf.fill(tf.shape(e), tf.constant(out_bits, tf.int64)))
+    probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)
+    n, p = qformat.integer_range(out_bits, False)
+    return tf.clip_by_value(probs, tf.constant(n, tf.int64), tf.constant(p, tf.int64))
+
+
+# ---- LayerNorm ----
+
+
+def bit_length(n: tf.Tensor) -> tf.Tensor:
+    """The bit length of int64 0 <= n < 2^63: the same 6 halving steps (intops.bit_length)."""
+    n = tf.cast(n, tf.int64)
+    length = tf.zeros_like(n)
+    for step in intops._BIT_LENGTH_STEPS:
+        big = n >= tf.constant(1 << step, tf.int64)
+        n = tf.where(big, tf.bitwise.right_shift(n, tf.constant(step, tf.int64)), n)
+        length = length + tf.where(big, tf.constant(step, tf.int64), tf.constant(0, tf.int64))
+    return length + tf.cast(n > 0, tf.int64)
+
+
+def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int, f_gamma: int,
+               f_out: int, out_bits: int, rounding: str, K: int = intops.LN_K,
+               F: int = intops.LN_F) -> tf.Tensor:
+    """Integer LayerNorm over the last axis, the same integers as intops.layer_norm (see there for
+    the algorithm, bounds and error bound). The static arguments are checked (ValueError); the
+    data bounds (|q|, |gamma_q| <= 2^15, |beta_q| < 2^48, 0 <= eps_q <= 2^32) are the caller's."""
+    q, gamma_q, beta_q = tf.cast(q, tf.int64), tf.cast(gamma_q, tf.int64), tf.cast(beta_q, tf.int64)
+    eps_q = tf.cast(eps_q, tf.int64)
+    d, out_shift = q.shape[-1], f_gamma + F - f_out
+    if d is None:
+        raise ValueError("layer_norm needs a static last axis")
+    intops.check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
+    s = tf.reduce_sum(q, axis=-1, keepdims=True)
+    c = d * q - s
+    w = d * tf.reduce_sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q
+    k = tf.bitwise.right_shift(2 * K - bit_length(w), tf.constant(1, tf.int64))  # floor division by 2
+    root = tf.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
+    up = k + F
+    zero = tf.constant(0, tf.int64)
+    num = tf.bitwise.left_shift(c, tf.broadcast_to(tf.maximum(up, zero), tf.shape(c)))
+    n = div_round(num, tf.bitwise.left_shift(root, tf.maximum(-up, zero)), rounding)
+    y = gamma_q * n + beta_q
+    n_out, p_out = qformat.integer_range(out_bits, signed=True)
+    return tf.clip_by_value(shift_round(y, out_shift, rounding), n_out, p_out)

@@ -1,0 +1,93 @@
+"""The integer primitives of integer-only inference (intops.py) against Python integers, and their
+TF twins (intops_tf.py) against them bit for bit."""
+
+from __future__ import annotations
+
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import tensorflow as tf
+from exact import ref_round
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import intops
+import intops_tf
+import qformat
+
+PROPERTY = settings(max_examples=150, deadline=None, database=None)
+# small values hit the ties (x / b = k + 1/2) often; large ones the carries
+INT64 = st.one_of(st.integers(-64, 64), st.integers(-(2**40), 2**40))
+
+
+
+@PROPERTY
+@given(a=st.lists(INT64, min_size=1, max_size=20), b=st.one_of(st.integers(1, 8), st.integers(1, 2**20)),
+       rounding=st.sampled_from(qformat.ROUNDINGS))
+def test_div_round_is_the_exact_rounded_quotient(a, b, rounding):
+    got = intops.div_round(np.array(a), np.array(b), rounding)
+    assert got.dtype == np.int64
+    assert got.tolist() == [ref_round(Fraction(x, b), rounding) for x in a]
+    twin = intops_tf.div_round(tf.constant(a, tf.int64), tf.constant(b, tf.int64), rounding)
+    np.testing.assert_array_equal(twin.numpy(), got)
+
+
+def test_div_round_on_ties_and_signs():
+    a = np.array([5, 7, -5, -7, 6, -6, 4, -4])  # /2: 2.5 3.5 -2.5 -3.5 3 -3 2 -2
+    assert intops.div_round(a, 2, "half_even").tolist() == [2, 4, -2, -4, 3, -3, 2, -2]
+    assert intops.div_round(a, 2, "half_up").tolist() == [3, 4, -2, -3, 3, -3, 2, -2]
+    assert intops.div_round(a, 2, "floor").tolist() == [2, 3, -3, -4, 3, -3, 2, -2]
+    with pytest.raises(ValueError, match="positive divisor"):
+        intops.div_round(a, 0, "floor")
+    with pytest.raises(ValueError, match="unknown rounding"):
+        intops.div_round(a, 2, "nearest")
+
+
+@PROPERTY
+@given(q=st.lists(INT64, min_size=1, max_size=20), k=st.one_of(st.integers(1, 4), st.integers(-20, 62)),
+       rounding=st.sampled_from(qformat.ROUNDINGS))
+def test_shift_round_is_the_rounded_power_of_two_scaling(q, k, rounding):
+    got = intops.shift_round(np.array(q), k, rounding)
+    assert got.tolist() == [ref_round(Fraction(x) / Fraction(2) ** k, rounding) for x in q]
+    twin = intops_tf.shift_round(tf.constant(q, tf.int64), k, rounding)
+    np.testing.assert_array_equal(twin.numpy(), got)
+
+
+def test_shift_round_per_element_shifts_and_its_range():
+    q = np.array([12, 12, 12, -12])
+    np.testing.assert_array_equal(intops.shift_round(q, np.array([2, 0, -3, 3]), "half_even"),
+                                  [3, 12, 96, -2])
+    # the largest shift: 2^62 as the divisor, no intermediate may leave int64
+    top = np.array([0, 2**61, -(2**61), 2**62 - 1, -(2**62)])
+    for rounding, expected in (("half_up", [0, 1, 0, 1, -1]), ("half_even", [0, 0, 0, 1, -1]),
+                               ("floor", [0, 0, -1, 0, -1])):
+        assert intops.shift_round(top, 62, rounding).tolist() == expected
+        assert intops_tf.shift_round(tf.constant(top), 62, rounding).numpy().tolist() == expected
+    with pytest.raises(ValueError, match="62 bits"):
+        intops.shift_round(q, 63, "floor")
+
+
+@PROPERTY
+@given(n=st.lists(st.one_of(st.integers(0, 2**62 - 1), st.integers(0, 2**12),
+                            st.integers(1, 2**31 - 1).map(lambda r: r * r - 1)), min_size=1, max_size=20))
+def test_isqrt_is_the_integer_square_root(n):
+    got = intops.isqrt(np.array(n, np.int64))
+    assert got.tolist() == [math.isqrt(x) for x in n]
+    np.testing.assert_array_equal(intops_tf.isqrt(tf.constant(n, tf.int64)).numpy(), got)
+
+
+def test_isqrt_domain_and_integer_inputs_only():
+    assert intops.isqrt(np.array([2**62 - 1])).tolist() == [2**31 - 1]
+    for bad in ([-1], [2**62]):
+        with pytest.raises(ValueError, match="0 <= n < 2"):
+            intops.isqrt(np.array(bad, np.int64))
+    with pytest.raises(TypeError, match="integer arrays"):
+        intops.isqrt(np.array([4.0]))
+
+
+def test_clip_to_the_grid_range():
+    q = np.array([-300, -128, 0, 127, 300])
+    assert intops.clip_to(q, 8, True).tolist() == [-128, -128, 0, 127, 127]
+    assert intops.clip_to(q, 8, False).tolist() == [0, 0, 0, 127, 255]
