@@ -226,14 +226,16 @@ def layer_norm_eps_q(eps: float, f_in: int) -> int:
     return eps_q
 
 
-def check_layer_norm_args(d: int, out_shift: int, out_bits: int, rounding: str, K: int, F: int) -> None:
-    """The static arguments of layer_norm (shared with intops_tf): ValueError beyond the bounds."""
+def check_layer_norm_args(d: int, out_shift: int | None, out_bits: int, rounding: str, K: int,
+                          F: int) -> None:
+    """The static arguments of layer_norm (shared with intops_tf): ValueError beyond the bounds;
+    out_shift None: not known yet (intops_tf with grids as tensors)."""
     qformat.check_bits_and_rounding(out_bits, rounding)
     if not 1 <= d <= LN_MAX_D:
         raise ValueError(f"layer_norm normalizes 1..{LN_MAX_D} values, got d = {d}")
     if not (2 <= K <= 31 and 0 <= F <= 24):
         raise ValueError(f"layer_norm needs 2 <= K <= 31 and 0 <= F <= 24, got K = {K}, F = {F}")
-    if not -13 <= out_shift <= 62:
+    if out_shift is not None and not -13 <= out_shift <= 62:
         raise ValueError(f"layer_norm needs -13 <= f_gamma + F - f_out <= 62, got {out_shift}")
 
 

@@ -1,6 +1,10 @@
 """The integer kernels of `intops.py` in TensorFlow (int64 tensors), for training: the graph
 computes exactly the integers the accelerator will, line for line like intops.py.
 
+The grids (`f`, `f_gamma`, `f_out`) may be Python ints or int scalar tensors: during training they
+follow trainable thresholds. Python ints are range-checked here (ValueError, as in intops); for
+tensors the ranges are the caller's (the clamp on log2_t keeps every grid far inside them).
+
 Gradients are not defined here: a kernel's caller wraps it as the forward of a straight-through
 or surrogate estimator (docs/integer_only.md).
 """
@@ -55,14 +59,25 @@ def _softmax_int64(a) -> tf.Tensor:
     return tf.cast(a, tf.int64)
 
 
-def exp_neg(x: tf.Tensor, f: int, F: int = intops.EXP_F) -> tf.Tensor:
+def _is_tensor_grid(f) -> bool:
+    return tf.is_tensor(f) or isinstance(f, tf.Variable)
+
+
+def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = intops.EXP_F) -> tf.Tensor:
     """exp(x 2^-f) for int64 x <= 0 on grid f, on the grid 0.3585 * 2^-2F (intops.exp_neg; x > 0 is
     not checked here)."""
     x = _softmax_int64(x)
-    intops._check_exp_grids(f, F)
+    if _is_tensor_grid(f):
+        intops._check_exp_grids(0, F)  # F only: f is a tensor
+        f = tf.cast(f, tf.int64)
+    else:
+        intops._check_exp_grids(f, F)
+        f = tf.constant(int(f), tf.int64)
     q_ln2, q_b, q_c = intops.exp_constants(F)
-    x = tf.maximum(x, tf.constant(-(1 << max(intops.EXP_X_MIN_LOG2 + int(f), 0)), tf.int64))
-    x = shift_round(x, int(f) - F, intops.EXP_ROUNDING)
+    zero = tf.constant(0, tf.int64)
+    low = -tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(intops.EXP_X_MIN_LOG2 + f, zero))
+    x = tf.maximum(x, low)
+    x = shift_round(x, f - F, intops.EXP_ROUNDING)
     z = tf.math.floordiv(-x, tf.constant(q_ln2, tf.int64))
     p = x + z * tf.constant(q_ln2, tf.int64)
     s = p + tf.constant(q_b, tf.int64)
@@ -70,7 +85,8 @@ def exp_neg(x: tf.Tensor, f: int, F: int = intops.EXP_F) -> tf.Tensor:
                                   tf.minimum(z, tf.constant(intops.EXP_SHIFT_CAP, tf.int64)))
 
 
-def softmax(q: tf.Tensor, f: int, mask, out_bits: int, rounding: str, F: int = intops.EXP_F) -> tf.Tensor:
+def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
+            F: int = intops.EXP_F) -> tf.Tensor:
     """Softmax over the last axis on the probability grid 2^-out_bits (intops.softmax): `mask` a
     bool tensor broadcasting against q (True = may attend) or None; fully masked rows give zeros."""
     q = _softmax_int64(q)
@@ -106,9 +122,9 @@ def bit_length(n: tf.Tensor) -> tf.Tensor:
     return length + tf.cast(n > 0, tf.int64)
 
 
-def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int, f_gamma: int,
-               f_out: int, out_bits: int, rounding: str, K: int = intops.LN_K,
-               F: int = intops.LN_F) -> tf.Tensor:
+def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int,
+               f_gamma: int | tf.Tensor, f_out: int | tf.Tensor, out_bits: int, rounding: str,
+               K: int = intops.LN_K, F: int = intops.LN_F) -> tf.Tensor:
     """Integer LayerNorm over the last axis, the same integers as intops.layer_norm (see there for
     the algorithm, bounds and error bound). The static arguments are checked (ValueError); the
     data bounds (|q|, |gamma_q| <= 2^15, |beta_q| < 2^48, 0 <= eps_q <= 2^32) are the caller's."""
@@ -117,7 +133,10 @@ def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Te
     d, out_shift = q.shape[-1], f_gamma + F - f_out
     if d is None:
         raise ValueError("layer_norm needs a static last axis")
-    intops.check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
+    tensor_grids = _is_tensor_grid(f_gamma) or _is_tensor_grid(f_out)
+    intops.check_layer_norm_args(d, None if tensor_grids else out_shift, out_bits, rounding, K, F)
+    if tensor_grids:
+        out_shift = tf.cast(f_gamma, tf.int64) + F - tf.cast(f_out, tf.int64)
     s = tf.reduce_sum(q, axis=-1, keepdims=True)
     c = d * q - s
     w = d * tf.reduce_sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q

@@ -91,3 +91,32 @@ def test_clip_to_the_grid_range():
     q = np.array([-300, -128, 0, 127, 300])
     assert intops.clip_to(q, 8, True).tolist() == [-128, -128, 0, 127, 127]
     assert intops.clip_to(q, 8, False).tolist() == [0, 0, 0, 127, 255]
+
+
+# ---- grids as tensors (they follow trainable thresholds in training) ------------------------------
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), f=st.integers(0, 12), out_bits=st.integers(4, 16),
+       rounding=st.sampled_from(qformat.ROUNDINGS))
+def test_tf_twins_take_the_grids_as_tensors_in_a_graph(seed, f, out_bits, rounding):
+    rng = np.random.default_rng(seed)
+    scores = rng.integers(-(2**15), 2**15, size=(2, 3, 9))
+    mask = rng.random((2, 1, 9)) < 0.8
+    f_var, f_out_var = tf.Variable(f, dtype=tf.int64), tf.Variable(f + 2, dtype=tf.int64)
+
+    @tf.function
+    def kernels(scores, q):
+        probs = intops_tf.softmax(scores, f_var, tf.constant(mask), out_bits, rounding)
+        normed = intops_tf.layer_norm(q, gamma, beta, 3, f_var, f_out_var, 16, rounding)
+        return probs, normed
+
+    q = rng.integers(-(2**15), 2**15, size=(4, 24))
+    gamma, beta = rng.integers(1, 2**12, size=24), rng.integers(-(2**20), 2**20, size=24)
+    probs, normed = kernels(tf.constant(scores), tf.constant(q))
+    np.testing.assert_array_equal(probs.numpy(), intops.softmax(scores, f, mask, out_bits, rounding))
+    np.testing.assert_array_equal(normed.numpy(),
+                                  intops.layer_norm(q, gamma, beta, 3, f, f + 2, 16, rounding))
+    f_var.assign(f + 1)  # the same graph follows the new grid
+    probs = kernels(tf.constant(scores), tf.constant(q))[0]
+    np.testing.assert_array_equal(probs.numpy(), intops.softmax(scores, f + 1, mask, out_bits, rounding))
