@@ -22,7 +22,8 @@ MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxl
 # flags that say which data a run used: restored too, so eval.py and QAT see the same corpus
 DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
               "dev_tgt", "test_src", "test_tgt")
-QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel")
+QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel", "integer_only",
+               "residual_bits")
 # what a run (or an export) saves of its flags, so eval.py can evaluate it on its own
 SAVED_FLAGS = MODEL_FLAGS + DATA_FLAGS + QUANT_FLAGS + ("decode_margin",)
 
@@ -76,6 +77,11 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                         "(repeatable; the last match wins)")
     g.add_argument("--rounding", default="half_even", choices=qformat.ROUNDINGS,
                    help="rounding of x/s (the integer engine uses the same)")
+    g.add_argument("--integer_only", action="store_true",
+                   help="integer-only inference: LayerNorm, softmax, residual adds and scalings on "
+                        "integer grids too (docs/integer_only.md; in progress)")
+    g.add_argument("--residual_bits", type=int, default=16,
+                   help="bits of the residual stream and LayerNorm sites with --integer_only")
     g.add_argument("--per_channel", action="store_true",
                    help="one power-of-two threshold per output channel for dense weights")
 

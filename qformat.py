@@ -68,7 +68,8 @@ PRESETS: dict[str, tuple[int, int] | None] = {
 }
 # Roles of a site and whether its integers are signed: ReLU outputs and softmax
 # probabilities are non-negative, so they spend no bit on the sign.
-SIGNED_BY_ROLE = {"weight": True, "activation": True, "unsigned": False, "probability": False}
+SIGNED_BY_ROLE = {"weight": True, "activation": True, "unsigned": False, "probability": False,
+                  "residual": True}  # residual: the residual stream and LayerNorm (--residual_bits)
 # With |log2_t| <= 24 and b <= 16, s and 1/s stay far inside float32's normal range
 # (2^-40 .. 2^40), so x * 2^f neither overflows nor loses bits to denormals.
 LOG2_T_MIN, LOG2_T_MAX = -24.0, 24.0
@@ -222,6 +223,26 @@ def block_names(side: str, index: int) -> BlockNames:
     decoder = side == "decoder"
     return BlockNames(f"{prefix}/self_attention", f"{prefix}/cross_attention" if decoder else None,
                       f"{prefix}/ffn", tuple(f"{prefix}/ln{k}" for k in range(1, 4 if decoder else 3)))
+
+
+class LayerNormNames(NamedTuple):
+    """LayerNorm `<prefix>` in integer-only mode: the sites of its input (the residual sum), its
+    gamma and its output; beta's key in model.npz (on the product grid of gamma and the
+    normalized value, like a bias)."""
+
+    input: str
+    gamma: str
+    beta: str
+    output: str
+
+
+def layer_norm(prefix: str) -> LayerNormNames:
+    return LayerNormNames(f"{prefix}/input", f"{prefix}/gamma", f"{prefix}/beta", f"{prefix}/output")
+
+
+def embedding_sum(side: str) -> str:
+    """The site of `E[ids] sqrt(d) + PE` on one side, in integer-only mode."""
+    return f"{side}/embedding_sum"
 
 
 def matmul_of(site: str) -> str:

@@ -310,9 +310,11 @@ class QuantConfig:
     rounding: str = "half_even"
     per_channel: bool = False
     overrides: list[tuple[str, int]] = field(default_factory=list)
+    integer_only: bool = False
+    residual_bits: int = 16
 
     def __post_init__(self):
-        for bits in (self.wbits, self.abits):
+        for bits in (self.wbits, self.abits, self.residual_bits):
             qformat.check_bits_and_rounding(bits, self.rounding)
 
     @classmethod
@@ -324,6 +326,8 @@ class QuantConfig:
         rounding: str = "half_even",
         per_channel: bool = False,
         overrides: list[str] | None = None,
+        integer_only: bool = False,
+        residual_bits: int = 16,
     ) -> QuantConfig | None:
         """Build from command-line flags; None for --quant none. `wbits`/`abits` replace the
         preset's widths when given."""
@@ -331,6 +335,8 @@ class QuantConfig:
             raise ValueError(f"--quant must be one of {list(qformat.PRESETS)}, got {quant!r}")
         preset = qformat.PRESETS[quant]
         if preset is None:
+            if integer_only:
+                raise ValueError("--integer_only needs a --quant preset (it quantizes every tensor)")
             return None
         return cls(
             wbits=preset[0] if wbits is None else wbits,
@@ -338,10 +344,13 @@ class QuantConfig:
             rounding=rounding,
             per_channel=per_channel,
             overrides=[_parse_override(flag) for flag in overrides or []],
+            integer_only=integer_only,
+            residual_bits=residual_bits,
         )
 
     def bits_for(self, site_name: str, role: str) -> int:
-        bits = self.wbits if role == "weight" else self.abits
+        widths = {"weight": self.wbits, "residual": self.residual_bits}
+        bits = widths.get(role, self.abits)
         for pattern, override in self.overrides:
             if fnmatch.fnmatchcase(site_name, pattern):
                 bits = override

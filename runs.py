@@ -44,10 +44,10 @@ def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
 
 
 def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
-    """The --quant/--wbits/--abits/--rounding/--per_channel/--quant_override flags as a
-    QuantConfig (ValueError on bad bits or overrides); None for --quant none."""
+    """The quantization flags (hparams.QUANT_FLAGS) as a QuantConfig (ValueError on bad bits or
+    overrides); None for --quant none."""
     return quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
-                                        hp.quant_override)
+                                        hp.quant_override, hp.integer_only, hp.residual_bits)
 
 
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:

@@ -240,3 +240,4 @@ def test_the_sites_of_a_one_plus_one_block_model_are_the_documented_list():
     assert biases == sorted(f"{prefix}/{leaf.split('/')[0]}/bias" for prefix, table in layers
                             for leaf, _, _ in table if leaf.endswith("/weight"))
     assert qformat.mem_file_name("decoder/block_1/ffn/dense1/bias") == "decoder.block_1.ffn.dense1.bias.mem"
+

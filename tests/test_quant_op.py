@@ -553,3 +553,22 @@ def test_bad_bits_and_rounding_are_rejected(bits, rounding, message):
             op(tf.zeros([2]), 0.0, bits, True, rounding)
     with pytest.raises(ValueError, match=message):
         quant.QuantSite("a", "activation", bits, rounding)
+
+
+def test_integer_only_config_widths_and_the_residual_role():
+    config = quant.QuantConfig.from_flags("w8a8", None, None, "half_even", False,
+                                          ["*/ln2/input=12"], integer_only=True, residual_bits=14)
+    assert config.integer_only and config.residual_bits == 14
+    names = qformat.layer_norm(qformat.block_names("encoder", 0).norms[0])
+    assert names == ("encoder/block_1/ln1/input", "encoder/block_1/ln1/gamma", "encoder/block_1/ln1/beta",
+                     "encoder/block_1/ln1/output")
+    assert config.bits_for(names.input, "residual") == 14
+    assert config.bits_for(names.gamma, "weight") == 8
+    assert config.bits_for("encoder/block_1/ln2/input", "residual") == 12  # overrides still win
+    assert config.bits_for(qformat.embedding_sum("decoder"), "residual") == 14
+    assert qformat.embedding_sum("decoder") == "decoder/embedding_sum"
+    assert quant.QuantSite(names.input, "residual", 14).signed
+    with pytest.raises(ValueError, match="--integer_only needs a --quant preset"):
+        quant.QuantConfig.from_flags("none", integer_only=True)
+    with pytest.raises(ValueError, match="num_bits"):
+        quant.QuantConfig(residual_bits=17)
