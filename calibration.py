@@ -206,16 +206,19 @@ def init_weight_site(site, w, method: str = "max") -> None:
     site.set_log2_t(weight_log2_t(w, method, per_channel=site.channels is not None))
 
 
-def calibrate(model, batches, method: str = "kl", weight_init: str = "max") -> None:
-    """Initialize every site of `model` (a model.Transformer built with quant.TQTSites).
+def calibrate(model, batches, method: str = "kl", weight_init: str = "max",
+              only: list[str] | None = None) -> None:
+    """Initialize the sites of `model` (a model.Transformer built with quant.TQTSites): all of
+    them, or the ones named in `only` (those a checkpoint lacked; the others keep their grids).
 
-    Weights: log2_t from max|w| or |mean| + 3 std (`weight_init`). Activations: run the float
-    model (every site passes its input through unchanged while observing) eagerly on the
-    (src, tgt) `batches`, then calibrate each activation site from what it saw (`method`).
+    Weights: log2_t from max|w| or |mean| + 3 std (`weight_init`). Activations: run the model
+    eagerly on the (src, tgt) `batches` with the calibrated sites passing their inputs through
+    unchanged while observing (all of them: the float model), then calibrate each activation
+    site from what it saw (`method`).
     """
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {'|'.join(METHODS)}, got {method!r}")
-    sites = list(model.sites.sites.values())
+    sites = [s for name, s in model.sites.sites.items() if only is None or name in only]
     observed = observe(sites)
     try:
         for src, tgt in batches:
@@ -224,7 +227,8 @@ def calibrate(model, batches, method: str = "kl", weight_init: str = "max") -> N
         for site in sites:
             site.observer = None
     for site, weight in model.weight_sites():
-        init_weight_site(site, weight.numpy(), weight_init)
+        if site in sites:
+            init_weight_site(site, weight.numpy(), weight_init)
     for site in sites:
         if site.role != "weight":
             calibrate_site(site, observed[site.site_name], method)

@@ -23,13 +23,15 @@ from model import Transformer
 
 
 def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
-                           hp: argparse.Namespace) -> None:
-    """PTQ: calibrate every threshold of a float checkpoint on training batches, no training."""
+                           hp: argparse.Namespace, names: list[str]) -> None:
+    """PTQ: calibrate the thresholds the checkpoint lacks (all of a float one's) on training
+    batches, no training."""
     splits = runs.load_corpus(hp)
     src, tgt, _ = data_load.encode_training_pairs(sp, *splits["train"], hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: hp.calib_batches]
-    calibration.calibrate(model, batches, hp.calib, hp.weight_init)
-    print(f"post-training quantization: {hp.quant}, calibrated by {hp.calib} on {len(batches)} batches")
+    calibration.calibrate(model, batches, hp.calib, hp.weight_init, names)
+    print(f"post-training quantization: {hp.quant}, {len(names)} sites calibrated by {hp.calib} on "
+          f"{len(batches)} batches")
 
 
 def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], str]:
@@ -57,9 +59,9 @@ def translate_tf(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], s
     if hp.export:
         raise ValueError("--export names an export to evaluate with --engine int; to write the "
                          "integers of --logdir use --export_to DIR")
-    model, sp, ckpt_path, has_thresholds = runs.load_model(hp)
-    if hp.quant != "none" and not has_thresholds:
-        post_training_quantize(model, sp, hp)
+    model, sp, ckpt_path, missing = runs.load_model(hp)
+    if missing:
+        post_training_quantize(model, sp, hp, missing)
     if hp.dump_vectors:
         raise ValueError("--dump_vectors runs on the integer engine: add --engine int --export DIR")
     hyps = runs.translate(model, sp, lines, hp, progress=True)

@@ -32,14 +32,21 @@ import tempfile
 from collections.abc import Iterator
 
 import numpy as np
+import sentencepiece as spm
 import tensorflow as tf
 
+import data_load
 import hparams
+import intlayers
+import intmodel
+import intops
 import qformat
 import quant
 import runs
 from model import Transformer
-from modules import Dense, LayerNorm
+from modules import Dense, LayerNorm, positional_encoding
+
+DEFAULT_MAX_POSITIONS = 512  # rows of an integer-only export's position table
 
 # --------------------------------------------------------------------------------------------
 # Integers, as the training graph computes them
@@ -86,23 +93,44 @@ def quantized_arrays(module: tf.Module) -> dict[str, np.ndarray]:
     return arrays
 
 
-def model_arrays(model: Transformer) -> dict[str, np.ndarray]:
-    """Everything model.npz holds: quantized_arrays, the integer embedding table, every
-    LayerNorm's `<name>/gamma` and `<name>/beta` (float32)."""
+def model_arrays(model: Transformer, max_positions: int = DEFAULT_MAX_POSITIONS
+                 ) -> dict[str, np.ndarray]:
+    """Everything model.npz holds: quantized_arrays, the integer embedding table, and every
+    LayerNorm's `<name>/gamma` and `<name>/beta` (float32); integer-only: gamma on its site,
+    beta (int64 on f_gamma + LN_F) and `<name>/eps_q`, and the embedding sum's tables
+    `embedding_sum/lookup` and `embedding_sum/positions` (`max_positions` rows)."""
     arrays = quantized_arrays(model)
     arrays[qformat.EMBEDDING] = weight_integers(model.embedding_site, model.embedding)
     for norm in (m for m in model.submodules if isinstance(m, LayerNorm)):
-        arrays[f"{norm.path}/gamma"] = norm.gamma.numpy().astype(np.float32)
-        arrays[f"{norm.path}/beta"] = norm.beta.numpy().astype(np.float32)
+        if isinstance(norm, intlayers.IntLayerNorm):
+            site = norm.gamma_site
+            arrays[f"{norm.path}/gamma"] = norm.gamma_integers().numpy().astype(
+                qformat.int_dtype(site.num_bits, site.signed))
+            arrays[f"{norm.path}/beta"] = norm.beta_integers().numpy()
+            arrays[f"{norm.path}/eps_q"] = norm.eps_integer().numpy()
+        else:
+            arrays[f"{norm.path}/gamma"] = norm.gamma.numpy().astype(np.float32)
+            arrays[f"{norm.path}/beta"] = norm.beta.numpy().astype(np.float32)
+    if isinstance(model.embedding_sum, intlayers.IntEmbeddingSum):
+        site, dtype = model.embedding_sum.site, qformat.int_dtype(model.embedding_sum.site.num_bits)
+        lookup = model.embedding_sum.lookup_integers(model.table())
+        positions = model.embedding_sum.position_integers(positional_encoding(max_positions, model.d_model))
+        arrays[f"{site.site_name}/lookup"] = lookup.numpy().astype(dtype)
+        arrays[f"{site.site_name}/positions"] = positions.numpy().astype(dtype)
     return arrays
 
 
 def model_config(model: Transformer) -> dict:
-    """What the integer engine needs beyond the arrays."""
-    return {"num_heads": model.num_heads, "num_blocks": len(model.encoder),
-            "decode_margin": int(model.margin), "rounding": model.sites.config.rounding,
-            "layer_norm_eps": model.encoder[0].ln1.eps, "d_model": model.d_model,
-            "vocab": model.vocab_size}
+    """What the integer engine needs beyond the arrays (integer-only: the kernels' constants)."""
+    config = {"num_heads": model.num_heads, "num_blocks": len(model.encoder),
+              "decode_margin": int(model.margin), "rounding": model.sites.config.rounding,
+              "layer_norm_eps": model.encoder[0].ln1.eps, "d_model": model.d_model,
+              "vocab": model.vocab_size, "integer_only": bool(model.sites.config.integer_only)}
+    if config["integer_only"]:
+        config.update(softmax_F=intops.EXP_F, softmax_m=model.d_k,
+                      softmax_constants=list(intops.exp_constants(intops.EXP_F, model.d_k)),
+                      layer_norm_K=intops.LN_K, layer_norm_F=intops.LN_F)
+    return config
 
 
 def site_table(model: Transformer, arrays: dict[str, np.ndarray]) -> list[dict]:
@@ -154,13 +182,22 @@ def _replace_directory(new: str, target: str) -> None:
 
 
 def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str, qformat.Grid]) -> None:
-    """mem/<key>.mem for every integer weight (its site's bits) and bias (32 bits)."""
+    """mem/<key>.mem for every integer weight (its site's bits), bias (32 bits) and integer-only
+    constant: LayerNorm beta (48 bits) and eps_q (64), the embedding sum's lookup and position
+    tables (its site's bits)."""
     os.makedirs(mem_dir)
     for key, values in arrays.items():
+        table = key.rsplit("/", 1)[0]
         if key in grids:
             bits, signed = grids[key].bits, grids[key].signed
         elif key.endswith("/bias"):
             bits, signed = qformat.BIAS_BITS, True
+        elif key.endswith("/beta") and values.dtype.kind == "i":
+            bits, signed = intops.LN_MAX_ABS_BETA.bit_length(), True
+        elif key.endswith("/eps_q"):
+            bits, signed = 64, True
+        elif table == qformat.EMBEDDING_SUM and table in grids:
+            bits, signed = grids[table].bits, grids[table].signed
         else:
             continue
         comment = f"{key} shape {list(values.shape)} int{bits} row-major"
@@ -168,13 +205,30 @@ def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str
                           comment)
 
 
-def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_dir: str) -> dict:
+def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: list[np.ndarray]) -> dict:
+    """The manifest's data sheet of an integer-only export, found by running the NumPy engine on
+    the model itself (greedy decoding) over `sources` (token id rows): every edge
+    between two grids (the shift and rounding that requantize it) and, per matmul and reduction,
+    the proven worst-case accumulator beside the largest one observed."""
+    engine = intmodel.IntOnlyTransformer(arrays, config)
+    for start in range(0, len(sources), 16):
+        engine.greedy(qformat.pad_batch(sources[start:start + 16]))
+    return {"observed_on": f"{len(sources)} sentences, greedy decoding",
+            "edges": engine.edges(), "accumulators": engine.accumulator_stats()}
+
+
+def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_dir: str,
+                 sources: list[list[int]] | None = None, max_positions: int = DEFAULT_MAX_POSITIONS
+                 ) -> dict:
     """Write the export of a quantized `model` into `out_dir` atomically; returns the manifest.
+    Integer-only: `max_positions` rows of positions, and the data sheet (edges, accumulators)
+    observed on `sources` (token ids; default: one short dummy sentence).
 
     Raises ValueError for a float model (modules.FloatSites)."""
     if not isinstance(model.sites, quant.TQTSites):
         raise ValueError("export needs a quantized model (--quant ...)")
-    arrays = model_arrays(model)
+    arrays = model_arrays(model, max_positions)
+    config = model_config(model)
     with atomic_directory(out_dir) as tmp:
         shutil.copyfile(spm_path, os.path.join(tmp, qformat.SPM))
         np.savez(os.path.join(tmp, qformat.NPZ), **arrays)
@@ -182,7 +236,7 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
         manifest = {
             "format_version": qformat.FORMAT_VERSION,
             "hparams": {key: getattr(hp, key, None) for key in hparams.SAVED_FLAGS},
-            "model": model_config(model),
+            "model": config,
             "npz": {"path": qformat.NPZ, "sha256": qformat.sha256_file(os.path.join(tmp, qformat.NPZ))},
             "spm": {"path": qformat.SPM, "source": os.path.abspath(spm_path),
                     "sha256": qformat.sha256_file(os.path.join(tmp, qformat.SPM))},
@@ -190,6 +244,8 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
                                                       "digits, row-major over the stored shape"},
             "sites": site_table(model, arrays),
         }
+        if config["integer_only"]:
+            manifest.update(integer_only_sheet(arrays, config, sources or [[4, 5, 6]]))
         with open(os.path.join(tmp, qformat.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
     return manifest
@@ -205,9 +261,20 @@ def main(argv: list[str]) -> None:
     p.add_argument("--logdir", required=True, help="a train.py --logdir of a quantized run")
     p.add_argument("--out", required=True, help="export directory (replaced atomically)")
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint prefix (default: latest)")
+    p.add_argument("--max_positions", type=int, default=DEFAULT_MAX_POSITIONS,
+                   help="integer-only: rows of the exported position table (the longest sequence)")
+    p.add_argument("--observe_sentences", type=int, default=50,
+                   help="integer-only: dev sentences the data sheet's observed accumulators come from")
     args = p.parse_args(argv)
+    if args.max_positions < 1 or args.observe_sentences < 0:
+        raise ValueError("--max_positions must be positive and --observe_sentences >= 0")
     model, hp, spm_path = runs.load_quantized(args.logdir, args.checkpoint)
-    manifest = export_model(model, hp, spm_path, args.out)
+    sources = None
+    if model.sites.config.integer_only and args.observe_sentences:
+        sp = spm.SentencePieceProcessor(model_file=spm_path)
+        lines = runs.load_corpus(hp)["dev"][0][: args.observe_sentences]
+        sources = data_load.encode_source(sp, lines)
+    manifest = export_model(model, hp, spm_path, args.out, sources, args.max_positions)
     print(f"exported {len(manifest['sites'])} sites to {args.out}")
 
 

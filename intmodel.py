@@ -30,6 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 import data_load
+import intops
 import qformat
 from qformat import BOS, EOS, PAD, Grid
 
@@ -180,18 +181,20 @@ class IntTransformer:
         self._acc_max: dict[str, int] = {}
         self._plans: dict[tuple[str, str, int], tuple[int, type, np.ndarray, str]] = {}
         if qformat.EMBEDDING in self.ints:
-            table = self.ints[qformat.EMBEDDING]
-            self.table = table.astype(np.float32) * self._scale(qformat.EMBEDDING).astype(np.float32)
-            self.vocab, self.d_model = table.shape
+            self.vocab, self.d_model = self.ints[qformat.EMBEDDING].shape
+            if not self.config.get("integer_only"):  # the float lookup (integer-only: a table)
+                self.table = self.ints[qformat.EMBEDDING] * self._scale(qformat.EMBEDDING).astype(np.float32)
 
     @classmethod
     def load(cls, export_dir: str) -> IntTransformer:
         """Load and verify an export: format version, SHA-256 of model.npz and spm.model,
-        integer weights. Any problem is an ExportError naming the file."""
+        integer weights. Any problem is an ExportError naming the file. An integer-only export
+        gives an IntOnlyTransformer."""
         manifest = qformat.read_manifest(export_dir)
         arrays = qformat.load_arrays(export_dir, manifest)
         qformat.verify_file(os.path.join(export_dir, qformat.SPM), manifest["spm"]["sha256"], "spm model")
-        engine = cls(arrays, manifest["model"])
+        engine_class = IntOnlyTransformer if manifest["model"].get("integer_only") else cls
+        engine = engine_class(arrays, manifest["model"])
         engine.manifest = manifest
         return engine
 
@@ -205,24 +208,38 @@ class IntTransformer:
 
     def matmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
                bias: np.ndarray | None = None, transpose_w: bool = False) -> np.ndarray:
-        """acc = x @ w (+ bias) on integers, exact (`check_exact`); y = acc * 2^-(f_x + f_w)
+        """acc = x @ w (+ bias) on integers, exact (`accumulate`); y = acc * 2^-(f_x + f_w)
         rounded to float32. The TF graph computes the same sum in float32 on q * 2^-f, exact
         while every partial sum stays below 2^24 in integer units."""
+        acc, scale = self.accumulate(x_site, x, w_site, w, transpose_w)
+        if bias is not None:  # exact: float32 only when both fit below 2^24 (see __init__)
+            acc = acc + bias
+        self.record_matmul(x_site, x, w_site, w, acc, transpose_w)
+        # times a power of two, rounded once to float32 (exact when acc is already float32)
+        acc *= scale.astype(acc.dtype)
+        return acc.astype(np.float32, copy=False)
+
+    def accumulate(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
+                   transpose_w: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(x @ w, 2^-(f_x + f_w)): the integer sums, exact, held in float32 or float64 (`_plan`;
+        float32 BLAS is the exact carrier of integer GEMMs while it stays below 2^24)."""
         k = x.shape[-1]
-        chunk, dtype, scale, name = self._plan(x_site, w_site, k)
+        chunk, dtype, scale, _ = self._plan(x_site, w_site, k)
         w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
         acc = _gemm(x[..., :chunk], w_mat[..., :chunk, :], dtype)
         for lo in range(chunk, k, chunk):
             acc = acc.astype(np.float64) + _gemm(x[..., lo:lo + chunk], w_mat[..., lo:lo + chunk, :])
-        if bias is not None:  # exact: float32 only when both fit below 2^24 (see __init__)
-            acc = acc + bias
+        return acc, scale
+
+    def record_matmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray, acc: np.ndarray,
+                      transpose_w: bool) -> None:
+        """Track the accumulator's largest magnitude and, while tracing, the call."""
+        name = qformat.matmul_of(x_site)
         self._observe(name, acc)
         if self.trace is not None:
+            w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
             bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
             self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc.astype(np.float64), bound))
-        # times a power of two, rounded once to float32 (exact when acc is already float32)
-        acc *= scale.astype(acc.dtype)
-        return acc.astype(np.float32, copy=False)
 
     def _plan(self, x_site: str, w_site: str, k: int) -> tuple[int, type, np.ndarray, str]:
         """How a K-term matmul of these sites runs, worked out once: float32 BLAS is exact while
@@ -240,15 +257,16 @@ class IntTransformer:
             self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), qformat.matmul_of(x_site))
         return self._plans[key]
 
-    def _observe(self, name: str, acc: np.ndarray) -> None:
-        """Track max |acc| per matmul; warn once on stderr when it needs more than 32 bits."""
+    def _observe(self, name: str, acc: np.ndarray, register_bits: int | None = 32) -> None:
+        """Track max |acc| per matmul (or reduction); warn once on stderr when it needs more than
+        `register_bits` (None: wide by design, e.g. LayerNorm's variance)."""
         largest = int(max(acc.max(initial=0.0), -acc.min(initial=0.0)))
         if largest <= self._acc_max.get(name, -1):
             return
         self._acc_max[name] = largest
-        if _signed_bits(largest) > 32:
+        if register_bits and _signed_bits(largest) > register_bits:
             print(f"warning: {name} accumulator reached {largest} ({_signed_bits(largest)} bits "
-                  "> 32)", file=sys.stderr)
+                  f"> {register_bits})", file=sys.stderr)
 
     def accumulator_stats(self) -> dict[str, dict[str, int]]:
         """{matmul: {"max_abs": largest |accumulator| seen, "bits": two's-complement bits}}."""
@@ -374,6 +392,10 @@ class IntTransformer:
             y = self.decoder_block(i, y, (k[:, :, :t + 1], v[:, :, :t + 1]), no_mask, kv, src_bias)
         return self.logits(y)[:, 0]
 
+    def logit_values(self, logits: np.ndarray) -> np.ndarray:
+        """The logits as real values, for ranking beam hypotheses (here already float32)."""
+        return logits
+
     def _start(self, src: np.ndarray, beam: int) -> tuple:
         """Encoder pass and per-row decoding state, each source row repeated `beam` times:
         (source bias, output limit per row, cross-attention K/V per block, empty K/V cache)."""
@@ -425,7 +447,7 @@ class IntTransformer:
         seqs = np.zeros((rows, length), np.int64)
         t = 0
         while t < length and not finished.all():
-            logp = log_softmax(self._step(token, t, cache, cross_kv, src_bias))
+            logp = log_softmax(self.logit_values(self._step(token, t, cache, cross_kv, src_bias)))
             logp = np.where(finished[:, None], pad_only[None], logp)
             total = (scores.reshape(rows, 1) + logp).reshape(batch, beam * self.vocab)
             index = np.argsort(-total, axis=1, kind="stable")[:, :beam]  # as top_k: ties -> lower index
@@ -442,6 +464,291 @@ class IntTransformer:
         penalty = np.power((5.0 + lengths.astype(np.float64)) / 6.0, alpha)
         best = np.argmax(scores / penalty.reshape(batch, beam), axis=1)
         return seqs.reshape(batch, beam, length)[np.arange(batch), best]
+
+
+# --------------------------------------------------------------------------------------------
+# The integer-only engine
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass
+class OpRecord:
+    """One integer op of the integer-only path while tracing: its name (the site or matmul it
+    produces, or `<ln>/layer_norm`, `<attn>/softmax`), its kind and its integer inputs and output."""
+
+    name: str
+    kind: str
+    inputs: dict[str, np.ndarray]
+    output: np.ndarray
+
+
+class IntOnlyTransformer(IntTransformer):
+    """The engine of an integer-only export: from token ids to the greedy argmax every tensor is an
+    int64 array on a power-of-two grid, every rescale a shift (intops), every kernel integer.
+
+    Only the GEMMs hold their integer operands in float32 (or float64) as an exact carrier for
+    BLAS (`accumulate`: each partial sum provably below 2^24, or 2^53), including the cached keys
+    and values; their results come back as int64 at once. Every op's output passes `emit`, which
+    refuses a non-integer array, so no float can enter the path unnoticed.
+
+    Extra arrays: `<ln>/gamma` (on the gamma site), `<ln>/beta` (int64 on f_gamma + LN_F),
+    `<ln>/eps_q`, `embedding_sum/lookup` (R(Q(E) sqrt(d)) on the embedding-sum grid) and
+    `embedding_sum/positions` (R(PE), max_positions rows)."""
+
+    def __init__(self, arrays: Mapping[str, np.ndarray], config: Mapping):
+        super().__init__(arrays, config)
+        self.int64 = {k: np.asarray(v, np.int64) for k, v in arrays.items()
+                      if v.dtype.kind in "iu" and not k.endswith(qformat.GRID_FIELDS)}
+        self.d_k = self.d_model // self.num_heads
+        self.ops: list[OpRecord] | None = None  # while tracing
+        self._edges: dict[tuple[str, str], tuple[object, str]] = {}
+        self._bounds: dict[str, int] = {}  # proven max |value| of each matmul and reduction
+        self.max_positions = len(self.int64[f"{qformat.EMBEDDING_SUM}/positions"])
+        softmax_constants = list(intops.exp_constants(intops.EXP_F, self.d_k))
+        if list(self.config.get("softmax_constants", softmax_constants)) != softmax_constants:
+            raise qformat.ExportError(f"the export's softmax constants {self.config['softmax_constants']} "
+                                      f"are not intops.exp_constants(F, d_k) = {softmax_constants}")
+
+    # ---- integers in, integers out -----------------------------------------------------------
+
+    def emit(self, name: str, kind: str, out: np.ndarray, **inputs: np.ndarray) -> np.ndarray:
+        """Every op's result passes here: an integer array, or TypeError (a float on the path)."""
+        if out.dtype.kind not in "iub":
+            raise TypeError(f"{kind} {name} produced {out.dtype} on the integer-only path")
+        if self.ops is not None:
+            self.ops.append(OpRecord(name, kind, inputs, out))
+        return out
+
+    def f(self, site: str) -> np.ndarray:
+        return self.grids[site].f
+
+    def requantize(self, q: np.ndarray, f_from, source: str, site: str) -> np.ndarray:
+        """clip(R(q 2^(f_site - f_from))): the edge source -> site, a shift (left when finer)."""
+        grid = self.grids[site]
+        shift = np.asarray(f_from) - grid.f
+        self._edges[(source, site)] = (shift, self.rounding)
+        q = intops.clip_to(intops.shift_round(q, shift, self.rounding), grid.bits, grid.signed)
+        return self.emit(site, "requantize", q)
+
+    def imatmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
+                bias: np.ndarray | None = None, transpose_w: bool = False,
+                k_max: int | None = None) -> np.ndarray:
+        """acc = x @ w (+ bias) as int64, on the grid f_x + f_w; its proven bound is
+        K max|x| max|w| + max|b| with K = k_max (the longest sequence) or the contracted length."""
+        name = qformat.matmul_of(x_site)
+        if name not in self._bounds:
+            largest_bias = 0 if bias is None else int(np.abs(bias).max(initial=0))
+            k = k_max or x.shape[-1]
+            self._bounds[name] = accumulator_bound(k, self.grids[x_site], self.grids[w_site]) + largest_bias
+        acc = self.accumulate(x_site, x, w_site, w, transpose_w)[0].astype(np.int64)
+        if bias is not None:
+            acc = acc + bias
+        self.record_matmul(x_site, x, w_site, w, acc, transpose_w)
+        return self.emit(name, "matmul", acc)
+
+    def dense(self, prefix: str, x: np.ndarray, f_x, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """(acc, f_acc): acc = Q(x) W_q + b_q on the grid f_acc = f_x + f_w."""
+        names = qformat.dense(prefix)
+        q = self.requantize(x, f_x, source, names.input)
+        acc = self.imatmul(names.input, q, names.weight, self.ints[names.weight], self.int64.get(names.bias))
+        return acc, self.f(names.input) + self.f(names.weight)
+
+    # ---- layers -----------------------------------------------------------------------------
+
+    def embed(self, ids: np.ndarray, offset: int = 0) -> np.ndarray:
+        """x_0 = clip(L[ids] + P[offset : offset + len]) on the embedding-sum grid."""
+        positions = self.int64[f"{qformat.EMBEDDING_SUM}/positions"]
+        end = offset + ids.shape[1]
+        if end > len(positions):
+            raise ValueError(f"a sequence of {end} positions is longer than the export's position "
+                             f"table ({len(positions)}): re-export with a larger --max_positions")
+        total = self.int64[f"{qformat.EMBEDDING_SUM}/lookup"][ids] + positions[offset:end]
+        grid = self.grids[qformat.EMBEDDING_SUM]
+        total = intops.clip_to(total, grid.bits, grid.signed)
+        return self.emit(qformat.EMBEDDING_SUM, "embedding_sum", total)
+
+    def add_norm(self, prefix: str, x: np.ndarray, x_source: str, a: np.ndarray, f_a, a_source: str
+                 ) -> np.ndarray:
+        """LN(x + a): x on the grid of site x_source, a the accumulator a_source on f_a; the sum
+        exact on the finer grid g, requantized onto `<ln>/input`, then intops.layer_norm onto
+        `<ln>/output`."""
+        names = qformat.layer_norm(prefix)
+        f_x, grid = self.f(x_source), self.grids[names.input]
+        g = np.maximum(f_x, f_a)
+        total = intops.shift_round(x, f_x - g, "floor") + intops.shift_round(a, f_a - g, "floor")
+        x_max = self.grids[x_source].max_abs
+        self._bounds.setdefault(f"{prefix}/residual_sum", int(np.max(
+            (x_max << (g - f_x)) + (self._bounds[a_source] << (g - f_a)))))
+        self._observe(f"{prefix}/residual_sum", total, None)
+        self._edges[(x_source, names.input)] = (g - grid.f, self.rounding)
+        self._edges[(a_source, names.input)] = (np.asarray(f_a) - g + g - grid.f, self.rounding)
+        r = intops.clip_to(intops.shift_round(total, g - grid.f, self.rounding), grid.bits, grid.signed)
+        r = self.emit(names.input, "residual", r, x=x, a=a)
+        out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
+        beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
+        d = r.shape[-1]
+        self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
+        self._observe(f"{prefix}/variance", intops.layer_norm_moments(r, eps_q)[1], None)
+        out = intops.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
+                                out_grid.bits, self.rounding)
+        return self.emit(names.output, "layer_norm", out, input=r)
+
+    def project_kv(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """K and V heads on the key/value grids, held in float32 as GEMM operands (exact)."""
+        names = qformat.attention(prefix)
+        heads = []
+        for dense, site in ((names.wk, names.key), (names.wv, names.value)):
+            acc, f_acc = self.dense(dense, x, self.f(source), source)
+            q = self.requantize(acc, f_acc, dense, site)
+            heads.append(np.ascontiguousarray(self.split_heads(q), np.float32))
+        return heads[0], heads[1]
+
+    def attend(self, prefix: str, x: np.ndarray, source: str, k: np.ndarray, v: np.ndarray,
+               visible: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """(acc, f_acc) of W^O over the heads softmax(Q K^T / sqrt(d_k)) V; `visible` the bool
+        key mask (None: every key)."""
+        names = qformat.attention(prefix)
+        acc, f_acc = self.dense(names.wq, x, self.f(source), source)
+        q = self.split_heads(self.requantize(acc, f_acc, names.wq, names.query))
+        scores = self.imatmul(names.query, q, names.key, k, transpose_w=True)
+        f_s = int(self.f(names.query) + self.f(names.key))
+        probs_grid = self.grids[names.probs]
+        self._edges[(qformat.matmul_of(names.query), f"{prefix}/softmax")] = (
+            f_s - intops.EXP_F, intops.EXP_ROUNDING)
+        mask = np.broadcast_to(True if visible is None else visible, scores.shape)
+        exps = intops.softmax_exps(scores, f_s, mask, m=self.d_k)  # intops.softmax in two steps
+        self._bounds.setdefault(f"{prefix}/softmax_sum",
+                                self.max_positions * intops.exp_max(intops.EXP_F, self.d_k))
+        self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
+        probs = intops.normalize(exps, probs_grid.bits, self.rounding)
+        probs = self.emit(names.probs, "softmax", probs, scores=scores)
+        heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
+        b, _, lq, _ = heads.shape
+        concat = heads.transpose(0, 2, 1, 3).reshape(b, lq, -1)
+        return self.dense(names.wo, concat, self.f(names.probs) + self.f(names.value),
+                          qformat.matmul_of(names.probs))
+
+    def ffn(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
+        names = qformat.feed_forward(prefix)
+        acc, f_acc = self.dense(names.dense1, x, self.f(source), source)
+        relu = self.emit(names.dense1, "relu", np.maximum(acc, 0))
+        return self.dense(names.dense2, relu, f_acc, names.dense1)
+
+    def logits(self, y: np.ndarray, source: str) -> np.ndarray:
+        """Integer logits: Q(y) E_q^T (int64 on f_y + f_E)."""
+        q = self.requantize(y, self.f(source), source, qformat.OUTPUT_INPUT)
+        return self.imatmul(qformat.OUTPUT_INPUT, q, qformat.EMBEDDING, self.ints[qformat.EMBEDDING],
+                            transpose_w=True)
+
+    def logit_values(self, logits: np.ndarray) -> np.ndarray:
+        """Beam search ranks hypotheses by log-softmax in float64, outside the network."""
+        f = self.f(qformat.OUTPUT_INPUT) + self.f(qformat.EMBEDDING)
+        return logits.astype(np.float64) * np.exp2(-np.float64(f))
+
+    # ---- the model --------------------------------------------------------------------------
+
+    def _norm_output(self, side: str, i: int) -> str:
+        """The site the input of block i (0-based) is on: the embedding sum or block i-1's output."""
+        if i == 0:
+            return qformat.EMBEDDING_SUM
+        return qformat.layer_norm(qformat.block_names(side, i - 1).norms[-1]).output
+
+    def encoder_block(self, i: int, x: np.ndarray, visible: np.ndarray) -> np.ndarray:
+        names = qformat.block_names("encoder", i)
+        source = self._norm_output("encoder", i)
+        a, f_a = self.attention_over(names.self_attention, x, source, x, source, visible)
+        x = self.add_norm(names.norms[0], x, source, a, f_a, qformat.attention(names.self_attention).wo)
+        source = qformat.layer_norm(names.norms[0]).output
+        a, f_a = self.ffn(names.ffn, x, source)
+        return self.add_norm(names.norms[1], x, source, a, f_a, qformat.feed_forward(names.ffn).dense2)
+
+    def attention_over(self, prefix: str, x: np.ndarray, source: str, memory: np.ndarray,
+                       memory_source: str, visible: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        return self.attend(prefix, x, source, *self.project_kv(prefix, memory, memory_source), visible)
+
+    def encode(self, src: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Memory [B, Ls, d] (int64 on the last encoder norm's output grid) and the key mask."""
+        visible = (src != PAD)[:, None, None, :]
+        x = self.embed(src)
+        for i in range(self.config["num_blocks"]):
+            x = self.encoder_block(i, x, visible)
+        return x, visible
+
+    def memory_source(self) -> str:
+        return self._norm_output("encoder", self.config["num_blocks"])
+
+    def decoder_block(self, i: int, y: np.ndarray, self_kv: tuple, self_visible, cross_kv: tuple,
+                      src_visible: np.ndarray) -> np.ndarray:
+        names = qformat.block_names("decoder", i)
+        ln = [qformat.layer_norm(n).output for n in names.norms]
+        source = self._norm_output("decoder", i)
+        a, f_a = self.attend(names.self_attention, y, source, *self_kv, self_visible)
+        y = self.add_norm(names.norms[0], y, source, a, f_a, qformat.attention(names.self_attention).wo)
+        a, f_a = self.attend(names.cross_attention, y, ln[0], *cross_kv, src_visible)
+        y = self.add_norm(names.norms[1], y, ln[0], a, f_a, qformat.attention(names.cross_attention).wo)
+        a, f_a = self.ffn(names.ffn, y, ln[1])
+        return self.add_norm(names.norms[2], y, ln[1], a, f_a, qformat.feed_forward(names.ffn).dense2)
+
+    def decode(self, tgt_in: np.ndarray, memory: np.ndarray, src_visible: np.ndarray) -> np.ndarray:
+        """Teacher-forced decoder over a whole prefix: integer logits [B, Lt, V]."""
+        y = self.embed(tgt_in)
+        length = tgt_in.shape[1]
+        causal = np.tril(np.ones((length, length), bool))[None, None]
+        self_visible = causal & (tgt_in != PAD)[:, None, None, :]
+        for i in range(self.config["num_blocks"]):
+            names = qformat.block_names("decoder", i)
+            source = self._norm_output("decoder", i)
+            self_kv = self.project_kv(names.self_attention, y, source)
+            cross_kv = self.project_kv(names.cross_attention, memory, self.memory_source())
+            y = self.decoder_block(i, y, self_kv, self_visible, cross_kv, src_visible)
+        return self.logits(y, self._norm_output("decoder", self.config["num_blocks"]))
+
+    def _step(self, token: np.ndarray, t: int, cache: list, cross_kv: list,
+              src_visible: np.ndarray) -> np.ndarray:
+        """One cached decoder step at position t over keys 0..t (model.Transformer._step masks the
+        later ones: the integer softmax gives them exactly 0). Integer logits [N, V]."""
+        y = self.embed(token[:, None], offset=t)
+        for i, ((k, v), kv) in enumerate(zip(cache, cross_kv)):
+            prefix = qformat.block_names("decoder", i).self_attention
+            k_t, v_t = self.project_kv(prefix, y, self._norm_output("decoder", i))
+            k[:, :, t], v[:, :, t] = k_t[:, :, 0], v_t[:, :, 0]
+            y = self.decoder_block(i, y, (k[:, :, :t + 1], v[:, :, :t + 1]), None, kv, src_visible)
+        return self.logits(y, self._norm_output("decoder", self.config["num_blocks"]))[:, 0]
+
+    def _start(self, src: np.ndarray, beam: int) -> tuple:
+        memory, visible = self.encode(src)
+        memory, visible = np.repeat(memory, beam, 0), np.repeat(visible, beam, 0)
+        limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
+        cross_kv = [self.project_kv(qformat.block_names("decoder", i).cross_attention, memory,
+                                    self.memory_source()) for i in range(self.config["num_blocks"])]
+        shape = (len(limit), self.num_heads, int(limit.max()), self.d_k)
+        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
+                 for _ in range(self.config["num_blocks"])]
+        return visible, limit, cross_kv, cache
+
+    def accumulator_stats(self) -> dict[str, dict[str, int]]:
+        """Per matmul and reduction: the largest |value| seen and its bits, beside the proven
+        bound (from the grids, the longest sequence `max_positions`) and its bits."""
+        stats = super().accumulator_stats()
+        for name, bound in self._bounds.items():
+            stats.setdefault(name, {"max_abs": 0, "bits": 1})
+            stats[name].update(proven_max_abs=int(bound), proven_bits=_signed_bits(int(bound)))
+        return stats
+
+    def edges(self) -> list[dict]:
+        """Every grid change seen so far: source, destination, the right shift (negative: left)
+        and its rounding."""
+        return [{"from": src, "to": dst, "shift": np.asarray(shift).tolist(), "rounding": rounding}
+                for (src, dst), (shift, rounding) in self._edges.items()]
+
+    @contextlib.contextmanager
+    def tracing_ops(self) -> Iterator[list[OpRecord]]:
+        """Record every op of the integer-only path (name, kind, inputs, output) in the block."""
+        self.ops = []
+        try:
+            yield self.ops
+        finally:
+            self.ops = None
 
 
 def _signed_bits(magnitude: int) -> int:

@@ -8,11 +8,14 @@ grids (qformat.Grid): an integer q on grid f stands for q * 2^-f. Equations: doc
     div_round(a, b, R)      R(a / b) for integers, b > 0
     isqrt(n)                floor(sqrt(n)) by 31 fixed digit-by-digit steps, 0 <= n < 2^62
     exp_neg(x, f)           exp(x 2^-f) for x <= 0 (I-BERT's i-exp): shifts and one square
-    softmax(q, f, mask, b)  masked keys by selection, one integer division, unsigned b-bit output
+    softmax(q, f, mask, b)  masked keys by selection, one integer division, unsigned b-bit output;
+                            m folds a 1/sqrt(m) scaling into exp's constants
     layer_norm(q, ...)      exact mean and variance, one isqrt per row, one division per element
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -100,7 +103,8 @@ EXP_A = (717, 2000)  # A = 0.3585, the result grid's non-power-of-two factor (ca
 EXP_B = (1353, 1000)  # B = 1.353
 EXP_C_OVER_A = (688, 717)  # C / A = 0.344 / 0.3585
 EXP_SHIFT_CAP = 62  # z is capped here; L < 2^62 so the capped shift gives 0, as exp(-43) ~ 0 does
-EXP_X_MIN_LOG2 = 6  # x is clamped at -2^6 = -64 (value) first: exp(-64) is 0 on every grid here
+EXP_X_MIN_LOG2 = 6  # x is clamped at -2^(6+h) (value, 2^h ~ sqrt(m)) first: exp(-64) is 0 on every grid
+EXP_M_MAX = 1 << 20  # the scale divisor m of exp(x / sqrt(m)): d_k up to 2^20
 EXP_ROUNDING = "half_up"  # of the shift onto grid F when f > F (f <= F is an exact left shift)
 
 
@@ -109,62 +113,84 @@ def _round_ratio(num: int, den: int) -> int:
     return (2 * num + den) // (2 * den)
 
 
-def exp_constants(F: int = EXP_F) -> tuple[int, int, int]:
-    """(q_ln2, q_b, q_c) = (round(ln2 2^F), round(B 2^F), round(C/A 2^2F)), integers (exported)."""
-    _check_exp_grids(0, F)
-    q_ln2 = _round_ratio(LN2_Q64, 1 << (64 - F))
-    q_b = _round_ratio(EXP_B[0] << F, EXP_B[1])
-    q_c = _round_ratio(EXP_C_OVER_A[0] << (2 * F), EXP_C_OVER_A[1])
+def _round_sqrt(num: int, den: int, bits: int) -> int:
+    """round(sqrt(num / den) 2^bits) for Python integers num >= 0, den > 0: math.isqrt with 32
+    guard bits (exact integer arithmetic, the same on every machine)."""
+    return (math.isqrt((num << (2 * (bits + 32))) // den) + (1 << 31)) >> 32
+
+
+def _check_scale(m) -> int:
+    if not isinstance(m, int | np.integer) or not 1 <= m <= EXP_M_MAX:
+        raise ValueError(f"the softmax scale divisor m (x / sqrt(m)) must be an integer in 1..{EXP_M_MAX}, "
+                         f"got {m!r}")
+    return int(m).bit_length() // 2  # h: 2^h >= sqrt(m) / sqrt(2), the clamp's extra range
+
+
+def exp_constants(F: int = EXP_F, m: int = 1) -> tuple[int, int, int]:
+    """(q_ln2, q_b, q_c) = (round(ln2 sqrt(m) 2^F), round(B sqrt(m) 2^F), round(m C/A 2^2F)),
+    integers (exported): the constants of exp(x / sqrt(m)) for x on grid F. With m = d_k the
+    attention's 1/sqrt(d_k) is folded into them: no non-power-of-two multiply survives."""
+    _check_exp_grids(0, F, m)
+    q_ln2 = _round_sqrt(LN2_Q64 * LN2_Q64 * m, 1 << 128, F)
+    q_b = _round_sqrt(EXP_B[0] * EXP_B[0] * m, EXP_B[1] * EXP_B[1], F)
+    q_c = _round_ratio((EXP_C_OVER_A[0] * m) << (2 * F), EXP_C_OVER_A[1])
     return q_ln2, q_b, q_c
 
 
-def exp_max(F: int = EXP_F) -> int:
-    """exp_neg's largest result, at x = 0: q_b^2 + q_c (about 2.79 * 2^2F < 2^(2F+2))."""
-    _, q_b, q_c = exp_constants(F)
+def exp_max(F: int = EXP_F, m: int = 1) -> int:
+    """exp_neg's largest result, at x = 0: q_b^2 + q_c (about 2.79 m 2^2F < m 2^(2F+2))."""
+    _, q_b, q_c = exp_constants(F, m)
     return q_b * q_b + q_c
 
 
-def _check_exp_grids(f, F) -> None:
-    if not isinstance(F, int | np.integer) or not 1 <= F <= EXP_F_MAX:
-        raise ValueError(f"the internal grid F must be an integer in 1..{EXP_F_MAX}, got {F!r}")
-    if not isinstance(f, int | np.integer) or not F - 62 <= f <= 62 - EXP_X_MIN_LOG2:
-        raise ValueError(f"the input grid f must be an integer in {F - 62}..{62 - EXP_X_MIN_LOG2}, got {f!r}")
+def _check_exp_grids(f, F, m: int = 1) -> None:
+    h = _check_scale(m)
+    wide = 2 * F + 2 + (int(m) - 1).bit_length() > 62 if isinstance(F, int | np.integer) else True
+    if not isinstance(F, int | np.integer) or not 1 <= F <= EXP_F_MAX or wide:
+        raise ValueError(f"the internal grid F must be an integer in 1..{EXP_F_MAX} with m 2^(2F+2) < 2^62, "
+                         f"got F={F!r}, m={m}")
+    if not isinstance(f, int | np.integer) or not F - 62 <= f <= 62 - EXP_X_MIN_LOG2 - h:
+        raise ValueError(f"the input grid f must be an integer in {F - 62}..{62 - EXP_X_MIN_LOG2 - h}, "
+                         f"got {f!r}")
 
 
-def exp_neg(x, f: int, F: int = EXP_F) -> np.ndarray:
-    """exp(x 2^-f) for int64 x <= 0 on grid f, as e on the grid A 2^-2F (exp ~ e * 0.3585 * 2^-2F):
-    I-BERT's i-exp with shifts, one integer division by the constant q_ln2, one square and adds.
-    0 <= e <= exp_max(F) < 2^(2F+2); e = 0 once z > 62 or the value is below -64. Relative error
-    <= 3.1e-3 (the polynomial) + 1.4e-6 z (q_ln2, F = 15) plus an absolute A 2^-2F (the shift)."""
+def exp_neg(x, f: int, F: int = EXP_F, m: int = 1) -> np.ndarray:
+    """exp(x 2^-f / sqrt(m)) for int64 x <= 0 on grid f, as e on the grid A 2^-2F / m (exp ~ e *
+    0.3585 * 2^-2F / m): I-BERT's i-exp with shifts, one integer division by the constant q_ln2,
+    one square and adds. 0 <= e <= exp_max(F, m) < m 2^(2F+2); e = 0 once z > 62 or the value is
+    below -64 * 2^h. Relative error <= 3.1e-3 (the polynomial) + 1.4e-6 z (q_ln2, F = 15) plus an
+    absolute A 2^-2F / m (the shift)."""
     x = _int64(x)
-    _check_exp_grids(f, F)
+    _check_exp_grids(f, F, m)
     if np.any(x > 0):
         raise ValueError("exp_neg takes x <= 0")
-    q_ln2, q_b, q_c = exp_constants(F)
-    x = np.maximum(x, -(1 << max(EXP_X_MIN_LOG2 + int(f), 0)))  # value >= -64 (or x >= -1)
-    x = shift_round(x, int(f) - F, EXP_ROUNDING)  # onto grid F: |x| <= 2^(F+6) (or 2^62)
+    q_ln2, q_b, q_c = exp_constants(F, m)
+    h = _check_scale(m)
+    x = np.maximum(x, -(1 << max(EXP_X_MIN_LOG2 + h + int(f), 0)))  # value >= -64 2^h (or x >= -1)
+    x = shift_round(x, int(f) - F, EXP_ROUNDING)  # onto grid F: |x| <= 2^(F+6+h) (or 2^62)
     z = (-x) // q_ln2
     p = x + z * q_ln2  # in (-q_ln2, 0]
     s = p + q_b  # in (q_b - q_ln2, q_b]: positive
     return np.right_shift(s * s + q_c, np.minimum(z, EXP_SHIFT_CAP))
 
 
-def _check_softmax_widths(length, out_bits: int, F: int) -> None:
-    """The row sum S <= length * exp_max(F) and the numerator 2 (e << out_bits) + S of div_round
-    must fit int64: S < 2^62 and exp_max(F) << (out_bits + 1) < 2^62."""
-    top = exp_max(F)
+def _check_softmax_widths(length, out_bits: int, F: int, m: int = 1) -> None:
+    """The row sum S <= length * exp_max(F, m) and the numerator 2 (e << out_bits) + S of
+    div_round must fit int64: S < 2^62 and exp_max(F, m) << (out_bits + 1) < 2^62."""
+    top = exp_max(F, m)
     if length is not None and length * top >= 1 << 62:
         raise ValueError(f"a softmax row of {length} overflows the int64 sum at F={F}")
     if top << (out_bits + 1) >= 1 << 62:
         raise ValueError(f"out_bits={out_bits} with F={F} overflows the int64 division")
 
 
-def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F) -> np.ndarray:
-    """Softmax over the last axis of int64 scores q on grid f (|q| < 2^62), as unsigned integers on
-    the probability grid 2^-out_bits (threshold 1), clipped to [0, 2^out_bits - 1]:
+def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: int = 1) -> np.ndarray:
+    """softmax(x / sqrt(m)) over the last axis of int64 scores q on grid f (|q| < 2^62), as unsigned
+    integers on the probability grid 2^-out_bits (threshold 1), clipped to [0, 2^out_bits - 1]:
 
-        m = max of q over the unmasked positions,  e = exp_neg(q - m) there and 0 where masked,
-        S = sum(e) (int64: S <= row length * exp_max(F), 2.79 * 2^30 * length at F = 15),
+        top = max of q over the unmasked positions,  e = exp_neg(q - top, f, F, m) there and 0
+        where masked,  S = sum(e) (int64: S <= row length * exp_max(F, m), 2.79 m 2^30 length at
+        F = 15),
         out = clip(R((e << out_bits) / S), 0, 2^out_bits - 1).
 
     `mask` is a bool array broadcasting against q (True = may attend; e.g. [B,1,1,L] padding or
@@ -183,10 +209,23 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F) -> np
     if mask.dtype != np.bool_:
         raise TypeError(f"the softmax mask is a bool array (True = may attend), got {mask.dtype}")
     q, mask = np.broadcast_arrays(q, mask)
-    _check_softmax_widths(q.shape[-1], out_bits, F)
-    m = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
-    x = np.where(mask, q, m) - m  # <= 0; 0 where masked (and everywhere in a fully masked row)
-    e = np.where(mask, exp_neg(x, f, F), 0)
+    _check_softmax_widths(q.shape[-1], out_bits, F, m)
+    return normalize(softmax_exps(q, f, mask, F, m), out_bits, rounding)
+
+
+def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1) -> np.ndarray:
+    """softmax's numerators: e = exp_neg(q - top) where mask is True (bool, q's shape), 0 elsewhere;
+    top = the largest unmasked q of the row."""
+    _check_softmax_widths(q.shape[-1], 0, F, m)
+    top = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
+    x = np.where(mask, q, top) - top  # <= 0; 0 where masked (and everywhere in a fully masked row)
+    return np.where(mask, exp_neg(x, f, F, m), 0)
+
+
+def normalize(e, out_bits: int, rounding: str) -> np.ndarray:
+    """clip(R((e << out_bits) / S)), S = sum(e) over the last axis (S = 0: all zeros); e from
+    softmax_exps (within _check_softmax_widths)."""
+    e = _int64(e)
     total = np.sum(e, axis=-1, keepdims=True)
     probs = div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
     return clip_to(probs, out_bits, signed=False)
@@ -239,6 +278,14 @@ def check_layer_norm_args(d: int, out_shift: int | None, out_bits: int, rounding
         raise ValueError(f"layer_norm needs -13 <= f_gamma + F - f_out <= 62, got {out_shift}")
 
 
+def layer_norm_moments(q, eps_q) -> tuple[np.ndarray, np.ndarray]:
+    """(s, W) = (sum q, d sum q^2 - s^2 + d^2 eps_q) over the last axis (kept): LayerNorm's two
+    reductions, exact (|s| <= d 2^15, 0 <= W < 2^57 within layer_norm's bounds)."""
+    q, d = _int64(q), np.shape(q)[-1]
+    s = np.sum(q, axis=-1, keepdims=True)
+    return s, d * np.sum(q * q, axis=-1, keepdims=True) - s * s + d * d * _int64(eps_q)
+
+
 def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: int, rounding: str,
                K: int = LN_K, F: int = LN_F) -> np.ndarray:
     """Integer LayerNorm over the last axis: gamma (x - mean) / sqrt(var + eps) + beta, exact but for
@@ -288,9 +335,8 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
         raise ValueError("layer_norm takes |q| <= 2^15 and |gamma_q| <= 2^15")
     if np.any(np.abs(beta_q) >= LN_MAX_ABS_BETA) or np.any(eps_q < 0) or np.any(eps_q > LN_MAX_EPS_Q):
         raise ValueError("layer_norm takes |beta_q| < 2^48 and 0 <= eps_q <= 2^32")
-    s = np.sum(q, axis=-1, keepdims=True)
+    s, w = layer_norm_moments(q, eps_q)
     c = d * q - s
-    w = d * np.sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q
     k = np.right_shift(2 * K - bit_length(w), 1)  # floor division by 2
     root = np.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
     up = k + F

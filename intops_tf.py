@@ -63,19 +63,20 @@ def _is_tensor_grid(f) -> bool:
     return tf.is_tensor(f) or isinstance(f, tf.Variable)
 
 
-def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = intops.EXP_F) -> tf.Tensor:
-    """exp(x 2^-f) for int64 x <= 0 on grid f, on the grid 0.3585 * 2^-2F (intops.exp_neg; x > 0 is
-    not checked here)."""
+def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = intops.EXP_F, m: int = 1) -> tf.Tensor:
+    """exp(x 2^-f / sqrt(m)) for int64 x <= 0 on grid f, on the grid 0.3585 * 2^-2F / m
+    (intops.exp_neg; x > 0 is not checked here)."""
     x = _softmax_int64(x)
     if _is_tensor_grid(f):
-        intops._check_exp_grids(0, F)  # F only: f is a tensor
+        intops._check_exp_grids(0, F, m)  # F and m only: f is a tensor
         f = tf.cast(f, tf.int64)
     else:
-        intops._check_exp_grids(f, F)
+        intops._check_exp_grids(f, F, m)
         f = tf.constant(int(f), tf.int64)
-    q_ln2, q_b, q_c = intops.exp_constants(F)
+    q_ln2, q_b, q_c = intops.exp_constants(F, m)
+    h = intops._check_scale(m)
     zero = tf.constant(0, tf.int64)
-    low = -tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(intops.EXP_X_MIN_LOG2 + f, zero))
+    low = -tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(intops.EXP_X_MIN_LOG2 + h + f, zero))
     x = tf.maximum(x, low)
     x = shift_round(x, f - F, intops.EXP_ROUNDING)
     z = tf.math.floordiv(-x, tf.constant(q_ln2, tf.int64))
@@ -86,9 +87,10 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = intops.EXP_F) -> tf.Tenso
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
-            F: int = intops.EXP_F) -> tf.Tensor:
-    """Softmax over the last axis on the probability grid 2^-out_bits (intops.softmax): `mask` a
-    bool tensor broadcasting against q (True = may attend) or None; fully masked rows give zeros."""
+            F: int = intops.EXP_F, m: int = 1) -> tf.Tensor:
+    """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (intops.softmax):
+    `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
+    zeros."""
     q = _softmax_int64(q)
     qformat.check_bits_and_rounding(out_bits, rounding)
     if mask is None:
@@ -97,10 +99,10 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
     if mask.dtype != tf.bool:
         raise TypeError(f"the softmax mask is a bool tensor (True = may attend), got {mask.dtype.name}")
     lowest = tf.constant(tf.int64.min, tf.int64)
-    m = tf.reduce_max(tf.where(mask, q, lowest), axis=-1, keepdims=True)
-    x = tf.where(mask, q, m) - m
-    intops._check_softmax_widths(x.shape[-1], out_bits, F)
-    e = tf.where(mask, exp_neg(x, f, F), tf.zeros_like(x))
+    top = tf.reduce_max(tf.where(mask, q, lowest), axis=-1, keepdims=True)
+    x = tf.where(mask, q, top) - top
+    intops._check_softmax_widths(x.shape[-1], out_bits, F, m)
+    e = tf.where(mask, exp_neg(x, f, F, m), tf.zeros_like(x))
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
     shifted = tf.bitwise.left_shift(e, tf.fill(tf.shape(e), tf.constant(out_bits, tf.int64)))
     probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)

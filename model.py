@@ -11,7 +11,6 @@ beam search with a GNMT length penalty.  Outputs end at EOS and are padded with 
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any
 
 import tensorflow as tf
@@ -59,41 +58,49 @@ class Dropout:
 
 class Block(tf.Module):
     """The sublayers of one encoder or decoder block, named by qformat.block_names: attention(s),
-    FFN, LayerNorms `ln1`, `ln2` (, `ln3`), created in that order."""
+    FFN, LayerNorms `ln1`, `ln2` (, `ln3`), created in that order. Each LayerNorm normalizes
+    x + branch(x), x on the grid of `skip` (the block's input site, then the previous norm's
+    output; integer-only), branch W^O or dense2; `output_site` is the last norm's."""
 
-    def __init__(self, side: str, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
+    def __init__(self, side: str, index: int, hp: Any, sites: SiteFactory, drop: Dropout,
+                 input_site: Site | None):
         names = qformat.block_names(side, index)
         super().__init__(name=qformat.block(side, index).rsplit("/", 1)[-1])
         self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
         if names.cross_attention:
             self.cross_attention = MultiHeadAttention(names.cross_attention, hp.d_model, hp.num_heads, sites)
         self.ffn = FeedForward(names.ffn, hp.d_model, hp.d_ff, sites)
-        for name in names.norms:
-            setattr(self, name.rsplit("/", 1)[-1], LayerNorm(name, hp.d_model))
+        attentions = [self.self_attention] + ([self.cross_attention] if names.cross_attention else [])
+        skip = input_site
+        for name, branch in zip(names.norms, [a.wo for a in attentions] + [self.ffn.dense2]):
+            norm = sites.layer_norm(name, hp.d_model, skip, branch)
+            setattr(self, name.rsplit("/", 1)[-1], norm)
+            skip = norm.output_site
+        self.output_site = skip
         self.dropout = drop
 
 
 class EncoderBlock(Block):
-    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
-        super().__init__("encoder", index, hp, sites, drop)
+    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout, input_site: Site | None):
+        super().__init__("encoder", index, hp, sites, drop, input_site)
 
     def __call__(self, x: tf.Tensor, bias: tf.Tensor, training: bool) -> tf.Tensor:
-        x = self.ln1(x + self.dropout(self.self_attention(x, x, bias), training))
-        return self.ln2(x + self.dropout(self.ffn(x), training))
+        x = self.ln1.add_norm(x, self.dropout(self.self_attention(x, x, bias), training))
+        return self.ln2.add_norm(x, self.dropout(self.ffn(x), training))
 
 
 class DecoderBlock(Block):
-    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout):
-        super().__init__("decoder", index, hp, sites, drop)
+    def __init__(self, index: int, hp: Any, sites: SiteFactory, drop: Dropout, input_site: Site | None):
+        super().__init__("decoder", index, hp, sites, drop, input_site)
 
     def __call__(self, y: tf.Tensor, self_kv: tuple[tf.Tensor, tf.Tensor], self_bias: tf.Tensor,
                  cross_kv: tuple[tf.Tensor, tf.Tensor], src_bias: tf.Tensor, training: bool) -> tf.Tensor:
         """One block, given the projected self-attention keys/values (whole prefix or cache)."""
         a = self.self_attention.attend(y, *self_kv, self_bias)
-        y = self.ln1(y + self.dropout(a, training))
+        y = self.ln1.add_norm(y, self.dropout(a, training))
         a = self.cross_attention.attend(y, *cross_kv, src_bias)
-        y = self.ln2(y + self.dropout(a, training))
-        return self.ln3(y + self.dropout(self.ffn(y), training))
+        y = self.ln2.add_norm(y, self.dropout(a, training))
+        return self.ln3.add_norm(y, self.dropout(self.ffn(y), training))
 
 
 class Transformer(tf.Module):
@@ -113,23 +120,31 @@ class Transformer(tf.Module):
         self.embedding = tf.Variable(
             tf.random.normal([vocab_size, hp.d_model], stddev=hp.d_model**-0.5), name="embedding")
         self.embedding_site = sites.site(qformat.EMBEDDING, "weight")
-        self.encoder = [EncoderBlock(i, hp, sites, self.dropout) for i in range(hp.num_blocks)]
-        self.decoder = [DecoderBlock(i, hp, sites, self.dropout) for i in range(hp.num_blocks)]
+        self.embedding_sum = sites.embedding_sum(hp.d_model)
+        self.encoder, self.decoder = [], []
+        for blocks, block_class in ((self.encoder, EncoderBlock), (self.decoder, DecoderBlock)):
+            skip = self.embedding_sum.site
+            for i in range(hp.num_blocks):
+                blocks.append(block_class(i, hp, sites, self.dropout, skip))
+                skip = blocks[-1].output_site
         self.output_site = sites.site(qformat.OUTPUT_INPUT, "activation")
         set_untracked(self, "beam_fns", {})  # compiled beam searches, not checkpoint content
 
     def weight_sites(self) -> list[tuple[Site, tf.Variable]]:
-        """(site, weight) for every quantized weight: each dense W and the embedding table."""
+        """(site, weight) for every quantized weight: each dense W, the embedding table and (integer-
+        only) each LayerNorm's gamma."""
         pairs = [(self.embedding_site, self.embedding)]
         pairs += [(m.w_site, m.w) for m in self.submodules if isinstance(m, Dense)]
+        pairs += [(m.gamma_site, m.gamma) for m in self.submodules
+                  if isinstance(m, LayerNorm) and m.gamma_site is not None]
         return pairs
 
     # ----------------------------------------------------------------------------- forward
     def embed(self, ids: tf.Tensor, table: tf.Tensor, offset: tf.Tensor | int = 0) -> tf.Tensor:
-        """x = Q(E)[ids] * sqrt(d) + PE[offset : offset + L]."""
+        """x = Q(E)[ids] * sqrt(d) + PE[offset : offset + L] (modules.EmbeddingSum)."""
         length = tf.shape(ids)[1]
         pe = positional_encoding(offset + length, self.d_model)[offset:]
-        return tf.gather(table, ids) * math.sqrt(self.d_model) + pe
+        return self.embedding_sum(tf.gather(table, ids), pe)
 
     def logits(self, y: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
         """logits = Q(y) Q(E)^T."""
@@ -300,19 +315,25 @@ class Transformer(tf.Module):
         return tf.gather(seqs, best, batch_dims=1)
 
 
+def _paths(model: Transformer) -> list[tuple[str, tf.Variable]]:
+    """(key, variable) for every path to a variable, keyed as in a tf.train.Checkpoint(model=...)
+    file (a variable reachable by several paths is saved under one of them)."""
+    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
+    return [("model/" + "/".join(map(str, path)) + "/.ATTRIBUTES/VARIABLE_VALUE", v) for path, v in flat]
+
+
 def weights_by_path(model: Transformer) -> dict[str, tf.Variable]:
     """Every weight (not threshold) variable keyed as in a tf.train.Checkpoint(model=...) file."""
-    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
-    keys = {"model/" + "/".join(map(str, path)) + "/.ATTRIBUTES/VARIABLE_VALUE": v for path, v in flat}
-    return {k: v for k, v in keys.items() if "log2_t" not in k}
+    return {k: v for k, v in _paths(model) if "log2_t" not in k}
 
 
-def load_weights(model: Transformer, path: str) -> bool:
+def load_weights(model: Transformer, path: str) -> list[str]:
     """Restore `model` from checkpoint `path`, quantized or not.
 
     Every weight must be there with its shape (ValueError otherwise). Thresholds (log2_t) are
-    restored when the checkpoint has them; returns whether it had any, so a float checkpoint
-    loaded into a quantized model says that it still needs calibration.
+    restored where the checkpoint has them; returns the names of the sites whose thresholds it
+    lacks (all of them for a float checkpoint, the new ones for a matmul-only parent of an
+    integer-only model): those still need calibration.
     """
     try:
         shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
@@ -329,4 +350,6 @@ def load_weights(model: Transformer, path: str) -> bool:
     except (ValueError, tf.errors.OpError) as e:
         raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]})"
                          ) from None
-    return any("log2_t" in key for key in shapes)
+    saved = {v.ref() for k, v in _paths(model) if "log2_t" in k and k in shapes}
+    return [name for name, site in model.sites.sites.items()
+            if isinstance(getattr(site, "log2_t", None), tf.Variable) and site.log2_t.ref() not in saved]

@@ -31,6 +31,28 @@ class SiteFactory(Protocol):
 
     def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor: ...
 
+    # the layers between matmuls: float (FloatLayers) or integer-only (intlayers.IntegerOnlySites)
+    def embedding_sum(self, d_model: int): ...
+
+    def layer_norm(self, name: str, d: int, skip: Site | None, branch: Dense): ...
+
+    def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site): ...
+
+
+class FloatLayers:
+    """The float layers between the matmuls (the float model and matmul-only quantization): `skip`
+    (the site whose grid the residual input is on) and `branch` (the Dense whose output is added)
+    matter to the integer-only LayerNorm only."""
+
+    def embedding_sum(self, d_model: int) -> EmbeddingSum:
+        return EmbeddingSum(d_model)
+
+    def layer_norm(self, name: str, d: int, skip: Site | None, branch: Dense) -> LayerNorm:
+        return LayerNorm(name, d)
+
+    def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site) -> Softmax:
+        return Softmax(d_k)
+
 
 class Identity:
     """The float model's matmul-input hook: returns its input unchanged (no graph op)."""
@@ -43,8 +65,8 @@ class Identity:
         return x
 
 
-class FloatSites:
-    """Site factory of the float model: identity hooks, float bias."""
+class FloatSites(FloatLayers):
+    """Site factory of the float model: identity hooks, float bias, float layers."""
 
     def __init__(self) -> None:
         self.sites: dict[str, Identity] = {}
@@ -111,6 +133,9 @@ class LayerNorm(tf.Module):
     """LN(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (float, computed in
     float64 and rounded to float32: see in_float64)."""
 
+    gamma_site: Site | None = None  # the integer-only LayerNorm's sites (intlayers.IntLayerNorm)
+    output_site: Site | None = None
+
     def __init__(self, name: str, d: int, eps: float = 1e-6):
         super().__init__(name=name.rsplit("/", 1)[-1])
         self.path = name  # the full name, `encoder/block_1/ln1` (qformat.block_names)
@@ -125,6 +150,32 @@ class LayerNorm(tf.Module):
             return gamma * (x - mean) * tf.math.rsqrt(var + self.eps) + beta
 
         return in_float64(norm, x)
+
+    def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        """LN(x + a): the residual add and the norm after it."""
+        return self(x + a)
+
+
+class EmbeddingSum:
+    """x_0 = Q(E)[ids] * sqrt(d) + PE (float); `site` is the integer-only model's grid of x_0."""
+
+    site: Site | None = None
+
+    def __init__(self, d_model: int):
+        self.d_model = d_model
+
+    def __call__(self, rows: tf.Tensor, pe: tf.Tensor) -> tf.Tensor:
+        return rows * math.sqrt(self.d_model) + pe
+
+
+class Softmax:
+    """softmax(logits / sqrt(d_k) + bias) over the last axis (float64, rounded: in_float64)."""
+
+    def __init__(self, d_k: int):
+        self.d_k = d_k
+
+    def __call__(self, logits: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+        return in_float64(tf.nn.softmax, logits * (1.0 / math.sqrt(self.d_k)) + bias)
 
 
 def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
@@ -171,6 +222,7 @@ class MultiHeadAttention(tf.Module):
         self.k_site = sites.site(names.key, "activation")
         self.p_site = sites.site(names.probs, "probability")
         self.v_site = sites.site(names.value, "activation")
+        self.softmax = sites.softmax(self.d_k, self.q_site, self.k_site, self.p_site)
 
     def split_heads(self, x: tf.Tensor) -> tf.Tensor:
         """[B, L, d_model] -> [B, h, L, d_k]."""
@@ -185,7 +237,7 @@ class MultiHeadAttention(tf.Module):
         """Attention of queries from x over already-projected heads k, v."""
         q = self.split_heads(self.wq(x))
         logits = tf.matmul(self.q_site(q), self.k_site(k), transpose_b=True)
-        probs = in_float64(tf.nn.softmax, logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        probs = self.softmax(logits, bias)
         heads = tf.matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
         b, lq = tf.shape(heads)[0], tf.shape(heads)[2]
         concat = tf.reshape(tf.transpose(heads, [0, 2, 1, 3]), [b, lq, self.h * self.d_k])

@@ -152,6 +152,7 @@ class Grid:
 
 EMBEDDING = "embedding/weight"  # the shared table: embedding lookup and output projection
 OUTPUT_INPUT = "decoder/output_input"  # the decoder output before the projection
+EMBEDDING_SUM = "embedding_sum"  # integer-only: E[ids] sqrt(d) + PE, both sides (residual grid)
 OUTPUT_PROJECTION = "decoder/output_projection"  # the matmul Q(y) Q(E)^T
 
 
@@ -240,18 +241,18 @@ def layer_norm(prefix: str) -> LayerNormNames:
     return LayerNormNames(f"{prefix}/input", f"{prefix}/gamma", f"{prefix}/beta", f"{prefix}/output")
 
 
-def embedding_sum(side: str) -> str:
-    """The site of `E[ids] sqrt(d) + PE` on one side, in integer-only mode."""
-    return f"{side}/embedding_sum"
-
-
-def matmul_of(site: str) -> str:
+def matmul_of(site: str) -> str | None:
     """The matmul a site feeds: `<dense>/input|weight` -> `<dense>`; Q, K -> `<attn>/scores`;
     P, V -> `<attn>/context`; the decoder output and the embedding table -> OUTPUT_PROJECTION
-    (the table also feeds the embedding lookup)."""
+    (the table also feeds the embedding lookup). None for the integer-only sites of the embedding
+    sum and the LayerNorms, which feed no matmul."""
     if site in (EMBEDDING, OUTPUT_INPUT):
         return OUTPUT_PROJECTION
+    if site == EMBEDDING_SUM:
+        return None
     prefix, leaf = site.rsplit("/", 1)
+    if prefix.rsplit("/", 1)[-1].startswith("ln"):
+        return None
     return f"{prefix}/{_ATTENTION_MATMUL[leaf]}" if leaf in _ATTENTION_MATMUL else prefix
 
 
@@ -259,7 +260,7 @@ def matmul_of(site: str) -> str:
 # The export format
 # --------------------------------------------------------------------------------------------
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST, NPZ, SPM, MEM_DIR = "manifest.json", "model.npz", "spm.model", "mem"
 GRID_FIELDS = (".bits", ".signed", ".f")  # model.npz keys <site>.bits etc. describe a grid
 

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 import qformat
+from modules import FloatLayers
 
 LN2 = math.log(2.0)
 # Roundings that TF's QuantizeAndDequantizeV4 kernel implements (docs/tqt.md, "The fused path");
@@ -348,17 +349,19 @@ class QuantConfig:
             residual_bits=residual_bits,
         )
 
-    def bits_for(self, site_name: str, role: str) -> int:
+    def bits_for(self, site_name: str, role: str, default: int | None = None) -> int:
+        """The role's width (or `default`), then the overrides."""
         widths = {"weight": self.wbits, "residual": self.residual_bits}
-        bits = widths.get(role, self.abits)
+        bits = default or widths.get(role, self.abits)
         for pattern, override in self.overrides:
             if fnmatch.fnmatchcase(site_name, pattern):
                 bits = override
         return bits
 
 
-class TQTSites(tf.Module):
-    """Creates the model's quantization sites (the quantized counterpart of FloatSites).
+class TQTSites(FloatLayers, tf.Module):
+    """Creates the model's quantization sites (the quantized counterpart of FloatSites); the
+    layers between matmuls stay float (intlayers.IntegerOnlySites makes them integer).
 
     A tf.Module, so `trainable_variables` lists every log2_t and a tf.train.Checkpoint of it
     saves them.
@@ -369,15 +372,16 @@ class TQTSites(tf.Module):
         self.config = config
         self.sites: dict[str, QuantSite] = {}
 
-    def site(self, name: str, role: str, channels: int | None = None) -> QuantSite:
-        """A new site for `name` (each name once: the model reuses the returned object)."""
+    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None) -> QuantSite:
+        """A new site for `name` (each name once: the model reuses the returned object); `bits`
+        replaces the role's width (overrides still apply)."""
         if name in self.sites:
             raise ValueError(f"quant site {name!r} created twice")
         per_channel = self.config.per_channel and role == "weight"
         site = QuantSite(
             name,
             role,
-            num_bits=self.config.bits_for(name, role),
+            num_bits=self.config.bits_for(name, role, bits),
             rounding=self.config.rounding,
             channels=channels if per_channel else None,
         )

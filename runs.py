@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data_load
 import hparams
+import intlayers
 import qformat
 import quant
 from model import Transformer, load_weights
@@ -51,15 +52,17 @@ def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
 
 
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:
-    """The site factory for the quantization flags: quant.TQTSites, or modules.FloatSites
-    (identity hooks) for --quant none."""
+    """The site factory for the quantization flags: quant.TQTSites (intlayers.IntegerOnlySites
+    with --integer_only), or modules.FloatSites (identity hooks) for --quant none."""
     config = quant_config(hp)
-    return FloatSites() if config is None else quant.TQTSites(config)
+    if config is None:
+        return FloatSites()
+    return intlayers.IntegerOnlySites(config) if config.integer_only else quant.TQTSites(config)
 
 
-def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, bool]:
+def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, list[str]]:
     """The model of <logdir> (quantized per hp), its SentencePiece model, the checkpoint path, and
-    whether the checkpoint carried thresholds (False: a float checkpoint that PTQ must calibrate)."""
+    the sites whose thresholds the checkpoint lacked (model.load_weights: PTQ calibrates them)."""
     spm_file = spm_path(hp.logdir)
     if not os.path.exists(spm_file):
         raise FileNotFoundError(f"{spm_file} not found: is --logdir a train.py log directory?")
@@ -74,14 +77,14 @@ def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePiecePr
 def load_quantized(logdir: str, checkpoint: str | None = None
                    ) -> tuple[Transformer, argparse.Namespace, str]:
     """The model of a quantized train.py logdir with its hparams, the checkpoint restored; also
-    its SentencePiece model path. A checkpoint without thresholds (a float run) is a ValueError:
-    its grids would be uncalibrated."""
+    its SentencePiece model path. A checkpoint without every site's threshold (a float run, or a
+    matmul-only run read as integer-only) is a ValueError: those grids would be uncalibrated."""
     argv = ["--logdir", logdir] + (["--checkpoint", checkpoint] if checkpoint else [])
     hp = restore_hparams(hparams.eval_parser(), argv)
-    model, _, path, has_thresholds = load_model(hp)
-    if isinstance(model.sites, quant.TQTSites) and not has_thresholds:
-        raise ValueError(f"checkpoint {path} has no quantization thresholds (a float checkpoint): "
-                         "calibrate or fine-tune it with --quant first")
+    model, _, path, missing = load_model(hp)
+    if missing:
+        raise ValueError(f"checkpoint {path} has no thresholds for {len(missing)} sites (e.g. "
+                         f"{missing[0]}): calibrate or fine-tune it with --quant first")
     return model, hp, spm_path(logdir)
 
 

@@ -102,7 +102,8 @@ class Optimizers(tf.Module):
 
     def __init__(self, model: Transformer, hp: argparse.Namespace):
         super().__init__(name="optimizers")
-        sites = [s for s in model.sites.sites.values() if isinstance(s, quant.QuantSite)]
+        sites = [s for s in model.sites.sites.values()  # fixed thresholds (intlayers.FixedSite) aside
+                 if isinstance(s, quant.QuantSite) and isinstance(s.log2_t, tf.Variable)]
         thresholds = {s.log2_t.ref() for s in sites}
         set_untracked(self, "sites", sites)
         set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
@@ -197,14 +198,17 @@ def log_thresholds(sites: list, writer, step: int) -> None:
             tf.summary.scalar(f"frac_bits/{site.site_name}", float(np.mean(site.frac_bits())), step=step)
 
 
-def calibrate(model: Transformer, sites: list, batches: list, hp: argparse.Namespace) -> None:
-    """Calibrate every threshold and record the fractional bits it gave (calibration.json)."""
+def calibrate(model: Transformer, sites: list, batches: list, hp: argparse.Namespace,
+              names: list[str]) -> None:
+    """Calibrate the thresholds of the named sites (those the parent checkpoint lacked: all of
+    a float parent's) and record every site's fractional bits (calibration.json)."""
     t0 = time.time()
-    calibration.calibrate(model, batches[: hp.calib_batches], hp.calib, hp.weight_init)
+    calibration.calibrate(model, batches[: hp.calib_batches], hp.calib, hp.weight_init, names)
     hparams.write_json(os.path.join(hp.logdir, "calibration.json"),
                        {s.site_name: s.frac_bits().tolist() for s in sites})
-    print(f"calibrated {len(sites)} sites ({hp.calib} on {min(hp.calib_batches, len(batches))} "
-          f"batches, weights by {hp.weight_init}) in {time.time() - t0:.1f} s")
+    print(f"calibrated {len(names)} of {len(sites)} sites ({hp.calib} on "
+          f"{min(hp.calib_batches, len(batches))} batches, weights by {hp.weight_init}) in "
+          f"{time.time() - t0:.1f} s")
 
 
 def site_table(sites, clip_fractions: dict[str, float] | None = None) -> str:
@@ -266,12 +270,12 @@ def main(argv: list[str]) -> None:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         print(f"resumed from {manager.latest_checkpoint} (step {int(opt.adam.t)}, epoch {int(epoch) + 1})")
     else:
-        has_thresholds = load_weights(model, parent_ckpt) if parent_ckpt else False
+        missing = load_weights(model, parent_ckpt) if parent_ckpt else [s.site_name for s in sites]
         if parent_ckpt:
             print(f"initialized from {parent_ckpt}")
-        if sites and not has_thresholds:
+        if missing:
             calibrate(model, sites, data_load.train_batches(train_src, train_tgt, hp.batch_tokens,
-                                                            hp.seed, 0), hp)
+                                                            hp.seed, 0), hp, missing)
     writer = tf.summary.create_file_writer(hp.logdir)
     start = time.time()
 

@@ -151,7 +151,7 @@ def test_export_round_trip(exported):
     assert {row["name"] for row in manifest["sites"]} == set(model.sites.sites)
     assert manifest["hparams"]["wbits"] == hp.wbits and manifest["model"]["rounding"] == hp.rounding
     # format 2: the rounding lives in the engine's config only, and every export is quantized
-    assert manifest["format_version"] == qformat.FORMAT_VERSION == 2
+    assert manifest["format_version"] == qformat.FORMAT_VERSION == 3
     assert "rounding" not in manifest and "quantized" not in manifest
     assert json.load(open(os.path.join(out, "manifest.json"))) == manifest
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
@@ -349,7 +349,7 @@ def test_corrupt_npz_with_matching_checksum(export_copy, members, message):
 def test_unknown_format_version(export_copy):
     _edit_manifest(export_copy, format_version=99)
     with pytest.raises(qformat.ExportError, match=r"manifest.json: export format version 99, but this "
-                                                  r"code reads version 2: re-export it with export.py$"):
+                                                  r"code reads version 3: re-export it with export.py$"):
         intmodel.IntTransformer.load(export_copy)
 
 
@@ -370,7 +370,7 @@ def test_format_version_1_export_is_refused_with_a_re_export_hint(export_copy):
     with pytest.raises(qformat.ExportError) as error:
         intmodel.IntTransformer.load(export_copy)
     message = str(error.value)
-    assert message == (f"{manifest_path}: export format version 1, but this code reads version 2: "
+    assert message == (f"{manifest_path}: export format version 1, but this code reads version 3: "
                        "re-export it with export.py")
     with pytest.raises(qformat.ExportError, match="re-export"):
         qformat.read_manifest(export_copy)

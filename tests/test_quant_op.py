@@ -565,8 +565,8 @@ def test_integer_only_config_widths_and_the_residual_role():
     assert config.bits_for(names.input, "residual") == 14
     assert config.bits_for(names.gamma, "weight") == 8
     assert config.bits_for("encoder/block_1/ln2/input", "residual") == 12  # overrides still win
-    assert config.bits_for(qformat.embedding_sum("decoder"), "residual") == 14
-    assert qformat.embedding_sum("decoder") == "decoder/embedding_sum"
+    assert config.bits_for(qformat.EMBEDDING_SUM, "residual") == 14
+    assert config.bits_for(names.gamma, "weight", default=14) == 14
     assert quant.QuantSite(names.input, "residual", 14).signed
     with pytest.raises(ValueError, match="--integer_only needs a --quant preset"):
         quant.QuantConfig.from_flags("none", integer_only=True)

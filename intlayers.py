@@ -1,0 +1,254 @@
+"""The integer-only layers for training (--integer_only): the TF graph computes the integers the
+accelerator will (`intops_tf`, twins of `intops.py`), with float surrogate gradients.
+
+Between the matmuls, every tensor is an integer on a power-of-two grid (docs/integer_only.md):
+
+    embedding sum   x_0 = clip(L[ids] + P[pos])          L = R(Q(E) sqrt(d)), P = R(PE) on its grid
+    residual add    r   = clip(R((x << .) + (a << .)))   exact on the finer grid, one shift down
+    LayerNorm       y   = intops.layer_norm(r, gamma_q, beta_q, eps_q)   onto the output site
+    softmax         P   = intops.softmax(scores, mask)   1/sqrt(d_k) folded into exp's constants
+
+Each layer computes its result twice: the integers (the forward value) and the float op through
+the same TQT sites (the gradient). `exact_forward` joins them, so training sees exactly the
+integer model and its gradients are the float model's ("surrogate" straight-through):
+
+    y = stop_gradient(integers * 2^-f) + (y_float - stop_gradient(y_float))
+
+While sites observe (calibration) the layers run the float op only, as the float model does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import tensorflow as tf
+
+import intops
+import intops_tf
+import qformat
+import quant
+from modules import Dense, LayerNorm, Site, set_untracked
+
+# --------------------------------------------------------------------------------------------
+# Integers <-> grid values
+# --------------------------------------------------------------------------------------------
+
+
+def _pow2(f: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
+    return tf.pow(tf.constant(2.0, dtype), tf.cast(f, dtype))
+
+
+def to_int(v: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+    """q = v * 2^f as int64: exact for a value on grid f (v = q 2^-f); values off the grid (only
+    while training, after dropout) are rounded to it."""
+    return tf.cast(tf.round(tf.cast(v, tf.float64) * _pow2(f, tf.float64)), tf.int64)
+
+
+def from_int(q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+    """q 2^-f as float32: exact for |q| < 2^24 (every integer-only tensor: at most 16 bits)."""
+    return tf.cast(q, tf.float32) * _pow2(-tf.cast(f, tf.float32))
+
+
+def exact_forward(y_float: tf.Tensor, q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+    """The value q 2^-f with the gradient of y_float. Not y_float + stop_gradient(q 2^-f - y_float):
+    that float sum need not round back to q 2^-f; y - stop_gradient(y) is exactly 0."""
+    return tf.stop_gradient(from_int(q, f)) + (y_float - tf.stop_gradient(y_float))
+
+
+def site_f(site: quant.QuantSite) -> tf.Tensor:
+    """The site's fractional bits f as an int64 tensor (follows its trainable log2_t)."""
+    return tf.cast(site.frac_bits_tensor(), tf.int64)
+
+
+def site_integers(site: quant.QuantSite, x: tf.Tensor) -> tf.Tensor:
+    """clip(R(x 2^f)) on the site's grid, int64, by the site's own op (without observing or
+    recording: for constants folded onto a site's grid)."""
+    y = quant.tqt_fake_quant(x, site.log2_t, site.num_bits, site.signed, site.rounding)
+    return to_int(y, site_f(site))
+
+
+def clip_to(q: tf.Tensor, site: quant.QuantSite) -> tf.Tensor:
+    n, p = qformat.integer_range(site.num_bits, site.signed)
+    return tf.clip_by_value(q, tf.constant(n, tf.int64), tf.constant(p, tf.int64))
+
+
+def _observing(*sites: quant.QuantSite) -> bool:
+    return any(s.observer is not None for s in sites)
+
+
+class FixedSite(quant.QuantSite):
+    """A site with a constant threshold: the softmax probabilities, threshold 1 (log2_t = 0), the
+    grid 2^-b that the integer softmax writes. Nothing to train, calibrate or restore."""
+
+    def __init__(self, name: str, role: str, num_bits: int, rounding: str):
+        super().__init__(name, role, num_bits, rounding)
+        self.log2_t = tf.constant(0.0, tf.float32)
+
+    def set_log2_t(self, log2_t) -> None:
+        if np.any(np.asarray(log2_t) != 0.0):
+            raise ValueError(f"site {self.site_name!r}: the threshold is fixed at 1 (log2_t = 0)")
+
+
+# --------------------------------------------------------------------------------------------
+# The layers
+# --------------------------------------------------------------------------------------------
+
+
+class IntEmbeddingSum(tf.Module):
+    """x_0 = clip(L[ids] + P[pos]) on the `embedding_sum` site: L = R(Q(E) sqrt(d)) is the lookup
+    table with sqrt(d_model) folded in, P = R(PE) the position table, both on the site's grid;
+    their sum is an integer add and a clip (no shift: one grid)."""
+
+    def __init__(self, d_model: int, sites: quant.TQTSites):
+        super().__init__(name="embedding_sum")
+        self.d_model = d_model
+        self.site = sites.site(qformat.EMBEDDING_SUM, "residual")
+        set_untracked(self, "recorder", sites)
+
+    def lookup_integers(self, rows: tf.Tensor) -> tf.Tensor:
+        """L for rows of Q(E) (the whole table at export)."""
+        return site_integers(self.site, rows * math.sqrt(self.d_model))
+
+    def position_integers(self, pe: tf.Tensor) -> tf.Tensor:
+        """P for rows of the sinusoidal table (modules.positional_encoding)."""
+        return site_integers(self.site, pe)
+
+    def __call__(self, rows: tf.Tensor, pe: tf.Tensor) -> tf.Tensor:
+        y = self.site(rows * math.sqrt(self.d_model) + pe)
+        if _observing(self.site):
+            return y
+        q = clip_to(self.lookup_integers(rows) + self.position_integers(pe), self.site)
+        self.recorder.record(self.site.site_name, q)
+        return exact_forward(y, q, site_f(self.site))
+
+
+class IntLayerNorm(LayerNorm):
+    """LN(x + a) in integers. The residual add: x on the grid of `skip` (the previous LayerNorm's
+    output or the embedding sum), a = the `branch` Dense's accumulator on f_x + f_w (W^O or
+    dense2, bias included); both shifted exactly onto the finer grid g, added, and requantized
+    onto the `input` site: r = clip(R((x << (g - f_x)) + (a << (g - f_a)) >> (g - f_r))). Then
+    intops.layer_norm with gamma on its own site (weight, --residual_bits), beta on the product
+    grid f_gamma + F, eps_q = R(eps 2^(2 f_r)), the result on the `output` site."""
+
+    def __init__(self, name: str, d: int, sites: quant.TQTSites, skip: Site, branch: Dense,
+                 eps: float = 1e-6):
+        super().__init__(name, d, eps)
+        names = qformat.layer_norm(name)
+        bits = sites.config.residual_bits
+        self.input_site = sites.site(names.input, "residual")
+        self.gamma_site = sites.site(names.gamma, "weight", bits=bits)
+        self.output_site = sites.site(names.output, "residual")
+        set_untracked(self, "skip", skip)  # other modules' sites: not this module's variables
+        set_untracked(self, "branch", branch)
+        set_untracked(self, "recorder", sites)
+
+    def branch_f(self) -> tf.Tensor:
+        """The grid of the branch accumulator: f_x + f_w (a vector for per-channel weights)."""
+        return site_f(self.branch.x_site) + site_f(self.branch.w_site)
+
+    def gamma_integers(self) -> tf.Tensor:
+        return site_integers(self.gamma_site, self.gamma)
+
+    def beta_integers(self) -> tf.Tensor:
+        """beta_q = clip(round_half_even(beta 2^(f_gamma + F)), |.| < 2^48): like a bias on the
+        accumulator grid of gamma_q n (float64: every float32 beta scales exactly)."""
+        f = site_f(self.gamma_site) + intops.LN_F
+        q = to_int(self.beta, f)
+        top = tf.constant(intops.LN_MAX_ABS_BETA - 1, tf.int64)
+        return tf.clip_by_value(q, -top, top)
+
+    def eps_integer(self) -> tf.Tensor:
+        """eps_q = round_half_even(eps 2^(2 f_r)) (intops.layer_norm_eps_q)."""
+        return to_int(tf.constant(self.eps, tf.float64), 2 * site_f(self.input_site))
+
+    def residual_integers(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        f_x, f_a, f_r = site_f(self.skip), self.branch_f(), site_f(self.input_site)
+        g = tf.maximum(f_x, f_a)
+        total = (intops_tf.shift_round(to_int(x, f_x), f_x - g, "floor")
+                 + intops_tf.shift_round(to_int(a, f_a), f_a - g, "floor"))  # left shifts: exact
+        return clip_to(intops_tf.shift_round(total, g - f_r, self.input_site.rounding), self.input_site)
+
+    def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        sites = (self.input_site, self.gamma_site, self.output_site)
+        r = self.input_site(x + a)
+        if not _observing(*sites):
+            r_q = self.residual_integers(x, a)
+            r = exact_forward(r, r_q, site_f(self.input_site))
+        gamma = self.gamma_site(self.gamma)
+        f_beta = tf.cast(site_f(self.gamma_site) + intops.LN_F, tf.float32)
+        beta = from_int(self.beta_integers(), f_beta)
+        beta = self.beta + tf.stop_gradient(beta - self.beta)  # straight-through to beta
+        mean, var = tf.nn.moments(r, axes=[-1], keepdims=True)
+        y = self.output_site(gamma * (r - mean) * tf.math.rsqrt(var + self.eps) + beta)
+        if _observing(*sites):
+            return y
+        out = intops_tf.layer_norm(
+            r_q, self.gamma_integers(), self.beta_integers(), self.eps_integer(),
+            site_f(self.gamma_site), site_f(self.output_site), self.output_site.num_bits,
+            self.output_site.rounding)
+        self.recorder.record(self.input_site.site_name, r_q)
+        self.recorder.record(self.output_site.site_name, out)
+        return exact_forward(y, out, site_f(self.output_site))
+
+
+class IntSoftmax(tf.Module):
+    """softmax(Q K^T / sqrt(d_k) + mask) in integers: the scores are the Q K^T accumulator on
+    f_q + f_k; intops.softmax with m = d_k (1/sqrt(d_k) folded into exp's constants), masked
+    keys by selection (the additive bias only marks them), probabilities on the fixed 2^-b grid
+    of the `probs` site."""
+
+    def __init__(self, d_k: int, q_site: Site, k_site: Site, p_site: FixedSite, recorder: IntegerOnlySites):
+        super().__init__(name="softmax")
+        self.d_k = d_k
+        set_untracked(self, "sites", (q_site, k_site, p_site))
+        set_untracked(self, "recorder", recorder)
+
+    def __call__(self, logits: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+        q_site, k_site, p_site = self.sites
+        y = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        if _observing(q_site, k_site):
+            return y
+        f = site_f(q_site) + site_f(k_site)
+        visible = bias > qformat.NEG_INF / 2
+        probs = intops_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
+                                  m=self.d_k)
+        self.recorder.record(p_site.site_name, probs)
+        return exact_forward(y, probs, site_f(p_site))
+
+
+# --------------------------------------------------------------------------------------------
+# The factory
+# --------------------------------------------------------------------------------------------
+
+
+class IntegerOnlySites(quant.TQTSites):
+    """TQT sites at every matmul input (quant.TQTSites) and the integer-only layers between them.
+
+    `recorded`: None, or a dict that (eagerly) collects every integer-only layer's output by site
+    name, as int64 arrays (TF vs the NumPy engine, site by site)."""
+
+    def __init__(self, config: quant.QuantConfig):
+        super().__init__(config)
+        self.recorded: dict[str, list[np.ndarray]] | None = None
+
+    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None):
+        if role != "probability":
+            return super().site(name, role, channels, bits)
+        if name in self.sites:
+            raise ValueError(f"quant site {name!r} created twice")
+        self.sites[name] = FixedSite(name, role, self.config.bits_for(name, role), self.config.rounding)
+        return self.sites[name]
+
+    def record(self, name: str, q: tf.Tensor) -> None:
+        if self.recorded is not None and tf.executing_eagerly():
+            self.recorded.setdefault(name, []).append(q.numpy())
+
+    def embedding_sum(self, d_model: int) -> IntEmbeddingSum:
+        return IntEmbeddingSum(d_model, self)
+
+    def layer_norm(self, name: str, d: int, skip: Site, branch: Dense) -> IntLayerNorm:
+        return IntLayerNorm(name, d, self, skip, branch)
+
+    def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site) -> IntSoftmax:
+        return IntSoftmax(d_k, q_site, k_site, p_site, self)
