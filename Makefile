@@ -11,6 +11,9 @@ DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size
 	--dropout_rate 0.1 --lr 2e-3 --warmup_steps 300 --batch_tokens 3000 --dev_max_sentences 200
 # quantization-aware fine-tuning of the float demo model (W8A8, thresholds trained by Adam)
 DEMO_QAT := --quant w8a8 --num_epochs 2 --lr 2e-4 --warmup_steps 100 --dev_max_sentences 200
+# integer-only fine-tuning of the W8A8 model (only the new sites are calibrated)
+DEMO_INTONLY := --quant w8a8 --integer_only --num_epochs 1 --lr 1e-4 --warmup_steps 50 \
+	--dev_max_sentences 200
 
 # the integer core: grids, roundings, frac bits, mem files (qformat.py); the TQT op, its fused
 # path and the bias grid (quant.py); the threshold searches (calibration.py); the exact-GEMM
@@ -43,6 +46,12 @@ demo: $(STAMP)
 		--summary $(DEMO)/summary.json --summary_key qat_w8a8
 	$(BIN)/python eval.py --engine int --export $(DEMO)/export_w8a8 \
 		--agree_with $(DEMO)/w8a8/test_hyp_tf.txt --summary $(DEMO)/summary.json --summary_key int_w8a8
+	$(BIN)/python train.py --logdir $(DEMO)/intonly_w8a8 --init_from $(DEMO)/w8a8 $(DEMO_INTONLY)
+	$(BIN)/python eval.py --logdir $(DEMO)/intonly_w8a8 --export_to $(DEMO)/export_intonly_w8a8 \
+		--summary $(DEMO)/summary.json --summary_key qat_intonly_w8a8
+	$(BIN)/python eval.py --engine int --export $(DEMO)/export_intonly_w8a8 \
+		--agree_with $(DEMO)/intonly_w8a8/test_hyp_tf.txt --summary $(DEMO)/summary.json \
+		--summary_key intonly_w8a8
 	$(BIN)/python scripts/summary_table.py $(DEMO)/summary.json
 
 test: $(STAMP)

@@ -43,7 +43,7 @@ def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], 
     if stats:
         widest = max(stats.items(), key=lambda kv: kv[1]["bits"])
         print(f"widest accumulator: {widest[1]['bits']} bits at {widest[0]} "
-              f"({len(stats)} matmuls)")
+              f"({len(stats)} matmuls and reductions)")
     if hp.dump_vectors:
         if not hp.out:
             raise ValueError("--dump_vectors needs --out DIR")

@@ -100,6 +100,8 @@ class IntEmbeddingSum(tf.Module):
     table with sqrt(d_model) folded in, P = R(PE) the position table, both on the site's grid;
     their sum is an integer add and a clip (no shift: one grid)."""
 
+    _TF_MODULE_IGNORED_PROPERTIES = tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"recorder"}
+
     def __init__(self, d_model: int, sites: quant.TQTSites):
         super().__init__(name="embedding_sum")
         self.d_model = d_model
@@ -131,6 +133,9 @@ class IntLayerNorm(LayerNorm):
     intops.layer_norm with gamma on its own site (weight, --residual_bits), beta on the product
     grid f_gamma + F, eps_q = R(eps 2^(2 f_r)), the result on the `output` site."""
 
+    # other modules' sites and layer: neither checkpointed nor walked (tf.Module._flatten) here
+    _TF_MODULE_IGNORED_PROPERTIES = LayerNorm._TF_MODULE_IGNORED_PROPERTIES | {"skip", "branch", "recorder"}
+
     def __init__(self, name: str, d: int, sites: quant.TQTSites, skip: Site, branch: Dense,
                  eps: float = 1e-6):
         super().__init__(name, d, eps)
@@ -139,7 +144,7 @@ class IntLayerNorm(LayerNorm):
         self.input_site = sites.site(names.input, "residual")
         self.gamma_site = sites.site(names.gamma, "weight", bits=bits)
         self.output_site = sites.site(names.output, "residual")
-        set_untracked(self, "skip", skip)  # other modules' sites: not this module's variables
+        set_untracked(self, "skip", skip)
         set_untracked(self, "branch", branch)
         set_untracked(self, "recorder", sites)
 
@@ -197,6 +202,8 @@ class IntSoftmax(tf.Module):
     f_q + f_k; intops.softmax with m = d_k (1/sqrt(d_k) folded into exp's constants), masked
     keys by selection (the additive bias only marks them), probabilities on the fixed 2^-b grid
     of the `probs` site."""
+
+    _TF_MODULE_IGNORED_PROPERTIES = tf.Module._TF_MODULE_IGNORED_PROPERTIES | {"sites", "recorder"}
 
     def __init__(self, d_k: int, q_site: Site, k_site: Site, p_site: FixedSite, recorder: IntegerOnlySites):
         super().__init__(name="softmax")

@@ -621,7 +621,7 @@ class IntOnlyTransformer(IntTransformer):
                                 self.max_positions * intops.exp_max(intops.EXP_F, self.d_k))
         self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
         probs = intops.normalize(exps, probs_grid.bits, self.rounding)
-        probs = self.emit(names.probs, "softmax", probs, scores=scores)
+        probs = self.emit(names.probs, "softmax", probs, scores=scores, visible=mask)
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
         b, _, lq, _ = heads.shape
         concat = heads.transpose(0, 2, 1, 3).reshape(b, lq, -1)

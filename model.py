@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
+import numpy as np
 import tensorflow as tf
 
 import qformat
@@ -315,16 +316,11 @@ class Transformer(tf.Module):
         return tf.gather(seqs, best, batch_dims=1)
 
 
-def _paths(model: Transformer) -> list[tuple[str, tf.Variable]]:
-    """(key, variable) for every path to a variable, keyed as in a tf.train.Checkpoint(model=...)
-    file (a variable reachable by several paths is saved under one of them)."""
-    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
-    return [("model/" + "/".join(map(str, path)) + "/.ATTRIBUTES/VARIABLE_VALUE", v) for path, v in flat]
-
-
 def weights_by_path(model: Transformer) -> dict[str, tf.Variable]:
     """Every weight (not threshold) variable keyed as in a tf.train.Checkpoint(model=...) file."""
-    return {k: v for k, v in _paths(model) if "log2_t" not in k}
+    flat = model._flatten(predicate=lambda v: isinstance(v, tf.Variable), with_path=True)
+    keys = {"model/" + "/".join(map(str, path)) + "/.ATTRIBUTES/VARIABLE_VALUE": v for path, v in flat}
+    return {k: v for k, v in keys.items() if "log2_t" not in k}
 
 
 def load_weights(model: Transformer, path: str) -> list[str]:
@@ -345,11 +341,18 @@ def load_weights(model: Transformer, path: str) -> list[str]:
         if list(shapes[key]) != var.shape.as_list():
             raise ValueError(f"checkpoint {path}: {key} has shape {shapes[key]}, the model "
                              f"{var.shape.as_list()}: built with other hparams?")
+    sites = [(name, site) for name, site in model.sites.sites.items()
+             if isinstance(getattr(site, "log2_t", None), tf.Variable)]
+    for _, site in sites:  # NaN marks a threshold the checkpoint does not overwrite
+        site.log2_t.assign(tf.fill(site.log2_t.shape, float("nan")))
     try:  # matched through the object graph, so each site is found whichever path saved it
         tf.train.Checkpoint(model=model).read(path).expect_partial()
     except (ValueError, tf.errors.OpError) as e:
         raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]})"
                          ) from None
-    saved = {v.ref() for k, v in _paths(model) if "log2_t" in k and k in shapes}
-    return [name for name, site in model.sites.sites.items()
-            if isinstance(getattr(site, "log2_t", None), tf.Variable) and site.log2_t.ref() not in saved]
+    missing = []
+    for name, site in sites:
+        if np.isnan(site.log2_t.numpy()).any():
+            site.log2_t.assign(tf.zeros_like(site.log2_t))
+            missing.append(name)
+    return missing

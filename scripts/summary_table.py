@@ -5,7 +5,11 @@ import sys
 
 # (summary key, label, the field that says where the model is)
 ROWS = (("float", "float", "logdir"), ("qat_w8a8", "fake-quant W8A8 (TF)", "logdir"),
-        ("int_w8a8", "integer W8A8 (NumPy)", "export"))
+        ("int_w8a8", "integer W8A8 (NumPy)", "export"),
+        ("qat_intonly_w8a8", "integer-only W8A8 (TF)", "logdir"),
+        ("intonly_w8a8", "integer-only W8A8 (NumPy, int64 from ids to argmax)", "export"))
+# engine rows and the TF rows their token agreement is measured against
+AGREEMENT = (("int_w8a8", "integer W8A8 vs fake-quant"), ("intonly_w8a8", "integer-only engine vs TF"))
 
 
 def main(path: str) -> None:
@@ -15,9 +19,9 @@ def main(path: str) -> None:
     for key, label, where in ROWS:
         if key in summary:
             print(f"| {label} | {summary[key]['bleu']:.2f} | {summary[key][where]} |")
-    if "int_w8a8" in summary and "token_agreement" in summary["int_w8a8"]:
-        print(f"integer vs fake-quant: identical output on {summary['int_w8a8']['token_agreement']}% "
-              f"of test sentences")
+    for key, label in AGREEMENT:
+        if "token_agreement" in summary.get(key, {}):
+            print(f"{label}: identical output on {summary[key]['token_agreement']}% of test sentences")
     signature = next(iter(summary.values()))["signature"]
     print(f"sacreBLEU {signature}; summary in {path}")
 
