@@ -49,7 +49,8 @@ def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], 
             raise ValueError("--dump_vectors needs --out DIR")
         src_ids = data_load.encode_source(sp, lines[: hp.dump_vectors])
         index = intmodel.dump_vectors(engine, src_ids, hp.out)
-        print(f"golden vectors of {len(index)} matmul calls for {hp.dump_vectors} sentences in {hp.out}")
+        print(f"golden vectors of {len(index)} calls (matmuls; integer-only: also LayerNorms and "
+              f"softmaxes) for {hp.dump_vectors} sentences in {hp.out}")
     return hyps, hp.export
 
 

@@ -778,14 +778,18 @@ def translate_lines(engine: IntTransformer, sp, lines: list[str], batch_size: in
 # --------------------------------------------------------------------------------------------
 
 
-def teacher_forced_trace(engine: IntTransformer, src: np.ndarray) -> tuple[np.ndarray, list[MatmulRecord]]:
+def teacher_forced_trace(engine: IntTransformer, src: np.ndarray
+                         ) -> tuple[np.ndarray, list[MatmulRecord], list[OpRecord]]:
     """Greedy-decode `src`, then trace the teacher-forced forward over [BOS] + the output
-    (the decoder inputs that produced it). Returns (decoder inputs, matmul records)."""
+    (the decoder inputs that produced it). Returns (decoder inputs, matmul records, and the
+    integer-only engine's LayerNorm and softmax records: [] for the other engine)."""
     out = engine.greedy(src)
     tgt_in = np.concatenate([np.full((len(src), 1), BOS), out[:, :-1]], axis=1)
-    with engine.tracing() as trace:
+    integer_only = isinstance(engine, IntOnlyTransformer)
+    ops_context = engine.tracing_ops() if integer_only else contextlib.nullcontext([])
+    with engine.tracing() as trace, ops_context as ops:
         engine.forward(src, tgt_in)
-    return tgt_in, trace
+    return tgt_in, trace, [op for op in ops if op.kind in ("layer_norm", "softmax")]
 
 
 def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
@@ -796,10 +800,12 @@ def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
     weight operand is the export's `mem/<site>.mem`) and `<n>.<name>.acc` (the accumulator,
     int64, bias included); `mem/` the same as `$readmemh` files (`write_mem`; accumulators 32
     bits, or 64 when they need more). `index.json` lists the calls in execution order with
-    shapes, sites, bits and f. Also `src` and `tgt_in`. Returns the index.
+    shapes, sites, bits and f. Also `src` and `tgt_in`. An integer-only export adds, after the
+    matmuls, every LayerNorm's and softmax's integer input and output (`<n>.<name>.in|out`;
+    a softmax also its bool key mask `.visible`), in execution order. Returns the index.
     """
     src = qformat.pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
-    tgt_in, trace = teacher_forced_trace(engine, src)
+    tgt_in, trace, ops = teacher_forced_trace(engine, src)
     os.makedirs(os.path.join(out_dir, "mem"), exist_ok=True)
     arrays = {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32)}
     index = []
@@ -823,6 +829,19 @@ def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
         arrays[key] = rec.acc.astype(np.int64)
         qformat.write_mem(os.path.join(out_dir, "mem", key + ".mem"), rec.acc, bits, True)
         entry["acc"] = {"key": key, "bits": bits}
+        index.append(entry)
+    for n, op in enumerate(ops, start=len(trace)):
+        (tag, q_in), *_ = op.inputs.items()  # layer_norm: input, softmax: scores
+        entry = {"call": n, "op": op.kind, "name": op.name}
+        for suffix, q in (("in", q_in), ("out", op.output)):
+            key = f"{n:04d}.{op.name.replace('/', '.')}.{suffix}"
+            arrays[key] = q.astype(np.int64)
+            width = 64 if _signed_bits(int(np.abs(q).max(initial=0))) > 32 else 32
+            qformat.write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, width, True)
+            entry[suffix] = {"key": key, "shape": list(q.shape), "bits": width,
+                             "tensor": tag if suffix == "in" else "output"}
+        if "visible" in op.inputs:
+            arrays[f"{n:04d}.{op.name.replace('/', '.')}.visible"] = np.asarray(op.inputs["visible"])
         index.append(entry)
     np.savez(os.path.join(out_dir, "vectors.npz"), **arrays)
     with open(os.path.join(out_dir, "index.json"), "w") as f:
