@@ -202,8 +202,20 @@ def calibrate_site(site, obs: Observations, method: str = "max", percentile: flo
 
 
 def init_weight_site(site, w, method: str = "max") -> None:
-    """Set a weight site's log2_t from its weight (per channel when the site is)."""
-    site.set_log2_t(weight_log2_t(w, method, per_channel=site.channels is not None))
+    """Set a weight site's log2_t from its weight (per channel when the site is).
+
+    With "max", a maximum in the grid's last step below the threshold (max|w| > p s, e.g. a
+    LayerNorm gamma of exactly 1 under threshold 1, whose grid ends at 1 - 2^-(b-1)) would be
+    clipped, and a clipped weight gets no gradient: that threshold is doubled instead."""
+    per_channel = site.channels is not None
+    log2_t = weight_log2_t(w, method, per_channel)
+    if method == "max":
+        axes = tuple(range(np.ndim(w) - 1)) if per_channel else None
+        largest = np.abs(np.asarray(w, np.float64)).max(axis=axes)
+        _, p = qformat.integer_range(site.num_bits, site.signed)
+        f = qformat.frac_bits(log2_t, site.num_bits, site.signed)
+        log2_t = np.where(largest > p * np.exp2(-f.astype(np.float64)), np.ceil(log2_t) + 1, log2_t)
+    site.set_log2_t(log2_t)
 
 
 def calibrate(model, batches, method: str = "kl", weight_init: str = "max",

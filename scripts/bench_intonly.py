@@ -6,9 +6,10 @@ integers cost in BLEU, and does the NumPy engine reproduce the TF graph token fo
 For each corpus (the embedded demo set; Multi30k test_2016_flickr when its float parent exists)
 four runs are fine-tuned from the float parent with the same steps and schedule: a float control
 (--quant none), matmul-only QAT W8A8, integer-only QAT W8A8 and W4A8 (--integer_only). Reported:
-test BLEU (sacreBLEU, greedy) of each; for the integer-only runs the BLEU of the NumPy integer
-engine, the % of test sentences with identical output (engine vs TF), the engine's greedy speed
-over the TF float control's (same process, one after the other), and a per-op error table: max
+test BLEU (sacreBLEU, greedy) and training tokens/s of each; for the integer-only runs the
+BLEU of the NumPy integer engine, the % of test sentences with identical output (engine vs TF),
+the engine's greedy speed over the TF float control's (same process, one after the other), and
+a per-op error table: max
 and mean |integer - float64| of every LayerNorm and softmax output (in units of the output grid)
 on the real activations of teacher-forced test sentences, with the widest accumulator of each
 (observed and proven). Prints a table and writes the JSON given by --out.
@@ -17,6 +18,7 @@ on the real activations of teacher-forced test sentences, with the widest accumu
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -46,6 +48,12 @@ def timed(fn, *args) -> tuple[list[str], float]:
     start = time.perf_counter()
     out = fn(*args)
     return out, time.perf_counter() - start
+
+
+def train_speed(logdir: str) -> float:
+    """Training tokens/s of a run (train.py's train_summary.json)."""
+    with open(os.path.join(logdir, "train_summary.json")) as f:
+        return json.load(f)["tokens_per_s"]
 
 
 def layer_norm_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -> np.ndarray:
@@ -101,9 +109,13 @@ def op_error_table(engine: intmodel.IntOnlyTransformer, sources: list[list[int]]
     return table
 
 
-def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int) -> dict:
+def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
+                 residual_sweep: list[int]) -> dict:
+    """The four runs (and integer-only W8A8 at each width of `residual_sweep`) on one corpus."""
     result: dict = {"runs": {}}
-    for name, extra in RUNS.items():
+    sweep = {f"intonly_w8a8_r{bits}": RUNS["intonly_w8a8"] + ["--residual_bits", str(bits)]
+             for bits in residual_sweep}
+    for name, extra in {**RUNS, **sweep}.items():
         logdir = os.path.join(workdir, name)
         fresh_logdir(logdir)
         train.main(["--logdir", logdir, "--init_from", parent, *extra, *flags])
@@ -117,12 +129,14 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int)
     result["test_set"] = runs.repo_relative(test_name) if control_hp.test_src else test_name
     result["sentences"] = len(de)
     result["runs"]["float_control"] = {"bleu": round(runs.bleu_score(float_hyps, en)[0], 2),
+                                       "train_tokens_per_s": train_speed(control_dir),
                                        "tf_greedy_sent_per_s": round(len(de) / float_s, 1)}
-    for name in list(RUNS)[1:]:
+    for name in list(RUNS)[1:] + list(sweep):
         logdir = os.path.join(workdir, name)
         model, hp, spm_path = runs.load_quantized(logdir)
         tf_hyps = runs.translate(model, sp, de, hp)
-        row = {"bleu": round(runs.bleu_score(tf_hyps, en)[0], 2)}
+        row = {"bleu": round(runs.bleu_score(tf_hyps, en)[0], 2),
+               "train_tokens_per_s": train_speed(logdir)}
         if hp.integer_only:
             sources = data_load.encode_source(sp, de)
             export_dir = os.path.join(workdir, f"export_{name}")
@@ -152,9 +166,16 @@ def main() -> None:
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "intonly"))
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run")
     p.add_argument("--op_sentences", type=int, default=100, help="test sentences of the per-op errors")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "intonly.json"))
+    p.add_argument("--residual_sweep", default="8,12",
+                   help="demo corpus only: also integer-only W8A8 with these --residual_bits")
+    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "intonly.json"),
+                   help="JSON result; an existing one keeps the corpora this run does not measure")
     args = p.parse_args()
+    sweep = [int(b) for b in args.residual_sweep.split(",") if b]
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
+    if args.corpus != "both":
+        parents = {args.corpus: parents[args.corpus]}
     for name, parent in list(parents.items()):
         if not tf.train.latest_checkpoint(os.path.join(parent, "ckpt")):
             print(f"note: no float checkpoint in {parent}: skipping {name}", file=sys.stderr)
@@ -164,9 +185,14 @@ def main() -> None:
     flags = ["--max_steps", str(args.steps), "--num_epochs", "100", "--lr", "2e-4",
              "--warmup_steps", "100", "--dev_max_sentences", "200"]
     result = {"steps": args.steps, "schedule": " ".join(flags), "corpora": {}}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            earlier = json.load(f)
+        if earlier.get("schedule") == result["schedule"]:
+            result["corpora"] = earlier["corpora"]
     for name, parent in parents.items():
         result["corpora"][name] = bench_corpus(parent, os.path.join(args.workdir, name), flags,
-                                               args.op_sentences)
+                                               args.op_sentences, sweep if name == "demo" else [])
         result["corpora"][name]["parent"] = runs.repo_relative(parent)
         hparams.write_json(args.out, result)  # after each corpus: a partial result survives
     print("| corpus | float control | QAT W8A8 | int-only W8A8 (engine, identical) | int-only W4A8 "
@@ -180,6 +206,12 @@ def main() -> None:
                          f"{rr[key]['identical_output_pct']:.1f}%)")
         cells.append(f"{rr['intonly_w8a8']['engine_vs_tf_float_speed']:.2f}x")
         print(f"| {name} | " + " | ".join(cells) + " |")
+    for name, r in result["corpora"].items():
+        for key, row in r["runs"].items():
+            if key.startswith("intonly_w8a8_r"):
+                print(f"{name} integer-only W8A8, --residual_bits {key.rsplit('_r', 1)[1]}: BLEU "
+                      f"{row['bleu']:.2f} (engine {row['engine_bleu']:.2f}, "
+                      f"{row['identical_output_pct']:.1f}% identical)")
     print("\nper-op error (units of the output grid) and widest accumulator, int-only W8A8:")
     for name, r in result["corpora"].items():
         for kind, e in r["runs"]["intonly_w8a8"]["op_errors"].items():

@@ -611,7 +611,8 @@ def test_calibrate_initializes_every_site_and_stops_observing():
     assert model.calls == [([[3, 5, 0]], [[2, 7, 9]], False), ([[11, 4]], [[2]], False)]
     assert model.x_site.log2_t.numpy() == np.float32(np.log2(5.5))  # max |src / 2| over both batches
     assert model.p_site.log2_t.numpy() == 0.0
-    np.testing.assert_array_equal(model.w_site.log2_t.numpy(), np.log2([1.0, 3.0]).astype(np.float32))
+    # max|w| = 1 and 3 per channel; 1 would sit above its threshold-1 grid's top: threshold 2
+    np.testing.assert_array_equal(model.w_site.log2_t.numpy(), np.log2([2.0, 3.0]).astype(np.float32))
     assert all(site.observer is None for site in model.sites.sites.values())
     calibration.calibrate(model, batches, "max", "3sd")
     w = model.weight.numpy().astype(np.float64)
@@ -634,3 +635,21 @@ def test_observe_gives_each_site_its_own_observations():
     assert [obs.max for obs in observed_by_name.values()] == [2.0, 4.0]
     with pytest.raises(RuntimeError, match="observing works eagerly only"):
         tf.function(sites[0])(tf.constant([1.0]))
+
+
+@pytest.mark.parametrize("bits,signed", [(8, True), (16, True), (4, True)])
+def test_max_init_keeps_the_maximum_on_the_grid(bits, signed):
+    """A maximum in the last step below a power-of-two threshold (gamma = 1 under threshold 1,
+    grid top 1 - 2^-(b-1)) would be clipped and get no gradient: its threshold is doubled;
+    any other maximum keeps log2(max)."""
+    site = quant.QuantSite("ln/gamma", "weight", bits)
+    _, p = qformat.integer_range(bits, signed)
+    for top, threshold in ((1.0, 2.0), (0.5, 1.0), (1.0 - 2.0 ** -(bits - 1), 1.0), (0.74, 1.0),
+                           (1.0 - 2.0 ** -bits, 2.0)):
+        calibration.init_weight_site(site, np.array([0.1, -top / 2, top]))
+        assert float(site.threshold()) == threshold, (top, bits)
+        assert np.abs(site.grid().quantize(np.array([top]), "half_even")).max() <= p
+    w = np.array([[1.0, 0.3], [0.2, -0.3]])  # per channel: only the first column's max sits at 1
+    site = quant.QuantSite("w", "weight", bits, channels=2)
+    calibration.init_weight_site(site, w)
+    np.testing.assert_array_equal(site.threshold(), [2.0, 0.5])

@@ -26,7 +26,7 @@ import train
 from corpus import demo as demo_corpus
 from model import Transformer, load_weights
 
-TRAIN_HP = dict(lr=2e-3, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
+TRAIN_HP = dict(lr=1e-4, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
 TRAIN_STEPS = 8
 PRESETS = {"w8a8": dict(wbits=8, abits=8), "w4a8": dict(wbits=4, abits=8)}
 
@@ -53,6 +53,11 @@ def thresholds(model):
     """log2_t of every trainable site, by name."""
     return {name: site.log2_t.numpy().copy() for name, site in model.sites.sites.items()
             if isinstance(site.log2_t, tf.Variable)}
+
+
+def grids(model):
+    """The fractional bits f of every site, by name."""
+    return {name: site.frac_bits() for name, site in model.sites.sites.items()}
 
 
 def norm_prefixes(num_blocks=2):
@@ -86,7 +91,8 @@ def residual_sources(num_blocks=2):
         for i in range(num_blocks):
             names = qformat.block_names(side, i)
             attentions = [p for p in (names.self_attention, names.cross_attention) if p]
-            branches = [qformat.attention(p).wo for p in attentions] + [qformat.feed_forward(names.ffn).dense2]
+            branches = [qformat.attention(p).wo for p in attentions]
+            branches.append(qformat.feed_forward(names.ffn).dense2)
             for norm, branch in zip(names.norms, branches):
                 sources[qformat.layer_norm(norm).input] = {skip, branch}
                 skip = qformat.layer_norm(norm).output
@@ -96,9 +102,9 @@ def residual_sources(num_blocks=2):
 @pytest.fixture(scope="module", params=list(PRESETS))
 def trained(request, spm_file, tmp_path_factory):
     """An integer-only model calibrated, trained TRAIN_STEPS Adam steps (weights and thresholds),
-    exported and loaded: (model, hp, engine, manifest, export dir, log2_t before training)."""
+    exported and loaded: (model, hp, engine, manifest, export dir, (log2_t, f) before training)."""
     model, hp = calibrated_model(spm_file, integer_only=True, **PRESETS[request.param], **TRAIN_HP)
-    before = thresholds(model)
+    before = thresholds(model), grids(model)
     opt = train.Optimizers(model, hp)
     step = train.make_train_step(model, tf.distribute.get_strategy(), opt, True)
     for s in range(TRAIN_STEPS):
@@ -124,14 +130,19 @@ def teacher_forced_inputs(vocab):
 
 
 def test_training_moved_the_thresholds(trained):
-    model, _, _, _, _, before = trained
+    model, _, engine, _, _, (before, f_before) = trained
     after = thresholds(model)
     assert after.keys() == before.keys()
     moved = [name for name in before if not np.array_equal(before[name], after[name])]
     assert len(moved) > len(before) // 2, moved
-    # the integer-only sites train too: the embedding sum and the LayerNorms' grids
+    # the integer-only sites train too: the embedding sum and the LayerNorms' thresholds
     assert qformat.EMBEDDING_SUM in moved
     assert any(name.endswith(("/ln1/input", "/ln2/input", "/ln3/input")) for name in moved)
+    # and some grids changed (ceil(log2_t) crossed an integer): the export has the trained ones
+    f_after = grids(model)
+    changed = [name for name in f_before if not np.array_equal(f_before[name], f_after[name])]
+    assert len(changed) >= 3, changed
+    assert all(np.array_equal(engine.f(name), f_after[name]) for name in f_after)
 
 
 def test_teacher_forced_sites_and_logits_equal_the_engine(trained):
@@ -193,8 +204,8 @@ def test_every_op_of_the_engine_is_integer(trained):
         assert len(ops) > 100
         for op in ops:
             assert op.output.dtype.kind in "iu", (op.name, op.kind, op.output.dtype)
-            for key, value in op.inputs.items():
-                assert np.asarray(value).dtype.kind in "iu", (op.name, key, np.asarray(value).dtype)
+            for key, value in op.inputs.items():  # integers, or a bool selection (the softmax mask)
+                assert np.asarray(value).dtype.kind in "iub", (op.name, key, np.asarray(value).dtype)
         kinds = {op.kind for op in ops}
         assert kinds >= {"embedding_sum", "requantize", "matmul", "relu", "residual", "layer_norm",
                          "softmax"}, kinds
@@ -229,7 +240,8 @@ def test_quant_none_builds_the_float_model():
     assert type(model.embedding_sum) is modules.EmbeddingSum
     attentions = [m for m in model.submodules if isinstance(m, modules.MultiHeadAttention)]
     assert len(attentions) == 3 and all(type(a.softmax) is modules.Softmax for a in attentions)
-    assert not [m for m in model.submodules if isinstance(m, intlayers.IntEmbeddingSum | intlayers.IntSoftmax)]
+    int_layers = intlayers.IntEmbeddingSum | intlayers.IntSoftmax | intlayers.IntLayerNorm
+    assert not [m for m in model.submodules if isinstance(m, int_layers)]
     for variable in model.trainable_variables:  # non-trivial parameters for the reference below
         variable.assign(tf.random.normal(variable.shape, stddev=0.3, seed=6))
 
@@ -305,11 +317,11 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
         assert entry["proven_bits"] == int(entry["proven_max_abs"]).bit_length() + 1
 
     npz = np.load(os.path.join(out, "model.npz"))
-    grids = qformat.grids_of(npz)
     mem = os.path.join(out, "mem")
-    sum_grid = grids[qformat.EMBEDDING_SUM]
+    sum_grid = qformat.grids_of(npz)[qformat.EMBEDDING_SUM]
     for key in (f"{qformat.EMBEDDING_SUM}/lookup", f"{qformat.EMBEDDING_SUM}/positions"):
-        values = qformat.read_mem(os.path.join(mem, qformat.mem_file_name(key)), sum_grid.bits, sum_grid.signed)
+        values = qformat.read_mem(os.path.join(mem, qformat.mem_file_name(key)), sum_grid.bits,
+                                  sum_grid.signed)
         np.testing.assert_array_equal(values, npz[key].ravel())
     assert npz[f"{qformat.EMBEDDING_SUM}/positions"].shape == (export.DEFAULT_MAX_POSITIONS, hp.d_model)
     for norm in norm_prefixes():
@@ -334,12 +346,14 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
 
 def test_partial_calibration_keeps_the_parents_thresholds(spm_file, tmp_path):
     parent, hp = calibrated_model(spm_file, wbits=8, abits=8)
+    for norm in (m for m in parent.submodules if isinstance(m, modules.LayerNorm)):  # trained-like gammas
+        norm.gamma.assign(tf.random.uniform(norm.gamma.shape, 0.5, 1.5, seed=9))
     path = tf.train.Checkpoint(model=parent).write(str(tmp_path / "ckpt" / "parent"))
     hp.integer_only = True
     child = Transformer(hp, parent.vocab_size, runs.sites_from_flags(hp))
     missing = load_weights(child, path)
-    expected = [qformat.EMBEDDING_SUM] + [
-        getattr(qformat.layer_norm(norm), part) for norm in norm_prefixes() for part in ("input", "gamma", "output")]
+    expected = [qformat.EMBEDDING_SUM] + [getattr(qformat.layer_norm(norm), part) for norm in norm_prefixes()
+                                          for part in ("input", "gamma", "output")]
     assert len(missing) == len(set(missing))
     assert set(missing) == set(expected)
     probability_sites = [n for n, s in child.sites.sites.items() if isinstance(s, intlayers.FixedSite)]
@@ -348,7 +362,7 @@ def test_partial_calibration_keeps_the_parents_thresholds(spm_file, tmp_path):
         assert float(child.sites.sites[name].log2_t) == 0.0
     parent_t = thresholds(parent)
     restored = {n for n in thresholds(child) if n not in missing}
-    assert restored == set(parent_t)
+    assert restored == set(parent_t) - set(probability_sites)  # the parent's P sites are variables
     for name in restored:
         np.testing.assert_array_equal(child.sites.sites[name].log2_t.numpy(), parent_t[name], err_msg=name)
 
@@ -359,6 +373,9 @@ def test_partial_calibration_keeps_the_parents_thresholds(spm_file, tmp_path):
         np.testing.assert_array_equal(after[name], parent_t[name], err_msg=name)
     for name in missing:  # the new ones are calibrated (no longer the initial 0)
         assert np.all(np.isfinite(after[name])) and np.any(after[name] != 0.0), name
+    for norm in (m for m in child.submodules if isinstance(m, intlayers.IntLayerNorm)):
+        top = np.abs(norm.gamma.numpy()).max()  # 1 at init: threshold 2, so that 1 is on the grid
+        assert float(norm.gamma_site.threshold()) == 2.0 ** (np.floor(np.log2(top)) + 1), norm.path
     # the child now runs in integers
     child.sites.recorded = {}
     src, tgt = batches[0]
@@ -396,12 +413,10 @@ def test_every_trainable_variable_gets_a_finite_gradient(trained):
     assert np.any(by_ref[model.encoder[0].self_attention.wq.w.ref()] != 0)
 
 
-@pytest.mark.xfail(strict=True, reason="gamma = 1 calibrated by max gets threshold 1, above the signed "
-                                       "grid's top 1 - 2^-15: every gamma is clipped, so TQT passes it "
-                                       "no gradient (only gamma's log2_t learns)")
-@pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
-def test_layer_norm_gamma_gets_a_gradient(trained):
-    model, _, _, _, _, _ = trained
+def test_layer_norm_gamma_gets_a_gradient(spm_file):
+    """gamma = 1 under threshold 1 would be clipped (the signed grid ends at 1 - 2^-15) and get no
+    gradient: max calibration doubles such a threshold (calibration.init_weight_site)."""
+    model, _ = calibrated_model(spm_file, integer_only=True)
     src, tgt = training_batch(model.vocab_size, 50)
     norms = [m for m in model.submodules if isinstance(m, intlayers.IntLayerNorm)]
     with tf.GradientTape() as tape:

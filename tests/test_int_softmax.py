@@ -5,7 +5,7 @@ twins (intops_tf.py) against NumPy bit for bit."""
 from __future__ import annotations
 
 import math
-from decimal import Decimal, localcontext
+from decimal import ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
 
 import numpy as np
@@ -280,3 +280,102 @@ def test_softmax_rejects_floats_and_additive_masks():
         intops.softmax(q, 4, None, 16, "floor", 22)  # exp_max << 17 >= 2^62
     with pytest.raises(ValueError, match="overflows"):
         intops.softmax(np.zeros((1, 2**13), np.int64), 4, None, 8, "floor", 24)  # the row sum
+
+
+# -------------------------------------------------------------------------------------------- scaled: m
+
+
+SCALES = (1, 2, 8, 64, 3)
+
+
+def scaled_constants(big_f: int, m: int) -> tuple[int, int, int]:
+    """(round(ln2 sqrt(m) 2^F), round(1.353 sqrt(m) 2^F), round(0.344/0.3585 m 2^2F)) in 80-digit
+    decimal arithmetic (no exact tie can occur: sqrt(m) ln2 is irrational, 3585 is odd)."""
+    with localcontext() as ctx:
+        ctx.prec = 80
+        root = Decimal(m).sqrt()
+        q_ln2 = (Decimal(2).ln() * root * 2**big_f).to_integral_value(ROUND_HALF_UP)
+        q_b = (Decimal("1.353") * root * 2**big_f).to_integral_value(ROUND_HALF_UP)
+    return int(q_ln2), int(q_b), round(Fraction("0.344") / Fraction("0.3585") * m * 2 ** (2 * big_f))
+
+
+@pytest.mark.parametrize("m", SCALES)
+def test_scaled_exp_constants_are_the_rounded_real_numbers(m):
+    for big_f in (1, 8, 12, F, 20, 27):
+        assert intops.exp_constants(big_f, m) == scaled_constants(big_f, m), big_f
+        q_ln2, q_b, q_c = intops.exp_constants(big_f, m)
+        assert intops.exp_max(big_f, m) == q_b**2 + q_c < m * 2 ** (2 * big_f + 2)
+    assert intops.exp_constants(F, 1) == intops.exp_constants(F)
+    assert intops.exp_constants(F, 64)[0] == intops.exp_constants(F + 3)[0]  # sqrt(64) = 2^3: a shift
+    for bad in (0, -4, 2.0, intops.EXP_M_MAX + 1):
+        with pytest.raises(ValueError, match="scale divisor"):
+            intops.exp_constants(F, bad)
+
+
+def float_softmax_scaled(q: np.ndarray, f: int, mask: np.ndarray, m: int) -> np.ndarray:
+    """float64 softmax of q 2^-f / sqrt(m), masked positions 0 (float_softmax with the scaling)."""
+    v = np.where(mask, q.astype(np.float64) * 2.0**-f / math.sqrt(m), -np.inf)
+    top = np.max(v, axis=-1, keepdims=True)
+    w = np.where(mask, np.exp(v - np.where(np.isfinite(top), top, 0.0)), 0.0)
+    total = np.sum(w, axis=-1, keepdims=True)
+    return w / np.where(total > 0, total, 1.0)
+
+
+@pytest.mark.parametrize("m", SCALES)
+def test_scaled_exp_neg_against_math_exp(m):
+    """e A 2^-2F / m ~ exp(v / sqrt(m)) within the bound of the unscaled kernel (EXP_REL)."""
+    q_ln2 = intops.exp_constants(F, m)[0]
+    for f in (0, 6, F):
+        x = np.unique(np.concatenate([np.arange(-2 * q_ln2, 1), np.arange(-40 * q_ln2, 1, 97)]))
+        x = np.maximum(x, -(2 ** (f + 9)))  # value >= -512
+        e = intops.exp_neg(x, f, F, m).astype(np.float64) * float(A) * 2.0 ** (-2 * F) / m
+        v = np.exp(x * 2.0**-f / math.sqrt(m))
+        keep = v > 1e-300
+        assert np.max((np.abs(e - v)[keep] - float(A) * 2.0 ** (-2 * F) / m) / v[keep]) <= EXP_REL, f
+        assert e[-1] == intops.exp_max(F, m) * float(A) * 2.0 ** (-2 * F) / m  # x = 0
+        twin = intops_tf.exp_neg(tf.constant(x, tf.int64), f, F, m)
+        np.testing.assert_array_equal(twin.numpy(), intops.exp_neg(x, f, F, m))
+
+
+@pytest.mark.parametrize("m", SCALES)
+@pytest.mark.parametrize("out_bits, rounding", [(8, "half_even"), (16, "half_up"), (12, "floor")])
+def test_scaled_softmax_within_the_bound_and_twin_equal(m, out_bits, rounding):
+    rng = np.random.default_rng(m * 100 + out_bits)
+    units = 2.0**out_bits
+    for f, bits in ((0, 8), (4, 12), (8, 16), (12, 16)):
+        n, p = qformat.integer_range(bits, True)
+        q = rng.integers(n, p + 1, (12, 17))
+        spread = 2 ** (f + 3) * math.isqrt(m)  # scores spread over +-8 sqrt(m): values that matter
+        q[:8] = rng.integers(-spread, spread + 1, (8, 17)).clip(n, p)
+        mask = rng.random((12, 17)) < 0.7
+        mask[0] = False  # a fully masked row
+        mask[1] = np.arange(17) == 5  # a single visible key
+        mask[2] = True
+        out = intops.softmax(q, f, mask, out_bits, rounding, m=m)
+        twin = intops_tf.softmax(tf.constant(q, tf.int64), f, tf.constant(mask), out_bits, rounding, m=m)
+        assert out.dtype == np.int64 and twin.dtype == tf.int64
+        np.testing.assert_array_equal(twin.numpy(), out)
+        np.testing.assert_array_equal(out[~mask], 0)
+        np.testing.assert_array_equal(out[0], 0)
+        np.testing.assert_array_equal(out[1], np.where(mask[1], units - 1, 0))
+        prob = float_softmax_scaled(q, f, mask, m)
+        bound = 1 + units * (prob * (1 - prob) * EXP_SPREAD + 1e-4)
+        assert np.all(np.abs(out - prob * units) <= bound), (f, np.abs(out - prob * units).max())
+        if m > 1:  # the scaling matters: without it the rows are far off
+            unscaled = float_softmax_scaled(q, f, mask, 1)
+            assert np.max(np.abs(out - unscaled * units)) > 4 * np.max(bound)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_scale_four_to_the_k_is_k_more_fractional_bits(k):
+    """m = 4^k: x / sqrt(m) = x 2^-k, so softmax(q, f, m=4^k) on F is softmax(q, f + k) on F + k,
+    integer for integer (constants, clamp and shifts all agree)."""
+    rng = np.random.default_rng(k)
+    q = rng.integers(-(2**12), 2**12, (6, 23))
+    mask = rng.random((6, 23)) < 0.8
+    for f in (0, 5, 10):
+        assert intops.exp_constants(F, 4**k) == intops.exp_constants(F + k)
+        np.testing.assert_array_equal(intops.softmax(q, f, mask, 12, "half_even", F, 4**k),
+                                      intops.softmax(q, f + k, mask, 12, "half_even", F + k))
+        x = np.minimum(q - q.max(), 0)
+        np.testing.assert_array_equal(intops.exp_neg(x, f, F, 4**k), intops.exp_neg(x, f + k, F + k))

@@ -464,3 +464,29 @@ def test_bench_quant_rerun_trains_its_qat_runs_fresh(tmp_path, capsys):
     with pytest.raises(SystemExit, match="no hparams.json"):
         bench_quant.fresh_logdir(str(foreign))
     assert (foreign / "notes.txt").exists()
+
+
+def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path, capsys):
+    """--integer_only --init_from a W8A8 run: only the new sites are calibrated, the model stays
+    close to its parent on the training set, and its export (format 3) runs in the integer-only
+    engine token for token like the TF model, with LayerNorm and softmax golden vectors."""
+    logdir = str(tmp_path / "intonly")
+    train.main(["--logdir", logdir, "--init_from", qat_runs["w8a8"], "--quant", "w8a8", "--integer_only",
+                "--num_epochs", "2", "--lr", "2e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
+    # 2+2 blocks: 4 + 6 LayerNorms, each with an input, gamma and output site, and the embedding sum
+    assert "calibrated 31 of 115 sites" in capsys.readouterr().out  # 6 fixed softmax sites aside
+    parent = train_set_bleu(qat_runs["w8a8"], corpus, str(tmp_path / "w8a8.json"))["bleu"]
+    args = ["--src", corpus["train"][0], "--ref", corpus["train"][1]]
+    eval_main(["--logdir", logdir, *args, "--json", str(tmp_path / "tf.json"),
+               "--hyp_out", str(tmp_path / "tf.txt")])
+    tf_result = json.load(open(tmp_path / "tf.json"))
+    assert tf_result["bleu"] >= parent - 3.0, (parent, tf_result["bleu"])
+    export_dir = os.path.join(logdir, "export")
+    assert type(intmodel.IntTransformer.load(export_dir)).__name__ == "IntOnlyTransformer"
+    eval_main(["--engine", "int", "--export", export_dir, *args, "--json", str(tmp_path / "int.json"),
+               "--agree_with", str(tmp_path / "tf.txt"), "--dump_vectors", "2",
+               "--out", str(tmp_path / "vec")])
+    int_result = json.load(open(tmp_path / "int.json"))
+    assert int_result["token_agreement"] == 100.0 and int_result["bleu"] == tf_result["bleu"]
+    index = json.load(open(tmp_path / "vec" / "index.json"))
+    assert {entry.get("op") for entry in index} >= {"layer_norm", "softmax"}
