@@ -503,6 +503,9 @@ class IntOnlyTransformer(IntTransformer):
         self.ops: list[OpRecord] | None = None  # while tracing
         self._edges: dict[tuple[str, str], tuple[object, str]] = {}
         self._bounds: dict[str, int] = {}  # proven max |value| of each matmul and reduction
+        # observe the reductions (LayerNorm variance, softmax and residual sums) too: the
+        # export's data sheet turns it on; decoding does not pay for it
+        self.observe_reductions = False
         self.max_positions = len(self.int64[f"{qformat.EMBEDDING_SUM}/positions"])
         softmax_constants = list(intops.exp_constants(intops.EXP_F, self.d_k))
         if list(self.config.get("softmax_constants", softmax_constants)) != softmax_constants:
@@ -579,16 +582,19 @@ class IntOnlyTransformer(IntTransformer):
         x_max = self.grids[x_source].max_abs
         self._bounds.setdefault(f"{prefix}/residual_sum", int(np.max(
             (x_max << (g - f_x)) + (self._bounds[a_source] << (g - f_a)))))
-        self._observe(f"{prefix}/residual_sum", total, None)
-        self._edges[(x_source, names.input)] = (g - grid.f, self.rounding)
-        self._edges[(a_source, names.input)] = (np.asarray(f_a) - g + g - grid.f, self.rounding)
+        if self.observe_reductions:
+            self._observe(f"{prefix}/residual_sum", total, None)
+        # each operand's total shift onto the residual grid; the sum is rounded once
+        self._edges[(x_source, names.input)] = (f_x - grid.f, self.rounding)
+        self._edges[(a_source, names.input)] = (np.asarray(f_a) - grid.f, self.rounding)
         r = intops.clip_to(intops.shift_round(total, g - grid.f, self.rounding), grid.bits, grid.signed)
         r = self.emit(names.input, "residual", r, x=x, a=a)
         out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
         beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
         d = r.shape[-1]
         self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
-        self._observe(f"{prefix}/variance", intops.layer_norm_moments(r, eps_q)[1], None)
+        if self.observe_reductions:
+            self._observe(f"{prefix}/variance", intops.layer_norm_moments(r, eps_q)[1], None)
         out = intops.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
                                 out_grid.bits, self.rounding)
         return self.emit(names.output, "layer_norm", out, input=r)
@@ -619,7 +625,8 @@ class IntOnlyTransformer(IntTransformer):
         exps = intops.softmax_exps(scores, f_s, mask, m=self.d_k)  # intops.softmax in two steps
         self._bounds.setdefault(f"{prefix}/softmax_sum",
                                 self.max_positions * intops.exp_max(intops.EXP_F, self.d_k))
-        self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
+        if self.observe_reductions:
+            self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
         probs = intops.normalize(exps, probs_grid.bits, self.rounding)
         probs = self.emit(names.probs, "softmax", probs, scores=scores, visible=mask)
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)

@@ -29,7 +29,7 @@ def _int64(a) -> np.ndarray:
     a = np.asarray(a)
     if a.dtype.kind not in "iu":
         raise TypeError(f"integer kernels take integer arrays, got {a.dtype}")
-    return a.astype(np.int64)
+    return a.astype(np.int64, copy=False)
 
 
 def div_round(a, b, rounding: str) -> np.ndarray:
@@ -49,15 +49,39 @@ def div_round(a, b, rounding: str) -> np.ndarray:
 
 
 def shift_round(q, k, rounding: str) -> np.ndarray:
-    """R(q * 2^-k) for int64 q and integer shifts -62 <= k <= 62 (scalar or broadcasting): a right
-    shift by k with the rounding R of the bits shifted out; k <= 0 is the exact left shift q << -k
-    (the caller keeps the result inside int64)."""
+    """R(q * 2^-k) for int64 |q| <= 2^62 and integer shifts -62 <= k <= 62 (scalar or
+    broadcasting): an arithmetic right shift by k, rounded by the bits shifted out,
+    r = q & (2^k - 1): up when r > 2^(k-1), and at the tie r = 2^(k-1) when half_up, or when
+    q >> k is odd for half_even; k <= 0 is the exact left shift q << -k (the caller keeps the
+    result inside int64)."""
     q, k = _int64(q), _int64(k)
     if np.any(np.abs(k) > 62):
         raise ValueError("shift_round shifts by at most 62 bits")
+    if rounding not in qformat.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    if k.ndim == 0:  # one shift for the whole tensor (a per-tensor grid): scalar constants
+        return _shift_by(q, int(k), rounding)
     right = np.maximum(k, 0)
-    divided = div_round(q, np.left_shift(np.int64(1), right), rounding)
-    return np.where(k > 0, divided, np.left_shift(q, np.maximum(-k, 0)))
+    shifted = np.right_shift(q, right)
+    if rounding != "floor":
+        half = np.left_shift(np.int64(1), np.maximum(right - 1, 0))
+        rest = np.bitwise_and(q, np.left_shift(np.int64(1), right) - 1)
+        tie_up = True if rounding == "half_up" else np.bitwise_and(shifted, 1) == 1
+        shifted = shifted + ((right > 0) & ((rest > half) | ((rest == half) & tie_up)))
+    return np.where(k > 0, shifted, np.left_shift(q, np.maximum(-k, 0)))
+
+
+def _shift_by(q: np.ndarray, k: int, rounding: str) -> np.ndarray:
+    """shift_round by one Python-int shift: the same rule as an add before the shift (floor of
+    q / 2^k + 1/2, less 1/2^k at an even tie for half_even), exact while |q| <= 2^62."""
+    if k <= 0:
+        return np.left_shift(q, -k)
+    if rounding == "floor":
+        return np.right_shift(q, k)
+    if rounding == "half_up":
+        return np.right_shift(q + (1 << (k - 1)), k)
+    odd = np.bitwise_and(np.right_shift(q, k), 1)  # a tie rounds up only from an odd floor
+    return np.right_shift(q + ((1 << (k - 1)) - 1) + odd, k)
 
 
 def isqrt(n) -> np.ndarray:
@@ -76,7 +100,7 @@ def isqrt(n) -> np.ndarray:
 def clip_to(q, bits: int, signed: bool) -> np.ndarray:
     """q clipped into the integer range of a `bits`-bit grid (qformat.integer_range)."""
     n, p = qformat.integer_range(bits, signed)
-    return np.clip(_int64(q), n, p)
+    return np.minimum(np.maximum(_int64(q), n), p)
 
 
 # ---- softmax ----

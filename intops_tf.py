@@ -31,12 +31,24 @@ def div_round(a: tf.Tensor, b: tf.Tensor, rounding: str) -> tf.Tensor:
 
 
 def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
-    """R(q * 2^-k), -62 <= k <= 62 (intops.shift_round)."""
+    """R(q * 2^-k), -62 <= k <= 62: the arithmetic right shift rounded by the bits shifted out
+    (intops.shift_round)."""
     q, k = tf.cast(q, tf.int64), tf.cast(k, tf.int64)
-    one = tf.constant(1, tf.int64)
-    divided = div_round(q, tf.bitwise.left_shift(one, tf.maximum(k, 0)), rounding)
-    shifted = tf.bitwise.left_shift(q, tf.broadcast_to(tf.maximum(-k, 0), tf.shape(q)))
-    return tf.where(k > 0, divided, shifted)
+    if rounding not in qformat.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
+    right = tf.broadcast_to(tf.maximum(k, zero), tf.broadcast_dynamic_shape(tf.shape(q), tf.shape(k)))
+    shifted = tf.bitwise.right_shift(tf.broadcast_to(q, tf.shape(right)), right)
+    if rounding != "floor":
+        half = tf.bitwise.left_shift(one, tf.maximum(right - 1, zero))
+        rest = tf.bitwise.bitwise_and(q, tf.bitwise.left_shift(one, right) - 1)
+        tie_up = (tf.ones_like(shifted, tf.bool) if rounding == "half_up"
+                  else tf.bitwise.bitwise_and(shifted, one) == one)
+        up = (right > 0) & ((rest > half) | ((rest == half) & tie_up))
+        shifted = shifted + tf.cast(up, tf.int64)
+    left_by = tf.maximum(-k, zero) + tf.zeros_like(right)
+    left = tf.bitwise.left_shift(tf.broadcast_to(q, tf.shape(right)), left_by)
+    return tf.where(k > 0, shifted, left)
 
 
 def isqrt(n: tf.Tensor) -> tf.Tensor:

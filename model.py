@@ -350,9 +350,9 @@ def load_weights(model: Transformer, path: str) -> list[str]:
     except (ValueError, tf.errors.OpError) as e:
         raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]})"
                          ) from None
-    missing = []
-    for name, site in sites:
-        if np.isnan(site.log2_t.numpy()).any():
-            site.log2_t.assign(tf.zeros_like(site.log2_t))
-            missing.append(name)
+    finally:  # the thresholds still marked go back to 0, also when the read failed
+        missing = [name for name, site in sites if np.isnan(site.log2_t.numpy()).any()]
+        for name, site in sites:
+            if name in missing:
+                site.log2_t.assign(tf.zeros_like(site.log2_t))
     return missing

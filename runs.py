@@ -1,5 +1,6 @@
 """What train.py, eval.py, export.py and scripts/ share about a run: its restored hparams, its
-model and checkpoint, its corpus, translating with it and scoring BLEU.
+model and checkpoint, its corpus, translating with it and scoring BLEU (and, for the benchmarks,
+clearing a run an earlier benchmark left).
 
 A run is a train.py `--logdir`: `hparams.json`, `spm.model` and `ckpt/`.
 """
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
+import sys
 
 import sacrebleu
 import sentencepiece as spm
@@ -130,3 +133,25 @@ def bleu_score(hyps: list[str], refs: list[str]) -> tuple[float, str]:
 def repo_relative(path: str) -> str:
     """`path` relative to the repository (benchmark JSON never records a machine's own paths)."""
     return os.path.relpath(os.path.abspath(path), ROOT)
+
+
+def fresh_logdir(logdir: str) -> None:
+    """Delete a run left in `logdir` by an earlier benchmark: train.py would resume it, find its
+    --max_steps reached and train nothing, so the BLEU would be the old run's. A folder that is
+    not a train.py logdir is refused (it is not the benchmark's to delete)."""
+    if not os.path.exists(logdir):
+        return
+    if not os.path.isfile(os.path.join(logdir, "hparams.json")):
+        raise SystemExit(f"error: {logdir} exists but holds no train.py run (no hparams.json); "
+                         f"remove it or pass another --workdir")
+    print(f"note: {logdir} holds a run of an earlier benchmark: deleted, training it fresh",
+          file=sys.stderr)
+    shutil.rmtree(logdir)
+
+
+def add_parent_flags(p: argparse.ArgumentParser) -> None:
+    """--demo_float and --m30k_float: the float runs the fine-tuning benchmarks start from."""
+    p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"),
+                   help="float parent on the embedded corpus (make demo trains it)")
+    p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"),
+                   help="float parent on Multi30k (scripts/bench_float.py trains it)")

@@ -37,7 +37,6 @@ import intmodel  # noqa: E402
 import qformat  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
-from scripts.bench_quant import fresh_logdir  # noqa: E402
 
 RUNS = {"float_control": ["--quant", "none"], "qat_w8a8": ["--quant", "w8a8"],
         "intonly_w8a8": ["--quant", "w8a8", "--integer_only"],
@@ -86,6 +85,7 @@ def softmax_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -
 def op_error_table(engine: intmodel.IntOnlyTransformer, sources: list[list[int]]) -> dict:
     """Per-op errors on teacher-forced test sentences and the widest accumulator of each op."""
     errors: dict[str, list[np.ndarray]] = {"layer_norm": [], "softmax": []}
+    engine.observe_reductions = True
     for start in range(0, len(sources), 32):
         src = qformat.pad_batch(sources[start:start + 32])
         out = engine.greedy(src)
@@ -117,7 +117,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
              for bits in residual_sweep}
     for name, extra in {**RUNS, **sweep}.items():
         logdir = os.path.join(workdir, name)
-        fresh_logdir(logdir)
+        runs.fresh_logdir(logdir)
         train.main(["--logdir", logdir, "--init_from", parent, *extra, *flags])
     control_dir = os.path.join(workdir, "float_control")
     control_hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", control_dir])
@@ -159,10 +159,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"),
-                   help="float parent on the embedded corpus (make demo trains it)")
-    p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"),
-                   help="float parent on Multi30k (scripts/bench_float.py trains it)")
+    runs.add_parent_flags(p)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "intonly"))
     p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run")
     p.add_argument("--op_sentences", type=int, default=100, help="test sentences of the per-op errors")

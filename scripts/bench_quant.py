@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import time
@@ -78,20 +77,6 @@ def bleu_of(logdir: str, extra: list[str], out: str) -> float:
         return json.load(f)["bleu"]
 
 
-def fresh_logdir(logdir: str) -> None:
-    """Delete a QAT run left in `logdir` by an earlier benchmark: train.py would resume it,
-    find its --max_steps reached and train nothing, so the BLEU would be the old run's.
-    A folder that is not a train.py logdir is refused (it is not the benchmark's to delete)."""
-    if not os.path.exists(logdir):
-        return
-    if not os.path.isfile(os.path.join(logdir, "hparams.json")):
-        raise SystemExit(f"error: {logdir} exists but holds no train.py run (no hparams.json); "
-                         f"remove it or pass another --workdir")
-    print(f"note: {logdir} holds a QAT run of an earlier benchmark: deleted, training it fresh",
-          file=sys.stderr)
-    shutil.rmtree(logdir)
-
-
 def qat_and_ptq(parent: str, workdir: str, qat_flags: list[str]) -> dict:
     """BLEU of the float parent, its PTQ w8a8, and QAT runs fine-tuned from it."""
     os.makedirs(workdir, exist_ok=True)
@@ -109,10 +94,7 @@ def qat_and_ptq(parent: str, workdir: str, qat_flags: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"),
-                   help="float parent on the embedded corpus (make demo trains it)")
-    p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"),
-                   help="float parent on Multi30k (scripts/bench_float.py trains it)")
+    runs.add_parent_flags(p)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "quant"))
     p.add_argument("--qat_steps", type=int, default=150, help="fine-tuning steps of each QAT run")
     p.add_argument("--timing_steps", type=int, default=30)
@@ -127,7 +109,7 @@ def main() -> None:
         raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
     for name in parents:  # before any work: a refusal should not come after minutes of timing
         for config in QAT_CONFIGS:
-            fresh_logdir(os.path.join(args.workdir, name, f"qat_{config}"))
+            runs.fresh_logdir(os.path.join(args.workdir, name, f"qat_{config}"))
     timing_parent = parents.get("multi30k", parents.get("demo"))
     result = {"timing": step_time_ratio(timing_parent, args.timing_steps), "bleu": {}}
     qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",

@@ -65,13 +65,17 @@ def calibrate_sites(module, run):
     assert all(site.observer is None for site in sites)
 
 
-@pytest.fixture(scope="module")
-def spm_file(tmp_path_factory):
+def demo_spm(cache: str) -> tuple[str, list[str]]:
+    """A 120-piece SentencePiece model of 300 demo pairs in `cache`, and 10 of their sources."""
     pairs = demo_corpus.generate_pairs(300, seed=5)
-    cache = str(tmp_path_factory.mktemp("spm"))
     data_load.load_or_train_spm([p[0] for p in pairs], [p[1] for p in pairs], 120, cache)
     (name,) = [f for f in os.listdir(cache) if f.endswith(".model")]
     return os.path.join(cache, name), [p[0] for p in pairs[:10]]
+
+
+@pytest.fixture(scope="module")
+def spm_file(tmp_path_factory):
+    return demo_spm(str(tmp_path_factory.mktemp("spm")))
 
 
 def calibrated_model(spm_path, **kw):

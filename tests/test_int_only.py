@@ -11,10 +11,9 @@ import os
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_int import calibrated_model, random_src, tiny_hp
+from test_int import calibrated_model, demo_spm, random_src, tiny_hp
 
 import calibration
-import data_load
 import export
 import intlayers
 import intmodel
@@ -23,7 +22,6 @@ import modules
 import qformat
 import runs
 import train
-from corpus import demo as demo_corpus
 from model import Transformer, load_weights
 
 TRAIN_HP = dict(lr=1e-4, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
@@ -34,11 +32,7 @@ PRESETS = {"w8a8": dict(wbits=8, abits=8), "w4a8": dict(wbits=4, abits=8)}
 @pytest.fixture(scope="module")
 def spm_file(tmp_path_factory):
     """A SentencePiece model on the demo corpus (as test_int.spm_file)."""
-    pairs = demo_corpus.generate_pairs(300, seed=5)
-    cache = str(tmp_path_factory.mktemp("spm"))
-    data_load.load_or_train_spm([p[0] for p in pairs], [p[1] for p in pairs], 120, cache)
-    (name,) = [f for f in os.listdir(cache) if f.endswith(".model")]
-    return os.path.join(cache, name)
+    return demo_spm(str(tmp_path_factory.mktemp("spm")))[0]
 
 
 def training_batch(vocab, seed, batch=8):

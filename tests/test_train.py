@@ -447,22 +447,19 @@ def test_interrupted_atomic_writes_keep_the_old_file(corpus, tmp_path, monkeypat
     assert os.stat(logdir / "spm.model").st_mode & 0o777 == 0o666 & ~umask  # as open() creates it
 
 
-def test_bench_quant_rerun_trains_its_qat_runs_fresh(tmp_path, capsys):
-    path = os.path.join(ROOT, "scripts", "bench_quant.py")
-    spec = importlib.util.spec_from_file_location("bench_quant", path)
-    bench_quant = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench_quant)
+def test_benchmark_reruns_train_their_runs_fresh(tmp_path, capsys):
+    """runs.fresh_logdir, which scripts/bench_quant.py and bench_intonly.py call before training."""
     old_run = tmp_path / "demo" / "qat_w8a8"
     (old_run / "ckpt").mkdir(parents=True)
     (old_run / "hparams.json").write_text("{}")
-    bench_quant.fresh_logdir(str(old_run))
+    runs.fresh_logdir(str(old_run))
     assert not old_run.exists() and "training it fresh" in capsys.readouterr().err
-    bench_quant.fresh_logdir(str(old_run))  # nothing there: nothing to do
+    runs.fresh_logdir(str(old_run))  # nothing there: nothing to do
     foreign = tmp_path / "demo" / "qat_w4a8"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     with pytest.raises(SystemExit, match="no hparams.json"):
-        bench_quant.fresh_logdir(str(foreign))
+        runs.fresh_logdir(str(foreign))
     assert (foreign / "notes.txt").exists()
 
 
