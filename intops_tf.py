@@ -37,8 +37,10 @@ def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
     if rounding not in qformat.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
     one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-    right = tf.broadcast_to(tf.maximum(k, zero), tf.broadcast_dynamic_shape(tf.shape(q), tf.shape(k)))
-    shifted = tf.bitwise.right_shift(tf.broadcast_to(q, tf.shape(right)), right)
+    # k broadcasts against q (a scalar, or per channel along the last axis): q's shape, static
+    # dimensions included, is the result's
+    right = tf.broadcast_to(tf.maximum(k, zero), tf.shape(q))
+    shifted = tf.bitwise.right_shift(q, right)
     if rounding != "floor":
         half = tf.bitwise.left_shift(one, tf.maximum(right - 1, zero))
         rest = tf.bitwise.bitwise_and(q, tf.bitwise.left_shift(one, right) - 1)
@@ -46,8 +48,7 @@ def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
                   else tf.bitwise.bitwise_and(shifted, one) == one)
         up = (right > 0) & ((rest > half) | ((rest == half) & tie_up))
         shifted = shifted + tf.cast(up, tf.int64)
-    left_by = tf.maximum(-k, zero) + tf.zeros_like(right)
-    left = tf.bitwise.left_shift(tf.broadcast_to(q, tf.shape(right)), left_by)
+    left = tf.bitwise.left_shift(q, tf.broadcast_to(tf.maximum(-k, zero), tf.shape(q)))
     return tf.where(k > 0, shifted, left)
 
 
