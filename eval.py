@@ -67,7 +67,8 @@ def translate_tf(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], s
         raise ValueError("--dump_vectors runs on the integer engine: add --engine int --export DIR")
     hyps = runs.translate(model, sp, lines, hp, progress=True)
     if hp.export_to:
-        export.export_model(model, hp, runs.spm_path(hp.logdir), hp.export_to)
+        spm_file = runs.spm_path(hp.logdir)
+        export.export_model(model, hp, spm_file, hp.export_to, export.observed_sources(model, hp, spm_file))
     return hyps, ckpt_path
 
 

@@ -47,6 +47,7 @@ from model import Transformer
 from modules import Dense, LayerNorm, positional_encoding
 
 DEFAULT_MAX_POSITIONS = 512  # rows of an integer-only export's position table
+OBSERVE_SENTENCES = 50  # dev sentences an integer-only export's observed accumulators come from
 
 # --------------------------------------------------------------------------------------------
 # Integers, as the training graph computes them
@@ -218,6 +219,16 @@ def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: lis
             "edges": engine.edges(), "accumulators": engine.accumulator_stats()}
 
 
+def observed_sources(model: Transformer, hp: argparse.Namespace, spm_path: str,
+                     n: int = OBSERVE_SENTENCES) -> list[list[int]] | None:
+    """The first `n` dev sentences as token ids: what an integer-only export's data sheet observes
+    (None for a matmul-only model, or n = 0)."""
+    if not model.sites.config.integer_only or n == 0:
+        return None
+    sp = spm.SentencePieceProcessor(model_file=spm_path)
+    return data_load.encode_source(sp, runs.load_corpus(hp)["dev"][0][:n])
+
+
 def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_dir: str,
                  sources: list[list[int]] | None = None, max_positions: int = DEFAULT_MAX_POSITIONS
                  ) -> dict:
@@ -264,17 +275,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--checkpoint", default=None, help="a specific checkpoint prefix (default: latest)")
     p.add_argument("--max_positions", type=int, default=DEFAULT_MAX_POSITIONS,
                    help="integer-only: rows of the exported position table (the longest sequence)")
-    p.add_argument("--observe_sentences", type=int, default=50,
+    p.add_argument("--observe_sentences", type=int, default=OBSERVE_SENTENCES,
                    help="integer-only: dev sentences the data sheet's observed accumulators come from")
     args = p.parse_args(argv)
     if args.max_positions < 1 or args.observe_sentences < 0:
         raise ValueError("--max_positions must be positive and --observe_sentences >= 0")
     model, hp, spm_path = runs.load_quantized(args.logdir, args.checkpoint)
-    sources = None
-    if model.sites.config.integer_only and args.observe_sentences:
-        sp = spm.SentencePieceProcessor(model_file=spm_path)
-        lines = runs.load_corpus(hp)["dev"][0][: args.observe_sentences]
-        sources = data_load.encode_source(sp, lines)
+    sources = observed_sources(model, hp, spm_path, args.observe_sentences)
     manifest = export_model(model, hp, spm_path, args.out, sources, args.max_positions)
     print(f"exported {len(manifest['sites'])} sites to {args.out}")
 

@@ -332,7 +332,8 @@ def main(argv: list[str]) -> None:
         print(threshold_report(model, sites, data_load.train_batches(
             train_src, train_tgt, hp.batch_tokens, hp.seed, 0), hp.logdir))
         out = os.path.join(hp.logdir, "export")
-        export.export_model(model, hp, runs.spm_path(hp.logdir), out)
+        spm_file = runs.spm_path(hp.logdir)
+        export.export_model(model, hp, spm_file, out, export.observed_sources(model, hp, spm_file))
         bleu_text = "not scored in this run" if dev_bleu is None else f"{dev_bleu:.2f}"
         print(f"dev BLEU {bleu_text}; integer weights exported to {out}")
     minutes = (time.time() - start) / 60
