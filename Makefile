@@ -17,7 +17,7 @@ DEMO_INTONLY := --quant w8a8 --integer_only --num_epochs 1 --lr 1e-4 --warmup_st
 
 # the integer core: grids, roundings, frac bits, mem files (qformat.py); the TQT op, its fused
 # path and the bias grid (quant.py); the threshold searches (calibration.py); the exact-GEMM
-# planner and matmul (intmodel.py); the integer-only kernels (intops.py). Names as mutmut spells them.
+# planner and matmul (intmodel.py). Names as mutmut spells them.
 MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qformat.x_integer_range*' \
 	'qformat.x_frac_bits*' 'qformat.x_round_to_integer*' 'qformat.x_int_dtype*' 'qformat.xǁGridǁ*' \
 	'qformat.x_write_mem*' 'qformat.x_read_mem*' \
@@ -28,7 +28,7 @@ MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qfo
 	'calibration.x_activation_log2_t*' 'calibration.x_weight_log2_t*' \
 	'intmodel.x_accumulator_bound*' 'intmodel.x_bias_dtype*' 'intmodel.x_check_exact*' \
 	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*' \
-	'intmodel.xǁIntTransformerǁaccumulate*' 'intops.x_*'
+	'intmodel.xǁIntTransformerǁaccumulate*'
 
 .PHONY: demo test lint mutation clean
 
