@@ -181,15 +181,15 @@ class IntLayerNorm(LayerNorm):
             r_q = self.residual_integers(x, a)
             r = exact_forward(r, r_q, site_f(self.input_site))
         gamma = self.gamma_site(self.gamma)
-        f_beta = tf.cast(site_f(self.gamma_site) + intops.LN_F, tf.float32)
-        beta = from_int(self.beta_integers(), f_beta)
+        beta_q = self.beta_integers()
+        beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + intops.LN_F, tf.float32))
         beta = self.beta + tf.stop_gradient(beta - self.beta)  # straight-through to beta
         mean, var = tf.nn.moments(r, axes=[-1], keepdims=True)
         y = self.output_site(gamma * (r - mean) * tf.math.rsqrt(var + self.eps) + beta)
         if _observing(*sites):
             return y
-        out = intops_tf.layer_norm(
-            r_q, self.gamma_integers(), self.beta_integers(), self.eps_integer(),
+        out = intops_tf.layer_norm(  # gamma: the site's own output, read as integers
+            r_q, to_int(gamma, site_f(self.gamma_site)), beta_q, self.eps_integer(),
             site_f(self.gamma_site), site_f(self.output_site), self.output_site.num_bits,
             self.output_site.rounding)
         self.recorder.record(self.input_site.site_name, r_q)
