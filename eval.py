@@ -37,6 +37,7 @@ def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
 def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], str]:
     """Translations by the NumPy integer engine of the export in --export."""
     engine = intmodel.IntTransformer.load(hp.export)
+    engine.observe = True  # the accumulator widths printed below
     sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.export, qformat.SPM))
     hyps = intmodel.translate_lines(engine, sp, lines, hp.eval_batch_size, hp.beam, hp.alpha)
     stats = engine.accumulator_stats()

@@ -212,7 +212,7 @@ def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: lis
     between two grids (the shift and rounding that requantize it) and, per matmul and reduction,
     the proven worst-case accumulator beside the largest one observed."""
     engine = intmodel.IntOnlyTransformer(arrays, config)
-    engine.observe_reductions = True
+    engine.observe = True
     for start in range(0, len(sources), 16):
         engine.greedy(qformat.pad_batch(sources[start:start + 16]))
     return {"observed_on": f"{len(sources)} sentences, greedy decoding",

@@ -177,6 +177,7 @@ class IntTransformer:
         # floats (LayerNorm) as float32
         self.floats = {k: v.astype(np.float32) for k, v in arrays.items() if v.dtype.kind == "f"}
         self.trace: list[MatmulRecord] | None = None
+        self.observe = True  # track each accumulator's largest magnitude (accumulator_stats)
         self.manifest: dict | None = None  # set by load()
         self._acc_max: dict[str, int] = {}
         self._plans: dict[tuple[str, str, int], tuple[int, type, np.ndarray, str]] = {}
@@ -233,9 +234,10 @@ class IntTransformer:
 
     def record_matmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray, acc: np.ndarray,
                       transpose_w: bool) -> None:
-        """Track the accumulator's largest magnitude and, while tracing, the call."""
+        """Track the accumulator's largest magnitude (while `observe`) and, while tracing, the call."""
         name = qformat.matmul_of(x_site)
-        self._observe(name, acc)
+        if self.observe:
+            self._observe(name, acc)
         if self.trace is not None:
             w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
             bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
@@ -416,17 +418,26 @@ class IntTransformer:
         Each step takes the first maximum of the logits.  TF's greedy (beam search with one
         beam) ranks score + log_softmax(logits) in float64, which orders the tokens as the
         logits do; the two could part only if two logits were within float64 rounding of
-        each other.  beam_search(src, 1) computes it TF's way."""
+        each other.  beam_search(src, 1) computes it TF's way.  Finished sentences leave the
+        batch (cache rows too) once they are an eighth of it: every op works row by row, so the
+        others are unchanged."""
         src = np.asarray(src)
         src_bias, limit, cross_kv, cache = self._start(src, 1)
         out = np.full((len(src), int(limit.max())), PAD, np.int64)
-        token, finished = np.full(len(src), BOS), np.zeros(len(src), bool)
+        rows = np.arange(len(src))  # the sentences in the batch arrays
+        going = np.ones(len(src), bool)  # which of them still decode
+        token = np.full(len(src), BOS)
         for t in range(out.shape[1]):
-            if finished.all():
+            token = np.where(going, np.argmax(self._step(token, t, cache, cross_kv, src_bias), 1), PAD)
+            out[rows[going], t] = token[going]
+            going &= (token != EOS) & (t + 1 < limit)
+            if not going.any():
                 break
-            token = np.where(finished, PAD, np.argmax(self._step(token, t, cache, cross_kv, src_bias), 1))
-            out[:, t] = token
-            finished |= (token == EOS) | (t + 1 >= limit)
+            if 8 * np.count_nonzero(~going) >= len(going):  # drop finished rows by eighths
+                rows, token, limit, src_bias = rows[going], token[going], limit[going], src_bias[going]
+                cache = [(k[going], v[going]) for k, v in cache]
+                cross_kv = [(k[going], v[going]) for k, v in cross_kv]
+                going = going[going]
         return out
 
     def beam_search(self, src: np.ndarray, beam: int, alpha: float = 0.6) -> np.ndarray:
@@ -503,9 +514,9 @@ class IntOnlyTransformer(IntTransformer):
         self.ops: list[OpRecord] | None = None  # while tracing
         self._edges: dict[tuple[str, str], tuple[object, str]] = {}
         self._bounds: dict[str, int] = {}  # proven max |value| of each matmul and reduction
-        # observe the reductions (LayerNorm variance, softmax and residual sums) too: the
-        # export's data sheet turns it on; decoding does not pay for it
-        self.observe_reductions = False
+        # the reductions (LayerNorm variance, softmax and residual sums) are observed too; the
+        # export's data sheet and eval turn observing on, plain decoding does not pay for it
+        self.observe = False
         self.max_positions = len(self.int64[f"{qformat.EMBEDDING_SUM}/positions"])
         softmax_constants = list(intops.exp_constants(intops.EXP_F, self.d_k))
         if list(self.config.get("softmax_constants", softmax_constants)) != softmax_constants:
@@ -530,22 +541,24 @@ class IntOnlyTransformer(IntTransformer):
         grid = self.grids[site]
         shift = np.asarray(f_from) - grid.f
         self._edges[(source, site)] = (shift, self.rounding)
-        q = intops.clip_to(intops.shift_round(q, shift, self.rounding), grid.bits, grid.signed)
-        return self.emit(site, "requantize", q)
+        return self.emit(site, "requantize", intops.requantize(q, shift, grid.bits, grid.signed,
+                                                                self.rounding))
 
     def imatmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
                 bias: np.ndarray | None = None, transpose_w: bool = False,
                 k_max: int | None = None) -> np.ndarray:
-        """acc = x @ w (+ bias) as int64, on the grid f_x + f_w; its proven bound is
-        K max|x| max|w| + max|b| with K = k_max (the longest sequence) or the contracted length."""
+        """acc = x @ w (+ bias) on the grid f_x + f_w, int32 when its proven bound
+        K max|x| max|w| + max|b| (K = k_max, the longest sequence, or the contracted length) is
+        below 2^30 (a 32-bit lane, intops.shift_round keeps it), else int64."""
         name = qformat.matmul_of(x_site)
         if name not in self._bounds:
             largest_bias = 0 if bias is None else int(np.abs(bias).max(initial=0))
             k = k_max or x.shape[-1]
             self._bounds[name] = accumulator_bound(k, self.grids[x_site], self.grids[w_site]) + largest_bias
-        acc = self.accumulate(x_site, x, w_site, w, transpose_w)[0].astype(np.int64)
+        lane = np.int32 if self._bounds[name] < 1 << 30 else np.int64
+        acc = self.accumulate(x_site, x, w_site, w, transpose_w)[0].astype(lane)
         if bias is not None:
-            acc = acc + bias
+            acc += bias.astype(lane)  # exact: the bound includes the bias
         self.record_matmul(x_site, x, w_site, w, acc, transpose_w)
         return self.emit(name, "matmul", acc)
 
@@ -578,22 +591,23 @@ class IntOnlyTransformer(IntTransformer):
         names = qformat.layer_norm(prefix)
         f_x, grid = self.f(x_source), self.grids[names.input]
         g = np.maximum(f_x, f_a)
-        total = intops.shift_round(x, f_x - g, "floor") + intops.shift_round(a, f_a - g, "floor")
-        x_max = self.grids[x_source].max_abs
-        self._bounds.setdefault(f"{prefix}/residual_sum", int(np.max(
-            (x_max << (g - f_x)) + (self._bounds[a_source] << (g - f_a)))))
-        if self.observe_reductions:
+        total = intops.shift_round(x, f_x - g, "floor")  # fresh int64: the add in place
+        total += intops.shift_round(a, f_a - g, "floor")
+        if f"{prefix}/residual_sum" not in self._bounds:
+            self._bounds[f"{prefix}/residual_sum"] = int(np.max(
+                (self.grids[x_source].max_abs << (g - f_x)) + (self._bounds[a_source] << (g - f_a))))
+        if self.observe:
             self._observe(f"{prefix}/residual_sum", total, None)
         # each operand's total shift onto the residual grid; the sum is rounded once
         self._edges[(x_source, names.input)] = (f_x - grid.f, self.rounding)
         self._edges[(a_source, names.input)] = (np.asarray(f_a) - grid.f, self.rounding)
-        r = intops.clip_to(intops.shift_round(total, g - grid.f, self.rounding), grid.bits, grid.signed)
+        r = intops.requantize(total, g - grid.f, grid.bits, grid.signed, self.rounding)
         r = self.emit(names.input, "residual", r, x=x, a=a)
         out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
         beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
         d = r.shape[-1]
         self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
-        if self.observe_reductions:
+        if self.observe:
             self._observe(f"{prefix}/variance", intops.layer_norm_moments(r, eps_q)[1], None)
         out = intops.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
                                 out_grid.bits, self.rounding)
@@ -621,14 +635,15 @@ class IntOnlyTransformer(IntTransformer):
         probs_grid = self.grids[names.probs]
         self._edges[(qformat.matmul_of(names.query), f"{prefix}/softmax")] = (
             f_s - intops.EXP_F, intops.EXP_ROUNDING)
-        mask = np.broadcast_to(True if visible is None else visible, scores.shape)
+        mask = None if visible is None else np.broadcast_to(visible, scores.shape)
         exps = intops.softmax_exps(scores, f_s, mask, m=self.d_k)  # intops.softmax in two steps
         self._bounds.setdefault(f"{prefix}/softmax_sum",
                                 self.max_positions * intops.exp_max(intops.EXP_F, self.d_k))
-        if self.observe_reductions:
+        if self.observe:
             self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
         probs = intops.normalize(exps, probs_grid.bits, self.rounding)
-        probs = self.emit(names.probs, "softmax", probs, scores=scores, visible=mask)
+        probs = self.emit(names.probs, "softmax", probs, scores=scores,
+                          visible=np.broadcast_to(True, scores.shape) if mask is None else mask)
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
         b, _, lq, _ = heads.shape
         concat = heads.transpose(0, 2, 1, 3).reshape(b, lq, -1)

@@ -6,7 +6,7 @@ grids (qformat.Grid): an integer q on grid f stands for q * 2^-f. Equations: doc
 
     shift_round(q, k, R)    R(q * 2^-k): a requantizing shift (k < 0 shifts left, exactly)
     div_round(a, b, R)      R(a / b) for integers, b > 0
-    isqrt(n)                floor(sqrt(n)) by 31 fixed digit-by-digit steps, 0 <= n < 2^62
+    isqrt(n)                floor(sqrt(n)) by 6 fixed Newton steps from a power of two, 0 <= n < 2^62
     exp_neg(x, f)           exp(x 2^-f) for x <= 0 (I-BERT's i-exp): shifts and one square
     softmax(q, f, mask, b)  masked keys by selection, one integer division, unsigned b-bit output;
                             m folds a 1/sqrt(m) scaling into exp's constants
@@ -15,6 +15,7 @@ grids (qformat.Grid): an integer q on grid f stands for q * 2^-f. Equations: doc
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -22,7 +23,7 @@ import numpy as np
 import qformat
 
 ISQRT_MAX = 1 << 62  # isqrt's domain: n < 2^62 (the root < 2^31)
-_ISQRT_STEPS = 31  # one result bit per step: the root of n < 2^62 has 31 bits
+ISQRT_STEPS = 6  # Newton steps that reach floor(sqrt(n)) from 2^ceil(bits/2) for every n < 2^62
 
 
 def _int64(a) -> np.ndarray:
@@ -30,6 +31,12 @@ def _int64(a) -> np.ndarray:
     if a.dtype.kind not in "iu":
         raise TypeError(f"integer kernels take integer arrays, got {a.dtype}")
     return a.astype(np.int64, copy=False)
+
+
+def _lane(a) -> np.ndarray:
+    """An int32 array as it is (a 32-bit lane), any other integer array as int64."""
+    a = np.asarray(a)
+    return a if a.dtype == np.int32 else _int64(a)
 
 
 def div_round(a, b, rounding: str) -> np.ndarray:
@@ -41,11 +48,19 @@ def div_round(a, b, rounding: str) -> np.ndarray:
         raise ValueError("div_round needs a positive divisor")
     if rounding not in qformat.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
+    return _div_round(a, b, rounding)
+
+
+def _div_round(a: np.ndarray, b: np.ndarray, rounding: str) -> np.ndarray:
+    """div_round without the checks (the kernels' own calls, on operands valid by construction)."""
     q, r = np.divmod(a, b)
     if rounding == "floor":
         return q
-    tie_up = np.ones_like(q, bool) if rounding == "half_up" else q % 2 == 1
-    return q + ((2 * r > b) | ((2 * r == b) & tie_up))
+    # up when 2r + t > b: t = 1 rounds the tie 2r = b up (half_up), t = q mod 2 only from an odd q
+    r <<= 1
+    r += 1 if rounding == "half_up" else np.bitwise_and(q, 1)
+    q += r > b
+    return q
 
 
 def shift_round(q, k, rounding: str) -> np.ndarray:
@@ -53,14 +68,19 @@ def shift_round(q, k, rounding: str) -> np.ndarray:
     broadcasting): an arithmetic right shift by k, rounded by the bits shifted out,
     r = q & (2^k - 1): up when r > 2^(k-1), and at the tie r = 2^(k-1) when half_up, or when
     q >> k is odd for half_even; k <= 0 is the exact left shift q << -k (the caller keeps the
-    result inside int64)."""
+    result inside int64). An int32 q (a 32-bit lane, |q| <= 2^30) shifted right by one scalar
+    0 <= k <= 30 stays int32 (the same integers); any other q is computed in int64."""
+    q = _lane(q)
+    if rounding not in qformat.ROUNDINGS:
+        raise ValueError(f"unknown rounding {rounding!r}")
+    if np.ndim(k) == 0:  # one shift for the whole tensor (a per-tensor grid): scalar constants
+        k = int(k)
+        if abs(k) > 62:
+            raise ValueError("shift_round shifts by at most 62 bits")
+        return _shift_by(q if 0 <= k <= 30 else _int64(q), k, rounding)
     q, k = _int64(q), _int64(k)
     if np.any(np.abs(k) > 62):
         raise ValueError("shift_round shifts by at most 62 bits")
-    if rounding not in qformat.ROUNDINGS:
-        raise ValueError(f"unknown rounding {rounding!r}")
-    if k.ndim == 0:  # one shift for the whole tensor (a per-tensor grid): scalar constants
-        return _shift_by(q, int(k), rounding)
     right = np.maximum(k, 0)
     shifted = np.right_shift(q, right)
     if rounding != "floor":
@@ -73,34 +93,61 @@ def shift_round(q, k, rounding: str) -> np.ndarray:
 
 def _shift_by(q: np.ndarray, k: int, rounding: str) -> np.ndarray:
     """shift_round by one Python-int shift: the same rule as an add before the shift (floor of
-    q / 2^k + 1/2, less 1/2^k at an even tie for half_even), exact while |q| <= 2^62."""
+    q / 2^k + 1/2, less 1/2^k at an even tie for half_even), exact while |q| <= 2^62 (int64) or
+    |q| <= 2^30 (int32, k <= 30)."""
     if k <= 0:
         return np.left_shift(q, -k)
     if rounding == "floor":
         return np.right_shift(q, k)
     if rounding == "half_up":
-        return np.right_shift(q + (1 << (k - 1)), k)
-    odd = np.bitwise_and(np.right_shift(q, k), 1)  # a tie rounds up only from an odd floor
-    return np.right_shift(q + ((1 << (k - 1)) - 1) + odd, k)
+        out = q + (1 << (k - 1))
+    else:  # in place: one temporary instead of four (these are the engine's most frequent passes)
+        out = np.right_shift(q, k)
+        np.bitwise_and(out, 1, out=out)  # a tie rounds up only from an odd floor
+        out += q
+        out += (1 << (k - 1)) - 1
+    return np.right_shift(out, k, out=out)
 
 
 def isqrt(n) -> np.ndarray:
-    """floor(sqrt(n)) for int64 0 <= n < 2^62, digit by digit: 31 steps, each deciding one bit
-    of the root from the top (r + bit)^2 <= n, with shifts, adds and compares only."""
+    """floor(sqrt(n)) for int64 0 <= n < 2^62: Newton's x <- min(x, (x + n // x) >> 1) for 6
+    fixed steps from x = 2^ceil(bit_length(n) / 2) (computed on max(n, 1); n = 0 gives 0).
+
+    Why 6 suffice: x starts in [sqrt n, 2 sqrt n), so its relative error e = x / sqrt(n) - 1 is
+    < 1, and a Newton step maps e to e^2 / (2 (1 + e)): 1/4, 2.5e-2, 3.1e-4, 4.7e-8, 1.1e-15, so
+    after 5 steps x < sqrt(n) + 2^31 1.1e-15, i.e. x <= r + 1 for r = floor(sqrt n). The floors
+    only lower x and never below r ((x + n // x) >> 1 >= r for every x >= 1, by AM-GM), the min
+    makes the sequence non-increasing, and from x = r + 1 ((r + 1)^2 > n) one more step gives r."""
     n = _int64(n)
     if np.any(n < 0) or np.any(n >= ISQRT_MAX):
         raise ValueError("isqrt takes 0 <= n < 2^62")
-    root = np.zeros_like(n)
-    for step in range(_ISQRT_STEPS - 1, -1, -1):
-        trial = root | np.int64(1 << step)
-        root = np.where(trial * trial <= n, trial, root)
-    return root
+    return _isqrt(n)
+
+
+def _isqrt(n: np.ndarray) -> np.ndarray:
+    """isqrt without the checks (layer_norm's normalized W, in range by construction)."""
+    m = np.maximum(n, 1)
+    x = np.left_shift(np.int64(1), np.right_shift(_bit_length(m) + 1, 1))
+    for _ in range(ISQRT_STEPS):
+        x = np.minimum(x, np.right_shift(x + m // x, 1))
+    return np.minimum(x, n)
 
 
 def clip_to(q, bits: int, signed: bool) -> np.ndarray:
-    """q clipped into the integer range of a `bits`-bit grid (qformat.integer_range)."""
+    """q clipped into the integer range of a `bits`-bit grid (qformat.integer_range); an int32 q
+    stays int32."""
     n, p = qformat.integer_range(bits, signed)
-    return np.minimum(np.maximum(_int64(q), n), p)
+    out = np.maximum(_lane(q), n)
+    return np.minimum(out, p, out=out)
+
+
+def requantize(q, k, bits: int, signed: bool, rounding: str) -> np.ndarray:
+    """clip_to(shift_round(q, k, rounding), bits, signed): an edge from one grid onto a `bits`-bit
+    grid k bits coarser (the clip in place on shift_round's fresh result)."""
+    n, p = qformat.integer_range(bits, signed)
+    out = shift_round(q, k, rounding)
+    np.maximum(out, n, out=out)
+    return np.minimum(out, p, out=out)
 
 
 # ---- softmax ----
@@ -155,6 +202,11 @@ def exp_constants(F: int = EXP_F, m: int = 1) -> tuple[int, int, int]:
     integers (exported): the constants of exp(x / sqrt(m)) for x on grid F. With m = d_k the
     attention's 1/sqrt(d_k) is folded into them: no non-power-of-two multiply survives."""
     _check_exp_grids(0, F, m)
+    return _exp_constants(int(F), int(m))
+
+
+@functools.cache  # every softmax call needs them: worked out once per (F, m)
+def _exp_constants(F: int, m: int) -> tuple[int, int, int]:
     q_ln2 = _round_sqrt(LN2_Q64 * LN2_Q64 * m, 1 << 128, F)
     q_b = _round_sqrt(EXP_B[0] * EXP_B[0] * m, EXP_B[1] * EXP_B[1], F)
     q_c = _round_ratio((EXP_C_OVER_A[0] * m) << (2 * F), EXP_C_OVER_A[1])
@@ -185,9 +237,14 @@ def exp_neg(x, f: int, F: int = EXP_F, m: int = 1) -> np.ndarray:
     below -64 * 2^h. Relative error <= 3.1e-3 (the polynomial) + 1.4e-6 z (q_ln2, F = 15) plus an
     absolute A 2^-2F / m (the shift)."""
     x = _int64(x)
-    _check_exp_grids(f, F, m)
     if np.any(x > 0):
         raise ValueError("exp_neg takes x <= 0")
+    return _exp_neg(x, f, F, m)
+
+
+def _exp_neg(x: np.ndarray, f: int, F: int, m: int) -> np.ndarray:
+    """exp_neg without the check on x (softmax's x - top <= 0 by construction)."""
+    _check_exp_grids(f, F, m)
     q_ln2, q_b, q_c = exp_constants(F, m)
     h = _check_scale(m)
     x = np.maximum(x, -(1 << max(EXP_X_MIN_LOG2 + h + int(f), 0)))  # value >= -64 2^h (or x >= -1)
@@ -238,12 +295,15 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: in
 
 
 def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1) -> np.ndarray:
-    """softmax's numerators: e = exp_neg(q - top) where mask is True (bool, q's shape), 0 elsewhere;
-    top = the largest unmasked q of the row."""
+    """softmax's numerators: e = exp_neg(q - top) where mask is True (bool, q's shape; None: every
+    position), 0 elsewhere; top = the largest unmasked q of the row."""
     _check_softmax_widths(q.shape[-1], 0, F, m)
+    q = _int64(q)
+    if mask is None:
+        return _exp_neg(q - np.max(q, axis=-1, keepdims=True), f, F, m)
     top = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
     x = np.where(mask, q, top) - top  # <= 0; 0 where masked (and everywhere in a fully masked row)
-    return np.where(mask, exp_neg(x, f, F, m), 0)
+    return np.where(mask, _exp_neg(x, f, F, m), 0)
 
 
 def normalize(e, out_bits: int, rounding: str) -> np.ndarray:
@@ -251,7 +311,7 @@ def normalize(e, out_bits: int, rounding: str) -> np.ndarray:
     softmax_exps (within _check_softmax_widths)."""
     e = _int64(e)
     total = np.sum(e, axis=-1, keepdims=True)
-    probs = div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
+    probs = _div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
     return clip_to(probs, out_bits, signed=False)
 
 
@@ -263,21 +323,21 @@ LN_MAX_ABS_GAMMA = 1 << 15  # |gamma_q| <= 2^15: a 16-bit gamma
 LN_MAX_ABS_BETA = 1 << 48  # |beta_q| < 2^48 on the product grid f_gamma + F
 LN_MAX_EPS_Q = 1 << 32  # 0 <= eps_q <= 2^32
 LN_K, LN_F = 24, 16  # defaults: the divisor D has K bits, the normalized value F fractional bits
-_BIT_LENGTH_STEPS = (32, 16, 8, 4, 2, 1)
+_POWERS_OF_TWO = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))  # 2^0 .. 2^62
 
 
 def bit_length(n) -> np.ndarray:
-    """The bit length of int64 0 <= n < 2^63 (0 for 0; floor(log2 n) + 1 otherwise): a priority
-    encoder by 6 fixed halving steps (compare, shift, add)."""
+    """The bit length of int64 0 <= n < 2^63 (0 for 0; floor(log2 n) + 1 otherwise): how many of
+    2^0 .. 2^62 are <= n, a priority encoder (a binary search by compares; the TF twin takes 6
+    fixed halving steps)."""
     n = _int64(n)
     if np.any(n < 0):
         raise ValueError("bit_length takes n >= 0")
-    length = np.zeros_like(n)
-    for step in _BIT_LENGTH_STEPS:
-        big = n >= np.int64(1 << step)
-        n = np.where(big, np.right_shift(n, step), n)
-        length = length + np.where(big, np.int64(step), np.int64(0))
-    return length + (n > 0)
+    return _bit_length(n)
+
+
+def _bit_length(n: np.ndarray) -> np.ndarray:
+    return np.searchsorted(_POWERS_OF_TWO, n, side="right").astype(np.int64)
 
 
 def layer_norm_eps_q(eps: float, f_in: int) -> int:
@@ -355,15 +415,21 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
         raise ValueError("layer_norm needs an array with a last axis")
     d, out_shift = q.shape[-1], f_gamma + F - f_out
     check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
-    if np.any(np.abs(q) > LN_MAX_ABS_Q) or np.any(np.abs(gamma_q) > LN_MAX_ABS_GAMMA):
+    if q.min(initial=0) < -LN_MAX_ABS_Q or q.max(initial=0) > LN_MAX_ABS_Q or np.any(
+            np.abs(gamma_q) > LN_MAX_ABS_GAMMA):
         raise ValueError("layer_norm takes |q| <= 2^15 and |gamma_q| <= 2^15")
     if np.any(np.abs(beta_q) >= LN_MAX_ABS_BETA) or np.any(eps_q < 0) or np.any(eps_q > LN_MAX_EPS_Q):
         raise ValueError("layer_norm takes |beta_q| < 2^48 and 0 <= eps_q <= 2^32")
     s, w = layer_norm_moments(q, eps_q)
-    c = d * q - s
-    k = np.right_shift(2 * K - bit_length(w), 1)  # floor division by 2
-    root = np.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
+    c = q * d
+    c -= s
+    k = np.right_shift(2 * K - _bit_length(w), 1)  # floor division by 2
+    # floor(W 2^2k): a left shift, or (W >= 2^2K, k < 0) a floor right shift
+    root = np.maximum(_isqrt(np.right_shift(np.left_shift(w, np.maximum(2 * k, 0)),
+                                            np.maximum(-2 * k, 0))), 1)
     up = k + F
-    n = div_round(np.left_shift(c, np.maximum(up, 0)), np.left_shift(root, np.maximum(-up, 0)), rounding)
-    y = gamma_q * n + beta_q
-    return clip_to(shift_round(y, out_shift, rounding), out_bits, signed=True)
+    np.left_shift(c, np.maximum(up, 0), out=c)
+    y = _div_round(c, np.left_shift(root, np.maximum(-up, 0)), rounding)  # n, then in place:
+    y *= gamma_q
+    y += beta_q
+    return requantize(y, out_shift, out_bits, True, rounding)

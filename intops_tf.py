@@ -53,13 +53,13 @@ def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
 
 
 def isqrt(n: tf.Tensor) -> tf.Tensor:
-    """floor(sqrt(n)) for int64 0 <= n < 2^62, the same 31 digit-by-digit steps (intops.isqrt)."""
+    """floor(sqrt(n)) for int64 0 <= n < 2^62: the same 6 Newton steps (intops.isqrt)."""
     n = tf.cast(n, tf.int64)
-    root = tf.zeros_like(n)
-    for step in range(intops._ISQRT_STEPS - 1, -1, -1):
-        trial = tf.bitwise.bitwise_or(root, tf.constant(1 << step, tf.int64))
-        root = tf.where(trial * trial <= n, trial, root)
-    return root
+    m, one = tf.maximum(n, 1), tf.constant(1, tf.int64)
+    x = tf.bitwise.left_shift(one, tf.bitwise.right_shift(bit_length(m) + 1, one))
+    for _ in range(intops.ISQRT_STEPS):
+        x = tf.minimum(x, tf.bitwise.right_shift(x + tf.math.floordiv(m, x), one))
+    return tf.minimum(x, n)
 
 
 # ---- softmax ----
@@ -127,10 +127,11 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
 
 
 def bit_length(n: tf.Tensor) -> tf.Tensor:
-    """The bit length of int64 0 <= n < 2^63: the same 6 halving steps (intops.bit_length)."""
+    """The bit length of int64 0 <= n < 2^63 (intops.bit_length): a priority encoder by 6 fixed
+    halving steps (compare, shift, add)."""
     n = tf.cast(n, tf.int64)
     length = tf.zeros_like(n)
-    for step in intops._BIT_LENGTH_STEPS:
+    for step in (32, 16, 8, 4, 2, 1):
         big = n >= tf.constant(1 << step, tf.int64)
         n = tf.where(big, tf.bitwise.right_shift(n, tf.constant(step, tf.int64)), n)
         length = length + tf.where(big, tf.constant(step, tf.int64), tf.constant(0, tf.int64))

@@ -85,7 +85,7 @@ def softmax_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -
 def op_error_table(engine: intmodel.IntOnlyTransformer, sources: list[list[int]]) -> dict:
     """Per-op errors on teacher-forced test sentences and the widest accumulator of each op."""
     errors: dict[str, list[np.ndarray]] = {"layer_norm": [], "softmax": []}
-    engine.observe_reductions = True
+    engine.observe = True
     for start in range(0, len(sources), 32):
         src = qformat.pad_batch(sources[start:start + 32])
         out = engine.greedy(src)

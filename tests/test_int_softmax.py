@@ -259,6 +259,11 @@ def test_softmax_model_mask_shapes():
             row = intops.softmax(q[index], 6, full[index], 8, "half_even")
             np.testing.assert_array_equal(row, out[index])
     np.testing.assert_array_equal(check_softmax(q, 6, causal, 8, "half_even")[..., 0, 0], 255)
+    # no mask (None, the engine's cached decoder step) is every key visible, in one pass less
+    everyone = np.ones(q.shape, bool)
+    for m in (1, 32):
+        np.testing.assert_array_equal(intops.softmax_exps(q.astype(np.int32), 6, None, m=m),
+                                      intops.softmax_exps(q, 6, everyone, m=m))
 
 
 def test_softmax_rejects_floats_and_additive_masks():

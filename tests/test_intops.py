@@ -78,6 +78,33 @@ def test_isqrt_is_the_integer_square_root(n):
     np.testing.assert_array_equal(intops_tf.isqrt(tf.constant(n, tf.int64)).numpy(), got)
 
 
+def test_isqrt_six_newton_steps_reach_the_root_at_the_hardest_inputs():
+    # every n below 2^16, and r^2 - 1, r^2, r^2 + 2r around the largest roots (the start 2^16, 2^31
+    # is farthest from sqrt(n) just above a power of four; r^2 - 1 ends one above the root after
+    # five steps: the sixth is needed)
+    roots = np.concatenate([np.arange(2**15 - 40, 2**15 + 40), np.arange(2**31 - 80, 2**31)])
+    n = np.concatenate([np.arange(2**16), roots * roots - 1, roots * roots, roots * roots + 2 * roots,
+                        4 ** np.arange(31), 4 ** np.arange(1, 31) + 1])
+    n = n[n < intops.ISQRT_MAX]
+    assert intops.isqrt(n).tolist() == [math.isqrt(int(x)) for x in n]
+    np.testing.assert_array_equal(intops_tf.isqrt(tf.constant(n, tf.int64)).numpy(), intops.isqrt(n))
+
+
+def test_int32_lanes_keep_their_width_and_the_same_integers():
+    q = np.array([-(2**30), -5, -3, -2, 0, 1, 2, 3, 6, 2**30 - 1], np.int32)
+    for rounding in qformat.ROUNDINGS:
+        for k in (0, 1, 2, 17, 30):
+            got = intops.shift_round(q, k, rounding)
+            assert got.dtype == np.int32
+            assert got.tolist() == intops.shift_round(q.astype(np.int64), k, rounding).tolist()
+        # a left shift or a shift past 30 bits leaves the lane: int64
+        assert intops.shift_round(q, -3, rounding).dtype == np.int64
+        assert intops.shift_round(q, 31, rounding).dtype == np.int64
+    assert intops.clip_to(q, 8, True).dtype == np.int32
+    assert intops.requantize(q, 2, 8, True, "half_even").tolist() == \
+        intops.clip_to(intops.shift_round(q.astype(np.int64), 2, "half_even"), 8, True).tolist()
+
+
 def test_isqrt_domain_and_integer_inputs_only():
     assert intops.isqrt(np.array([2**62 - 1])).tolist() == [2**31 - 1]
     for bad in ([-1], [2**62]):
