@@ -8,8 +8,8 @@ four runs are fine-tuned from the float parent with the same steps and schedule:
 (--quant none), matmul-only QAT W8A8, integer-only QAT W8A8 and W4A8 (--integer_only). Reported:
 test BLEU (sacreBLEU, greedy) and training tokens/s of each; for the integer-only runs the
 BLEU of the NumPy integer engine, the % of test sentences with identical output (engine vs TF),
-the engine's greedy speed over the TF float control's (same process, one after the other), and
-a per-op error table: max
+the engine's greedy speed over the TF float control's (same process; each the median of
+--speed_repeats timings of the whole test set), and a per-op error table: max
 and mean |integer - float64| of every LayerNorm and softmax output (in units of the output grid)
 on the real activations of teacher-forced test sentences, with the widest accumulator of each
 (observed and proven). Prints a table and writes the JSON given by --out.
@@ -43,10 +43,14 @@ RUNS = {"float_control": ["--quant", "none"], "qat_w8a8": ["--quant", "w8a8"],
         "intonly_w4a8": ["--quant", "w4a8", "--integer_only"]}
 
 
-def timed(fn, *args) -> tuple[list[str], float]:
-    start = time.perf_counter()
-    out = fn(*args)
-    return out, time.perf_counter() - start
+def timed(fn, *args, repeats: int = 1) -> tuple[list[str], float]:
+    """fn(*args) and the median of `repeats` wall-clock timings of it."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds.append(time.perf_counter() - start)
+    return out, float(np.median(seconds))
 
 
 def train_speed(logdir: str) -> float:
@@ -110,13 +114,17 @@ def op_error_table(engine: intmodel.IntOnlyTransformer, sources: list[list[int]]
 
 
 def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
-                 residual_sweep: list[int]) -> dict:
-    """The four runs (and integer-only W8A8 at each width of `residual_sweep`) on one corpus."""
+                 residual_sweep: list[int], repeats: int, reuse_runs: bool) -> dict:
+    """The four runs (and integer-only W8A8 at each width of `residual_sweep`) on one corpus;
+    `reuse_runs`: a run that already finished in `workdir` is measured again, not retrained."""
     result: dict = {"runs": {}}
     sweep = {f"intonly_w8a8_r{bits}": RUNS["intonly_w8a8"] + ["--residual_bits", str(bits)]
              for bits in residual_sweep}
     for name, extra in {**RUNS, **sweep}.items():
         logdir = os.path.join(workdir, name)
+        if reuse_runs and os.path.exists(os.path.join(logdir, "train_summary.json")):
+            print(f"reusing the finished run {logdir}")
+            continue
         runs.fresh_logdir(logdir)
         train.main(["--logdir", logdir, "--init_from", parent, *extra, *flags])
     control_dir = os.path.join(workdir, "float_control")
@@ -125,7 +133,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
     de, en, test_name = runs.test_pairs(control_hp)
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(control_dir))
     runs.translate(control, sp, de[:8], control_hp)  # trace outside the timing
-    float_hyps, float_s = timed(runs.translate, control, sp, de, control_hp)
+    float_hyps, float_s = timed(runs.translate, control, sp, de, control_hp, repeats=repeats)
     result["test_set"] = runs.repo_relative(test_name) if control_hp.test_src else test_name
     result["sentences"] = len(de)
     result["runs"]["float_control"] = {"bleu": round(runs.bleu_score(float_hyps, en)[0], 2),
@@ -142,7 +150,8 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
             export_dir = os.path.join(workdir, f"export_{name}")
             export.export_model(model, hp, spm_path, export_dir, sources[:50])
             engine = intmodel.IntTransformer.load(export_dir)
-            int_hyps, int_s = timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size)
+            int_hyps, int_s = timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size,
+                                    repeats=repeats)
             same = np.mean([a == b for a, b in zip(int_hyps, tf_hyps)])
             row.update(engine_bleu=round(runs.bleu_score(int_hyps, en)[0], 2),
                        identical_output_pct=round(100 * float(same), 2),
@@ -166,6 +175,10 @@ def main() -> None:
     p.add_argument("--residual_sweep", default="8,12",
                    help="demo corpus only: also integer-only W8A8 with these --residual_bits")
     p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
+    p.add_argument("--speed_repeats", type=int, default=3,
+                   help="greedy speeds are the median of this many timings of the test set")
+    p.add_argument("--reuse_runs", action="store_true",
+                   help="measure finished runs in --workdir again instead of retraining them")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "intonly.json"),
                    help="JSON result; an existing one keeps the corpora this run does not measure")
     args = p.parse_args()
@@ -189,7 +202,9 @@ def main() -> None:
             result["corpora"] = earlier["corpora"]
     for name, parent in parents.items():
         result["corpora"][name] = bench_corpus(parent, os.path.join(args.workdir, name), flags,
-                                               args.op_sentences, sweep if name == "demo" else [])
+                                               args.op_sentences, sweep if name == "demo" else [],
+                                               args.speed_repeats, args.reuse_runs)
+        result["corpora"][name]["speed_repeats"] = args.speed_repeats
         result["corpora"][name]["parent"] = runs.repo_relative(parent)
         hparams.write_json(args.out, result)  # after each corpus: a partial result survives
     print("| corpus | float control | QAT W8A8 | int-only W8A8 (engine, identical) | int-only W4A8 "
