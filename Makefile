@@ -2,9 +2,14 @@
 # `make test`: set up .venv, lint, run the tests.
 # `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
+# the TensorFlow build: cpu (tensorflow-cpu, the default) or gpu (tensorflow[and-cuda]); switching
+# uninstalls the other one, so the two never sit side by side
+VARIANT ?= cpu
+OTHER_TF := $(if $(filter gpu,$(VARIANT)),tensorflow-cpu,tensorflow)
+$(if $(filter-out cpu gpu,$(VARIANT)),$(error VARIANT must be cpu or gpu, not $(VARIANT)))
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+STAMP := $(VENV)/.installed-$(VARIANT)
 DEMO := runs/demo
 # the demo model: small enough to train on 2 CPU cores in a few minutes
 DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size 2000 \
@@ -35,7 +40,9 @@ MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qfo
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(BIN)/python -m pip uninstall -q -y $(OTHER_TF)
+	$(BIN)/python -m pip install -q -e '.[dev,$(VARIANT)]'
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -167,6 +167,16 @@ def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
 # ---------------------------------------------------------------------------
 
 
+def iwslt_sets(folder: str) -> list[str]:
+    """The dev/test sets an IWSLT folder holds (German side), e.g. ["dev2010", "tst2010", ...];
+    a TEDX set is listed as "TEDX.<name>"."""
+    names = set()
+    for path in glob.glob(os.path.join(glob.escape(folder), "IWSLT*.TED*.de-en.de.xml")):
+        kind, name = os.path.basename(path).split(".")[1:3]
+        names.add(name if kind == "TED" else f"{kind}.{name}")
+    return sorted(names)
+
+
 def _iwslt_set_paths(folder: str, set_name: str) -> tuple[str, str]:
     """German and English XML files of a dev/test set such as "tst2013".
 
@@ -186,7 +196,9 @@ def _iwslt_set_paths(folder: str, set_name: str) -> tuple[str, str]:
             if not os.path.isfile(en_path):
                 raise DataError(f"{folder}: missing {os.path.basename(en_path)}")
             return de_path, en_path
-    raise DataError(f"{folder}: missing {patterns[0]} (IWSLT dev/test set {set_name!r})")
+    there = ", ".join(iwslt_sets(folder)) or "none"
+    raise DataError(f"{folder}: missing {patterns[0]} (IWSLT dev/test set {set_name!r}; the folder "
+                    f"has: {there})")
 
 
 def _iwslt_train_paths(folder: str) -> tuple[str, str]:

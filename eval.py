@@ -87,6 +87,8 @@ def main(argv: list[str]) -> None:
         raise ValueError("--engine int needs --export DIR (an export.py directory)")
     if hp.engine == "int" and hp.export_to:
         raise ValueError("--export_to writes the integers of a TF model (--engine tf --logdir DIR)")
+    if hp.engine == "tf":
+        print(runs.setup_devices(hp.require_gpu))
     de, en, test_name = runs.test_pairs(hp, hp.src, hp.ref)
     start = time.time()
     hyps, source = (translate_int if hp.engine == "int" else translate_tf)(hp, de)

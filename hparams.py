@@ -87,7 +87,8 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a (quantized) Transformer de->en.")
+    p = argparse.ArgumentParser(description="Train a (quantized) Transformer de->en.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logdir", required=True, help="checkpoints, hparams.json, summaries, hypotheses")
     add_data_flags(p)
     add_model_flags(p)
@@ -100,18 +101,28 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_minutes", type=float, default=0,
                    help="stop after this much training wall-clock time in this run (0: no limit)")
     g.add_argument("--ckpt_every", type=int, default=1000, help="checkpoint every N steps")
-    g.add_argument("--keep_checkpoints", type=int, default=3)
+    g.add_argument("--keep_checkpoints", type=int, default=3,
+                   help="latest checkpoints kept in <logdir>/ckpt (what a re-run resumes from)")
+    g.add_argument("--keep_best", type=int, default=1,
+                   help="keep the N checkpoints with the highest dev BLEU in <logdir>/best (scored "
+                        "after every epoch; 0: none); eval.py and --init_from read the best")
+    g.add_argument("--patience", type=int, default=0,
+                   help="stop when dev BLEU has not improved for N epochs (0: train every epoch)")
     g.add_argument("--dev_max_sentences", type=int, default=0,
                    help="score dev BLEU on the first N dev sentences (0: all)")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--strategy", default="none", choices=["none", "mirrored"],
                    help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs")
+    g.add_argument("--require_gpu", action="store_true",
+                   help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
+                        "otherwise, apart from the devices line)")
     add_decode_flags(p)
     add_quant_flags(p)
     g = p.add_argument_group("quantization-aware training")
     g.add_argument("--init_from", default=None, metavar="LOGDIR",
-                   help="start from this run's latest checkpoint (its model flags, data flags and "
-                        "SentencePiece model are taken over), e.g. a float run to fine-tune with --quant")
+                   help="start from this run's best checkpoint (else its latest; its model flags, data "
+                        "flags and SentencePiece model are taken over), e.g. a float run to fine-tune "
+                        "with --quant")
     add_calib_flags(g)
     g.add_argument("--th_lr", type=float, default=1e-2, help="Adam learning rate of the thresholds")
     g.add_argument("--th_decay_steps", type=int, default=1000,
@@ -130,7 +141,8 @@ def add_calib_flags(g) -> None:
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Translate a test set and report sacreBLEU.")
+    p = argparse.ArgumentParser(description="Translate a test set and report sacreBLEU.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logdir", default=None,
                    help="a train.py --logdir (checkpoint + hparams.json); optional with --engine int")
     p.add_argument("--engine", default="tf", choices=["tf", "int"],
@@ -149,10 +161,14 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="write the result as JSON here")
     p.add_argument("--hyp_out", default=None,
                    help="hypotheses file (default <logdir or export>/test_hyp_<engine>.txt)")
-    p.add_argument("--checkpoint", default=None, help="a specific checkpoint prefix (default: latest)")
+    p.add_argument("--checkpoint", default=None,
+                   help="best, latest, averaged (scripts/average_checkpoints.py) or a checkpoint "
+                        "prefix (default: best when the run kept one, else latest)")
     p.add_argument("--summary", default=None,
                    help="add this result to a JSON summary file (e.g. runs/demo/summary.json)")
     p.add_argument("--summary_key", default="float", help="the entry's name in --summary")
+    p.add_argument("--require_gpu", action="store_true",
+                   help="stop with an error unless TensorFlow sees a GPU")
     add_data_flags(p)
     add_model_flags(p)
     add_decode_flags(p)

@@ -2,12 +2,16 @@
 model and checkpoint, its corpus, translating with it and scoring BLEU (and, for the benchmarks,
 clearing a run an earlier benchmark left).
 
-A run is a train.py `--logdir`: `hparams.json`, `spm.model` and `ckpt/`.
+A run is a train.py `--logdir`: `hparams.json`, `spm.model`, `ckpt/` (the latest checkpoints,
+what a re-run resumes from), `best/` (the highest dev BLEU, `best.json` lists them, best first)
+and, after scripts/average_checkpoints.py, `averaged/`.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
+import json
 import os
 import shutil
 import sys
@@ -31,6 +35,83 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 def spm_path(logdir: str) -> str:
     """The SentencePiece model a run was trained with, kept in its logdir."""
     return os.path.join(logdir, "spm.model")
+
+
+BEST, LATEST, AVERAGED = "best", "latest", "averaged"
+TF_BUILDS = ("tensorflow", "tensorflow-cpu")  # the GPU build and the CPU-only one: never both
+
+
+def setup_devices(require_gpu: bool) -> str:
+    """Memory growth on every GPU (so eval.py can share one with a training run), and a line
+    naming the devices TensorFlow will use. ValueError when both TensorFlow builds are installed
+    (which one imports is an accident), or with `require_gpu` when TensorFlow sees no GPU."""
+    builds = [name for name in TF_BUILDS if _installed(name)]
+    if len(builds) > 1:
+        raise ValueError("both tensorflow and tensorflow-cpu are installed in this environment: "
+                         "pip uninstall -y tensorflow-cpu (GPU) or tensorflow (CPU), then reinstall with "
+                         "make VARIANT=gpu or VARIANT=cpu")
+    gpus = tf.config.list_physical_devices("GPU")
+    for gpu in gpus:
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except RuntimeError:  # already initialized (a second run in this process): as set then
+            pass
+    build = f"TensorFlow {tf.__version__}, {', '.join(builds) or 'unknown build'}"
+    if require_gpu and not gpus:
+        raise ValueError(f"--require_gpu: {build} sees no GPU; install the GPU build "
+                         f"(make VARIANT=gpu) and check nvidia-smi")
+    names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
+    return (f"devices: {len(gpus)} GPU ({', '.join(names)}), memory growth on; {build}" if gpus else
+            f"devices: CPU only ({build})")
+
+
+def _installed(distribution: str) -> bool:
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def kept_best(logdir: str) -> list[dict]:
+    """The run's best checkpoints by dev BLEU, best first: [{checkpoint (a prefix in
+    <logdir>/best), epoch, step, dev_bleu}] from <logdir>/best/best.json ([] when none)."""
+    path = os.path.join(logdir, BEST, "best.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
+def resolve_checkpoint(logdir: str, which: str | None = None) -> str:
+    """The checkpoint prefix `which` names in a run: best (the highest dev BLEU), latest,
+    averaged, or a path; None: best when the run kept one, else latest."""
+    if which in (None, BEST):
+        best = kept_best(logdir)
+        if best:
+            return os.path.join(logdir, BEST, best[0]["checkpoint"])
+        if which == BEST:
+            raise FileNotFoundError(f"{os.path.join(logdir, BEST, 'best.json')} not found: the run "
+                                    f"kept no best checkpoint (train.py --keep_best, scored per epoch)")
+    if which in (None, LATEST, AVERAGED):
+        folder = os.path.join(logdir, AVERAGED if which == AVERAGED else "ckpt")
+        path = tf.train.latest_checkpoint(folder)
+        if not path:
+            raise FileNotFoundError(f"no checkpoint in {folder}")
+        return path
+    return which
+
+
+def average_weights(model: Transformer, paths: list[str]) -> None:
+    """Set every variable of `model` (weights and thresholds) to its mean over the checkpoints
+    `paths` (each restored with model.load_weights, so each must fit the model)."""
+    total = None
+    for path in paths:
+        load_weights(model, path)
+        values = [v.numpy().astype("float64") for v in model.variables]
+        total = values if total is None else [t + v for t, v in zip(total, values)]
+    for variable, value in zip(model.variables, total):
+        variable.assign((value / len(paths)).astype(variable.dtype.as_numpy_dtype))
 
 
 def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
@@ -70,9 +151,7 @@ def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePiecePr
     if not os.path.exists(spm_file):
         raise FileNotFoundError(f"{spm_file} not found: is --logdir a train.py log directory?")
     sp = spm.SentencePieceProcessor(model_file=spm_file)
-    path = hp.checkpoint or tf.train.latest_checkpoint(os.path.join(hp.logdir, "ckpt"))
-    if not path:
-        raise FileNotFoundError(f"no checkpoint in {os.path.join(hp.logdir, 'ckpt')}")
+    path = resolve_checkpoint(hp.logdir, hp.checkpoint)
     model = Transformer(hp, sp.get_piece_size(), sites_from_flags(hp))
     return model, sp, path, load_weights(model, path)
 

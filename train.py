@@ -1,7 +1,9 @@
 """Train the Transformer, float or TQT-quantized: python train.py --logdir DIR [--quant w8a8].
 
 Re-running the same command resumes from the latest checkpoint in DIR (step, optimizer state,
-schedule, random stream, position in the epoch).  `--quant w8a8 --init_from FLOAT_LOGDIR` is
+schedule, random stream, position in the epoch).  After every epoch dev BLEU is scored and the
+--keep_best highest are kept in DIR/best (--patience stops when it no longer improves); the run
+ends with the test BLEU of its best checkpoint.  `--quant w8a8 --init_from FLOAT_LOGDIR` is
 quantization-aware fine-tuning: restore the float weights, calibrate every threshold, train
 weights and thresholds together (thresholds with their own Adam).
 """
@@ -9,6 +11,7 @@ weights and thresholds together (thresholds with their own Adam).
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import sys
@@ -42,17 +45,18 @@ def check_flags(hp: argparse.Namespace) -> None:
 
 
 def inherit_from_parent(hp: argparse.Namespace, explicit: set[str]) -> str:
-    """--init_from: take the parent run's model and data flags; return its latest checkpoint."""
+    """--init_from: take the parent run's model and data flags; return its best checkpoint (its
+    latest when it kept none)."""
     parent = hparams.load_hparams(hp.init_from)
     for key in hparams.MODEL_FLAGS:
         if key in explicit and getattr(hp, key) != parent.get(key, getattr(hp, key)):
             raise ValueError(f"--{key} {getattr(hp, key)} differs from {parent[key]} of --init_from "
                              f"{hp.init_from}")
     hparams.merge_saved(hp, parent, explicit, hparams.MODEL_FLAGS + hparams.DATA_FLAGS)
-    path = tf.train.latest_checkpoint(os.path.join(hp.init_from, "ckpt"))
-    if not path:
-        raise FileNotFoundError(f"--init_from {hp.init_from}: no checkpoint in {hp.init_from}/ckpt")
-    return path
+    try:
+        return runs.resolve_checkpoint(hp.init_from)
+    except FileNotFoundError as e:
+        raise FileNotFoundError(f"--init_from {hp.init_from}: {e}") from None
 
 
 def check_resume(hp: argparse.Namespace) -> None:
@@ -91,6 +95,9 @@ def prepare_data(hp: argparse.Namespace):
     src, tgt, dropped = data_load.encode_training_pairs(sp, train_de, train_en, hp.maxlen1, hp.maxlen2)
     if not src:
         raise data_load.DataError(f"no training pair fits --maxlen1 {hp.maxlen1} / --maxlen2 {hp.maxlen2}")
+    if not hp.train_src and hp.data != "demo":
+        print(f"data: {hp.data} holds train.tags.de-en ({len(train_de)} pairs) and the sets "
+              f"{', '.join(data_load.iwslt_sets(hp.data))}; dev {hp.dev_set}, test {hp.test_set}")
     print(f"data: {len(src)} training pairs ({dropped} longer than maxlen dropped), "
           f"{len(splits['dev'][0])} dev, {len(splits['test'][0])} test, vocab {sp.get_piece_size()}")
     return splits, sp, src, tgt
@@ -172,6 +179,15 @@ def build_strategy(name: str) -> tf.distribute.Strategy:
     return tf.distribute.MirroredStrategy() if name == "mirrored" else tf.distribute.get_strategy()
 
 
+def dev_history(logdir: str) -> list[dict]:
+    """Every epoch's dev BLEU so far (<logdir>/dev_bleu.json, evaluate_dev)."""
+    path = os.path.join(logdir, "dev_bleu.json")
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return json.load(f)
+
+
 def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
     de, en = splits["dev"]
     if hp.dev_max_sentences:
@@ -183,11 +199,57 @@ def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
     with writer.as_default():
         tf.summary.scalar("dev_bleu", score, step=step)
     tqdm.write(f"epoch {epoch}: dev BLEU = {score:.2f}  ({signature})")
-    history = os.path.join(hp.logdir, "dev_bleu.json")
-    curve = json.load(open(history)) if os.path.exists(history) else []
-    curve.append({"epoch": epoch, "step": step, "dev_bleu": round(score, 2), "signature": signature})
-    hparams.write_json(history, curve)
+    curve = dev_history(hp.logdir) + [{"epoch": epoch, "step": step, "dev_bleu": round(score, 2),
+                                        "signature": signature}]
+    hparams.write_json(os.path.join(hp.logdir, "dev_bleu.json"), curve)
     return score
+
+
+def epochs_without_improvement(logdir: str) -> int:
+    """Epochs scored since the first one with the highest dev BLEU (0 when none were scored)."""
+    scores = [entry["dev_bleu"] for entry in dev_history(logdir)]
+    return len(scores) - 1 - scores.index(max(scores)) if scores else 0
+
+
+def keep_if_best(model: Transformer, logdir: str, keep: int, entry: dict) -> None:
+    """Save the model (weights and thresholds) as <logdir>/best/ckpt-<step> when its dev BLEU is
+    among the `keep` highest so far (a tie keeps the earlier epoch); best.json lists the kept
+    ones, best first, and is replaced atomically before a dropped one's files are deleted."""
+    kept = runs.kept_best(logdir)
+    if keep <= 0 or (len(kept) >= keep and entry["dev_bleu"] <= kept[-1]["dev_bleu"]):
+        return
+    folder = os.path.join(logdir, runs.BEST)
+    entry = {**entry, "checkpoint": f"ckpt-{entry['step']}"}
+    tf.train.Checkpoint(model=model).write(os.path.join(folder, entry["checkpoint"]))
+    kept = sorted([e for e in kept if e["checkpoint"] != entry["checkpoint"]] + [entry],
+                  key=lambda e: -e["dev_bleu"])  # stable: earlier epochs first among equals
+    hparams.write_json(os.path.join(folder, "best.json"), kept[:keep])
+    for dropped in kept[keep:]:
+        for path in glob.glob(os.path.join(folder, dropped["checkpoint"] + ".*")):
+            os.remove(path)
+    if kept[0] is entry:
+        tqdm.write(f"new best dev BLEU {entry['dev_bleu']:.2f}: {os.path.join(folder, entry['checkpoint'])}")
+
+
+def score_test(model: Transformer, sp, splits, hp: argparse.Namespace) -> dict:
+    """Test BLEU of the run's best checkpoint (its latest when it kept none), greedy, and with
+    --beam > 1 also beam search; `model` is left holding that checkpoint."""
+    best = runs.kept_best(hp.logdir)
+    result = {"test_set": hp.test_src or f"{hp.data}:{hp.test_set}", "checkpoint": "latest"}
+    if best:
+        load_weights(model, os.path.join(hp.logdir, runs.BEST, best[0]["checkpoint"]))
+        result.update(checkpoint="best", epoch=best[0]["epoch"], step=best[0]["step"])
+    de, en = splits["test"]
+    greedy = argparse.Namespace(**{**vars(hp), "beam": 1})
+    result["greedy_bleu"] = round(runs.bleu_score(runs.translate(model, sp, de, greedy), en)[0], 2)
+    if hp.beam > 1:
+        result["beam"] = hp.beam
+        result["beam_bleu"] = round(runs.bleu_score(runs.translate(model, sp, de, hp), en)[0], 2)
+    where = "" if not best else f" (epoch {best[0]['epoch']}, dev BLEU {best[0]['dev_bleu']:.2f})"
+    beam = f", beam {hp.beam} {result['beam_bleu']:.2f}" if hp.beam > 1 else ""
+    print(f"test BLEU on {result['test_set']}: greedy {result['greedy_bleu']:.2f}{beam}; "
+          f"{result['checkpoint']} checkpoint{where}")
+    return result
 
 
 def log_thresholds(sites: list, writer, step: int) -> None:
@@ -253,6 +315,7 @@ def main(argv: list[str]) -> None:
     parent_ckpt = inherit_from_parent(hp, hparams.explicit_flags(parser, argv)) if hp.init_from else None
     check_flags(hp)
     check_resume(hp)
+    print(runs.setup_devices(hp.require_gpu))
     tf.random.set_seed(hp.seed)
     splits, sp, train_src, train_tgt = prepare_data(hp)
     hparams.save_hparams(hp, hp.logdir)
@@ -289,10 +352,13 @@ def main(argv: list[str]) -> None:
             site.frozen = frozen
         return bool(sites) and not frozen
 
+    def patience_exhausted() -> bool:
+        return bool(hp.patience) and epochs_without_improvement(hp.logdir) >= hp.patience
+
     train_thresholds = thresholds_train()
     train_step = make_train_step(model, strategy, opt, train_thresholds)
     run_tokens, dev_bleu = 0, None
-    while int(epoch) < hp.num_epochs and not out_of_budget():
+    while int(epoch) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
         batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch))
         bar = tqdm(batches[int(batch_in_epoch):], desc=f"epoch {int(epoch) + 1}/{hp.num_epochs}",
                    initial=int(batch_in_epoch), total=len(batches), dynamic_ncols=True,
@@ -326,19 +392,26 @@ def main(argv: list[str]) -> None:
             epoch.assign_add(1)
             batch_in_epoch.assign(0)
             dev_bleu = evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.adam.t))
+            keep_if_best(model, hp.logdir, hp.keep_best,
+                         {"epoch": int(epoch), "step": int(opt.adam.t), "dev_bleu": round(dev_bleu, 2)})
         manager.save(checkpoint_number=int(opt.adam.t))
     writer.flush()
+    minutes = (time.time() - start) / 60  # training (and dev scoring) only: tokens/s below
+    stopped_early = patience_exhausted() and int(epoch) < hp.num_epochs
+    if stopped_early:
+        print(f"early stop after epoch {int(epoch)}: dev BLEU has not improved for {hp.patience} "
+              f"epochs (--patience)")
+    test = score_test(model, sp, splits, hp)  # the model now holds the checkpoint it scored
     if sites:
         print(threshold_report(model, sites, data_load.train_batches(
             train_src, train_tgt, hp.batch_tokens, hp.seed, 0), hp.logdir))
         out = os.path.join(hp.logdir, "export")
         spm_file = runs.spm_path(hp.logdir)
         export.export_model(model, hp, spm_file, out, export.observed_sources(model, hp, spm_file))
-        bleu_text = "not scored in this run" if dev_bleu is None else f"{dev_bleu:.2f}"
-        print(f"dev BLEU {bleu_text}; integer weights exported to {out}")
-    minutes = (time.time() - start) / 60
+        print(f"integer weights of the {test['checkpoint']} checkpoint exported to {out}")
     summary = {"steps": int(opt.adam.t), "epochs": int(epoch), "minutes": round(minutes, 2),
-               "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9))}
+               "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9)), "test": test,
+               "stopped_early": stopped_early}
     hparams.write_json(os.path.join(hp.logdir, "train_summary.json"), summary)
     print("done: " + json.dumps(summary))
 

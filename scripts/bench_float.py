@@ -33,7 +33,7 @@ SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 MODEL = ["--d_model", "256", "--d_ff", "1024", "--num_blocks", "3", "--num_heads", "4",
          "--vocab_size", "8000", "--dropout_rate", "0.1", "--lr", "1e-3", "--warmup_steps", "400",
          "--batch_tokens", "2048", "--num_epochs", "1000", "--dev_max_sentences", "200",
-         "--ckpt_every", "500"]
+         "--ckpt_every", "500", "--keep_best", "0"]  # scored: the weights at the time budget
 
 
 def corpus_flags(corpus: str) -> tuple[list[str], str]:

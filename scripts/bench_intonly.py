@@ -126,7 +126,8 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
             print(f"reusing the finished run {logdir}")
             continue
         runs.fresh_logdir(logdir)
-        train.main(["--logdir", logdir, "--init_from", parent, *extra, *flags])
+        train.main(["--logdir", logdir, "--init_from", parent, *extra, *flags,
+                    "--keep_best", "0"])  # every row scored after exactly its steps
     control_dir = os.path.join(workdir, "float_control")
     control_hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", control_dir])
     control = runs.load_model(control_hp)[0]

@@ -84,7 +84,8 @@ def qat_and_ptq(parent: str, workdir: str, qat_flags: list[str]) -> dict:
     bleu["ptq_w8a8"] = bleu_of(parent, ["--quant", "w8a8"], os.path.join(workdir, "ptq_w8a8.json"))
     for config in QAT_CONFIGS:
         logdir = os.path.join(workdir, f"qat_{config}")
-        train.main(["--logdir", logdir, "--init_from", parent, "--quant", config, *qat_flags])
+        train.main(["--logdir", logdir, "--init_from", parent, "--quant", config, *qat_flags,
+                    "--keep_best", "0"])  # every row scored after exactly its steps
         bleu[f"qat_{config}"] = bleu_of(logdir, [], os.path.join(workdir, f"qat_{config}.json"))
     for key in list(bleu):
         if key != "float":

@@ -1,11 +1,14 @@
 """Tests of data_load.py (readers, SentencePiece, batching) and corpus/demo.py."""
 
 import gzip
+import hashlib
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+import tarfile
 
 import numpy as np
 import pytest
@@ -112,7 +115,9 @@ def test_iwslt_paths_accepts_other_years_and_tedx(tmp_path):
     paths = data_load.iwslt_paths(str(tmp_path), "tst2013", "dev2012")
     assert paths["dev"][0].endswith("IWSLT17.TED.tst2013.de-en.de.xml")
     assert paths["test"][1].endswith("IWSLT14.TEDX.dev2012.de-en.en.xml")
-    with pytest.raises(DataError, match=r"missing IWSLT\*\.TED\.tst2014\.de-en\.de\.xml"):
+    assert data_load.iwslt_sets(str(tmp_path)) == ["TEDX.dev2012", "tst2013"]
+    with pytest.raises(DataError, match=r"missing IWSLT\*\.TED\.tst2014\.de-en\.de\.xml .*the folder "
+                                        r"has: TEDX\.dev2012, tst2013\)"):
         data_load.iwslt_paths(str(tmp_path), "tst2013", "tst2014")
 
 
@@ -408,3 +413,32 @@ def test_spm_cache_write_interrupted_leaves_no_file(tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
     data_load.load_or_train_spm(lines, lines, 30, str(tmp_path))
     assert [name.startswith("spm_") for name in os.listdir(tmp_path)] == [True]
+
+
+@pytest.mark.skipif(not (shutil.which("curl") and shutil.which("tar")), reason="needs curl and tar")
+def test_download_script_checks_the_git_blob_hash(tmp_path):
+    """scripts/download_iwslt.sh 2017 on a local archive (file:// URL): the git blob hash of the
+    bytes (git hash-object's "blob <size>\\0" + file, SHA-1) must match EXPECTED_GIT_BLOB."""
+    source = tmp_path / "src" / "de-en"
+    source.mkdir(parents=True)
+    for name in ("train.tags.de-en.de", "train.tags.de-en.en", "IWSLT17.TED.tst2013.de-en.de.xml"):
+        write(source / name, "x\n")
+    archive = tmp_path / "de-en.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(source, arcname="de-en")
+    data = archive.read_bytes()
+    blob = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "download_iwslt.sh")
+
+    def run(dest, expected):
+        env = dict(os.environ, IWSLT_URL=archive.as_uri(), EXPECTED_GIT_BLOB=expected)
+        return subprocess.run(["bash", script, "2017", str(dest)], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    proc = run(tmp_path / "good", blob)
+    assert proc.returncode == 0, proc.stderr
+    assert f"verified: git blob hash {blob}" in proc.stdout
+    assert sorted(os.listdir(tmp_path / "good"))[0] == "IWSLT17.TED.tst2013.de-en.de.xml"
+    proc = run(tmp_path / "bad", "0" * 40)
+    assert proc.returncode == 1 and "git blob hash mismatch" in proc.stderr
+    assert not (tmp_path / "bad").exists()

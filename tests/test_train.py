@@ -21,7 +21,7 @@ import runs
 import train
 from corpus import demo as demo_corpus
 from hparams import train_parser
-from model import Transformer
+from model import Transformer, load_weights
 
 # eval.py's main, for the tests that run it in-process (`import eval` would shadow the builtin)
 eval_main = importlib.import_module("eval").main
@@ -192,6 +192,88 @@ def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):
         np.testing.assert_array_equal(a[name], b[name], err_msg=name)
 
 
+def test_best_checkpoints_patience_and_the_test_bleu_line(corpus, tmp_path, monkeypatch, capsys):
+    """Dev BLEU 3, 7, 5, 4, ... (faked): --keep_best 2 keeps epochs 2 and 3 through the worse
+    4th and deletes the others' files; --patience 2 stops after epoch 4, also when re-run; the
+    run ends with the test BLEU of the best checkpoint, which holds the weights the run had after
+    epoch 2, and eval.py / --init_from read it by default."""
+    scores = iter([3.0, 7.0, 5.0, 4.0, 9.0, 9.0])
+
+    def fake_dev(model, sp, splits, hp, epoch, writer, step):
+        score = next(scores)
+        hparams.write_json(os.path.join(hp.logdir, "dev_bleu.json"), train.dev_history(hp.logdir) + [
+            {"epoch": epoch, "step": step, "dev_bleu": score}])
+        return score
+
+    monkeypatch.setattr(train, "evaluate_dev", fake_dev)
+    logdir = str(tmp_path / "run")
+    argv = ["--logdir", logdir, *TINY, *corpus["flags"], "--num_epochs", "6", "--keep_best", "2",
+            "--patience", "2", "--keep_checkpoints", "10"]
+    train.main(argv)
+    with open(os.path.join(logdir, "train_summary.json")) as f:
+        summary = json.load(f)
+    assert summary["epochs"] == 4 and summary["stopped_early"]
+    kept = runs.kept_best(logdir)
+    assert [(e["epoch"], e["dev_bleu"]) for e in kept] == [(2, 7.0), (3, 5.0)]
+    files = {f"{e['checkpoint']}.{ext}" for e in kept for ext in ("index", "data-00000-of-00001")}
+    assert set(os.listdir(os.path.join(logdir, "best"))) == files | {"best.json"}
+    best = tf.train.load_checkpoint(os.path.join(logdir, "best", kept[0]["checkpoint"]))
+    at_epoch_2 = checkpoint_values(logdir, kept[0]["step"])
+    names = [n for n in best.get_variable_to_shape_map() if n.startswith("model/")]
+    assert len(names) > 10
+    for name in names:
+        np.testing.assert_array_equal(best.get_tensor(name), at_epoch_2[name], err_msg=name)
+    test = summary["test"]
+    assert (test["checkpoint"], test["epoch"], test["step"]) == ("best", 2, kept[0]["step"])
+    assert 0 <= test["greedy_bleu"] <= 100 and "beam_bleu" not in test
+    out = capsys.readouterr().out
+    assert "early stop after epoch 4" in out
+    assert f"test BLEU on {corpus['dev'][0]}: greedy {test['greedy_bleu']:.2f}; best checkpoint " \
+           f"(epoch 2, dev BLEU 7.00)" in out
+    assert runs.resolve_checkpoint(logdir) == runs.resolve_checkpoint(logdir, "best") == \
+        os.path.join(logdir, "best", kept[0]["checkpoint"])
+    assert runs.resolve_checkpoint(logdir, "latest").endswith(f"ckpt-{summary['steps']}")
+    train.main(argv)  # the patience is spent: a re-run trains no further
+    assert checkpoint_values(logdir)["optimizer/adam/t/.ATTRIBUTES/VARIABLE_VALUE"] == summary["steps"]
+    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+        runs.resolve_checkpoint(logdir, "averaged")
+
+
+def test_averaging_checkpoints(float_run, tmp_path, capsys):
+    """The mean of one checkpoint taken three times is that checkpoint, of two the elementwise
+    mean (float64, rounded once); the script writes <logdir>/averaged, which eval.py reads."""
+    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", float_run])
+    model = runs.load_model(hp)[0]
+    paths = tf.train.get_checkpoint_state(os.path.join(float_run, "ckpt")).all_model_checkpoint_paths
+    values = []
+    for path in paths[-2:]:
+        load_weights(model, path)
+        values.append([v.numpy() for v in model.variables])
+    assert any(np.any(a != b) for a, b in zip(*values))
+    runs.average_weights(model, [paths[-1]] * 3)
+    for variable, value in zip(model.variables, values[1]):
+        np.testing.assert_array_equal(variable.numpy(), value, err_msg=variable.name)
+    runs.average_weights(model, list(paths[-2:]))
+    for variable, a, b in zip(model.variables, *values):
+        expected = ((a.astype(np.float64) + b.astype(np.float64)) / 2).astype(a.dtype)
+        np.testing.assert_array_equal(variable.numpy(), expected, err_msg=variable.name)
+    script = os.path.join(ROOT, "scripts", "average_checkpoints.py")
+    proc = subprocess.run([sys.executable, script, "--logdir", float_run, "--last", "2"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    with open(os.path.join(float_run, "averaged", "average.json")) as f:
+        assert len(json.load(f)["sources"]) == 2
+    eval_main(["--logdir", float_run, "--checkpoint", "averaged", "--json", str(tmp_path / "avg.json")])
+    with open(tmp_path / "avg.json") as f:
+        assert os.path.basename(os.path.dirname(json.load(f)["checkpoint"])) == "averaged"
+    proc = subprocess.run([sys.executable, script, "--logdir", float_run, "--last", "9"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert proc.returncode == 1 and proc.stderr.strip().splitlines()[-1] == (
+        f"error: --last 9: {float_run}/ckpt keeps 3 checkpoint(s) (train with --keep_checkpoints 9)")
+
+
 def test_freeze_thresholds_after_n_steps(float_run, tmp_path):
     """QAT with --freeze_thresholds_after 3: thresholds train in steps 1-3, then stay at their
     step-3 values (and so does their Adam) while the weights keep training to step 5."""
@@ -345,6 +427,22 @@ def test_error_missing_data_file(tmp_path, corpus):
 def test_error_heads_do_not_divide_d_model(tmp_path):
     proc = run_cli("train.py", "--logdir", str(tmp_path), "--d_model", "30", "--num_heads", "4")
     assert_one_line_error(proc, "--d_model", "--num_heads")
+
+
+@pytest.mark.skipif(bool(tf.config.list_physical_devices("GPU")), reason="a GPU is visible here")
+def test_require_gpu_fails_with_one_line_on_a_cpu_machine(tmp_path, corpus):
+    proc = run_cli("train.py", "--logdir", str(tmp_path), *TINY, *corpus["flags"], "--require_gpu")
+    assert_one_line_error(proc, "--require_gpu", "sees no GPU", "VARIANT=gpu")
+    assert not os.path.exists(os.path.join(str(tmp_path), "ckpt"))
+
+
+def test_the_devices_line_and_a_mix_of_tensorflow_builds(monkeypatch):
+    line = runs.setup_devices(require_gpu=False)
+    assert line.startswith("devices: ") and tf.__version__ in line
+    assert ("GPU" in line) == bool(tf.config.list_physical_devices("GPU"))
+    monkeypatch.setattr(runs, "_installed", lambda name: True)  # tensorflow and tensorflow-cpu
+    with pytest.raises(ValueError, match="both tensorflow and tensorflow-cpu are installed"):
+        runs.setup_devices(require_gpu=False)
 
 
 def test_error_not_a_logdir(tmp_path):
