@@ -1,4 +1,5 @@
 # `make demo`: set up .venv and run the whole pipeline on the embedded corpus.
+# `make setup VARIANT=gpu`: only set up .venv, with the GPU build of TensorFlow.
 # `make test`: set up .venv, lint, run the tests.
 # `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -35,7 +36,7 @@ MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qfo
 	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*' \
 	'intmodel.xǁIntTransformerǁaccumulate*'
 
-.PHONY: demo test lint mutation clean
+.PHONY: setup demo test lint mutation clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -44,6 +45,8 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q -e '.[dev,$(VARIANT)]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
+
+setup: $(STAMP)
 
 demo: $(STAMP)
 	rm -f $(DEMO)/summary.json

@@ -24,6 +24,9 @@ DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt
               "dev_tgt", "test_src", "test_tgt")
 QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel", "integer_only",
                "residual_bits")
+# --init_from fine-tunes: these replace the from-scratch schedule unless typed (a short run at a
+# low rate with a short warm-up, as the QAT benchmarks and `make demo` use)
+FINE_TUNE_SCHEDULE = {"num_epochs": 2, "lr": 2e-4, "warmup_steps": 100}
 # what a run (or an export) saves of its flags, so eval.py can evaluate it on its own
 SAVED_FLAGS = MODEL_FLAGS + DATA_FLAGS + QUANT_FLAGS + ("decode_margin",)
 
@@ -116,6 +119,12 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--require_gpu", action="store_true",
                    help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
                         "otherwise, apart from the devices line)")
+    g.add_argument("--jit_compile", action="store_true",
+                   help="compile the train step with XLA (once per batch shape: the first steps of "
+                        "each length bucket are slow)")
+    g.add_argument("--mixed_precision", default="none", choices=["none", "bf16", "fp16"],
+                   help="float training (--quant none) with bfloat16 / float16 matmuls; variables, "
+                        "LayerNorm, softmax and the loss stay float32; fp16 with dynamic loss scaling")
     add_decode_flags(p)
     add_quant_flags(p)
     g = p.add_argument_group("quantization-aware training")

@@ -28,7 +28,6 @@ from modules import (
     SiteFactory,
     causal_bias,
     label_smoothed_xent,
-    matmul_2d,
     padding_bias,
     positional_encoding,
     set_untracked,
@@ -149,7 +148,7 @@ class Transformer(tf.Module):
 
     def logits(self, y: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
         """logits = Q(y) Q(E)^T."""
-        return matmul_2d(self.output_site(y), table, transpose_w=True)
+        return self.sites.matmul(self.output_site(y), table, transpose_b=True)
 
     def table(self) -> tf.Tensor:
         """The (quantized) shared embedding table Q(E), computed once per forward pass."""

@@ -38,20 +38,31 @@ class SiteFactory(Protocol):
 
     def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site): ...
 
+    def matmul(self, a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor: ...
+
 
 class FloatLayers:
     """The float layers between the matmuls (the float model and matmul-only quantization): `skip`
     (the site whose grid the residual input is on) and `branch` (the Dense whose output is added)
-    matter to the integer-only LayerNorm only."""
+    matter to the integer-only LayerNorm only. LayerNorm and softmax compute in float64
+    (in_float64) unless `float64_layers` is off (mixed precision: no integer engine to match)."""
+
+    float64_layers = True
 
     def embedding_sum(self, d_model: int) -> EmbeddingSum:
         return EmbeddingSum(d_model)
 
     def layer_norm(self, name: str, d: int, skip: Site | None, branch: Dense) -> LayerNorm:
-        return LayerNorm(name, d)
+        return LayerNorm(name, d, float64=self.float64_layers)
 
     def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site) -> Softmax:
-        return Softmax(d_k)
+        return Softmax(d_k, float64=self.float64_layers)
+
+    def matmul(self, a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
+        """a @ b (b^T): one 2-D GEMM for a 2-D b (matmul_2d), else a batched matmul."""
+        if b.shape.rank == 2:
+            return matmul_2d(a, b, transpose_w=transpose_b)
+        return tf.matmul(a, b, transpose_b=transpose_b)
 
 
 class Identity:
@@ -79,6 +90,22 @@ class FloatSites(FloatLayers):
 
     def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor:
         return b
+
+
+class MixedPrecisionSites(FloatSites):
+    """The float model with its matmuls in bfloat16 or float16 (--mixed_precision): both operands
+    cast to `compute_dtype`, the product cast back to float32; variables, LayerNorm, softmax (in
+    float32) and the loss stay float32."""
+
+    float64_layers = False
+
+    def __init__(self, compute_dtype: tf.DType):
+        super().__init__()
+        self.compute_dtype = compute_dtype
+
+    def matmul(self, a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor:
+        a, b = tf.cast(a, self.compute_dtype), tf.cast(b, self.compute_dtype)
+        return tf.cast(super().matmul(a, b, transpose_b), tf.float32)
 
 
 def glorot(shape: tuple[int, int], seed: int | None = None) -> tf.Tensor:
@@ -110,9 +137,10 @@ class Dense(tf.Module):
         self.x_site = sites.site(self.names.input, input_role)
         self.w_site = sites.site(self.names.weight, "weight", channels=d_out)
         self._bias = sites.bias
+        self._matmul = sites.matmul
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        y = matmul_2d(self.x_site(x), self.w_site(self.w))
+        y = self._matmul(self.x_site(x), self.w_site(self.w))
         if self.b is not None:
             y = y + self._bias(self.b, self.x_site, self.w_site)
         return y
@@ -136,12 +164,13 @@ class LayerNorm(tf.Module):
     gamma_site: Site | None = None  # the integer-only LayerNorm's sites (intlayers.IntLayerNorm)
     output_site: Site | None = None
 
-    def __init__(self, name: str, d: int, eps: float = 1e-6):
+    def __init__(self, name: str, d: int, eps: float = 1e-6, float64: bool = True):
         super().__init__(name=name.rsplit("/", 1)[-1])
         self.path = name  # the full name, `encoder/block_1/ln1` (qformat.block_names)
         self.gamma = tf.Variable(tf.ones([d]), name="gamma")
         self.beta = tf.Variable(tf.zeros([d]), name="beta")
         self.eps = eps
+        self.float64 = float64
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
         def norm(x):
@@ -149,7 +178,7 @@ class LayerNorm(tf.Module):
             gamma, beta = tf.cast(self.gamma, x.dtype), tf.cast(self.beta, x.dtype)
             return gamma * (x - mean) * tf.math.rsqrt(var + self.eps) + beta
 
-        return in_float64(norm, x)
+        return in_float64(norm, x) if self.float64 else norm(x)
 
     def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
         """LN(x + a): the residual add and the norm after it."""
@@ -169,13 +198,15 @@ class EmbeddingSum:
 
 
 class Softmax:
-    """softmax(logits / sqrt(d_k) + bias) over the last axis (float64, rounded: in_float64)."""
+    """softmax(logits / sqrt(d_k) + bias) over the last axis (float64, rounded: in_float64; or
+    in the logits' dtype without `float64`)."""
 
-    def __init__(self, d_k: int):
-        self.d_k = d_k
+    def __init__(self, d_k: int, float64: bool = True):
+        self.d_k, self.float64 = d_k, float64
 
     def __call__(self, logits: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
-        return in_float64(tf.nn.softmax, logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        scaled = logits * (1.0 / math.sqrt(self.d_k)) + bias
+        return in_float64(tf.nn.softmax, scaled) if self.float64 else tf.nn.softmax(scaled)
 
 
 def positional_encoding(length: tf.Tensor | int, d_model: int) -> tf.Tensor:
@@ -223,6 +254,7 @@ class MultiHeadAttention(tf.Module):
         self.p_site = sites.site(names.probs, "probability")
         self.v_site = sites.site(names.value, "activation")
         self.softmax = sites.softmax(self.d_k, self.q_site, self.k_site, self.p_site)
+        self._matmul = sites.matmul
 
     def split_heads(self, x: tf.Tensor) -> tf.Tensor:
         """[B, L, d_model] -> [B, h, L, d_k]."""
@@ -236,9 +268,9 @@ class MultiHeadAttention(tf.Module):
     def attend(self, x: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
         """Attention of queries from x over already-projected heads k, v."""
         q = self.split_heads(self.wq(x))
-        logits = tf.matmul(self.q_site(q), self.k_site(k), transpose_b=True)
+        logits = self._matmul(self.q_site(q), self.k_site(k), transpose_b=True)
         probs = self.softmax(logits, bias)
-        heads = tf.matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
+        heads = self._matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
         b, lq = tf.shape(heads)[0], tf.shape(heads)[2]
         concat = tf.reshape(tf.transpose(heads, [0, 2, 1, 3]), [b, lq, self.h * self.d_k])
         return self.wo(concat)

@@ -27,7 +27,7 @@ import intlayers
 import qformat
 import quant
 from model import Transformer, load_weights
-from modules import FloatSites, SiteFactory
+from modules import FloatSites, MixedPrecisionSites, SiteFactory
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -38,6 +38,7 @@ def spm_path(logdir: str) -> str:
 
 
 BEST, LATEST, AVERAGED = "best", "latest", "averaged"
+COMPUTE_DTYPES = {"bf16": tf.bfloat16, "fp16": tf.float16}  # --mixed_precision
 TF_BUILDS = ("tensorflow", "tensorflow-cpu")  # the GPU build and the CPU-only one: never both
 
 
@@ -140,7 +141,8 @@ def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:
     with --integer_only), or modules.FloatSites (identity hooks) for --quant none."""
     config = quant_config(hp)
     if config is None:
-        return FloatSites()
+        precision = getattr(hp, "mixed_precision", "none")  # a training flag: eval runs float32
+        return FloatSites() if precision == "none" else MixedPrecisionSites(COMPUTE_DTYPES[precision])
     return intlayers.IntegerOnlySites(config) if config.integer_only else quant.TQTSites(config)
 
 

@@ -41,6 +41,9 @@ def check_flags(hp: argparse.Namespace) -> None:
             raise ValueError(f"--{flag} must be positive, got {getattr(hp, flag)}")
     if hp.d_model % 2:
         raise ValueError(f"--d_model {hp.d_model} must be even (sinusoidal positions)")
+    if hp.mixed_precision != "none" and hp.quant != "none":
+        raise ValueError(f"--mixed_precision {hp.mixed_precision} is for float training (--quant none): "
+                         f"a quantized graph computes in float32 and float64 to match the integer engine")
     runs.quant_config(hp)  # raises on bad bits / overrides
 
 
@@ -53,6 +56,11 @@ def inherit_from_parent(hp: argparse.Namespace, explicit: set[str]) -> str:
             raise ValueError(f"--{key} {getattr(hp, key)} differs from {parent[key]} of --init_from "
                              f"{hp.init_from}")
     hparams.merge_saved(hp, parent, explicit, hparams.MODEL_FLAGS + hparams.DATA_FLAGS)
+    schedule = {k: v for k, v in hparams.FINE_TUNE_SCHEDULE.items() if k not in explicit}
+    vars(hp).update(schedule)
+    if schedule:
+        print("fine-tuning schedule (--init_from): " + " ".join(f"--{k} {v:g}" for k, v in schedule.items())
+              + " (type a flag to change it)")
     try:
         return runs.resolve_checkpoint(hp.init_from)
     except FileNotFoundError as e:
@@ -136,13 +144,34 @@ class Optimizers(tf.Module):
         return lr
 
 
+class LossScale(tf.Module):
+    """Dynamic loss scaling for float16 training: the loss is multiplied by `scale` before the
+    gradient and the gradients divided by it after; a step whose gradients are not all finite is
+    skipped and halves the scale, 2000 finite steps in a row double it (checkpointed: resumes)."""
+
+    GROWTH_INTERVAL = 2000
+
+    def __init__(self, initial: float = 2.0**15):
+        super().__init__(name="loss_scale")
+        self.scale = tf.Variable(initial, trainable=False, name="scale")
+        self.finite_steps = tf.Variable(0, dtype=tf.int64, trainable=False, name="finite_steps")
+
+    def update(self, finite: tf.Tensor) -> None:
+        grow = finite & (self.finite_steps + 1 >= self.GROWTH_INTERVAL)
+        self.scale.assign(tf.where(finite, tf.where(grow, 2.0, 1.0), 0.5) * self.scale)
+        self.finite_steps.assign(tf.where(finite & ~grow, self.finite_steps + 1, 0))
+
+
 def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: Optimizers,
-                    train_thresholds: bool):
+                    train_thresholds: bool, loss_scale: LossScale | None = None,
+                    jit_compile: bool = False):
     """One optimizer step on a batch split across the strategy's replicas.
 
     loss = (sum over all target tokens of the label-smoothed cross-entropy) / (number of tokens);
     each replica divides its partial sum by the *global* token count, so the summed replica
-    gradients equal the single-device gradient.
+    gradients equal the single-device gradient. With `loss_scale` (float16) the gradient is taken
+    of the scaled loss, and a step with a non-finite gradient changes nothing but the scale.
+    `jit_compile`: XLA compiles the step (once per batch shape).
     """
     variables = opt.weights + (opt.thresholds if train_thresholds else [])
 
@@ -150,19 +179,30 @@ def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: O
         with tf.GradientTape() as tape:
             loss_sum, _ = model.loss(src, tgt, training=True)
             loss = loss_sum / n_tokens
-        return tape.gradient(loss, variables), loss_sum
+            if loss_scale is not None:
+                loss = loss * loss_scale.scale
+        grads = tape.gradient(loss, variables)
+        if loss_scale is not None:
+            grads = [g / loss_scale.scale for g in grads]
+        return grads, loss_sum
 
     def step(src, tgt, n_tokens):
         grads, loss_sum = strategy.run(replica_grads, args=(src, tgt, n_tokens))
         grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
         loss_sum = strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None)
-        lr = opt.apply(grads, train_thresholds)
+        if loss_scale is None:
+            lr = opt.apply(grads, train_thresholds)
+        else:
+            finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
+            lr = tf.cond(finite, lambda: opt.apply(grads, train_thresholds), opt.lr)
+            loss_scale.update(finite)
         return loss_sum / n_tokens, lr
 
     if strategy.num_replicas_in_sync == 1:  # plain tensors: one trace for every batch shape
         batch = tf.TensorSpec([None, None], tf.int32)
-        return tf.function(step, input_signature=[batch, batch, tf.TensorSpec([], tf.float32)])
-    return tf.function(step, reduce_retracing=True)
+        return tf.function(step, input_signature=[batch, batch, tf.TensorSpec([], tf.float32)],
+                           jit_compile=jit_compile)
+    return tf.function(step, reduce_retracing=True, jit_compile=jit_compile)
 
 
 def distribute(strategy: tf.distribute.Strategy, src: np.ndarray, tgt: np.ndarray):
@@ -326,8 +366,11 @@ def main(argv: list[str]) -> None:
         opt = Optimizers(model, hp)
         epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
         batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
+        loss_scale = LossScale() if hp.mixed_precision == "fp16" else None
     sites = opt.sites
-    ckpt = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch, batch_in_epoch=batch_in_epoch)
+    state = {"loss_scale": loss_scale} if loss_scale else {}
+    ckpt = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch, batch_in_epoch=batch_in_epoch,
+                               **state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(hp.logdir, "ckpt"), hp.keep_checkpoints)
     if manager.latest_checkpoint:
         ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
@@ -356,8 +399,9 @@ def main(argv: list[str]) -> None:
         return bool(hp.patience) and epochs_without_improvement(hp.logdir) >= hp.patience
 
     train_thresholds = thresholds_train()
-    train_step = make_train_step(model, strategy, opt, train_thresholds)
+    train_step = make_train_step(model, strategy, opt, train_thresholds, loss_scale, hp.jit_compile)
     run_tokens, dev_bleu = 0, None
+    step_seconds = loop_seconds = 0.0  # in the train step / in the whole loop body
     while int(epoch) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
         batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch))
         bar = tqdm(batches[int(batch_in_epoch):], desc=f"epoch {int(epoch) + 1}/{hp.num_epochs}",
@@ -365,11 +409,15 @@ def main(argv: list[str]) -> None:
                    mininterval=1.0, file=sys.stderr)
         tokens, t0 = 0, time.time()
         for src, tgt in bar:
+            began = time.perf_counter()
             n_tokens = float(np.count_nonzero(tgt[:, 1:]))
-            loss, lr = train_step(*distribute(strategy, src, tgt), tf.constant(n_tokens))
+            args = (*distribute(strategy, src, tgt), tf.constant(n_tokens))
+            stepped = time.perf_counter()
+            loss, lr = train_step(*args)
+            step = int(opt.adam.t)  # waits for the step to finish
+            step_seconds += time.perf_counter() - stepped
             batch_in_epoch.assign_add(1)
             tokens += int(np.count_nonzero(src) + n_tokens)
-            step = int(opt.adam.t)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{float(lr):.2e}",
                                 tok_s=f"{tokens / (time.time() - t0):.0f}", refresh=False)
@@ -382,8 +430,10 @@ def main(argv: list[str]) -> None:
                 manager.save(checkpoint_number=step)
             if train_thresholds != thresholds_train():  # --freeze_thresholds_after reached
                 train_thresholds = False
-                train_step = make_train_step(model, strategy, opt, train_thresholds)
+                train_step = make_train_step(model, strategy, opt, train_thresholds, loss_scale,
+                                             hp.jit_compile)
                 tqdm.write(f"step {step}: thresholds frozen")
+            loop_seconds += time.perf_counter() - began
             if out_of_budget():
                 break
         bar.close()
@@ -411,7 +461,10 @@ def main(argv: list[str]) -> None:
         print(f"integer weights of the {test['checkpoint']} checkpoint exported to {out}")
     summary = {"steps": int(opt.adam.t), "epochs": int(epoch), "minutes": round(minutes, 2),
                "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9)), "test": test,
-               "stopped_early": stopped_early}
+               "stopped_early": stopped_early,
+               # the share of the batch loop spent outside the train step (converting batches,
+               # logging, checkpoints): what an input pipeline could hide
+               "host_fraction": round(1 - step_seconds / loop_seconds, 3) if loop_seconds else None}
     hparams.write_json(os.path.join(hp.logdir, "train_summary.json"), summary)
     print("done: " + json.dumps(summary))
 

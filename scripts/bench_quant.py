@@ -3,8 +3,9 @@
     python scripts/bench_quant.py --out bench/quant.json
 
 In one process and one run:
-  * step_time_ratio: median train-step time of the w8a8 model over the float model, the two
-    alternating on the same batches (same machine state for both);
+  * step_time_ratio: median train-step time of the w8a8 model over the float model, the
+    models alternating on the same batches (same machine state for all); also the float model
+    with --mixed_precision bf16 (bf16_step_time_ratio; `--timing_only` measures just these);
   * BLEU (sacreBLEU, greedy) of the float parent, PTQ w8a8 (calibration only), and QAT
     w8a8 / w6a6 / w4a8 fine-tuned from the parent, on the embedded demo test set and on
     Multi30k test_2016_flickr (parent: scripts/bench_float.py's model; skipped when absent).
@@ -39,8 +40,14 @@ from model import Transformer  # noqa: E402
 QAT_CONFIGS = ("w8a8", "w6a6", "w4a8")
 
 
+# the timed train steps: flags over the parent's
+TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"},
+         "bf16": {"quant": "none", "mixed_precision": "bf16"}}
+
+
 def step_time_ratio(parent: str, n_steps: int) -> dict:
-    """Median time of a float and a w8a8 train step, alternating on the parent's batches."""
+    """Median time of a float, a w8a8 and a bf16 float train step, alternating on the parent's
+    batches."""
     hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
@@ -48,8 +55,8 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     src, tgt, _ = data_load.encode_training_pairs(sp, de, en, hp.maxlen1, hp.maxlen2)
     batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: n_steps + 2]
     steps = {}
-    for name in ("float", "w8a8"):
-        hp_q = argparse.Namespace(**{**vars(hp), "quant": name if name != "float" else "none"})
+    for name, flags in TIMED.items():
+        hp_q = argparse.Namespace(**{**vars(hp), **flags})
         model = Transformer(hp_q, sp.get_piece_size(), runs.sites_from_flags(hp_q))
         opt = train.Optimizers(model, hp_q)
         if opt.sites:
@@ -66,7 +73,8 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
                 times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in times.items()}
     return {"float_step_s": round(med["float"], 4), "w8a8_step_s": round(med["w8a8"], 4),
-            "step_time_ratio": round(med["w8a8"] / med["float"], 3), "steps": len(times["float"]),
+            "step_time_ratio": round(med["w8a8"] / med["float"], 3), "bf16_step_s": round(med["bf16"], 4),
+            "bf16_step_time_ratio": round(med["bf16"] / med["float"], 3), "steps": len(times["float"]),
             "batch_tokens": hp.batch_tokens, "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
 
 
@@ -100,6 +108,8 @@ def main() -> None:
     p.add_argument("--qat_steps", type=int, default=150, help="fine-tuning steps of each QAT run")
     p.add_argument("--timing_steps", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"))
+    p.add_argument("--timing_only", action="store_true",
+                   help="measure the train-step times only (the JSON keeps its BLEU part)")
     args = p.parse_args()
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
     for name, parent in parents.items():
@@ -108,11 +118,22 @@ def main() -> None:
     parents = {n: p for n, p in parents.items() if tf.train.latest_checkpoint(os.path.join(p, "ckpt"))}
     if not parents:
         raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
-    for name in parents:  # before any work: a refusal should not come after minutes of timing
+    for name in [] if args.timing_only else parents:  # a refusal must not come after the timing
         for config in QAT_CONFIGS:
             runs.fresh_logdir(os.path.join(args.workdir, name, f"qat_{config}"))
     timing_parent = parents.get("multi30k", parents.get("demo"))
     result = {"timing": step_time_ratio(timing_parent, args.timing_steps), "bleu": {}}
+    if args.timing_only:
+        earlier = {}
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                earlier = json.load(f)
+        hparams.write_json(args.out, {**earlier, "timing": result["timing"]})
+        t = result["timing"]
+        print(f"train step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s "
+              f"({t['step_time_ratio']}x), bf16 {t['bf16_step_s']} s ({t['bf16_step_time_ratio']}x), "
+              f"median of {t['steps']} alternating steps; written {args.out}")
+        return
     qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",
                  "--warmup_steps", "100", "--dev_max_sentences", "200"]
     for name, parent in parents.items():

@@ -7,7 +7,7 @@ import sys
 ROWS = (("float", "float", "logdir"), ("qat_w8a8", "fake-quant W8A8 (TF)", "logdir"),
         ("int_w8a8", "integer W8A8 (NumPy)", "export"),
         ("qat_intonly_w8a8", "integer-only W8A8 (TF)", "logdir"),
-        ("intonly_w8a8", "integer-only W8A8 (NumPy, int64 from ids to argmax)", "export"))
+        ("intonly_w8a8", "integer-only W8A8 (NumPy, integers from ids to argmax)", "export"))
 # engine rows and the TF rows their token agreement is measured against
 AGREEMENT = (("int_w8a8", "integer W8A8 vs fake-quant"), ("intonly_w8a8", "integer-only engine vs TF"))
 

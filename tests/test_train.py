@@ -92,6 +92,16 @@ def qat_runs(float_run, tmp_path_factory):
     return logdirs
 
 
+def test_init_from_takes_a_fine_tuning_schedule_and_the_best_checkpoint(float_run, capsys):
+    parser = train_parser()
+    argv = ["--logdir", "unused", "--init_from", float_run, "--lr", "1e-3"]
+    hp = parser.parse_args(argv)
+    path = train.inherit_from_parent(hp, hparams.explicit_flags(parser, argv))
+    assert (hp.num_epochs, hp.lr, hp.warmup_steps) == (2, 1e-3, 100)  # --lr typed: kept
+    assert "fine-tuning schedule (--init_from): --num_epochs 2 --warmup_steps 100" in capsys.readouterr().out
+    assert path == runs.resolve_checkpoint(float_run) and os.sep + "best" + os.sep in path
+
+
 def test_w8a8_qat_stays_within_one_bleu_of_its_float_parent(float_run, qat_runs, corpus, tmp_path, capsys):
     parent = train_set_bleu(float_run, corpus, str(tmp_path / "float.json"))["bleu"]
     quantized = train_set_bleu(qat_runs["w8a8"], corpus, str(tmp_path / "w8a8.json"))["bleu"]
@@ -213,6 +223,7 @@ def test_best_checkpoints_patience_and_the_test_bleu_line(corpus, tmp_path, monk
     with open(os.path.join(logdir, "train_summary.json")) as f:
         summary = json.load(f)
     assert summary["epochs"] == 4 and summary["stopped_early"]
+    assert 0 <= summary["host_fraction"] < 1
     kept = runs.kept_best(logdir)
     assert [(e["epoch"], e["dev_bleu"]) for e in kept] == [(2, 7.0), (3, 5.0)]
     files = {f"{e['checkpoint']}.{ext}" for e in kept for ext in ("index", "data-00000-of-00001")}
@@ -280,7 +291,7 @@ def test_freeze_thresholds_after_n_steps(float_run, tmp_path):
     logdir = str(tmp_path / "qat")
     train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--max_steps", "5",
                 "--freeze_thresholds_after", "3", "--ckpt_every", "1", "--keep_checkpoints", "10",
-                "--lr", "5e-4", "--warmup_steps", "10", "--calib", "max"])
+                "--num_epochs", "5", "--lr", "5e-4", "--warmup_steps", "10", "--calib", "max"])
     at = {step: checkpoint_values(logdir, step) for step in (1, 3, 5)}
     thresholds = [n for n in at[5] if n.startswith("model/") and "log2_t" in n]
     weights = [n for n in at[5] if n.startswith("model/") and "log2_t" not in n and "rng" not in n]
@@ -352,6 +363,46 @@ def padded_batch(rng, rows, vocab):
         src[i, n_src - 1] = qformat.EOS
         tgt[i, : n_tgt + 2] = [qformat.BOS, *rng.integers(4, vocab, n_tgt), qformat.EOS]
     return src, tgt
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_with_low_precision_matmuls(precision):
+    """--mixed_precision: the step's matmuls run in bfloat16 / float16 (variables float32), the
+    loss on a fixed batch goes down over 15 steps; fp16 keeps a loss scale in the checkpoint, and
+    a step whose scaled gradient overflows changes no weight and halves the scale."""
+    hp = train_parser().parse_args(["--logdir", "unused", *TINY, "--dropout_rate", "0",
+                                    "--mixed_precision", precision, "--lr", "1e-2", "--warmup_steps", "1"])
+    rng = np.random.default_rng(3)
+    src, tgt = padded_batch(rng, 8, 50)
+    tf.random.set_seed(0)
+    model = Transformer(hp, 50, runs.sites_from_flags(hp))
+    opt = train.Optimizers(model, hp)
+    scale = train.LossScale() if precision == "fp16" else None
+    step = train.make_train_step(model, tf.distribute.get_strategy(), opt, False, scale)
+    args = (tf.constant(src), tf.constant(tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+    losses = [float(step(*args)[0]) for _ in range(15)]
+    assert losses[-1] < 0.7 * losses[0], losses
+    if precision == "bf16":  # and compiled by XLA (--jit_compile): the step runs and trains on
+        jit = train.make_train_step(model, tf.distribute.get_strategy(), opt, False, jit_compile=True)
+        jit_losses = [float(jit(*args)[0]) for _ in range(3)]
+        assert jit_losses[-1] < losses[-1], jit_losses
+        assert "HloModule" in jit.experimental_get_compiler_ir(*args)(stage="hlo")
+    graph = step.get_concrete_function(*args).graph
+    matmuls = [op for op in graph.get_operations() if op.type in ("MatMul", "BatchMatMulV2")]
+    dtype = runs.COMPUTE_DTYPES[precision]
+    assert len(matmuls) > 10 and all(op.get_attr("T") == dtype for op in matmuls)
+    assert all(v.dtype == tf.float32 for v in model.variables)
+    if scale is not None:
+        assert float(scale.scale) == 2.0**15 and int(scale.finite_steps) == 15
+        scale.scale.assign(2.0**40)  # the float16 gradient of this loss overflows
+        before, t = [v.numpy() for v in model.trainable_variables], int(opt.adam.t)
+        step(*args)
+        assert float(scale.scale) == 2.0**39 and int(opt.adam.t) == t and int(scale.finite_steps) == 0
+        for v, value in zip(model.trainable_variables, before):
+            np.testing.assert_array_equal(v.numpy(), value)
+    with pytest.raises(ValueError, match="is for float training"):
+        train.check_flags(train_parser().parse_args(["--logdir", "x", "--mixed_precision", precision,
+                                                     "--quant", "w8a8"]))
 
 
 def test_mirrored_steps_equal_single_device_steps(two_cpus):
