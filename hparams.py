@@ -114,8 +114,10 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--dev_max_sentences", type=int, default=0,
                    help="score dev BLEU on the first N dev sentences (0: all)")
     g.add_argument("--seed", type=int, default=1234)
-    g.add_argument("--strategy", default="none", choices=["none", "mirrored"],
-                   help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs")
+    g.add_argument("--strategy", default="none", choices=["none", "mirrored", "multiworker"],
+                   help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs; "
+                        "'multiworker': MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
+                        "(one process per worker, the same command; only the chief writes --logdir)")
     g.add_argument("--require_gpu", action="store_true",
                    help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
                         "otherwise, apart from the devices line)")

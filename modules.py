@@ -325,6 +325,9 @@ class Adam(tf.Module):
                  beta2: float = 0.98, eps: float = 1e-9):
         super().__init__(name=name)
         set_untracked(self, "params", list(variables))
+        # the strategy whose scope built it: under MirroredStrategy each device updates its own
+        # copy of a variable (strategy.extended.update), with no round trip through the host
+        set_untracked(self, "strategy", tf.distribute.get_strategy())
         self.m = [tf.Variable(tf.zeros_like(v), trainable=False, name="m") for v in variables]
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
         self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
@@ -336,6 +339,12 @@ class Adam(tf.Module):
         b1, b2 = self.beta1, self.beta2
         step = lr * tf.sqrt(1.0 - b2**t) / (1.0 - b1**t)  # bias correction folded into the step
         for var, g, m, v in zip(self.params, grads, self.m, self.v):
-            m.assign(b1 * m + (1.0 - b1) * g)
-            v.assign(b2 * v + (1.0 - b2) * tf.square(g))
-            var.assign_sub(step * m / (tf.sqrt(v) + self.eps))
+            self.strategy.extended.update(var, self._update, args=(g, m, v, step))
+
+    def _update(self, var: tf.Variable, g: tf.Tensor, m: tf.Variable, v: tf.Variable,
+                step: tf.Tensor) -> None:
+        """One variable's update, on one device (the local copies of var, g, m and v)."""
+        b1, b2 = self.beta1, self.beta2
+        m.assign(b1 * m + (1.0 - b1) * g)
+        v.assign(b2 * v + (1.0 - b2) * tf.square(g))
+        var.assign_sub(step * m / (tf.sqrt(v) + self.eps))

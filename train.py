@@ -14,7 +14,9 @@ import argparse
 import glob
 import json
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -188,7 +190,10 @@ def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: O
 
     def step(src, tgt, n_tokens):
         grads, loss_sum = strategy.run(replica_grads, args=(src, tgt, n_tokens))
-        grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
+        if strategy.num_replicas_in_sync > 1:  # summed onto every variable's devices (all-reduce)
+            grads = strategy.extended.batch_reduce_to(tf.distribute.ReduceOp.SUM, list(zip(grads, variables)))
+        else:
+            grads = [strategy.reduce(tf.distribute.ReduceOp.SUM, g, axis=None) for g in grads]
         loss_sum = strategy.reduce(tf.distribute.ReduceOp.SUM, loss_sum, axis=None)
         if loss_scale is None:
             lr = opt.apply(grads, train_thresholds)
@@ -216,7 +221,41 @@ def distribute(strategy: tf.distribute.Strategy, src: np.ndarray, tgt: np.ndarra
 
 
 def build_strategy(name: str) -> tf.distribute.Strategy:
+    """none: one device; mirrored: every local GPU; multiworker: MultiWorkerMirroredStrategy over
+    the cluster in TF_CONFIG (this process is the task TF_CONFIG names)."""
+    if name == "multiworker":
+        if not json.loads(os.environ.get("TF_CONFIG", "{}")).get("task"):
+            raise ValueError("--strategy multiworker needs TF_CONFIG with the cluster and this "
+                             "process's task, e.g. {\"cluster\": {\"worker\": [\"host1:port\", "
+                             "\"host2:port\"]}, \"task\": {\"type\": \"worker\", \"index\": 0}}")
+        return tf.distribute.MultiWorkerMirroredStrategy()
     return tf.distribute.MirroredStrategy() if name == "mirrored" else tf.distribute.get_strategy()
+
+
+def is_chief(strategy: tf.distribute.Strategy) -> bool:
+    """Whether this process writes the run: always, but in a multi-worker cluster only the chief
+    (task "chief", or worker 0 when the cluster names no chief)."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return True
+    if resolver.task_type == "chief":
+        return True
+    cluster = resolver.cluster_spec().as_dict()
+    return resolver.task_type == "worker" and resolver.task_id == 0 and "chief" not in cluster
+
+
+def private_logdir(run_dir: str) -> str:
+    """A non-chief worker's own folder for everything train.py writes (deleted at the end): it
+    starts from the run's dev history and best checkpoints, so that its --patience and best
+    choices, made on the same dev BLEU, stay the chief's."""
+    folder = tempfile.mkdtemp(prefix="worker_")
+    for name in ("dev_bleu.json", runs.BEST):
+        path = os.path.join(run_dir, name)
+        if os.path.isdir(path):
+            shutil.copytree(path, os.path.join(folder, name))
+        elif os.path.exists(path):
+            shutil.copy(path, folder)
+    return folder
 
 
 def dev_history(logdir: str) -> list[dict]:
@@ -356,11 +395,27 @@ def main(argv: list[str]) -> None:
     check_flags(hp)
     check_resume(hp)
     print(runs.setup_devices(hp.require_gpu))
+    strategy = build_strategy(hp.strategy)  # before any other TF op (multi-worker needs that)
+    run_dir = hp.logdir
+    if not is_chief(strategy):  # every worker computes everything; only the chief writes the run
+        hp.logdir = private_logdir(run_dir)
+        print(f"worker {strategy.cluster_resolver.task_id}: the chief writes {run_dir}; this "
+              f"worker's own files go to {hp.logdir} (deleted at the end)")
+    try:
+        train(hp, strategy, run_dir, parent_ckpt)
+    finally:
+        if hp.logdir != run_dir:
+            shutil.rmtree(hp.logdir, ignore_errors=True)
+
+
+def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str,
+          parent_ckpt: str | None) -> None:
+    """The run: writes go to hp.logdir (the run's folder, or a worker's own), a resume reads
+    run_dir's latest checkpoint."""
     tf.random.set_seed(hp.seed)
     splits, sp, train_src, train_tgt = prepare_data(hp)
     hparams.save_hparams(hp, hp.logdir)
 
-    strategy = build_strategy(hp.strategy)
     with strategy.scope():
         model = Transformer(hp, sp.get_piece_size(), runs.sites_from_flags(hp))
         opt = Optimizers(model, hp)
@@ -372,9 +427,10 @@ def main(argv: list[str]) -> None:
     ckpt = tf.train.Checkpoint(model=model, optimizer=opt, epoch=epoch, batch_in_epoch=batch_in_epoch,
                                **state)
     manager = tf.train.CheckpointManager(ckpt, os.path.join(hp.logdir, "ckpt"), hp.keep_checkpoints)
-    if manager.latest_checkpoint:
-        ckpt.restore(manager.latest_checkpoint).assert_existing_objects_matched()
-        print(f"resumed from {manager.latest_checkpoint} (step {int(opt.adam.t)}, epoch {int(epoch) + 1})")
+    latest = tf.train.latest_checkpoint(os.path.join(run_dir, "ckpt"))
+    if latest:
+        ckpt.restore(latest).assert_existing_objects_matched()
+        print(f"resumed from {latest} (step {int(opt.adam.t.numpy())}, epoch {int(epoch.numpy()) + 1})")
     else:
         missing = load_weights(model, parent_ckpt) if parent_ckpt else [s.site_name for s in sites]
         if parent_ckpt:
@@ -386,11 +442,11 @@ def main(argv: list[str]) -> None:
     start = time.time()
 
     def out_of_budget() -> bool:
-        return bool((hp.max_steps and int(opt.adam.t) >= hp.max_steps) or (
+        return bool((hp.max_steps and int(opt.adam.t.numpy()) >= hp.max_steps) or (
             hp.max_minutes and time.time() - start > 60 * hp.max_minutes))
 
     def thresholds_train() -> bool:
-        frozen = bool(hp.freeze_thresholds_after) and int(opt.adam.t) >= hp.freeze_thresholds_after
+        frozen = bool(hp.freeze_thresholds_after) and int(opt.adam.t.numpy()) >= hp.freeze_thresholds_after
         for site in sites:
             site.frozen = frozen
         return bool(sites) and not frozen
@@ -402,11 +458,11 @@ def main(argv: list[str]) -> None:
     train_step = make_train_step(model, strategy, opt, train_thresholds, loss_scale, hp.jit_compile)
     run_tokens, dev_bleu = 0, None
     step_seconds = loop_seconds = 0.0  # in the train step / in the whole loop body
-    while int(epoch) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
-        batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch))
-        bar = tqdm(batches[int(batch_in_epoch):], desc=f"epoch {int(epoch) + 1}/{hp.num_epochs}",
-                   initial=int(batch_in_epoch), total=len(batches), dynamic_ncols=True,
-                   mininterval=1.0, file=sys.stderr)
+    while int(epoch.numpy()) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
+        done = int(batch_in_epoch.numpy())  # batches of this epoch already trained (a resume)
+        batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch.numpy()))
+        bar = tqdm(batches[done:], desc=f"epoch {int(epoch.numpy()) + 1}/{hp.num_epochs}", initial=done,
+                   total=len(batches), dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         tokens, t0 = 0, time.time()
         for src, tgt in bar:
             began = time.perf_counter()
@@ -414,7 +470,7 @@ def main(argv: list[str]) -> None:
             args = (*distribute(strategy, src, tgt), tf.constant(n_tokens))
             stepped = time.perf_counter()
             loss, lr = train_step(*args)
-            step = int(opt.adam.t)  # waits for the step to finish
+            step = int(opt.adam.t.numpy())  # waits for the step to finish
             step_seconds += time.perf_counter() - stepped
             batch_in_epoch.assign_add(1)
             tokens += int(np.count_nonzero(src) + n_tokens)
@@ -438,18 +494,18 @@ def main(argv: list[str]) -> None:
                 break
         bar.close()
         run_tokens += tokens
-        if int(batch_in_epoch) == len(batches):  # a finished epoch: score dev, move on
+        if int(batch_in_epoch.numpy()) == len(batches):  # a finished epoch: score dev, move on
             epoch.assign_add(1)
             batch_in_epoch.assign(0)
-            dev_bleu = evaluate_dev(model, sp, splits, hp, int(epoch), writer, int(opt.adam.t))
-            keep_if_best(model, hp.logdir, hp.keep_best,
-                         {"epoch": int(epoch), "step": int(opt.adam.t), "dev_bleu": round(dev_bleu, 2)})
-        manager.save(checkpoint_number=int(opt.adam.t))
+            scored = {"epoch": int(epoch.numpy()), "step": int(opt.adam.t.numpy())}
+            dev_bleu = evaluate_dev(model, sp, splits, hp, scored["epoch"], writer, scored["step"])
+            keep_if_best(model, hp.logdir, hp.keep_best, {**scored, "dev_bleu": round(dev_bleu, 2)})
+        manager.save(checkpoint_number=int(opt.adam.t.numpy()))
     writer.flush()
     minutes = (time.time() - start) / 60  # training (and dev scoring) only: tokens/s below
-    stopped_early = patience_exhausted() and int(epoch) < hp.num_epochs
+    stopped_early = patience_exhausted() and int(epoch.numpy()) < hp.num_epochs
     if stopped_early:
-        print(f"early stop after epoch {int(epoch)}: dev BLEU has not improved for {hp.patience} "
+        print(f"early stop after epoch {int(epoch.numpy())}: dev BLEU has not improved for {hp.patience} "
               f"epochs (--patience)")
     test = score_test(model, sp, splits, hp)  # the model now holds the checkpoint it scored
     if sites:
@@ -459,7 +515,7 @@ def main(argv: list[str]) -> None:
         spm_file = runs.spm_path(hp.logdir)
         export.export_model(model, hp, spm_file, out, export.observed_sources(model, hp, spm_file))
         print(f"integer weights of the {test['checkpoint']} checkpoint exported to {out}")
-    summary = {"steps": int(opt.adam.t), "epochs": int(epoch), "minutes": round(minutes, 2),
+    summary = {"steps": int(opt.adam.t.numpy()), "epochs": int(epoch.numpy()), "minutes": round(minutes, 2),
                "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9)), "test": test,
                "stopped_early": stopped_early,
                # the share of the batch loop spent outside the train step (converting batches,
