@@ -121,6 +121,9 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--require_gpu", action="store_true",
                    help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
                         "otherwise, apart from the devices line)")
+    g.add_argument("--fused_adam", action="store_true",
+                   help="update each variable with TF's fused Adam kernel (one op instead of ~6; the "
+                        "same equations, other float rounding: not bit-identical to the default)")
     g.add_argument("--jit_compile", action="store_true",
                    help="compile the train step with XLA (once per batch shape: the first steps of "
                         "each length bucket are slow)")

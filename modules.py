@@ -322,7 +322,7 @@ class Adam(tf.Module):
     """
 
     def __init__(self, variables: list[tf.Variable], name: str, beta1: float = 0.9,
-                 beta2: float = 0.98, eps: float = 1e-9):
+                 beta2: float = 0.98, eps: float = 1e-9, fused: bool = False):
         super().__init__(name=name)
         set_untracked(self, "params", list(variables))
         # the strategy whose scope built it: under MirroredStrategy each device updates its own
@@ -332,19 +332,26 @@ class Adam(tf.Module):
         self.v = [tf.Variable(tf.zeros_like(v), trainable=False, name="v") for v in variables]
         self.t = tf.Variable(0, dtype=tf.int64, trainable=False, name="t")
         self.beta1, self.beta2, self.eps = beta1, beta2, eps
+        self.fused = fused  # one ResourceApplyAdam kernel per variable (the same equations)
 
     def apply(self, grads: list[tf.Tensor], lr: tf.Tensor) -> None:
         self.t.assign_add(1)
         t = tf.cast(self.t, tf.float32)
         b1, b2 = self.beta1, self.beta2
         step = lr * tf.sqrt(1.0 - b2**t) / (1.0 - b1**t)  # bias correction folded into the step
+        powers = (b1**t, b2**t, lr) if self.fused else ()  # the fused kernel's inputs
         for var, g, m, v in zip(self.params, grads, self.m, self.v):
-            self.strategy.extended.update(var, self._update, args=(g, m, v, step))
+            self.strategy.extended.update(var, self._update, args=(g, m, v, step, powers))
 
     def _update(self, var: tf.Variable, g: tf.Tensor, m: tf.Variable, v: tf.Variable,
-                step: tf.Tensor) -> None:
+                step: tf.Tensor, powers: tuple) -> None:
         """One variable's update, on one device (the local copies of var, g, m and v)."""
         b1, b2 = self.beta1, self.beta2
+        if self.fused:
+            tf.raw_ops.ResourceApplyAdam(var=var.handle, m=m.handle, v=v.handle, beta1_power=powers[0],
+                                         beta2_power=powers[1], lr=powers[2], beta1=b1, beta2=b2,
+                                         epsilon=self.eps, grad=g)
+            return
         m.assign(b1 * m + (1.0 - b1) * g)
         v.assign(b2 * v + (1.0 - b2) * tf.square(g))
         var.assign_sub(step * m / (tf.sqrt(v) + self.eps))

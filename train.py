@@ -125,8 +125,8 @@ class Optimizers(tf.Module):
         set_untracked(self, "sites", sites)
         set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
         set_untracked(self, "thresholds", [s.log2_t for s in sites])
-        self.adam = Adam(self.weights, name="adam")
-        self.th_adam = Adam(self.thresholds, name="th_adam", beta2=0.999, eps=1e-8)
+        self.adam = Adam(self.weights, name="adam", fused=hp.fused_adam)
+        self.th_adam = Adam(self.thresholds, name="th_adam", beta2=0.999, eps=1e-8, fused=hp.fused_adam)
         set_untracked(self, "hp", hp)
 
     def lr(self) -> tf.Tensor:

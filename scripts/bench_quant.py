@@ -5,7 +5,7 @@
 In one process and one run:
   * step_time_ratio: median train-step time of the w8a8 model over the float model, the
     models alternating on the same batches (same machine state for all); also the float model
-    with --mixed_precision bf16 (bf16_step_time_ratio; `--timing_only` measures just these);
+    with --mixed_precision bf16 and with --fused_adam (`--timing_only` measures just these);
   * BLEU (sacreBLEU, greedy) of the float parent, PTQ w8a8 (calibration only), and QAT
     w8a8 / w6a6 / w4a8 fine-tuned from the parent, on the embedded demo test set and on
     Multi30k test_2016_flickr (parent: scripts/bench_float.py's model; skipped when absent).
@@ -42,7 +42,8 @@ QAT_CONFIGS = ("w8a8", "w6a6", "w4a8")
 
 # the timed train steps: flags over the parent's
 TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"},
-         "bf16": {"quant": "none", "mixed_precision": "bf16"}}
+         "bf16": {"quant": "none", "mixed_precision": "bf16"},
+         "fused_adam": {"quant": "none", "fused_adam": True}}
 
 
 def step_time_ratio(parent: str, n_steps: int) -> dict:
@@ -72,10 +73,12 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
             if i >= 2:  # the first two include tracing
                 times[name].append(time.perf_counter() - start)
     med = {name: statistics.median(v) for name, v in times.items()}
-    return {"float_step_s": round(med["float"], 4), "w8a8_step_s": round(med["w8a8"], 4),
-            "step_time_ratio": round(med["w8a8"] / med["float"], 3), "bf16_step_s": round(med["bf16"], 4),
-            "bf16_step_time_ratio": round(med["bf16"] / med["float"], 3), "steps": len(times["float"]),
-            "batch_tokens": hp.batch_tokens, "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
+    timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
+    ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
+              for name in ("bf16", "fused_adam")}
+    return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
+            "steps": len(times["float"]), "batch_tokens": hp.batch_tokens,
+            "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
 
 
 def bleu_of(logdir: str, extra: list[str], out: str) -> float:
@@ -132,6 +135,7 @@ def main() -> None:
         t = result["timing"]
         print(f"train step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s "
               f"({t['step_time_ratio']}x), bf16 {t['bf16_step_s']} s ({t['bf16_step_time_ratio']}x), "
+              f"float --fused_adam {t['fused_adam_step_s']} s ({t['fused_adam_step_time_ratio']}x), "
               f"median of {t['steps']} alternating steps; written {args.out}")
         return
     qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",

@@ -18,6 +18,7 @@ import calibration
 import data_load
 import hparams
 import intmodel
+import modules
 import qformat
 import runs
 import train
@@ -460,6 +461,42 @@ def test_mirrored_steps_equal_single_device_steps(two_cpus):
         # 1e-8 absolute covers the key biases, whose gradient is zero up to float noise
         np.testing.assert_allclose(mirrored[name], single[name], rtol=1e-6, atol=1e-4 * moved + 1e-8,
                                    err_msg=name)
+
+
+def test_fused_adam_is_the_same_update_and_resumes_exactly(tmp_path):
+    """--fused_adam: TF's ResourceApplyAdam per variable gives the written-out update to float
+    rounding, and 2 steps + checkpoint + restore + 1 step equal 3 steps bit for bit."""
+    rng = np.random.default_rng(0)
+    init = [rng.standard_normal((4, 3)).astype(np.float32), rng.standard_normal(5).astype(np.float32)]
+    grads = [[tf.constant(rng.standard_normal(v.shape).astype(np.float32)) for v in init] for _ in range(3)]
+
+    def adam(fused):
+        variables = [tf.Variable(v) for v in init]
+        return variables, modules.Adam(variables, "adam", fused=fused)
+
+    def run(opt, steps):
+        update = tf.function(lambda g: opt.apply(g, tf.constant(1e-2)))
+        for g in steps:
+            update(g)
+        return update
+
+    plain, plain_opt = adam(False)
+    fused, fused_opt = adam(True)
+    run(plain_opt, grads)
+    update = run(fused_opt, grads)
+    graph = update.get_concrete_function(grads[0]).graph
+    assert "ResourceApplyAdam" in {op.type for op in graph.get_operations()}
+    for a, b in zip(fused, plain):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-7)
+        assert np.any(a.numpy() != init[0 if a.shape == (4, 3) else 1])
+    resumed, resumed_opt = adam(True)
+    run(resumed_opt, grads[:2])
+    path = tf.train.Checkpoint(v=resumed, opt=resumed_opt).write(str(tmp_path / "ckpt"))
+    again, again_opt = adam(True)
+    tf.train.Checkpoint(v=again, opt=again_opt).read(path).assert_consumed()
+    run(again_opt, grads[2:])
+    for a, b in zip(again, fused):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 
 def free_ports(n):
