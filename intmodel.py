@@ -405,12 +405,16 @@ class IntTransformer:
         memory, src_bias = np.repeat(memory, beam, 0), np.repeat(src_bias, beam, 0)
         # at most (non-pad source tokens + decode_margin) outputs per sentence
         limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
-        cross_kv = [self.project_kv(qformat.block_names("decoder", i).cross_attention, memory)
+        cross_kv = [self.cross_kv(qformat.block_names("decoder", i).cross_attention, memory)
                     for i in range(self.config["num_blocks"])]
         shape = (len(limit), self.num_heads, int(limit.max()), self.d_model // self.num_heads)
         cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
                  for _ in range(self.config["num_blocks"])]
         return src_bias, limit, cross_kv, cache
+
+    def cross_kv(self, prefix: str, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """A decoder block's cross-attention K and V of the encoder memory."""
+        return self.project_kv(prefix, memory)
 
     def greedy(self, src: np.ndarray) -> np.ndarray:
         """Batched greedy decoding with a key/value cache: token ids [B, T], PAD after EOS.
@@ -737,16 +741,10 @@ class IntOnlyTransformer(IntTransformer):
             y = self.decoder_block(i, y, (k[:, :, :t + 1], v[:, :, :t + 1]), None, kv, src_visible)
         return self.logits(y, self._norm_output("decoder", self.config["num_blocks"]))[:, 0]
 
-    def _start(self, src: np.ndarray, beam: int) -> tuple:
-        memory, visible = self.encode(src)
-        memory, visible = np.repeat(memory, beam, 0), np.repeat(visible, beam, 0)
-        limit = np.repeat((src != PAD).sum(axis=1) + self.config["decode_margin"], beam)
-        cross_kv = [self.project_kv(qformat.block_names("decoder", i).cross_attention, memory,
-                                    self.memory_source()) for i in range(self.config["num_blocks"])]
-        shape = (len(limit), self.num_heads, int(limit.max()), self.d_k)
-        cache = [(np.zeros(shape, np.float32), np.zeros(shape, np.float32))
-                 for _ in range(self.config["num_blocks"])]
-        return visible, limit, cross_kv, cache
+    def cross_kv(self, prefix: str, memory: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """K and V of the encoder memory, which lies on the last encoder norm's output grid (the
+        base _start does the rest; its source bias is here the key mask `visible`)."""
+        return self.project_kv(prefix, memory, self.memory_source())
 
     def accumulator_stats(self) -> dict[str, dict[str, int]]:
         """Per matmul and reduction: the largest |value| seen and its bits, beside the proven

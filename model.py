@@ -341,7 +341,7 @@ def load_weights(model: Transformer, path: str) -> list[str]:
             raise ValueError(f"checkpoint {path}: {key} has shape {shapes[key]}, the model "
                              f"{var.shape.as_list()}: built with other hparams?")
     sites = [(name, site) for name, site in model.sites.sites.items()
-             if isinstance(getattr(site, "log2_t", None), tf.Variable)]
+             if getattr(site, "trains_threshold", False)]
     for _, site in sites:  # NaN marks a threshold the checkpoint does not overwrite
         site.log2_t.assign(tf.fill(site.log2_t.shape, float("nan")))
     try:  # matched through the object graph, so each site is found whichever path saved it

@@ -247,6 +247,11 @@ class QuantSite(tf.Module):
             self.recorded.append((np.asarray(x), np.asarray(y, np.float64) * np.exp2(self.frac_bits())))
         return y
 
+    @property
+    def trains_threshold(self) -> bool:
+        """Whether log2_t is a trained variable (intlayers.FixedSite's is a constant)."""
+        return isinstance(self.log2_t, tf.Variable)
+
     def set_log2_t(self, log2_t) -> None:
         """log2_t := the value (broadcast to the site's shape), clipped to the allowed range."""
         value = np.clip(log2_t, qformat.LOG2_T_MIN, qformat.LOG2_T_MAX)

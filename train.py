@@ -120,7 +120,7 @@ class Optimizers(tf.Module):
     def __init__(self, model: Transformer, hp: argparse.Namespace):
         super().__init__(name="optimizers")
         sites = [s for s in model.sites.sites.values()  # fixed thresholds (intlayers.FixedSite) aside
-                 if isinstance(s, quant.QuantSite) and isinstance(s.log2_t, tf.Variable)]
+                 if isinstance(s, quant.QuantSite) and s.trains_threshold]
         thresholds = {s.log2_t.ref() for s in sites}
         set_untracked(self, "sites", sites)
         set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
