@@ -272,7 +272,9 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description="Export a quantized model for the integer engine.")
     p.add_argument("--logdir", required=True, help="a train.py --logdir of a quantized run")
     p.add_argument("--out", required=True, help="export directory (replaced atomically)")
-    p.add_argument("--checkpoint", default=None, help="a specific checkpoint prefix (default: latest)")
+    p.add_argument("--checkpoint", default=None,
+                   help="best, latest, averaged or a checkpoint prefix (default: best when the run "
+                        "kept one, else latest)")
     p.add_argument("--max_positions", type=int, default=DEFAULT_MAX_POSITIONS,
                    help="integer-only: rows of the exported position table (the longest sequence)")
     p.add_argument("--observe_sentences", type=int, default=OBSERVE_SENTENCES,

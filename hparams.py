@@ -60,6 +60,12 @@ def add_model_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
 
 
+def add_require_gpu(g) -> None:
+    g.add_argument("--require_gpu", action="store_true",
+                   help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
+                        "otherwise, apart from the devices line)")
+
+
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
     g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy with cache)")
@@ -118,9 +124,7 @@ def train_parser() -> argparse.ArgumentParser:
                    help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs; "
                         "'multiworker': MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
                         "(one process per worker, the same command; only the chief writes --logdir)")
-    g.add_argument("--require_gpu", action="store_true",
-                   help="stop with an error unless TensorFlow sees a GPU (a CPU fallback is silent "
-                        "otherwise, apart from the devices line)")
+    add_require_gpu(g)
     g.add_argument("--fused_adam", action="store_true",
                    help="update each variable with TF's fused Adam kernel (one op instead of ~6; the "
                         "same equations, other float rounding: not bit-identical to the default)")
@@ -181,8 +185,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--summary", default=None,
                    help="add this result to a JSON summary file (e.g. runs/demo/summary.json)")
     p.add_argument("--summary_key", default="float", help="the entry's name in --summary")
-    p.add_argument("--require_gpu", action="store_true",
-                   help="stop with an error unless TensorFlow sees a GPU")
+    add_require_gpu(p)
     add_data_flags(p)
     add_model_flags(p)
     add_decode_flags(p)

@@ -84,13 +84,18 @@ def kept_best(logdir: str) -> list[dict]:
         return json.load(f)
 
 
+def best_prefix(logdir: str, entry: dict) -> str:
+    """The checkpoint prefix of one kept_best entry."""
+    return os.path.join(logdir, BEST, entry["checkpoint"])
+
+
 def resolve_checkpoint(logdir: str, which: str | None = None) -> str:
     """The checkpoint prefix `which` names in a run: best (the highest dev BLEU), latest,
     averaged, or a path; None: best when the run kept one, else latest."""
     if which in (None, BEST):
         best = kept_best(logdir)
         if best:
-            return os.path.join(logdir, BEST, best[0]["checkpoint"])
+            return best_prefix(logdir, best[0])
         if which == BEST:
             raise FileNotFoundError(f"{os.path.join(logdir, BEST, 'best.json')} not found: the run "
                                     f"kept no best checkpoint (train.py --keep_best, scored per epoch)")

@@ -316,7 +316,7 @@ def score_test(model: Transformer, sp, splits, hp: argparse.Namespace) -> dict:
     best = runs.kept_best(hp.logdir)
     result = {"test_set": hp.test_src or f"{hp.data}:{hp.test_set}", "checkpoint": "latest"}
     if best:
-        load_weights(model, os.path.join(hp.logdir, runs.BEST, best[0]["checkpoint"]))
+        load_weights(model, runs.best_prefix(hp.logdir, best[0]))
         result.update(checkpoint="best", epoch=best[0]["epoch"], step=best[0]["step"])
     de, en = splits["test"]
     greedy = argparse.Namespace(**{**vars(hp), "beam": 1})
@@ -456,7 +456,7 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
 
     train_thresholds = thresholds_train()
     train_step = make_train_step(model, strategy, opt, train_thresholds, loss_scale, hp.jit_compile)
-    run_tokens, dev_bleu = 0, None
+    run_tokens = 0
     step_seconds = loop_seconds = 0.0  # in the train step / in the whole loop body
     while int(epoch.numpy()) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
         done = int(batch_in_epoch.numpy())  # batches of this epoch already trained (a resume)

@@ -30,7 +30,7 @@ def sources(logdir: str, last: int, best: int) -> list[str]:
         if len(kept) < best:
             raise ValueError(f"--best {best}: {logdir}/best keeps {len(kept)} checkpoint(s) "
                              f"(train with --keep_best {best})")
-        return [os.path.join(logdir, runs.BEST, e["checkpoint"]) for e in kept[:best]]
+        return [runs.best_prefix(logdir, e) for e in kept[:best]]
     state = tf.train.get_checkpoint_state(os.path.join(logdir, "ckpt"))
     paths = list(state.all_model_checkpoint_paths) if state else []
     if len(paths) < last:
