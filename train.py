@@ -145,6 +145,12 @@ class Optimizers(tf.Module):
         self.adam.apply(grads[:n], lr)
         return lr
 
+    def skip(self) -> tf.Tensor:
+        """A batch that changes no weight (an fp16 overflow) still counts as a step: `t` counts
+        batches, so the schedule, --max_steps and checkpoint numbers never wait on the device."""
+        self.adam.t.assign_add(1)
+        return self.lr()
+
 
 class LossScale(tf.Module):
     """Dynamic loss scaling for float16 training: the loss is multiplied by `scale` before the
@@ -199,7 +205,7 @@ def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: O
             lr = opt.apply(grads, train_thresholds)
         else:
             finite = tf.reduce_all([tf.reduce_all(tf.math.is_finite(g)) for g in grads])
-            lr = tf.cond(finite, lambda: opt.apply(grads, train_thresholds), opt.lr)
+            lr = tf.cond(finite, lambda: opt.apply(grads, train_thresholds), opt.skip)
             loss_scale.update(finite)
         return loss_sum / n_tokens, lr
 
@@ -210,12 +216,30 @@ def make_train_step(model: Transformer, strategy: tf.distribute.Strategy, opt: O
     return tf.function(step, reduce_retracing=True, jit_compile=jit_compile)
 
 
-def distribute(strategy: tf.distribute.Strategy, src: np.ndarray, tgt: np.ndarray):
+def input_pipeline(batches: list[tuple[np.ndarray, np.ndarray]], depth: int = 4) -> tf.data.Dataset:
+    """(src, tgt, target tokens, all tokens) tensors of the given batches, in order, made by
+    tf.data's threads up to `depth` batches ahead of the train step."""
+    spec = tf.TensorSpec([None, None], tf.int32)
+
+    def counted(src, tgt):
+        n_tgt = tf.math.count_nonzero(tgt[:, 1:])  # the loss's tokens (BOS is input, not target)
+        return src, tgt, tf.cast(n_tgt, tf.float32), tf.math.count_nonzero(src) + n_tgt
+
+    # one thread and no autotuning: the work per batch is tiny, and tf.data's default threads
+    # otherwise compete with the train step's on a small CPU (slowing some steps by a third)
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    options.threading.private_threadpool_size = 1
+    dataset = tf.data.Dataset.from_generator(lambda: iter(batches), output_signature=(spec, spec))
+    return dataset.map(counted).prefetch(depth).with_options(options)
+
+
+def distribute(strategy: tf.distribute.Strategy, src: tf.Tensor, tgt: tf.Tensor):
     """Split a batch row-wise over the replicas (identity with one replica)."""
     n = strategy.num_replicas_in_sync
     if n == 1:
-        return tf.constant(src), tf.constant(tgt)
-    shards = [np.array_split(a, n) for a in (src, tgt)]
+        return src, tgt
+    shards = [np.array_split(a.numpy(), n) for a in (src, tgt)]
     return tuple(strategy.experimental_distribute_values_from_function(
         lambda ctx, s=s: tf.constant(s[ctx.replica_id_in_sync_group])) for s in shards)
 
@@ -441,12 +465,16 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
     writer = tf.summary.create_file_writer(hp.logdir)
     start = time.time()
 
+    # the loop counts steps on the host (Optimizers.skip: one per batch) and reads the device
+    # only to log, so it queues the next step while the device still runs this one
+    step = int(opt.adam.t.numpy())
+
     def out_of_budget() -> bool:
-        return bool((hp.max_steps and int(opt.adam.t.numpy()) >= hp.max_steps) or (
+        return bool((hp.max_steps and step >= hp.max_steps) or (
             hp.max_minutes and time.time() - start > 60 * hp.max_minutes))
 
     def thresholds_train() -> bool:
-        frozen = bool(hp.freeze_thresholds_after) and int(opt.adam.t.numpy()) >= hp.freeze_thresholds_after
+        frozen = bool(hp.freeze_thresholds_after) and step >= hp.freeze_thresholds_after
         for site in sites:
             site.frozen = frozen
         return bool(sites) and not frozen
@@ -457,23 +485,25 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
     train_thresholds = thresholds_train()
     train_step = make_train_step(model, strategy, opt, train_thresholds, loss_scale, hp.jit_compile)
     run_tokens = 0
-    step_seconds = loop_seconds = 0.0  # in the train step / in the whole loop body
+    wait_seconds = loop_seconds = 0.0  # waiting for the next batch / the whole batch loop
     while int(epoch.numpy()) < hp.num_epochs and not out_of_budget() and not patience_exhausted():
         done = int(batch_in_epoch.numpy())  # batches of this epoch already trained (a resume)
         batches = data_load.train_batches(train_src, train_tgt, hp.batch_tokens, hp.seed, int(epoch.numpy()))
-        bar = tqdm(batches[done:], desc=f"epoch {int(epoch.numpy()) + 1}/{hp.num_epochs}", initial=done,
+        bar = tqdm(desc=f"epoch {int(epoch.numpy()) + 1}/{hp.num_epochs}", initial=done,
                    total=len(batches), dynamic_ncols=True, mininterval=1.0, file=sys.stderr)
         tokens, t0 = 0, time.time()
-        for src, tgt in bar:
+        inputs = iter(input_pipeline(batches[done:]))
+        while True:
             began = time.perf_counter()
-            n_tokens = float(np.count_nonzero(tgt[:, 1:]))
-            args = (*distribute(strategy, src, tgt), tf.constant(n_tokens))
-            stepped = time.perf_counter()
-            loss, lr = train_step(*args)
-            step = int(opt.adam.t.numpy())  # waits for the step to finish
-            step_seconds += time.perf_counter() - stepped
+            src, tgt, n_tokens, n_all = next(inputs, (None,) * 4)
+            if src is None:
+                break
+            wait_seconds += time.perf_counter() - began
+            loss, lr = train_step(*distribute(strategy, src, tgt), n_tokens)
+            step += 1
             batch_in_epoch.assign_add(1)
-            tokens += int(np.count_nonzero(src) + n_tokens)
+            bar.update(1)
+            tokens += int(n_all)
             if step % 20 == 0:
                 bar.set_postfix(loss=f"{float(loss):.3f}", lr=f"{float(lr):.2e}",
                                 tok_s=f"{tokens / (time.time() - t0):.0f}", refresh=False)
@@ -497,10 +527,10 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
         if int(batch_in_epoch.numpy()) == len(batches):  # a finished epoch: score dev, move on
             epoch.assign_add(1)
             batch_in_epoch.assign(0)
-            scored = {"epoch": int(epoch.numpy()), "step": int(opt.adam.t.numpy())}
+            scored = {"epoch": int(epoch.numpy()), "step": step}
             dev_bleu = evaluate_dev(model, sp, splits, hp, scored["epoch"], writer, scored["step"])
             keep_if_best(model, hp.logdir, hp.keep_best, {**scored, "dev_bleu": round(dev_bleu, 2)})
-        manager.save(checkpoint_number=int(opt.adam.t.numpy()))
+        manager.save(checkpoint_number=step)
     writer.flush()
     minutes = (time.time() - start) / 60  # training (and dev scoring) only: tokens/s below
     stopped_early = patience_exhausted() and int(epoch.numpy()) < hp.num_epochs
@@ -515,12 +545,11 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
         spm_file = runs.spm_path(hp.logdir)
         export.export_model(model, hp, spm_file, out, export.observed_sources(model, hp, spm_file))
         print(f"integer weights of the {test['checkpoint']} checkpoint exported to {out}")
-    summary = {"steps": int(opt.adam.t.numpy()), "epochs": int(epoch.numpy()), "minutes": round(minutes, 2),
+    summary = {"steps": step, "epochs": int(epoch.numpy()), "minutes": round(minutes, 2),
                "tokens_per_s": round(run_tokens / max(60 * minutes, 1e-9)), "test": test,
                "stopped_early": stopped_early,
-               # the share of the batch loop spent outside the train step (converting batches,
-               # logging, checkpoints): what an input pipeline could hide
-               "host_fraction": round(1 - step_seconds / loop_seconds, 3) if loop_seconds else None}
+               # the share of the batch loop spent waiting for the input pipeline's next batch
+               "input_wait_fraction": round(wait_seconds / loop_seconds, 3) if loop_seconds else None}
     hparams.write_json(os.path.join(hp.logdir, "train_summary.json"), summary)
     print("done: " + json.dumps(summary))
 

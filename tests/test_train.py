@@ -192,6 +192,20 @@ def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, 
     assert not os.path.exists(target) and not os.path.exists(tmp_path / "hyp.txt")
 
 
+def test_input_pipeline_yields_the_batches_in_order_with_their_token_counts():
+    rng = np.random.default_rng(0)
+    shapes = [(3, 5), (1, 9), (7, 2), (2, 4), (5, 6)]
+    batches = [(rng.integers(0, 9, (r, c), np.int32), rng.integers(0, 9, (r, c + 2), np.int32))
+               for r, c in shapes]
+    got = list(train.input_pipeline(batches, depth=2))
+    assert len(got) == len(batches)
+    for (src, tgt), (s, t, n_tgt, n_all) in zip(batches, got):
+        np.testing.assert_array_equal(s.numpy(), src)
+        np.testing.assert_array_equal(t.numpy(), tgt)
+        assert n_tgt.dtype == tf.float32 and float(n_tgt) == np.count_nonzero(tgt[:, 1:])
+        assert int(n_all) == np.count_nonzero(src) + np.count_nonzero(tgt[:, 1:])
+
+
 def test_resume_after_interruption_gives_the_same_weights(corpus, tmp_path):
     common = [*TINY, *corpus["flags"], "--dropout_rate", "0.2", "--ckpt_every", "2", "--num_epochs", "2"]
     # 15 batches an epoch: the resumed run finishes epoch 1 mid-way and goes into epoch 2
@@ -226,7 +240,7 @@ def test_best_checkpoints_patience_and_the_test_bleu_line(corpus, tmp_path, monk
     with open(os.path.join(logdir, "train_summary.json")) as f:
         summary = json.load(f)
     assert summary["epochs"] == 4 and summary["stopped_early"]
-    assert 0 <= summary["host_fraction"] < 1
+    assert 0 <= summary["input_wait_fraction"] < 1
     kept = runs.kept_best(logdir)
     assert [(e["epoch"], e["dev_bleu"]) for e in kept] == [(2, 7.0), (3, 5.0)]
     files = {f"{e['checkpoint']}.{ext}" for e in kept for ext in ("index", "data-00000-of-00001")}
@@ -400,7 +414,7 @@ def test_mixed_precision_trains_with_low_precision_matmuls(precision):
         scale.scale.assign(2.0**40)  # the float16 gradient of this loss overflows
         before, t = [v.numpy() for v in model.trainable_variables], int(opt.adam.t)
         step(*args)
-        assert float(scale.scale) == 2.0**39 and int(opt.adam.t) == t and int(scale.finite_steps) == 0
+        assert float(scale.scale) == 2.0**39 and int(opt.adam.t) == t + 1 and int(scale.finite_steps) == 0
         for v, value in zip(model.trainable_variables, before):
             np.testing.assert_array_equal(v.numpy(), value)
     with pytest.raises(ValueError, match="is for float training"):
@@ -435,8 +449,8 @@ def test_mirrored_steps_equal_single_device_steps(two_cpus):
             opt.adam.eps = 1.0
         step = train.make_train_step(model, strategy, opt, train_thresholds=True)
         losses = []
-        for src, tgt in batches:
-            args = (*train.distribute(strategy, src, tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+        for src, tgt, n_tokens, _ in train.input_pipeline(batches):
+            args = (*train.distribute(strategy, src, tgt), n_tokens)
             losses.append(float(step(*args)[0]))
         graph_ops = step.get_concrete_function(*args).graph.get_operations()
         # Adam's square roots: where each variable's update runs
