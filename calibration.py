@@ -231,6 +231,12 @@ def calibrate(model, batches, method: str = "kl", weight_init: str = "max",
     if method not in METHODS:
         raise ValueError(f"calibration method must be one of {'|'.join(METHODS)}, got {method!r}")
     sites = [s for name, s in model.sites.sites.items() if only is None or name in only]
+    set_thresholds(model, sites, observe_inputs(model, batches, sites), method, weight_init)
+
+
+def observe_inputs(model, batches, sites) -> dict[str, Observations]:
+    """Run `model` eagerly on the (src, tgt) batches with `sites` passing their inputs through
+    unchanged (float) while observing; their observations by site name."""
     observed = observe(sites)
     try:
         for src, tgt in batches:
@@ -238,6 +244,12 @@ def calibrate(model, batches, method: str = "kl", weight_init: str = "max",
     finally:
         for site in sites:
             site.observer = None
+    return observed
+
+
+def set_thresholds(model, sites, observed: dict[str, Observations], method: str, weight_init: str) -> None:
+    """Each weight site's log2_t from its weight, each activation site's from its observations,
+    for its current width."""
     for site, weight in model.weight_sites():
         if site in sites:
             init_weight_site(site, weight.numpy(), weight_init)

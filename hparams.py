@@ -110,6 +110,8 @@ def train_parser() -> argparse.ArgumentParser:
     g.add_argument("--max_minutes", type=float, default=0,
                    help="stop after this much training wall-clock time in this run (0: no limit)")
     g.add_argument("--ckpt_every", type=int, default=1000, help="checkpoint every N steps")
+    g.add_argument("--threshold_log_every", type=int, default=100,
+                   help="write every site's log2_t to the summaries every N steps (and at the start)")
     g.add_argument("--keep_checkpoints", type=int, default=3,
                    help="latest checkpoints kept in <logdir>/ckpt (what a re-run resumes from)")
     g.add_argument("--keep_best", type=int, default=1,

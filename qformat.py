@@ -65,6 +65,8 @@ PRESETS: dict[str, tuple[int, int] | None] = {
     "w6a6": (6, 6),
     "w4a8": (4, 8),
     "w4a4": (4, 4),
+    "w3a8": (3, 8),
+    "w2a8": (2, 8),
 }
 # Roles of a site and whether its integers are signed: ReLU outputs and softmax
 # probabilities are non-negative, so they spend no bit on the sign.

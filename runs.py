@@ -15,6 +15,7 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Callable
 
 import sacrebleu
 import sentencepiece as spm
@@ -198,13 +199,18 @@ def test_pairs(hp: argparse.Namespace, src: str | None = None, ref: str | None =
 
 
 def translate(model: Transformer, sp: spm.SentencePieceProcessor, lines: list[str],
-              hp: argparse.Namespace, progress: bool = False) -> list[str]:
-    """Detokenized translations of `lines`, in order (greedy with cache, or beam search)."""
+              hp: argparse.Namespace, progress: bool = False,
+              decode: Callable[[tf.Tensor], tf.Tensor] | None = None) -> list[str]:
+    """Detokenized translations of `lines`, in order (greedy with cache, or beam search; or
+    `decode`, a function of the source ids)."""
     hyps: list[str] = [""] * len(lines)
     batches = data_load.eval_batches(data_load.encode_source(sp, lines), hp.eval_batch_size)
     for index, src in tqdm(batches, desc="translate", disable=not progress, dynamic_ncols=True):
         src = tf.constant(src)
-        out = model.greedy(src) if hp.beam == 1 else model.beam_search(src, hp.beam, hp.alpha)
+        if decode is not None:
+            out = decode(src)
+        else:
+            out = model.greedy(src) if hp.beam == 1 else model.beam_search(src, hp.beam, hp.alpha)
         for i, row in zip(index, out.numpy()):
             hyps[i] = data_load.decode_ids(sp, row)
     return hyps

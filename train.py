@@ -463,6 +463,8 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
             calibrate(model, sites, data_load.train_batches(train_src, train_tgt, hp.batch_tokens,
                                                             hp.seed, 0), hp, missing)
     writer = tf.summary.create_file_writer(hp.logdir)
+    if sites and not latest:
+        log_thresholds(sites, writer, int(opt.adam.t.numpy()))  # the calibrated (or inherited) thresholds
     start = time.time()
 
     # the loop counts steps on the host (Optimizers.skip: one per batch) and reads the device
@@ -510,7 +512,7 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
                 with writer.as_default():
                     tf.summary.scalar("loss", loss, step=step)
                     tf.summary.scalar("lr", lr, step=step)
-            if sites and step % 100 == 0:
+            if sites and step % hp.threshold_log_every == 0:
                 log_thresholds(sites, writer, step)
             if step % hp.ckpt_every == 0:
                 manager.save(checkpoint_number=step)

@@ -1,16 +1,27 @@
-"""Quantization benchmark: train-step cost of fake quantization, and BLEU of float / PTQ / QAT.
+"""Quantization benchmark: what each bit width costs in BLEU, budget-matched and over seeds, and
+what a QAT train step costs in time.
 
     python scripts/bench_quant.py --out bench/quant.json
+    python scripts/bench_quant.py --timing_only
 
-In one process and one run:
-  * step_time_ratio: median train-step time of the w8a8 model over the float model, the
-    models alternating on the same batches (same machine state for all); also the float model
-    with --mixed_precision bf16 and with --fused_adam (`--timing_only` measures just these);
-  * BLEU (sacreBLEU, greedy) of the float parent, PTQ w8a8 (calibration only), and QAT
-    w8a8 / w6a6 / w4a8 fine-tuned from the parent, on the embedded demo test set and on
-    Multi30k test_2016_flickr (parent: scripts/bench_float.py's model; skipped when absent).
-Prints a table and writes the JSON given by --out.  A re-run measures again: the QAT logdirs
-of an earlier run (<workdir>/<corpus>/qat_*) are deleted and trained fresh, with a note.
+BLEU, per corpus (the embedded demo, Multi30k test_2016_flickr), every row from the same float
+parent (scripts/bench_float.py's, make demo's):
+  * control: the float model fine-tuned with exactly the flags of the QAT rows (--qat_steps
+    steps, the same learning-rate schedule, the same batches: --seed sets the batch order and
+    dropout) — every percentage is of this row's mean, so extra training is not counted as
+    quantization's merit;
+  * qat_<config> (and qat_<config>_pc, per-channel weights): QAT with the preset;
+  * ptq_<config> (_pc): calibration only — deterministic, one run;
+  * qat_mixed_<name>: QAT of a bit allocation from scripts/sensitivity.py (--allocation FILE);
+each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
+pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
+seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
+an earlier invocation finished.
+
+Timing (the Multi30k parent's model, one process): the median train-step time of the w8a8 model
+over the float model, alternating on the same batches (step_time_ratio); also bf16 and
+--fused_adam float steps, and the float training loop fed by train.input_pipeline against one
+that converts and waits for every batch.
 """
 
 from __future__ import annotations
@@ -29,15 +40,19 @@ import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
+import bitbudget  # noqa: E402
 import calibration  # noqa: E402
 import data_load  # noqa: E402
 import hparams  # noqa: E402
+import qformat  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from eval import main as eval_main  # noqa: E402
 from model import Transformer  # noqa: E402
 
-QAT_CONFIGS = ("w8a8", "w6a6", "w4a8")
+CONFIGS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
+# weight granularity -> (row-name suffix, flags)
+GRANULARITIES = {"tensor": ("", []), "channel": ("_pc", ["--per_channel"])}
 
 
 # the timed train steps: flags over the parent's
@@ -76,83 +91,192 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
     ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
               for name in ("bf16", "fused_adam")}
-    return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
+    loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
+    return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3), **loops,
             "steps": len(times["float"]), "batch_tokens": hp.batch_tokens,
             "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
 
 
+def loop_step_seconds(step, batches: list, blocks: int = 7) -> dict:
+    """Per-step wall time of the float training loop fed two ways, in alternating blocks of the
+    same batches: `sync` converts each batch with tf.constant and waits for every step (the loop
+    before train.input_pipeline), `pipeline` takes the pipeline's tensors and waits only at the
+    end of the block."""
+    def synced():
+        for s, t in batches:
+            loss, _ = step(tf.constant(s), tf.constant(t), tf.constant(float(np.count_nonzero(t[:, 1:]))))
+            float(loss)
+
+    def pipelined():
+        for s, t, n_tokens, _ in train.input_pipeline(batches):
+            loss, _ = step(s, t, n_tokens)
+        float(loss)
+
+    times = {"sync": [], "pipeline": []}
+    for _ in range(blocks):
+        for name, loop in (("sync", synced), ("pipeline", pipelined)):
+            start = time.perf_counter()
+            loop()
+            times[name].append((time.perf_counter() - start) / len(batches))
+    med = {name: statistics.median(v) for name, v in times.items()}
+    return {"loop_sync_step_s": round(med["sync"], 4), "loop_pipeline_step_s": round(med["pipeline"], 4),
+            "pipeline_loop_ratio": round(med["pipeline"] / med["sync"], 3), "loop_blocks": blocks,
+            "loop_block_steps": len(batches),
+            "loop_blocks_step_s": {name: [round(x, 4) for x in v] for name, v in times.items()}}
+
+
 def bleu_of(logdir: str, extra: list[str], out: str) -> float:
-    eval_main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"),
-                      *extra])
+    eval_main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"), *extra])
     with open(out) as f:
         return json.load(f)["bleu"]
 
 
-def qat_and_ptq(parent: str, workdir: str, qat_flags: list[str]) -> dict:
-    """BLEU of the float parent, its PTQ w8a8, and QAT runs fine-tuned from it."""
+def row_flags(args: argparse.Namespace) -> dict[str, list[str]]:
+    """Row name -> the flags that make it from the parent (control first)."""
+    rows = {"control": ["--quant", "none"]}
+    for config in args.configs:
+        for granularity in args.granularities:
+            suffix, extra = GRANULARITIES[granularity]
+            rows[f"qat_{config}{suffix}"] = ["--quant", config, *extra]
+    if args.integer_only:
+        rows["qat_w8a8_intonly"] = ["--quant", "w8a8", "--integer_only"]
+    for path in args.allocation:
+        with open(path) as f:
+            allocation = json.load(f)
+        rows[f"qat_mixed_{allocation['name']}"] = allocation["flags"]
+    return rows
+
+
+def weight_memory(parent: str, flags: list[str], vocab: int) -> dict:
+    """Bits per weight (mean) and in all of a row's weights (a float row: 32 per weight)."""
+    hp = hparams.train_parser().parse_args(["--logdir", parent, *flags])
+    vars(hp).update({k: v for k, v in hparams.load_hparams(parent).items() if k in hparams.MODEL_FLAGS})
+    float_row = hp.quant == "none"
+    if float_row:  # the same model's weight sites, only to count its weights
+        hp.quant = "w8a8"
+    model = Transformer(hp, vocab, runs.sites_from_flags(hp))
+    sizes = bitbudget.weight_sizes(model)
+    bits = {site.site_name: 32 if float_row else site.num_bits for site, _ in model.weight_sites()}
+    return {"weight_bits_mean": round(bitbudget.mean_bits(sizes, bits), 3),
+            "weight_memory_bits": bitbudget.memory_bits(sizes, bits)}
+
+
+def summarize(bleus: list[dict]) -> dict:
+    values = [r["bleu"] for r in bleus]
+    return {"bleu_mean": round(statistics.mean(values), 2),
+            "bleu_std": round(statistics.stdev(values), 2) if len(values) > 1 else 0.0,
+            "seeds": [r["seed"] for r in bleus], "runs": bleus}
+
+
+def fine_tune(parent: str, logdir: str, flags: list[str], seed: int, args: argparse.Namespace) -> dict:
+    """Train one row's run (or reuse a finished one) and return its test BLEU (greedy)."""
+    summary = os.path.join(logdir, "train_summary.json")
+    if not (args.reuse_runs and os.path.exists(summary)):
+        runs.fresh_logdir(logdir)
+        train.main(["--logdir", logdir, "--init_from", parent, *flags, "--seed", str(seed),
+                    "--max_steps", str(args.qat_steps), "--num_epochs", "1000", "--lr", str(args.lr),
+                    "--warmup_steps", "100", "--dev_max_sentences", "200",
+                    "--threshold_log_every", "10", "--keep_best", "0"])  # scored after exactly its steps
+    with open(summary) as f:
+        done = json.load(f)
+    if done["steps"] != args.qat_steps:
+        raise SystemExit(f"error: {logdir} stopped at step {done['steps']}, not {args.qat_steps}: "
+                         f"run without --reuse_runs")
+    return {"seed": seed, "bleu": done["test"]["greedy_bleu"], "logdir": runs.repo_relative(logdir)}
+
+
+def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write) -> dict:
+    """Every row on one corpus; `write(rows)` after each run."""
     os.makedirs(workdir, exist_ok=True)
-    bleu = {"float": bleu_of(parent, [], os.path.join(workdir, "float.json"))}
-    bleu["ptq_w8a8"] = bleu_of(parent, ["--quant", "w8a8"], os.path.join(workdir, "ptq_w8a8.json"))
-    for config in QAT_CONFIGS:
-        logdir = os.path.join(workdir, f"qat_{config}")
-        train.main(["--logdir", logdir, "--init_from", parent, "--quant", config, *qat_flags,
-                    "--keep_best", "0"])  # every row scored after exactly its steps
-        bleu[f"qat_{config}"] = bleu_of(logdir, [], os.path.join(workdir, f"qat_{config}.json"))
-    for key in list(bleu):
-        if key != "float":
-            bleu[f"{key}_pct_of_float"] = round(100 * bleu[key] / bleu["float"], 2)
-    return bleu
+    vocab = spm.SentencePieceProcessor(model_file=runs.spm_path(parent)).get_piece_size()
+    flags_by_row = row_flags(args)
+    rows: dict = {"parent": {"bleu_mean": bleu_of(parent, [], os.path.join(workdir, "parent.json")),
+                             **weight_memory(parent, ["--quant", "none"], vocab)}}
+    for name, flags in flags_by_row.items():
+        if name.startswith("qat_") and not name.startswith("qat_mixed"):
+            ptq = name.replace("qat_", "ptq_", 1)
+            bleu = bleu_of(parent, flags, os.path.join(workdir, f"{ptq}.json"))
+            rows[ptq] = {**summarize([{"seed": None, "bleu": bleu}]), **weight_memory(parent, flags, vocab)}
+    results: dict[str, list[dict]] = {name: [] for name in flags_by_row}
+    for seed in args.seeds:
+        for name, flags in flags_by_row.items():
+            logdir = os.path.join(workdir, f"{name}_s{seed}")
+            results[name].append(fine_tune(parent, logdir, flags, seed, args))
+            rows[name] = {**summarize(results[name]), **weight_memory(parent, flags, vocab)}
+            control = rows["control"]["bleu_mean"]
+            for row in rows.values():
+                row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / control, 2)
+            write(rows)
+    return rows
+
+
+def print_table(bleu: dict) -> None:
+    print("| corpus | row | weight bits | BLEU mean ± std (seeds) | % of float control |")
+    print("|---|---|---|---|---|")
+    for corpus, rows in bleu.items():
+        for name, row in rows.items():
+            spread = f" ± {row['bleu_std']:.2f} ({len(row['seeds'])})" if "seeds" in row else ""
+            pct = f"{row['pct_of_control_mean']:.1f}%" if "pct_of_control_mean" in row else ""
+            print(f"| {corpus} | {name} | {row['weight_bits_mean']:g} | {row['bleu_mean']:.2f}{spread} "
+                  f"| {pct} |")
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs.add_parent_flags(p)
+    p.add_argument("--corpora", nargs="+", default=["demo", "multi30k"], choices=["demo", "multi30k"])
+    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
+                   choices=[c for c in qformat.PRESETS if c != "none"])
+    p.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=list(GRANULARITIES),
+                   help="weight thresholds per tensor and/or per output channel (rows *_pc)")
+    p.add_argument("--integer_only", action="store_true", help="add a QAT row of --quant w8a8 --integer_only")
+    p.add_argument("--allocation", action="append", default=[], metavar="FILE",
+                   help="a bit allocation from scripts/sensitivity.py: adds its QAT row")
+    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    p.add_argument("--qat_steps", type=int, default=300,
+                   help="fine-tuning steps of every row, the float control's included")
+    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every row")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "quant"))
-    p.add_argument("--qat_steps", type=int, default=150, help="fine-tuning steps of each QAT run")
+    p.add_argument("--reuse_runs", action="store_true",
+                   help="keep the runs in --workdir that an earlier invocation finished")
     p.add_argument("--timing_steps", type=int, default=30)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"))
-    p.add_argument("--timing_only", action="store_true",
-                   help="measure the train-step times only (the JSON keeps its BLEU part)")
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"),
+                   help="JSON result; an existing one keeps the parts this run does not measure")
+    p.add_argument("--timing_only", action="store_true", help="measure the train-step times only")
+    p.add_argument("--no_timing", action="store_true", help="measure BLEU only")
     args = p.parse_args()
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
+    parents = {name: parents[name] for name in args.corpora}
     for name, parent in parents.items():
         if not tf.train.latest_checkpoint(os.path.join(parent, "ckpt")):
             print(f"note: no float checkpoint in {parent}: skipping {name}", file=sys.stderr)
     parents = {n: p for n, p in parents.items() if tf.train.latest_checkpoint(os.path.join(p, "ckpt"))}
     if not parents:
         raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
-    for name in [] if args.timing_only else parents:  # a refusal must not come after the timing
-        for config in QAT_CONFIGS:
-            runs.fresh_logdir(os.path.join(args.workdir, name, f"qat_{config}"))
-    timing_parent = parents.get("multi30k", parents.get("demo"))
-    result = {"timing": step_time_ratio(timing_parent, args.timing_steps), "bleu": {}}
-    if args.timing_only:
-        earlier = {}
-        if os.path.exists(args.out):
-            with open(args.out) as f:
-                earlier = json.load(f)
-        hparams.write_json(args.out, {**earlier, "timing": result["timing"]})
+    result = {"timing": {}, "bleu": {}}
+    if os.path.exists(args.out):
+        with open(args.out) as f:
+            result.update(json.load(f))
+    if not args.no_timing:
+        result["timing"] = step_time_ratio(parents.get("multi30k", parents.get("demo")), args.timing_steps)
+        hparams.write_json(args.out, result)
         t = result["timing"]
         print(f"train step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s "
               f"({t['step_time_ratio']}x), bf16 {t['bf16_step_s']} s ({t['bf16_step_time_ratio']}x), "
               f"float --fused_adam {t['fused_adam_step_s']} s ({t['fused_adam_step_time_ratio']}x), "
-              f"median of {t['steps']} alternating steps; written {args.out}")
+              f"median of {t['steps']} alternating steps; float loop per step: synced batches "
+              f"{t['loop_sync_step_s']} s, input pipeline {t['loop_pipeline_step_s']} s "
+              f"({t['pipeline_loop_ratio']}x), median of {t['loop_blocks']} blocks of "
+              f"{t['loop_block_steps']}")
+    if args.timing_only:
         return
-    qat_flags = ["--max_steps", str(args.qat_steps), "--num_epochs", "100", "--lr", "2e-4",
-                 "--warmup_steps", "100", "--dev_max_sentences", "200"]
+    settings = {"qat_steps": args.qat_steps, "lr": args.lr, "warmup_steps": 100}
     for name, parent in parents.items():
-        result["bleu"][name] = qat_and_ptq(parent, os.path.join(args.workdir, name), qat_flags)
-    hparams.write_json(args.out, result)
-    t = result["timing"]
-    print(f"\ntrain step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s, "
-          f"ratio {t['step_time_ratio']} (median of {t['steps']} alternating steps)")
-    columns = ["float", "ptq_w8a8", *[f"qat_{c}" for c in QAT_CONFIGS]]
-    print("| corpus | " + " | ".join(columns) + " |")
-    print("|---" * (len(columns) + 1) + "|")
-    for name, bleu in result["bleu"].items():
-        cells = [f"{bleu['float']:.2f}"] + [
-            f"{bleu[c]:.2f} ({bleu[c + '_pct_of_float']:.1f}%)" for c in columns[1:]]
-        print(f"| {name} | " + " | ".join(cells) + " |")
+        def write(rows, name=name, parent=parent):
+            result["bleu"][name] = {"parent": runs.repo_relative(parent), **settings, "rows": rows}
+            hparams.write_json(args.out, result)
+        corpus_rows(parent, os.path.join(args.workdir, name), args, write)
+    print_table({name: entry["rows"] for name, entry in result["bleu"].items()})
     print(f"written {args.out}")
 
 

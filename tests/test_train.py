@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+import bitbudget
 import calibration
 import data_load
 import hparams
@@ -28,6 +29,13 @@ from model import Transformer, load_weights
 
 # eval.py's main, for the tests that run it in-process (`import eval` would shadow the builtin)
 eval_main = importlib.import_module("eval").main
+
+
+def load_script(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--d_model", "32", "--d_ff", "64", "--num_blocks", "1", "--num_heads", "4",
@@ -91,7 +99,8 @@ def qat_runs(float_run, tmp_path_factory):
     for preset in ("w8a8", "w4a8"):
         logdirs[preset] = str(tmp_path_factory.mktemp(preset) / "run")
         train.main(["--logdir", logdirs[preset], "--init_from", float_run, "--quant", preset,
-                    "--num_epochs", "3", "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
+                    "--num_epochs", "3", "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5",
+                    "--threshold_log_every", "5"])
     return logdirs
 
 
@@ -745,3 +754,70 @@ def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path
     assert int_result["token_agreement"] == 100.0 and int_result["bleu"] == tf_result["bleu"]
     index = json.load(open(tmp_path / "vec" / "index.json"))
     assert {entry.get("op") for entry in index} >= {"layer_norm", "softmax"}
+
+
+def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qat_runs, tmp_path):
+    sensitivity = load_script("sensitivity")
+    table_path, alloc_path = str(tmp_path / "table.json"), str(tmp_path / "alloc.json")
+    # loss only and no families: each row runs the model eagerly
+    sensitivity.main(["--logdir", qat_runs["w8a8"], "--bits", "2", "--dev_sentences", "4",
+                      "--bleu_sentences", "0", "--no_families", "--out", table_path])
+    table = json.load(open(table_path))
+    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", qat_runs["w8a8"]])
+    model = Transformer(hp, 300, runs.sites_from_flags(hp))
+    assert sorted(r["site"] for r in table["rows"]) == sorted(model.sites.sites)  # one row per site
+    for r in table["rows"]:
+        assert r["kind"] == "site" and r["bits"] == 2
+        assert r["d_loss"] == pytest.approx(r["dev_loss"] - table["base"]["dev_loss"], abs=1e-5)
+    weights = [r for r in table["rows"] if r["role"] == "weight"]
+    assert sum(r["d_loss"] != 0 for r in weights) >= len(weights) - 1  # lowering a weight is felt
+    assert set(table["weight_sizes"]) == {site.site_name for site, _ in model.weight_sites()}
+    assert sensitivity.family("decoder/block_2/ffn/dense1/weight") == "decoder/block_*/ffn/dense1/weight"
+    probe = sensitivity.Probe(hp, 4, 1)  # the BLEU column, on one sentence
+    probe.model.sites.sites["embedding/weight"].num_bits = 2
+    assert 0 <= probe.score()["dev_bleu"] <= 100
+    sensitivity.main(["--table", table_path, "--budget", "3.5", "--allocation_out", alloc_path])
+    chosen = json.load(open(alloc_path))
+    assert open(str(tmp_path / "alloc.flags")).read().split() == chosen["flags"]
+    sizes = table["weight_sizes"]
+    assert bitbudget.mean_bits(sizes, chosen["bits"]) == pytest.approx(chosen["weight_bits_mean"], abs=1e-3)
+    assert chosen["weight_bits_mean"] <= 3.5
+    # the flags build exactly that allocation
+    flags = train_parser().parse_args(["--logdir", "x", *chosen["flags"]])
+    config = runs.quant_config(flags)
+    assert {name: config.bits_for(name, "weight") for name in sizes} == chosen["bits"]
+    with pytest.raises(ValueError, match="out of reach"):
+        sensitivity.main(["--table", table_path, "--budget", "1.5"])
+
+
+def test_plots_write_pngs_from_a_run_and_a_benchmark(qat_runs, tmp_path):
+    plots = load_script("plot_quant")
+    history = plots.threshold_history(qat_runs["w8a8"])
+    ckpt = checkpoint_values(qat_runs["w8a8"])
+    trained = {k.split("/.ATTRIBUTES")[0] for k in ckpt if "log2_t" in k}
+    assert len(history) == len(trained) > 40
+    steps, values = history["decoder/block_1/ffn/dense1/input"]
+    assert steps[0] == 0 and len(steps) >= 2 and np.all(np.diff(steps) > 0)
+    assert np.ptp(np.concatenate([v for _, v in history.values()])) > 0  # the thresholds moved
+    bench = {"bleu": {"tiny": {"qat_steps": 10, "rows": {
+        "parent": {"bleu_mean": 30.0, "weight_bits_mean": 32},
+        "control": {"bleu_mean": 31.0, "bleu_std": 0.5, "weight_bits_mean": 32},
+        "qat_w8a8": {"bleu_mean": 31.2, "bleu_std": 0.4, "weight_bits_mean": 8},
+        "qat_w4a8": {"bleu_mean": 30.5, "bleu_std": 0.3, "weight_bits_mean": 4},
+        "ptq_w4a8": {"bleu_mean": 25.0, "bleu_std": 0.0, "weight_bits_mean": 4},
+        "qat_mixed_mean3.5": {"bleu_mean": 30.6, "bleu_std": 0.2, "weight_bits_mean": 3.4}}}}}
+    with open(tmp_path / "bench.json", "w") as f:
+        json.dump(bench, f)
+    fronts = plots.plot_pareto(str(tmp_path / "bench.json"), str(tmp_path / "pareto.png"))
+    # w4a8 is beaten by the mixed row (fewer bits, higher BLEU), the float rows by w8a8
+    assert fronts["tiny"] == [(3.4, 30.6), (8, 31.2)]
+    info = plots.plot_thresholds(qat_runs["w8a8"], str(tmp_path / "thresholds.png"))
+    assert info["sites"] == len(history)
+    site = "decoder/block_1/ffn/dense1/input"
+    info = plots.plot_histogram(qat_runs["w8a8"], site, str(tmp_path / "hist.png"), 1)
+    assert info["values"] > 1000 and info["calibrated"] > 0 and info["trained"] > 0
+    for name in ("pareto", "thresholds", "hist"):
+        data = (tmp_path / f"{name}.png").read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    with pytest.raises(ValueError, match="is not a site"):
+        plots.plot_histogram(qat_runs["w8a8"], "no/such/site", str(tmp_path / "x.png"))
