@@ -8,7 +8,8 @@
 thresholds: every site's log2_t over the training steps (train.py writes them to the summaries,
 --threshold_log_every), the sites whose power of two 2^ceil(log2_t) changed drawn in colour.
 pareto: test BLEU against bits per weight for every row of a bench_quant.py JSON, mean with one
-standard deviation over seeds, the Pareto front (no row with fewer bits scores higher) joined.
+standard deviation over seeds, the Pareto front (no row with fewer bits scores higher) joined;
+below, the same zoomed on the rows within 5% of the float control.
 histogram: the values one site sees on a few training batches, with the calibrated threshold
 (the first one logged) and the trained one (the checkpoint's).
 """
@@ -85,25 +86,31 @@ def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]
 
 
 def plot_pareto(bench: str, out: str) -> dict:
+    """One column per corpus: every row (top) and the rows within 5% of the control (bottom)."""
     with open(bench) as f:
         corpora = json.load(f)["bleu"]
-    fig, axes = plt.subplots(1, len(corpora), figsize=(6.5 * len(corpora), 5), squeeze=False)
+    fig, axes = plt.subplots(2, len(corpora), figsize=(7 * len(corpora), 9), squeeze=False)
     fronts = {}
-    for ax, (corpus, entry) in zip(axes[0], corpora.items()):
+    for column, (corpus, entry) in enumerate(corpora.items()):
         rows = {name: row for name, row in entry["rows"].items() if name != "parent"}
-        for name, row in rows.items():
-            marker = "s" if name.startswith("ptq") else ("*" if "mixed" in name else "o")
-            ax.errorbar(row["weight_bits_mean"], row["bleu_mean"], yerr=row.get("bleu_std", 0), fmt=marker,
-                        capsize=3, ms=6 if marker != "*" else 11)
-            ax.annotate(name, (row["weight_bits_mean"], row["bleu_mean"]), fontsize=6,
-                        xytext=(4, 3), textcoords="offset points")
         front = pareto_front([(r["weight_bits_mean"], r["bleu_mean"]) for r in rows.values()])
-        ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("bits per weight (log scale)")
-        ax.set_ylabel("test BLEU (greedy), mean ± std over seeds")
-        ax.set_title(f"{corpus}: {entry.get('qat_steps', '?')} fine-tuning steps per row")
-        ax.legend(fontsize=7)
+        for ax in axes[:, column]:
+            for name, row in rows.items():
+                marker = "s" if name.startswith("ptq") else ("*" if "mixed" in name else "o")
+                ax.errorbar(row["weight_bits_mean"], row["bleu_mean"], yerr=row.get("bleu_std", 0),
+                            fmt=marker, capsize=3, ms=6 if marker != "*" else 11)
+                ax.annotate(name, (row["weight_bits_mean"], row["bleu_mean"]), fontsize=6,
+                            xytext=(4, 3), textcoords="offset points")
+            ax.plot(*zip(*front), "k--", lw=0.8, label="Pareto front")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("bits per weight (log scale)")
+            ax.set_ylabel("test BLEU (greedy), mean ± std over seeds")
+            ax.legend(fontsize=7)
+        axes[0, column].set_title(f"{corpus}: {entry.get('qat_steps', '?')} fine-tuning steps per row")
+        if "control" in rows:
+            top = max(r["bleu_mean"] for r in rows.values())
+            axes[1, column].set_ylim(0.95 * rows["control"]["bleu_mean"], top + 0.01 * top)
+            axes[1, column].set_title("within 5% of the float control")
         fronts[corpus] = front
     save(fig, out)
     return fronts
