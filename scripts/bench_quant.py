@@ -190,19 +190,20 @@ def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write) -> d
     os.makedirs(workdir, exist_ok=True)
     vocab = spm.SentencePieceProcessor(model_file=runs.spm_path(parent)).get_piece_size()
     flags_by_row = row_flags(args)
+    memory = {name: weight_memory(parent, flags, vocab) for name, flags in flags_by_row.items()}
     rows: dict = {"parent": {"bleu_mean": bleu_of(parent, [], os.path.join(workdir, "parent.json")),
-                             **weight_memory(parent, ["--quant", "none"], vocab)}}
+                             **memory["control"]}}
     for name, flags in flags_by_row.items():
         if name.startswith("qat_") and not name.startswith("qat_mixed"):
             ptq = name.replace("qat_", "ptq_", 1)
             bleu = bleu_of(parent, flags, os.path.join(workdir, f"{ptq}.json"))
-            rows[ptq] = {**summarize([{"seed": None, "bleu": bleu}]), **weight_memory(parent, flags, vocab)}
+            rows[ptq] = {**summarize([{"seed": None, "bleu": bleu}]), **memory[name]}
     results: dict[str, list[dict]] = {name: [] for name in flags_by_row}
     for seed in args.seeds:
         for name, flags in flags_by_row.items():
             logdir = os.path.join(workdir, f"{name}_s{seed}")
             results[name].append(fine_tune(parent, logdir, flags, seed, args))
-            rows[name] = {**summarize(results[name]), **weight_memory(parent, flags, vocab)}
+            rows[name] = {**summarize(results[name]), **memory[name]}
             control = rows["control"]["bleu_mean"]
             for row in rows.values():
                 row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / control, 2)
