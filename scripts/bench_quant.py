@@ -16,7 +16,8 @@ parent (scripts/bench_float.py's, make demo's):
 each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
 pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
 seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
-an earlier invocation finished.
+an earlier invocation finished, and the rows an invocation does not select (--configs,
+--granularities, ...) keep their values from --out, so seeds can be added to some rows only.
 
 Timing (the Multi30k parent's model, one process): the median train-step time of the w8a8 model
 over the float model, alternating on the same batches (step_time_ratio); also bf16 and
@@ -125,8 +126,11 @@ def loop_step_seconds(step, batches: list, blocks: int = 7) -> dict:
             "loop_blocks_step_s": {name: [round(x, 4) for x in v] for name, v in times.items()}}
 
 
-def bleu_of(logdir: str, extra: list[str], out: str) -> float:
-    eval_main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"), *extra])
+def bleu_of(logdir: str, extra: list[str], out: str, reuse: bool = False) -> float:
+    """eval.py's test BLEU (greedy) of the run with `extra` flags, scored into `out` (or read from
+    it with `reuse`: evaluation is deterministic)."""
+    if not (reuse and os.path.exists(out)):
+        eval_main(["--logdir", logdir, "--json", out, "--hyp_out", out.replace(".json", ".txt"), *extra])
     with open(out) as f:
         return json.load(f)["bleu"]
 
@@ -147,8 +151,9 @@ def row_flags(args: argparse.Namespace) -> dict[str, list[str]]:
     return rows
 
 
-def weight_memory(parent: str, flags: list[str], vocab: int) -> dict:
+def weight_memory(parent: str, flags: list[str]) -> dict:
     """Bits per weight (mean) and in all of a row's weights (a float row: 32 per weight)."""
+    vocab = spm.SentencePieceProcessor(model_file=runs.spm_path(parent)).get_piece_size()
     hp = hparams.train_parser().parse_args(["--logdir", parent, *flags])
     vars(hp).update({k: v for k, v in hparams.load_hparams(parent).items() if k in hparams.MODEL_FLAGS})
     float_row = hp.quant == "none"
@@ -185,18 +190,19 @@ def fine_tune(parent: str, logdir: str, flags: list[str], seed: int, args: argpa
     return {"seed": seed, "bleu": done["test"]["greedy_bleu"], "logdir": runs.repo_relative(logdir)}
 
 
-def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write) -> dict:
-    """Every row on one corpus; `write(rows)` after each run."""
+def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write, kept: dict) -> dict:
+    """Every row on one corpus; `write(rows)` after each run. The rows of `kept` (an earlier
+    result) that this invocation does not measure stay as they are."""
     os.makedirs(workdir, exist_ok=True)
-    vocab = spm.SentencePieceProcessor(model_file=runs.spm_path(parent)).get_piece_size()
     flags_by_row = row_flags(args)
-    memory = {name: weight_memory(parent, flags, vocab) for name, flags in flags_by_row.items()}
-    rows: dict = {"parent": {"bleu_mean": bleu_of(parent, [], os.path.join(workdir, "parent.json")),
-                             **memory["control"]}}
+    memory = {name: weight_memory(parent, flags) for name, flags in flags_by_row.items()}
+    rows: dict = {**kept, "parent": {
+        "bleu_mean": bleu_of(parent, [], os.path.join(workdir, "parent.json"), args.reuse_runs),
+        **memory["control"]}}
     for name, flags in flags_by_row.items():
         if name.startswith("qat_") and not name.startswith("qat_mixed"):
             ptq = name.replace("qat_", "ptq_", 1)
-            bleu = bleu_of(parent, flags, os.path.join(workdir, f"{ptq}.json"))
+            bleu = bleu_of(parent, flags, os.path.join(workdir, f"{ptq}.json"), args.reuse_runs)
             rows[ptq] = {**summarize([{"seed": None, "bleu": bleu}]), **memory[name]}
     results: dict[str, list[dict]] = {name: [] for name in flags_by_row}
     for seed in args.seeds:
@@ -209,6 +215,12 @@ def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write) -> d
                 row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / control, 2)
             write(rows)
     return rows
+
+
+def kept_rows(earlier: dict, header: dict) -> dict:
+    """The rows of an earlier result on a corpus, if it was measured with the same parent and
+    fine-tuning settings (else none: they would not be comparable)."""
+    return earlier.get("rows", {}) if header.items() <= earlier.items() else {}
 
 
 def print_table(bleu: dict) -> None:
@@ -239,7 +251,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every row")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "quant"))
     p.add_argument("--reuse_runs", action="store_true",
-                   help="keep the runs in --workdir that an earlier invocation finished")
+                   help="keep the runs (and PTQ scores) in --workdir that an earlier invocation finished")
     p.add_argument("--timing_steps", type=int, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"),
                    help="JSON result; an existing one keeps the parts this run does not measure")
@@ -273,10 +285,13 @@ def main() -> None:
         return
     settings = {"qat_steps": args.qat_steps, "lr": args.lr, "warmup_steps": 100}
     for name, parent in parents.items():
-        def write(rows, name=name, parent=parent):
-            result["bleu"][name] = {"parent": runs.repo_relative(parent), **settings, "rows": rows}
+        header = {"parent": runs.repo_relative(parent), **settings}
+        kept = kept_rows(result["bleu"].get(name, {}), header)
+
+        def write(rows, name=name, header=header):
+            result["bleu"][name] = {**header, "rows": rows}
             hparams.write_json(args.out, result)
-        corpus_rows(parent, os.path.join(args.workdir, name), args, write)
+        corpus_rows(parent, os.path.join(args.workdir, name), args, write, kept)
     print_table({name: entry["rows"] for name, entry in result["bleu"].items()})
     print(f"written {args.out}")
 

@@ -130,7 +130,8 @@ def site_inputs(logdir: str, site_name: str, n_batches: int) -> tuple[np.ndarray
     site.recorded = []
     for s, t in data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[:n_batches]:
         model(tf.constant(s), tf.constant(t[:, :-1]), training=False)
-    values = np.concatenate([x.ravel() for x, _ in site.recorded])
+    seen = site.recorded[:1] if site.role == "weight" else site.recorded  # a weight: the same every batch
+    values = np.concatenate([x.ravel() for x, _ in seen])
     history = threshold_history(logdir).get(site_name)
     calibrated = np.exp2(np.ceil(history[1][0])) if history is not None else np.nan
     return values, float(calibrated), float(np.max(site.threshold())), site.num_bits

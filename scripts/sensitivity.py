@@ -19,6 +19,7 @@ per line, for `train.py ... $(cat FILE.flags)`.
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
 import os
 import re
@@ -98,7 +99,7 @@ class Probe:
 
 
 def sensitivity_table(hp: argparse.Namespace, bits: list[int], dev_sentences: int, bleu_sentences: int,
-                      families: bool) -> dict:
+                      families: bool, patterns: list[str] | None = None) -> dict:
     probe = Probe(hp, dev_sentences, bleu_sentences)
     base = probe.score()
     sites = probe.model.sites.sites
@@ -109,6 +110,10 @@ def sensitivity_table(hp: argparse.Namespace, bits: list[int], dev_sentences: in
         for name in sites:
             members.setdefault(family(name), []).append(name)
         groups += [(fam, "family", names) for fam, names in members.items() if len(names) > 1]
+    if patterns:  # only the sites (families) a glob names
+        groups = [g for g in groups if any(fnmatch.fnmatchcase(g[0], pat) for pat in patterns)]
+        if not groups:
+            raise ValueError(f"--sites {' '.join(patterns)}: no site of the model matches")
     rows = []
     for name, kind, names in tqdm(groups, desc="sites", dynamic_ncols=True):
         for b in bits:
@@ -120,16 +125,17 @@ def sensitivity_table(hp: argparse.Namespace, bits: list[int], dev_sentences: in
                          "n_weights": sum(sizes.get(n, 0) for n in names), **scored, **change})
     return {"logdir": runs.repo_relative(hp.logdir), "quant": hp.quant,
             "base_bits": runs.quant_config(hp).wbits, "dev_sentences": len(probe.dev_lines),
+            "bleu_sentences": len(probe.dev_lines[:bleu_sentences]),
             "base": base, "weight_sizes": sizes, "rows": rows}
 
 
-def allocation(table: dict, budget: float) -> dict:
+def allocation(table: dict, budget: float, name: str | None = None) -> dict:
     """bitbudget.allocate on the table's weight-site rows (cost = dev-loss change)."""
     sizes = table["weight_sizes"]
     cost = {(r["site"], r["bits"]): r["d_loss"] for r in table["rows"]
             if r["kind"] == "site" and r["site"] in sizes}
     bits = bitbudget.allocate(sizes, cost, table["base_bits"], budget)
-    return {"name": f"mean{budget:g}", "budget_mean_bits": budget, "from_table": table["logdir"],
+    return {"name": name or f"mean{budget:g}", "budget_mean_bits": budget, "from_table": table["logdir"],
             "weight_bits_mean": round(bitbudget.mean_bits(sizes, bits), 3),
             "weight_memory_bits": bitbudget.memory_bits(sizes, bits), "bits": bits,
             "flags": ["--quant", table["quant"], *bitbudget.override_flags(bits, table["base_bits"])]}
@@ -144,10 +150,13 @@ def main(argv: list[str]) -> None:
     p.add_argument("--bleu_sentences", type=int, default=100,
                    help="the first N of them also translated for dev BLEU (0: loss only)")
     p.add_argument("--no_families", action="store_true", help="one row per site only")
+    p.add_argument("--sites", nargs="+", metavar="GLOB",
+                   help="only the sites (and families) these globs name, e.g. '*/weight'")
     p.add_argument("--out", help="write the table here (JSON)")
     p.add_argument("--table", help="read a table written by --out instead of measuring")
     p.add_argument("--budget", type=float, help="mean weight bits the allocation must not exceed")
     p.add_argument("--allocation_out", help="write the allocation here (JSON)")
+    p.add_argument("--allocation_name", help="its name, the bench row's suffix (default mean<budget>)")
     args = p.parse_args(argv)
     if args.table:
         with open(args.table) as f:
@@ -155,7 +164,7 @@ def main(argv: list[str]) -> None:
     elif args.logdir:
         hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", args.logdir, "--quant", args.quant])
         table = sensitivity_table(hp, args.bits, args.dev_sentences, args.bleu_sentences,
-                                  families=not args.no_families)
+                                  families=not args.no_families, patterns=args.sites)
         if args.out:
             hparams.write_json(args.out, table)
         worst = sorted((r for r in table["rows"] if r["kind"] == "site"), key=lambda r: -r["d_loss"])[:10]
@@ -166,7 +175,7 @@ def main(argv: list[str]) -> None:
     else:
         raise ValueError("give --logdir (measure a table) or --table FILE (read one)")
     if args.budget is not None:
-        chosen = allocation(table, args.budget)
+        chosen = allocation(table, args.budget, args.allocation_name)
         if args.allocation_out:
             hparams.write_json(args.allocation_out, chosen)
             flags_file = os.path.splitext(args.allocation_out)[0] + ".flags"

@@ -1,5 +1,6 @@
 """train.py / eval.py end to end on tiny data: overfitting, resuming, mirrored, errors."""
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -788,6 +789,54 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     assert {name: config.bits_for(name, "weight") for name in sizes} == chosen["bits"]
     with pytest.raises(ValueError, match="out of reach"):
         sensitivity.main(["--table", table_path, "--budget", "1.5"])
+
+
+def test_sensitivity_sites_keeps_the_named_sites_and_families(qat_runs, tmp_path):
+    sensitivity = load_script("sensitivity")
+    table_path, alloc_path = str(tmp_path / "table.json"), str(tmp_path / "alloc.json")
+    sensitivity.main(["--logdir", qat_runs["w8a8"], "--quant", "w4a8", "--bits", "3", "--dev_sentences", "2",
+                      "--bleu_sentences", "0", "--no_families", "--sites", "*/ffn/*/weight",
+                      "--out", table_path, "--budget", "3.9", "--allocation_out", alloc_path,
+                      "--allocation_name", "ffn3"])
+    table = json.load(open(table_path))
+    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", qat_runs["w8a8"]])
+    names = Transformer(hp, 300, runs.sites_from_flags(hp)).sites.sites
+    ffn = {n for n in names if re.fullmatch(r".*/ffn/dense\d/weight", n)}
+    assert {(r["site"], r["kind"]) for r in table["rows"]} == {(n, "site") for n in ffn}
+    assert table["base_bits"] == 4 and {r["bits"] for r in table["rows"]} == {3}
+    chosen = json.load(open(alloc_path))
+    assert chosen["name"] == "ffn3" and chosen["flags"][:2] == ["--quant", "w4a8"]
+    assert set(chosen["bits"].values()) <= {3, 4} and chosen["weight_bits_mean"] <= 3.9
+    with pytest.raises(ValueError, match="--sites nothing: no site"):
+        sensitivity.main(["--logdir", qat_runs["w8a8"], "--bits", "3", "--sites", "nothing"])
+
+
+def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, monkeypatch):
+    """corpus_rows without training: each row's mean, deviation and seeds, every percentage of the
+    control's mean (rows kept from an earlier result included), PTQ beside each QAT config, the
+    result written after every run; kept_rows only from the same parent and settings."""
+    bench = load_script("bench_quant")
+    monkeypatch.setattr(bench, "weight_memory", lambda parent, flags: {"weight_bits_mean": 8.0})
+    monkeypatch.setattr(bench, "bleu_of", lambda logdir, extra, out, reuse=False: 10.0)
+    score = {"control": 20.0, "qat_w8a8": 20.5, "qat_w4a8": 19.0}
+    monkeypatch.setattr(bench, "fine_tune", lambda parent, logdir, flags, seed, args: {
+        "seed": seed, "bleu": score[os.path.basename(logdir).rsplit("_s", 1)[0]] + seed, "logdir": logdir})
+    args = argparse.Namespace(configs=["w8a8", "w4a8"], granularities=["tensor"], integer_only=False,
+                              allocation=[], seeds=[1, 2], reuse_runs=True)
+    written = []
+
+    def write(rows):  # a copy: the rows are updated in place after each run
+        written.append(json.loads(json.dumps(rows)))
+    rows = bench.corpus_rows("parent", str(tmp_path), args, write, {"qat_w2a8": {"bleu_mean": 4.3}})
+    assert len(written) == 6 and written[0]["control"]["seeds"] == [1] and written[-1] == rows
+    assert rows["control"]["bleu_mean"] == 21.5 and rows["control"]["bleu_std"] == 0.71
+    assert [r["seed"] for r in rows["qat_w4a8"]["runs"]] == [1, 2] == rows["qat_w4a8"]["seeds"]
+    assert rows["qat_w4a8"]["pct_of_control_mean"] == round(100 * 20.5 / 21.5, 2)
+    assert rows["qat_w2a8"]["pct_of_control_mean"] == 20.0  # kept, against the new control
+    assert rows["ptq_w8a8"]["bleu_mean"] == rows["ptq_w4a8"]["bleu_mean"] == 10.0
+    header = {"parent": "runs/demo/float", "qat_steps": 300}
+    assert bench.kept_rows({**header, "rows": rows}, header) == rows
+    assert bench.kept_rows({**header, "qat_steps": 150, "rows": rows}, header) == {}
 
 
 def test_plots_write_pngs_from_a_run_and_a_benchmark(qat_runs, tmp_path):
