@@ -98,9 +98,10 @@ class Probe:
                 site.log2_t.assign(log2_t)
 
 
-def sensitivity_table(hp: argparse.Namespace, bits: list[int], dev_sentences: int, bleu_sentences: int,
-                      families: bool, patterns: list[str] | None = None) -> dict:
-    probe = Probe(hp, dev_sentences, bleu_sentences)
+def sensitivity_table(probe: Probe, bits: list[int], families: bool,
+                      patterns: list[str] | None = None) -> dict:
+    """The probe's base scores and one row per site (and family) that `patterns` name, per width."""
+    hp = probe.hp
     base = probe.score()
     sites = probe.model.sites.sites
     sizes = bitbudget.weight_sizes(probe.model)
@@ -125,7 +126,7 @@ def sensitivity_table(hp: argparse.Namespace, bits: list[int], dev_sentences: in
                          "n_weights": sum(sizes.get(n, 0) for n in names), **scored, **change})
     return {"logdir": runs.repo_relative(hp.logdir), "quant": hp.quant,
             "base_bits": runs.quant_config(hp).wbits, "dev_sentences": len(probe.dev_lines),
-            "bleu_sentences": len(probe.dev_lines[:bleu_sentences]),
+            "bleu_sentences": len(probe.dev_lines[: probe.bleu_sentences]),
             "base": base, "weight_sizes": sizes, "rows": rows}
 
 
@@ -163,7 +164,7 @@ def main(argv: list[str]) -> None:
             table = json.load(f)
     elif args.logdir:
         hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", args.logdir, "--quant", args.quant])
-        table = sensitivity_table(hp, args.bits, args.dev_sentences, args.bleu_sentences,
+        table = sensitivity_table(Probe(hp, args.dev_sentences, args.bleu_sentences), args.bits,
                                   families=not args.no_families, patterns=args.sites)
         if args.out:
             hparams.write_json(args.out, table)

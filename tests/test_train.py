@@ -774,11 +774,20 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     assert sum(r["d_loss"] != 0 for r in weights) >= len(weights) - 1  # lowering a weight is felt
     assert set(table["weight_sizes"]) == {site.site_name for site, _ in model.weight_sites()}
     assert sensitivity.family("decoder/block_2/ffn/dense1/weight") == "decoder/block_*/ffn/dense1/weight"
-    probe = sensitivity.Probe(hp, 4, 1)  # the BLEU column, on one sentence
-    probe.model.sites.sites["embedding/weight"].num_bits = 2
-    assert 0 <= probe.score()["dev_bleu"] <= 100
-    sensitivity.main(["--table", table_path, "--budget", "3.5", "--allocation_out", alloc_path])
+    probe = sensitivity.Probe(hp, 4, 0)
+    # --sites: only the named sites and families
+    ffn = sensitivity.sensitivity_table(probe, [3], families=True, patterns=["encoder/*/dense1/weight"])
+    names = [n for n in model.sites.sites if re.fullmatch(r"encoder/block_\d/ffn/dense1/weight", n)]
+    assert len(names) == 2
+    assert {(r["site"], r["kind"]) for r in ffn["rows"]} == {(n, "site") for n in names} | {
+        ("encoder/block_*/ffn/dense1/weight", "family")}
+    with pytest.raises(ValueError, match="--sites nothing: no site"):
+        sensitivity.sensitivity_table(probe, [3], families=True, patterns=["nothing"])
+    probe.bleu_sentences = 1  # the BLEU column, on one sentence
+    sensitivity.main(["--table", table_path, "--budget", "3.5", "--allocation_out", alloc_path,
+                      "--allocation_name", "tiny"])
     chosen = json.load(open(alloc_path))
+    assert chosen["name"] == "tiny"
     assert open(str(tmp_path / "alloc.flags")).read().split() == chosen["flags"]
     sizes = table["weight_sizes"]
     assert bitbudget.mean_bits(sizes, chosen["bits"]) == pytest.approx(chosen["weight_bits_mean"], abs=1e-3)
@@ -789,26 +798,6 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     assert {name: config.bits_for(name, "weight") for name in sizes} == chosen["bits"]
     with pytest.raises(ValueError, match="out of reach"):
         sensitivity.main(["--table", table_path, "--budget", "1.5"])
-
-
-def test_sensitivity_sites_keeps_the_named_sites_and_families(qat_runs, tmp_path):
-    sensitivity = load_script("sensitivity")
-    table_path, alloc_path = str(tmp_path / "table.json"), str(tmp_path / "alloc.json")
-    sensitivity.main(["--logdir", qat_runs["w8a8"], "--quant", "w4a8", "--bits", "3", "--dev_sentences", "2",
-                      "--bleu_sentences", "0", "--no_families", "--sites", "*/ffn/*/weight",
-                      "--out", table_path, "--budget", "3.9", "--allocation_out", alloc_path,
-                      "--allocation_name", "ffn3"])
-    table = json.load(open(table_path))
-    hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", qat_runs["w8a8"]])
-    names = Transformer(hp, 300, runs.sites_from_flags(hp)).sites.sites
-    ffn = {n for n in names if re.fullmatch(r".*/ffn/dense\d/weight", n)}
-    assert {(r["site"], r["kind"]) for r in table["rows"]} == {(n, "site") for n in ffn}
-    assert table["base_bits"] == 4 and {r["bits"] for r in table["rows"]} == {3}
-    chosen = json.load(open(alloc_path))
-    assert chosen["name"] == "ffn3" and chosen["flags"][:2] == ["--quant", "w4a8"]
-    assert set(chosen["bits"].values()) <= {3, 4} and chosen["weight_bits_mean"] <= 3.9
-    with pytest.raises(ValueError, match="--sites nothing: no site"):
-        sensitivity.main(["--logdir", qat_runs["w8a8"], "--bits", "3", "--sites", "nothing"])
 
 
 def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, monkeypatch):
