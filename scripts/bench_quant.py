@@ -20,9 +20,9 @@ an earlier invocation finished, and the rows an invocation does not select (--co
 --granularities, ...) keep their values from --out, so seeds can be added to some rows only.
 
 Timing (the Multi30k parent's model, one process): the median train-step time of the w8a8 model
-over the float model, alternating on the same batches (step_time_ratio); also bf16 and
---fused_adam float steps, and the float training loop fed by train.input_pipeline against one
-that converts and waits for every batch.
+over the float model, alternating on the same batches (step_time_ratio); also the w8a8 step
+with frozen thresholds (no threshold gradient), bf16 and --fused_adam float steps, and the float
+training loop fed by train.input_pipeline against one that converts and waits for every batch.
 """
 
 from __future__ import annotations
@@ -56,15 +56,15 @@ CONFIGS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
 GRANULARITIES = {"tensor": ("", []), "channel": ("_pc", ["--per_channel"])}
 
 
-# the timed train steps: flags over the parent's
-TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"},
+# the timed train steps: flags over the parent's; w8a8_frozen trains no threshold (what the
+# threshold gradient costs is the difference to w8a8)
+TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"}, "w8a8_frozen": {"quant": "w8a8"},
          "bf16": {"quant": "none", "mixed_precision": "bf16"},
          "fused_adam": {"quant": "none", "fused_adam": True}}
 
 
 def step_time_ratio(parent: str, n_steps: int) -> dict:
-    """Median time of a float, a w8a8 and a bf16 float train step, alternating on the parent's
-    batches."""
+    """Median time of each TIMED train step, alternating on the parent's batches."""
     hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
@@ -78,7 +78,8 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
         opt = train.Optimizers(model, hp_q)
         if opt.sites:
             calibration.calibrate(model, batches[:2], "max", "max")
-        steps[name] = train.make_train_step(model, tf.distribute.get_strategy(), opt, bool(opt.sites))
+        trains_thresholds = bool(opt.sites) and name != "w8a8_frozen"
+        steps[name] = train.make_train_step(model, tf.distribute.get_strategy(), opt, trains_thresholds)
     times = {name: [] for name in steps}
     for i, (s, t) in enumerate(batches):
         n_tokens = tf.constant(float(np.count_nonzero(t[:, 1:])))
@@ -91,7 +92,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     med = {name: statistics.median(v) for name, v in times.items()}
     timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
     ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
-              for name in ("bf16", "fused_adam")}
+              for name in ("w8a8_frozen", "bf16", "fused_adam")}
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
     return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3), **loops,
             "steps": len(times["float"]), "batch_tokens": hp.batch_tokens,
@@ -275,7 +276,9 @@ def main() -> None:
         hparams.write_json(args.out, result)
         t = result["timing"]
         print(f"train step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s "
-              f"({t['step_time_ratio']}x), bf16 {t['bf16_step_s']} s ({t['bf16_step_time_ratio']}x), "
+              f"({t['step_time_ratio']}x), w8a8 with frozen thresholds {t['w8a8_frozen_step_s']} s "
+              f"({t['w8a8_frozen_step_time_ratio']}x), bf16 {t['bf16_step_s']} s "
+              f"({t['bf16_step_time_ratio']}x), "
               f"float --fused_adam {t['fused_adam_step_s']} s ({t['fused_adam_step_time_ratio']}x), "
               f"median of {t['steps']} alternating steps; float loop per step: synced batches "
               f"{t['loop_sync_step_s']} s, input pipeline {t['loop_pipeline_step_s']} s "
