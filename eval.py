@@ -26,9 +26,7 @@ def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
                            hp: argparse.Namespace, names: list[str]) -> None:
     """PTQ: calibrate the thresholds the checkpoint lacks (all of a float one's) on training
     batches, no training."""
-    splits = runs.load_corpus(hp)
-    src, tgt, _ = data_load.encode_training_pairs(sp, *splits["train"], hp.maxlen1, hp.maxlen2)
-    batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: hp.calib_batches]
+    batches = runs.first_train_batches(hp, sp, runs.load_corpus(hp)["train"], hp.calib_batches)
     calibration.calibrate(model, batches, hp.calib, hp.weight_init, names)
     print(f"post-training quantization: {hp.quant}, {len(names)} sites calibrated by {hp.calib} on "
           f"{len(batches)} batches")

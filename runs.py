@@ -17,6 +17,7 @@ import shutil
 import sys
 from collections.abc import Callable
 
+import numpy as np
 import sacrebleu
 import sentencepiece as spm
 import tensorflow as tf
@@ -184,6 +185,14 @@ def load_corpus(hp: argparse.Namespace) -> dict[str, tuple[list[str], list[str]]
         hp.data, hp.dev_set, hp.test_set, train_src=hp.train_src, train_tgt=hp.train_tgt,
         dev_src=hp.dev_src, dev_tgt=hp.dev_tgt, test_src=hp.test_src, test_tgt=hp.test_tgt,
         demo_dir=hp.demo_dir)
+
+
+def first_train_batches(hp: argparse.Namespace, sp: spm.SentencePieceProcessor,
+                        train: tuple[list[str], list[str]], n: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The first `n` batches of epoch 0 of the (de, en) training pairs, as train.py batches them:
+    what calibration and the quantization scripts observe."""
+    src, tgt, _ = data_load.encode_training_pairs(sp, *train, hp.maxlen1, hp.maxlen2)
+    return data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[:n]
 
 
 def test_pairs(hp: argparse.Namespace, src: str | None = None, ref: str | None = None

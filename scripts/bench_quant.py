@@ -43,7 +43,6 @@ import tensorflow as tf  # noqa: E402
 
 import bitbudget  # noqa: E402
 import calibration  # noqa: E402
-import data_load  # noqa: E402
 import hparams  # noqa: E402
 import qformat  # noqa: E402
 import runs  # noqa: E402
@@ -68,9 +67,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
     hp.batch_tokens = hparams.load_hparams(parent)["batch_tokens"]
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
-    de, en = runs.load_corpus(hp)["train"]
-    src, tgt, _ = data_load.encode_training_pairs(sp, de, en, hp.maxlen1, hp.maxlen2)
-    batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[: n_steps + 2]
+    batches = runs.first_train_batches(hp, sp, runs.load_corpus(hp)["train"], n_steps + 2)
     steps = {}
     for name, flags in TIMED.items():
         hp_q = argparse.Namespace(**{**vars(hp), **flags})

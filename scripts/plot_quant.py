@@ -34,7 +34,6 @@ import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tensorflow.core.util import event_pb2  # noqa: E402
 
-import data_load  # noqa: E402
 import hparams  # noqa: E402
 import runs  # noqa: E402
 from model import Transformer, load_weights  # noqa: E402
@@ -126,9 +125,8 @@ def site_inputs(logdir: str, site_name: str, n_batches: int) -> tuple[np.ndarray
         raise ValueError(f"--site {site_name!r} is not a site of {logdir}; its sites: "
                          f"{', '.join(model.sites.sites)}")
     site = model.sites.sites[site_name]
-    src, tgt, _ = data_load.encode_training_pairs(sp, *runs.load_corpus(hp)["train"], hp.maxlen1, hp.maxlen2)
     site.recorded = []
-    for s, t in data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)[:n_batches]:
+    for s, t in runs.first_train_batches(hp, sp, runs.load_corpus(hp)["train"], n_batches):
         model(tf.constant(s), tf.constant(t[:, :-1]), training=False)
     seen = site.recorded[:1] if site.role == "weight" else site.recorded  # a weight: the same every batch
     values = np.concatenate([x.ravel() for x, _ in seen])

@@ -53,11 +53,10 @@ class Probe:
         self.sp = spm.SentencePieceProcessor(model_file=runs.spm_path(hp.logdir))
         self.model = Transformer(hp, self.sp.get_piece_size(), runs.sites_from_flags(hp))
         splits = runs.load_corpus(hp)
-        src, tgt, _ = data_load.encode_training_pairs(self.sp, *splits["train"], hp.maxlen1, hp.maxlen2)
-        batches = data_load.train_batches(src, tgt, hp.batch_tokens, hp.seed, 0)
+        batches = runs.first_train_batches(hp, self.sp, splits["train"], hp.calib_batches)
         missing = load_weights(self.model, runs.resolve_checkpoint(hp.logdir))
         every = list(self.model.sites.sites.values())
-        self.observed = calibration.observe_inputs(self.model, batches[: hp.calib_batches], every)
+        self.observed = calibration.observe_inputs(self.model, batches, every)
         if missing:
             chosen = [site for site in every if site.site_name in missing]
             calibration.set_thresholds(self.model, chosen, self.observed, hp.calib, hp.weight_init)
