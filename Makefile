@@ -1,6 +1,8 @@
 # `make demo`: set up .venv and run the whole pipeline on the embedded corpus.
 # `make setup VARIANT=gpu`: only set up .venv, with the GPU build of TensorFlow.
-# `make test`: set up .venv, lint, run the tests.
+# `make test`: set up .venv, build the gradient kernel, lint, run the tests.
+# `make kernel`: build quant_grad.cc, the one-pass QAT backward (skipped, with a note, without a C++
+# compiler: training then takes TF's slower kernels, with the same results).
 # `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # the TensorFlow build: cpu (tensorflow-cpu, the default) or gpu (tensorflow[and-cuda]); switching
@@ -11,6 +13,10 @@ $(if $(filter-out cpu gpu,$(VARIANT)),$(error VARIANT must be cpu or gpu, not $(
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(VARIANT)
+KERNEL := _quant_grad.so
+CXX ?= g++
+# TensorFlow's headers warn by the hundred: -w; -fno-trapping-math lets the masked loop vectorize
+KERNEL_FLAGS := -shared -fPIC -O3 -fopenmp-simd -fno-trapping-math -w
 DEMO := runs/demo
 # the demo model: small enough to train on 2 CPU cores in a few minutes
 DEMO_MODEL := --d_model 128 --d_ff 512 --num_blocks 2 --num_heads 4 --vocab_size 2000 \
@@ -36,7 +42,7 @@ MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qfo
 	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*' \
 	'intmodel.xǁIntTransformerǁaccumulate*'
 
-.PHONY: setup demo test lint mutation clean
+.PHONY: setup kernel demo test lint mutation clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -48,7 +54,16 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-demo: $(STAMP)
+$(KERNEL): quant_grad.cc $(STAMP)
+	@if command -v $(CXX) >/dev/null; then \
+		flags=$$($(BIN)/python -c "import tensorflow as tf; \
+			print(*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags())" 2>/dev/null) && \
+		$(CXX) $(KERNEL_FLAGS) quant_grad.cc -o $(KERNEL).tmp $$flags && mv $(KERNEL).tmp $(KERNEL); \
+	else echo "note: no C++ compiler '$(CXX)': $(KERNEL) not built, QAT takes TF's slower gradient kernels"; fi
+
+kernel: $(KERNEL)
+
+demo: $(STAMP) $(KERNEL)
 	rm -f $(DEMO)/summary.json
 	$(BIN)/python train.py --logdir $(DEMO)/float $(DEMO_MODEL) --num_epochs 10
 	$(BIN)/python eval.py --logdir $(DEMO)/float --summary $(DEMO)/summary.json --summary_key float
@@ -65,7 +80,7 @@ demo: $(STAMP)
 		--summary_key intonly_w8a8
 	$(BIN)/python scripts/summary_table.py $(DEMO)/summary.json
 
-test: $(STAMP)
+test: $(STAMP) $(KERNEL)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
@@ -77,4 +92,4 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 
 clean:
-	rm -rf runs data mutants $(VENV)
+	rm -rf runs data mutants $(VENV) $(KERNEL)

@@ -20,8 +20,10 @@ factory the model calls (`TQTSites`). Calibration is in `calibration.py`.
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import math
+import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -36,6 +38,33 @@ LN2 = math.log(2.0)
 # Roundings that TF's QuantizeAndDequantizeV4 kernel implements (docs/tqt.md, "The fused path");
 # its per-channel form rejects vector ranges in TF 2.21, so per channel uses the reference.
 FUSED_ROUND_MODES = {"half_even": "HALF_TO_EVEN", "half_up": "HALF_UP"}
+GRAD_KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_quant_grad.so")
+
+
+def load_grad_kernel(path: str = GRAD_KERNEL_PATH):
+    """The one-pass backward kernel of the fused path (quant_grad.cc, built by `make kernel`), or
+    None where it is not built or does not load (built against another TensorFlow): the fused
+    path then takes TF's kernels, the same dL/dx and a 2.5x slower backward."""
+    if not os.path.exists(path):
+        return None
+    try:
+        return tf.load_op_library(path)
+    except (tf.errors.NotFoundError, OSError):
+        return None
+
+
+GRAD_KERNEL = load_grad_kernel()
+
+
+@contextlib.contextmanager
+def without_grad_kernel():
+    """Inside: the fused path's gradients take TF's kernels (read where the backward is traced)."""
+    global GRAD_KERNEL
+    kernel, GRAD_KERNEL = GRAD_KERNEL, None
+    try:
+        yield
+    finally:
+        GRAD_KERNEL = kernel
 
 
 # --------------------------------------------------------------------------------------------
@@ -111,6 +140,8 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
     QuantizeAndDequantizeV4 clips x to [n s, p s], then computes R(x 2^f) 2^-f; its gradient
     kernel is the mask 1[n s <= x <= p s]. The threshold gradient uses s (R(x/s) - x/s) = y - x
     inside, and n s = y below, p s = y above: sum(dy s ln2 g) = ln2 sum(dy (y - 1[inside] x)).
+    The backward is one pass of GRAD_KERNEL where `uses_grad_kernel` (the same dL/dx; dL/dlog2_t
+    summed in another order), else five passes of TF's kernels.
     """
     x, log2_t = _inputs(x, log2_t, num_bits, rounding)
     if rounding not in FUSED_ROUND_MODES or log2_t.shape.rank != 0:
@@ -127,6 +158,10 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
             range_given=True, round_mode=FUSED_ROUND_MODES[rounding], narrow_range=False)
 
         def grad(dy):
+            if uses_grad_kernel(x):
+                dx, total = GRAD_KERNEL.tqt_fake_quant_grad(dy, x, y, lo, hi)
+                return dx, LN2 * total
+
             def inside(t):  # t 1[lo <= x <= hi]
                 return tf.raw_ops.QuantizeAndDequantizeV4Grad(
                     gradients=t, input=x, input_min=lo, input_max=hi)[0]
@@ -137,6 +172,13 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
         return y, grad
 
     return fake_quant(x, log2_t)
+
+
+def uses_grad_kernel(x: tf.Tensor) -> bool:
+    """Whether the fused path's backward of x runs on GRAD_KERNEL: it is loaded, x is float32 or
+    float64, and no GPU is visible (the kernel is CPU-only; on a GPU TF's kernels stay there)."""
+    return (GRAD_KERNEL is not None and x.dtype in (tf.float32, tf.float64)
+            and not tf.config.list_logical_devices("GPU"))
 
 
 def tqt_fake_quant(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,

@@ -21,8 +21,10 @@ an earlier invocation finished, and the rows an invocation does not select (--co
 
 Timing (the Multi30k parent's model, one process): the median train-step time of the w8a8 model
 over the float model, alternating on the same batches (step_time_ratio); also the w8a8 step
-with frozen thresholds (no threshold gradient), bf16 and --fused_adam float steps, and the float
-training loop fed by train.input_pipeline against one that converts and waits for every batch.
+with frozen thresholds (no threshold gradient), the w8a8 step on TF's gradient kernels instead
+of quant_grad.cc's (grad_kernel: whether that kernel was loaded), bf16 and --fused_adam float
+steps, and the float training loop fed by train.input_pipeline against one that converts and
+waits for every batch.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import bitbudget  # noqa: E402
 import calibration  # noqa: E402
 import hparams  # noqa: E402
 import qformat  # noqa: E402
+import quant  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from eval import main as eval_main  # noqa: E402
@@ -56,9 +59,10 @@ GRANULARITIES = {"tensor": ("", []), "channel": ("_pc", ["--per_channel"])}
 
 
 # the timed train steps: flags over the parent's; w8a8_frozen trains no threshold (what the
-# threshold gradient costs is the difference to w8a8)
+# threshold gradient costs is the difference to w8a8); w8a8_tf_grad is traced without
+# quant.GRAD_KERNEL (the backward on TF's kernels: what the one-pass kernel saves)
 TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"}, "w8a8_frozen": {"quant": "w8a8"},
-         "bf16": {"quant": "none", "mixed_precision": "bf16"},
+         "w8a8_tf_grad": {"quant": "w8a8"}, "bf16": {"quant": "none", "mixed_precision": "bf16"},
          "fused_adam": {"quant": "none", "fused_adam": True}}
 
 
@@ -77,6 +81,9 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
             calibration.calibrate(model, batches[:2], "max", "max")
         trains_thresholds = bool(opt.sites) and name != "w8a8_frozen"
         steps[name] = train.make_train_step(model, tf.distribute.get_strategy(), opt, trains_thresholds)
+        if name == "w8a8_tf_grad":  # one trace serves every batch shape: trace it now, kernel-less
+            with quant.without_grad_kernel():
+                steps[name].get_concrete_function()
     times = {name: [] for name in steps}
     for i, (s, t) in enumerate(batches):
         n_tokens = tf.constant(float(np.count_nonzero(t[:, 1:])))
@@ -89,9 +96,10 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     med = {name: statistics.median(v) for name, v in times.items()}
     timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
     ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
-              for name in ("w8a8_frozen", "bf16", "fused_adam")}
+              for name in ("w8a8_frozen", "w8a8_tf_grad", "bf16", "fused_adam")}
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
-    return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3), **loops,
+    return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
+            "grad_kernel": quant.GRAD_KERNEL is not None, **loops,
             "steps": len(times["float"]), "batch_tokens": hp.batch_tokens,
             "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
 
@@ -274,7 +282,10 @@ def main() -> None:
         t = result["timing"]
         print(f"train step: float {t['float_step_s']} s, w8a8 {t['w8a8_step_s']} s "
               f"({t['step_time_ratio']}x), w8a8 with frozen thresholds {t['w8a8_frozen_step_s']} s "
-              f"({t['w8a8_frozen_step_time_ratio']}x), bf16 {t['bf16_step_s']} s "
+              f"({t['w8a8_frozen_step_time_ratio']}x), "
+              f"w8a8 on TF's gradient kernels {t['w8a8_tf_grad_step_s']} s "
+              f"({t['w8a8_tf_grad_step_time_ratio']}x; grad kernel loaded: {t['grad_kernel']}), "
+              f"bf16 {t['bf16_step_s']} s "
               f"({t['bf16_step_time_ratio']}x), "
               f"float --fused_adam {t['fused_adam_step_s']} s ({t['fused_adam_step_time_ratio']}x), "
               f"median of {t['steps']} alternating steps; float loop per step: synced batches "

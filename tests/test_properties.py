@@ -304,17 +304,9 @@ def value_and_grads(op, x: np.ndarray, log2_t: np.float32, dy: np.ndarray, case:
     return y.numpy(), dx.numpy(), dl.numpy()
 
 
-@MEDIUM
-@given(case=quant_cases(roundings=FUSED_ROUNDINGS, channel_counts=(None,)), data=st.data())
-def test_reference_and_fused_paths_are_equal_bit_for_bit(case, data):
-    """tqt_fake_quant_reference and tqt_fake_quant_fused give the same y, dL/dx and dL/dlog2_t,
-    bit for bit: float32/float64, half_even/half_up, signed/unsigned, 2..16 bits, f over
-    [-23, 40], ties, clip edges, both clipping sides, +-0, +-max, log2_t integer or not.
-
-    A zero y may differ in sign at an unsigned site clipped up to n = 0 (the reference clips
-    R(x/s) = -0, the kernel clips x first). Inputs keep |x/s| >= 2^-60 (quant_cases): where x/s
-    is subnormal the reference flushes it to zero (and so drops that element's x from
-    dL/dlog2_t) while the fused path keeps it."""
+def threshold_and_dy(case: QuantCase, data) -> tuple[np.float32, np.ndarray]:
+    """A float32 log2_t giving the case's f (integer or not), and dy with signed zeros and
+    magnitudes over 2^-8..2^8."""
     magnitude = case.bits - 1 if case.signed else case.bits
     frac = data.draw(st.sampled_from([0.0, 0.375, 0.9921875]), label="frac")  # ceil(log2_t) is the same
     log2_t = np.float32(magnitude - int(case.f)) - np.float32(frac)
@@ -323,13 +315,51 @@ def test_reference_and_fused_paths_are_equal_bit_for_bit(case, data):
     dy = rng.normal(size=case.x.shape) * np.exp2(rng.integers(-8, 9, size=case.x.shape))
     dy[rng.random(size=dy.shape) < 0.1] = 0.0
     dy[rng.random(size=dy.shape) < 0.1] = -0.0
-    dy = dy.astype(case.dtype)
+    return log2_t, dy.astype(case.dtype)
+
+
+@MEDIUM
+@given(case=quant_cases(roundings=FUSED_ROUNDINGS, channel_counts=(None,)), data=st.data())
+def test_reference_and_fused_paths_are_equal_bit_for_bit(case, data):
+    """tqt_fake_quant_reference and tqt_fake_quant_fused on TF's kernels give the same y, dL/dx
+    and dL/dlog2_t, bit for bit: float32/float64, half_even/half_up, signed/unsigned, 2..16 bits,
+    f over [-23, 40], ties, clip edges, both clipping sides, +-0, +-max, log2_t integer or not.
+
+    A zero y may differ in sign at an unsigned site clipped up to n = 0 (the reference clips
+    R(x/s) = -0, the kernel clips x first). Inputs keep |x/s| >= 2^-60 (quant_cases): where x/s
+    is subnormal the reference flushes it to zero (and so drops that element's x from
+    dL/dlog2_t) while the fused path keeps it."""
+    log2_t, dy = threshold_and_dy(case, data)
     ref = value_and_grads(quant.tqt_fake_quant_reference, case.x, log2_t, dy, case)
-    fused = value_and_grads(quant.tqt_fake_quant_fused, case.x, log2_t, dy, case)
+    with quant.without_grad_kernel():
+        fused = value_and_grads(quant.tqt_fake_quant_fused, case.x, log2_t, dy, case)
     assert_same_bits(fused[0], ref[0], zero_sign=case.signed)
     assert_same_bits(fused[1], ref[1])
     assert_same_bits(fused[2], ref[2])
     check_quantizer_output(case, ref[0])
+
+
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+@MEDIUM
+@given(case=quant_cases(roundings=FUSED_ROUNDINGS, channel_counts=(None,)), data=st.data())
+def test_grad_kernel_keeps_dx_and_sums_the_threshold_gradient_to_float_rounding(case, data):
+    """The one-pass backward (quant_grad.cc) against TF's kernels on the cases above: y and dL/dx
+    bit for bit; dL/dlog2_t = ln2 sum(dy (y - 1[inside] x)) within (m + 2) eps sum|terms| of the
+    exact sum (the worst case of any summation order over m terms), where no term overflows."""
+    log2_t, dy = threshold_and_dy(case, data)
+    with quant.without_grad_kernel():
+        tf_kernels = value_and_grads(quant.tqt_fake_quant_fused, case.x, log2_t, dy, case)
+    y, dx, dl = value_and_grads(quant.tqt_fake_quant_fused, case.x, log2_t, dy, case)
+    assert_same_bits(y, tf_kernels[0])
+    assert_same_bits(dx, tf_kernels[1])
+    inside = tf_kernels[1] == dy  # where dy = 0 both branches give the same term
+    terms = dy * (y - np.where(inside, case.x, 0))  # each term rounded as the kernel rounds it
+    if not np.all(np.isfinite(terms)) or np.abs(terms).sum() > np.finfo(case.dtype).max / 4:
+        return
+    exact = math.log(2) * math.fsum(terms.astype(np.float64))
+    eps = np.finfo(case.dtype).eps
+    bound = (terms.size + 2) * eps * math.log(2) * np.abs(terms.astype(np.float64)).sum()
+    assert abs(float(dl) - exact) <= bound + np.finfo(np.float32).eps * abs(exact) + 1e-45
 
 
 @MEDIUM

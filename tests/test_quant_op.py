@@ -3,6 +3,8 @@ docs/tqt.md ("Forward", "Gradients"), finite differences for the gradients, the 
 the fused path against each other ("The fused path"), and the TQT sites' bookkeeping."""
 
 import math
+import os
+import shutil
 
 import numpy as np
 import pytest
@@ -143,7 +145,9 @@ def test_dispatch_takes_the_fused_kernels_exactly_per_tensor_with_half_roundings
     forward = traced_op_types(log2_t, rounding, gradient=False)
     backward = traced_op_types(log2_t, rounding, gradient=True)
     assert ("QuantizeAndDequantizeV4" in forward) == fused
-    assert ("QuantizeAndDequantizeV4Grad" in backward) == fused
+    grad_op = "TqtFakeQuantGrad" if quant.GRAD_KERNEL is not None else "QuantizeAndDequantizeV4Grad"
+    assert (grad_op in backward) == fused
+    assert "QuantizeAndDequantizeV4Grad" not in backward or grad_op != "TqtFakeQuantGrad"
     # one path, not both: the reference divides by s and rounds; the kernel does neither
     assert bool({"RealDiv", "Round", "Floor"} & forward) == (not fused)
 
@@ -572,3 +576,43 @@ def test_integer_only_config_widths_and_the_residual_role():
         quant.QuantConfig.from_flags("none", integer_only=True)
     with pytest.raises(ValueError, match="num_bits"):
         quant.QuantConfig(residual_bits=17)
+
+
+# ---- the one-pass backward kernel (quant_grad.cc) ----
+
+
+def test_grad_kernel_is_built_where_a_compiler_is():
+    """make test builds it: a loader that silently found nothing would leave QAT on the slow path."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("no C++ compiler: quant_grad.cc cannot be built here")
+    assert quant.GRAD_KERNEL is not None, f"{quant.GRAD_KERNEL_PATH} did not load: run make kernel"
+    assert quant.load_grad_kernel("/nonexistent/_quant_grad.so") is None
+
+
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_grad_kernel_on_a_tensor_split_across_threads(dtype):
+    """77,100 elements: several blocks of the thread pool, chunks with a tail. dL/dx exactly and
+    dL/dlog2_t to float rounding as NumPy computes them, and as TF's kernels do."""
+    rng = np.random.default_rng(5)
+    log2_t = np.float32(SCALAR_LOG2_T)
+    x = make_x(rng, (257, 300), log2_t, 8, True, dtype)
+    dy = rng.normal(size=x.shape).astype(dtype)
+    y, dx, dl = run_op(x, log2_t, dy, quant.tqt_fake_quant_fused, num_bits=8, signed=True,
+                       rounding="half_even")
+    y_ref, dx_ref, dl_ref = np_tqt(x, log2_t, 8, True, "half_even", dy)
+    np.testing.assert_array_equal(y, y_ref)
+    np.testing.assert_array_equal(dx, dx_ref)
+    np.testing.assert_allclose(dl, dl_ref, rtol=1e-5)
+    with quant.without_grad_kernel():
+        tf_kernels = run_op(x, log2_t, dy, quant.tqt_fake_quant_fused, num_bits=8, signed=True,
+                            rounding="half_even")
+    np.testing.assert_array_equal(dx, tf_kernels[1])
+    np.testing.assert_allclose(dl, tf_kernels[2], rtol=1e-5)
+
+
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+def test_grad_kernel_refuses_mismatched_shapes():
+    x = tf.zeros([4, 3])
+    with pytest.raises(tf.errors.InvalidArgumentError, match="dy, x and y must have one shape"):
+        quant.GRAD_KERNEL.tqt_fake_quant_grad(tf.zeros([4, 2]), x, x, tf.constant(-1.0), tf.constant(1.0))
