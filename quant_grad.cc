@@ -43,7 +43,8 @@ double GradChunk(const T* dy, const T* __restrict__ x, const T* __restrict__ y, 
   for (int64_t i = 0; i < n; ++i) {
     const T xi = x[i], dyi = dy[i];
     const bool inside = (xi >= lo) & (xi <= hi);
-    dx[i] = dyi * T(inside);  // a product, as TF's mask: -0 where dy < 0 is clipped
+    const T mask = inside ? T(1) : T(0);
+    dx[i] = dyi * mask;  // a product, as TF's mask: -0 where a negative dy is clipped
     sum += dyi * (y[i] - (inside ? xi : T(0)));
   }
   return sum;
