@@ -313,13 +313,16 @@ def test_averaging_checkpoints(float_run, tmp_path, capsys):
         f"error: --last 9: {float_run}/ckpt keeps 3 checkpoint(s) (train with --keep_checkpoints 9)")
 
 
-def test_freeze_thresholds_after_n_steps(float_run, tmp_path):
+def test_freeze_thresholds_after_n_steps(float_run, tmp_path, monkeypatch, capsys):
     """QAT with --freeze_thresholds_after 3: thresholds train in steps 1-3, then stay at their
-    step-3 values (and so does their Adam) while the weights keep training to step 5."""
+    step-3 values (and so does their Adam) while the weights keep training to step 5. Without
+    quant_grad.cc (TF's gradient kernels), which train.py says."""
+    monkeypatch.setattr(quant, "GRAD_KERNEL", None)
     logdir = str(tmp_path / "qat")
     train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--max_steps", "5",
                 "--freeze_thresholds_after", "3", "--ckpt_every", "1", "--keep_checkpoints", "10",
                 "--num_epochs", "5", "--lr", "5e-4", "--warmup_steps", "10", "--calib", "max"])
+    assert "note: _quant_grad.so is not built (make kernel)" in capsys.readouterr().out
     at = {step: checkpoint_values(logdir, step) for step in (1, 3, 5)}
     thresholds = [n for n in at[5] if n.startswith("model/") and "log2_t" in n]
     weights = [n for n in at[5] if n.startswith("model/") and "log2_t" not in n and "rng" not in n]
