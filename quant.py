@@ -25,7 +25,8 @@ import fnmatch
 import math
 import os
 import re
-from collections.abc import Callable
+import types
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -41,7 +42,7 @@ FUSED_ROUND_MODES = {"half_even": "HALF_TO_EVEN", "half_up": "HALF_UP"}
 GRAD_KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_quant_grad.so")
 
 
-def load_grad_kernel(path: str = GRAD_KERNEL_PATH):
+def load_grad_kernel(path: str = GRAD_KERNEL_PATH) -> types.ModuleType | None:
     """The one-pass backward kernel of the fused path (quant_grad.cc, built by `make kernel`), or
     None where it is not built or does not load (built against another TensorFlow): the fused
     path then takes TF's kernels, the same dL/dx and a 2.5x slower backward."""
@@ -57,7 +58,7 @@ GRAD_KERNEL = load_grad_kernel()
 
 
 @contextlib.contextmanager
-def without_grad_kernel():
+def without_grad_kernel() -> Iterator[None]:
     """Inside: the fused path's gradients take TF's kernels (read where the backward is traced)."""
     global GRAD_KERNEL
     kernel, GRAD_KERNEL = GRAD_KERNEL, None
