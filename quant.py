@@ -175,11 +175,20 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
     return fake_quant(x, log2_t)
 
 
+def _grad_kernel_device() -> bool:
+    """The kernel is CPU-only: it serves where no GPU is visible (on a GPU TF's kernels stay there)."""
+    return not tf.config.list_logical_devices("GPU")
+
+
 def uses_grad_kernel(x: tf.Tensor) -> bool:
     """Whether the fused path's backward of x runs on GRAD_KERNEL: it is loaded, x is float32 or
-    float64, and no GPU is visible (the kernel is CPU-only; on a GPU TF's kernels stay there)."""
-    return (GRAD_KERNEL is not None and x.dtype in (tf.float32, tf.float64)
-            and not tf.config.list_logical_devices("GPU"))
+    float64, and no GPU is visible."""
+    return GRAD_KERNEL is not None and x.dtype in (tf.float32, tf.float64) and _grad_kernel_device()
+
+
+def grad_kernel_missing() -> bool:
+    """Whether the fused path would run on GRAD_KERNEL here (no GPU) but it is not loaded."""
+    return GRAD_KERNEL is None and _grad_kernel_device()
 
 
 def tqt_fake_quant(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,

@@ -447,7 +447,7 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
         batch_in_epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="batch_in_epoch")
         loss_scale = LossScale() if hp.mixed_precision == "fp16" else None
     sites = opt.sites
-    if sites and quant.GRAD_KERNEL is None and not tf.config.list_logical_devices("GPU"):
+    if sites and quant.grad_kernel_missing():
         print(f"note: {os.path.basename(quant.GRAD_KERNEL_PATH)} is not built (make kernel): the QAT "
               f"backward takes TF's kernels, a slower step with the same dL/dx")
     state = {"loss_scale": loss_scale} if loss_scale else {}

@@ -23,6 +23,8 @@ def _split_cpu_into_two_logical_devices() -> None:
 
 _split_cpu_into_two_logical_devices()
 
+import quant  # noqa: E402  (after the device split: importing it initializes TF)
+
 
 @pytest.fixture(scope="session")
 def two_cpus() -> list[str]:
@@ -42,3 +44,9 @@ def shared_data() -> str:
     if not os.path.isdir(SHARED_DATA):
         pytest.skip("real data folder ../shared/data is absent")
     return os.path.normpath(SHARED_DATA)
+
+
+@pytest.fixture(scope="session")
+def fused_grad_op() -> str:
+    """The op type of the fused path's backward on the CPU: the one-pass kernel where it is built."""
+    return "TqtFakeQuantGrad" if quant.GRAD_KERNEL is not None else "QuantizeAndDequantizeV4Grad"

@@ -436,7 +436,7 @@ def test_mixed_precision_trains_with_low_precision_matmuls(precision):
                                                      "--quant", "w8a8"]))
 
 
-def test_mirrored_steps_equal_single_device_steps(two_cpus):
+def test_mirrored_steps_equal_single_device_steps(two_cpus, fused_grad_op):
     """Four W8A8 steps (thresholds calibrated, then trained with the weights) on uneven shards:
     2 replicas get 3 and 2 rows with different target-token counts, so only dividing every
     replica's loss sum by the *global* count reproduces the single-device update."""
@@ -473,8 +473,7 @@ def test_mirrored_steps_equal_single_device_steps(two_cpus):
 
     single_loss, single, _ = train_steps(tf.distribute.get_strategy())
     mirrored_loss, mirrored, ops = train_steps(tf.distribute.MirroredStrategy(two_cpus))
-    grad_op = "TqtFakeQuantGrad" if quant.GRAD_KERNEL is not None else "QuantizeAndDequantizeV4Grad"
-    assert {"QuantizeAndDequantizeV4", grad_op} <= ops  # the fused kernels ran
+    assert {"QuantizeAndDequantizeV4", fused_grad_op} <= ops  # the fused kernels ran
     # every device updates its own copies (modules.Adam through strategy.extended.update), none
     # takes the update from the host
     sqrt_on = {o.rsplit("device:", 1)[-1] for o in ops if o.startswith("Sqrt@")}
