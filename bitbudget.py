@@ -4,12 +4,14 @@ Memory: sum over the weight sites of (number of weights x bits); the mean weight
 over the number of weights (so a large table at 3 bits counts for more than a small matrix).
 
 Allocation (greedy, on a sensitivity table from scripts/sensitivity.py): every weight site starts
-at `base_bits`; while the mean is above the budget, lower the site whose next lower measured
-width costs the least dev-loss increase per bit of memory saved,
+at its widest width — `base_bits`, or a wider one the table measured (raising a site: a negative
+cost where it helps) — and while the mean is above the budget, the site whose next lower width
+(measured, or base_bits) costs the least dev-loss increase per bit of memory saved is lowered,
 
     price(site, b -> b') = max(cost(site, b') - cost(site, b), 0) / (n_weights(site) (b - b')),
 
-where cost(site, b) is the dev-loss increase when that site alone is at b bits (0 at base_bits).
+where cost(site, b) is the dev-loss change when that site alone is at b bits (0 at base_bits).
+So the budget can buy a few sensitive matrices above base_bits with insensitive ones below it.
 It assumes the costs of different sites add up, which the QAT of the allocation then checks.
 """
 
@@ -36,16 +38,19 @@ def mean_bits(sizes: Mapping[str, int], bits: Mapping[str, int]) -> float:
 def allocate(sizes: Mapping[str, int], cost: Mapping[tuple[str, int], float], base_bits: int,
              budget_mean_bits: float) -> dict[str, int]:
     """Bits per weight site with mean_bits <= budget_mean_bits (see the module docstring); `cost`
-    maps (site, bits) to the measured dev-loss increase. ValueError when even every site at its
-    lowest measured width is over the budget."""
-    bits = dict.fromkeys(sizes, base_bits)
+    maps (site, bits) to the measured dev-loss change (any width, above base_bits too).
+    ValueError when even every site at its lowest width is over the budget."""
+    widths = {name: {base_bits} for name in sizes}
+    for site, w in cost:
+        widths.get(site, set()).add(w)
+    bits = {name: max(w) for name, w in widths.items()}
     while mean_bits(sizes, bits) > budget_mean_bits:
         offers = []
         for name, b in bits.items():
-            lower = [w for (site, w) in cost if site == name and w < b]
+            lower = [w for w in widths[name] if w < b]
             if lower:
                 w = max(lower)
-                extra = max(cost[(name, w)] - cost.get((name, b), 0.0), 0.0)
+                extra = max(cost.get((name, w), 0.0) - cost.get((name, b), 0.0), 0.0)
                 offers.append((extra / (sizes[name] * (b - w)), name, w))
         if not offers:
             raise ValueError(f"a mean of {budget_mean_bits} weight bits is out of reach: every site at "

@@ -6,9 +6,10 @@
 
 Table: the run's best checkpoint quantized W8A8 (`--quant`; a float run's thresholds calibrated as
 eval.py's PTQ does, a QAT run's kept), then one site — or one family, the same site in every block
-(`encoder/block_*/ffn/dense1/weight`) — at a time lowered to each of `--bits`, its threshold
-calibrated again for that width; each row records the dev loss (label-smoothed, per target token,
-teacher-forced) and the dev BLEU (greedy), and their change from the W8A8 model.
+(`encoder/block_*/ffn/dense1/weight`) — at a time set to each of `--bits` other than its own width
+(narrower, or wider: what raising that site buys), its threshold calibrated again for that width;
+each row records the dev loss (label-smoothed, per target token, teacher-forced) and the dev BLEU
+(greedy), and their change from the model as `--quant` made it.
 
 Allocation (`--budget B`): bitbudget.allocate on the weight sites' dev-loss changes, so that the
 mean bits per weight is at most B; written as JSON with the --quant_override flags (which
@@ -117,7 +118,7 @@ def sensitivity_table(probe: Probe, bits: list[int], families: bool,
     rows = []
     for name, kind, names in tqdm(groups, desc="sites", dynamic_ncols=True):
         for b in bits:
-            if b >= sites[names[0]].num_bits:
+            if b == sites[names[0]].num_bits:
                 continue
             scored = probe.lowered(names, b)
             change = {f"d_{k[4:]}": round(v - base[k], 5) for k, v in scored.items()}
@@ -145,7 +146,8 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", help="the run to probe (float or quantized)")
     p.add_argument("--quant", default="w8a8", help="preset the sites start from")
-    p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2])
+    p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2],
+                   help="widths each site is set to (above the preset's too, e.g. 8 on a w4a8 model)")
     p.add_argument("--dev_sentences", type=int, default=200, help="dev pairs the loss is measured on")
     p.add_argument("--bleu_sentences", type=int, default=100,
                    help="the first N of them also translated for dev BLEU (0: loss only)")

@@ -45,3 +45,15 @@ def test_an_unreachable_budget_is_one_clear_error():
 def test_override_flags_name_only_the_lowered_sites():
     assert bitbudget.override_flags({"x/w": 8, "y/w": 3, "a/w": 2}, 8) == [
         "--quant_override=a/w=2", "--quant_override=y/w=3"]
+
+
+def test_allocation_can_raise_a_sensitive_site_and_pay_with_insensitive_bits():
+    # base 4: raising b to 8 helps a lot (a negative cost), a loses little at 3: within a 4-bit
+    # mean the budget buys b's 8 bits with a's 3 (4000 bits saved on a, 400 spent on b)
+    cost = {("a", 3): 0.01, ("a", 8): -0.001, ("b", 8): -0.5, ("b", 3): 1.0, ("c", 3): 0.0, ("c", 8): 0.0}
+    bits = bitbudget.allocate(SIZES, cost, 4, 4.0)
+    assert bits == {"a": 3, "b": 8, "c": 3}
+    assert bitbudget.mean_bits(SIZES, bits) <= 4.0
+    # without the wider rows the same table allocates at or below the base only
+    narrow = {k: v for k, v in cost.items() if k[1] < 4}
+    assert max(bitbudget.allocate(SIZES, narrow, 4, 4.0).values()) == 4

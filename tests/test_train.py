@@ -779,15 +779,17 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     assert set(table["weight_sizes"]) == {site.site_name for site, _ in model.weight_sites()}
     assert sensitivity.family("decoder/block_2/ffn/dense1/weight") == "decoder/block_*/ffn/dense1/weight"
     probe = sensitivity.Probe(hp, 4, 0)
-    # --sites: only the named sites and families
-    ffn = sensitivity.sensitivity_table(probe, [3], families=True, patterns=["encoder/*/dense1/weight"])
+    # --sites: only the named sites and families; a site's own width (8) is skipped, a wider one
+    # measured (raising a site)
+    ffn = sensitivity.sensitivity_table(probe, [3, 8, 12], families=True,
+                                        patterns=["encoder/*/dense1/weight"])
     names = [n for n in model.sites.sites if re.fullmatch(r"encoder/block_\d/ffn/dense1/weight", n)]
     assert len(names) == 2
-    assert {(r["site"], r["kind"]) for r in ffn["rows"]} == {(n, "site") for n in names} | {
-        ("encoder/block_*/ffn/dense1/weight", "family")}
+    groups = [*((n, "site") for n in names), ("encoder/block_*/ffn/dense1/weight", "family")]
+    assert {(r["site"], r["kind"], r["bits"]) for r in ffn["rows"]} == {
+        (name, kind, b) for name, kind in groups for b in (3, 12)}
     with pytest.raises(ValueError, match="--sites nothing: no site"):
         sensitivity.sensitivity_table(probe, [3], families=True, patterns=["nothing"])
-    probe.bleu_sentences = 1  # the BLEU column, on one sentence
     sensitivity.main(["--table", table_path, "--budget", "3.5", "--allocation_out", alloc_path,
                       "--allocation_name", "tiny"])
     chosen = json.load(open(alloc_path))
