@@ -42,7 +42,8 @@ def allocate(sizes: Mapping[str, int], cost: Mapping[tuple[str, int], float], ba
     ValueError when even every site at its lowest width is over the budget."""
     widths = {name: {base_bits} for name in sizes}
     for site, w in cost:
-        widths.get(site, set()).add(w)
+        if site in widths:  # a table row of a site without weights (an activation) has no say
+            widths[site].add(w)
     bits = {name: max(w) for name, w in widths.items()}
     while mean_bits(sizes, bits) > budget_mean_bits:
         offers = []

@@ -790,6 +790,12 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
         (name, kind, b) for name, kind in groups for b in (3, 12)}
     with pytest.raises(ValueError, match="--sites nothing: no site"):
         sensitivity.sensitivity_table(probe, [3], families=True, patterns=["nothing"])
+    probe.bleu_sentences = 1  # the BLEU column, on one sentence
+    one = sensitivity.sensitivity_table(probe, [3], families=False, patterns=[names[0]])
+    assert [r["site"] for r in one["rows"]] == [names[0]]
+    assert one["base"]["dev_bleu"] > 0  # the tiny model's translation shares n-grams with the reference
+    assert one["rows"][0]["d_bleu"] == pytest.approx(one["rows"][0]["dev_bleu"] - one["base"]["dev_bleu"],
+                                                     abs=1e-2)
     sensitivity.main(["--table", table_path, "--budget", "3.5", "--allocation_out", alloc_path,
                       "--allocation_name", "tiny"])
     chosen = json.load(open(alloc_path))
