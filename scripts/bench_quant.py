@@ -13,6 +13,8 @@ parent (scripts/bench_float.py's, make demo's):
   * qat_<config> (and qat_<config>_pc, per-channel weights): QAT with the preset;
   * ptq_<config> (_pc): calibration only — deterministic, one run;
   * qat_mixed_<name>: QAT of a bit allocation from scripts/sensitivity.py (--allocation FILE);
+  * qat_<name> (and ptq_<name>): a recipe, train.py flags beside the preset (--recipe
+    'w4a8_3sd=--quant w4a8 --weight_init 3sd');
 each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
 pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
 seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
@@ -30,8 +32,11 @@ waits for every batch.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
 import os
+import shlex
 import statistics
 import sys
 import time
@@ -154,7 +159,25 @@ def row_flags(args: argparse.Namespace) -> dict[str, list[str]]:
         with open(path) as f:
             allocation = json.load(f)
         rows[f"qat_mixed_{allocation['name']}"] = allocation["flags"]
+    rows.update({f"qat_{name}": flags for name, flags in args.recipe})
     return rows
+
+
+def recipe(text: str) -> tuple[str, list[str]]:
+    """--recipe NAME=FLAGS: a row name and the train.py flags that make it from the parent."""
+    name, _, flags = text.partition("=")
+    split = shlex.split(flags)
+    if not name.replace("_", "").isalnum() or "--quant" not in split:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected NAME=FLAGS, NAME letters, digits and _, FLAGS with --quant")
+    said = io.StringIO()
+    try:  # a flag train.py does not know fails here, not after the rows before it have trained
+        with contextlib.redirect_stderr(said):
+            hparams.train_parser().parse_args(["--logdir", "x", *split])
+    except SystemExit:
+        why = said.getvalue().strip().splitlines()[-1].split("error: ")[-1]
+        raise argparse.ArgumentTypeError(f"{text!r}: train.py says {why}") from None
+    return name, split
 
 
 def weight_memory(parent: str, flags: list[str]) -> dict:
@@ -251,6 +274,9 @@ def main() -> None:
     p.add_argument("--integer_only", action="store_true", help="add a QAT row of --quant w8a8 --integer_only")
     p.add_argument("--allocation", action="append", default=[], metavar="FILE",
                    help="a bit allocation from scripts/sensitivity.py: adds its QAT row")
+    p.add_argument("--recipe", action="append", default=[], type=recipe, metavar="NAME=FLAGS",
+                   help="add the rows qat_NAME and ptq_NAME: train.py flags (with --quant) "
+                        "beside the presets, e.g. 'w4a8_3sd=--quant w4a8 --weight_init 3sd'")
     p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
     p.add_argument("--qat_steps", type=int, default=300,
                    help="fine-tuning steps of every row, the float control's included")

@@ -819,22 +819,37 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
     bench = load_script("bench_quant")
     monkeypatch.setattr(bench, "weight_memory", lambda parent, flags: {"weight_bits_mean": 8.0})
     monkeypatch.setattr(bench, "bleu_of", lambda logdir, extra, out, reuse=False: 10.0)
-    score = {"control": 20.0, "qat_w8a8": 20.5, "qat_w4a8": 19.0}
-    monkeypatch.setattr(bench, "fine_tune", lambda parent, logdir, flags, seed, args: {
-        "seed": seed, "bleu": score[os.path.basename(logdir).rsplit("_s", 1)[0]] + seed, "logdir": logdir})
+    score = {"control": 20.0, "qat_w8a8": 20.5, "qat_w4a8": 19.0, "qat_w4a8_3sd": 19.5}
+    trained_with = {}
+
+    def fine_tune(parent, logdir, flags, seed, args):
+        trained_with[os.path.basename(logdir)] = flags
+        return {"seed": seed, "bleu": score[os.path.basename(logdir).rsplit("_s", 1)[0]] + seed,
+                "logdir": logdir}
+    monkeypatch.setattr(bench, "fine_tune", fine_tune)
+    recipe = bench.recipe("w4a8_3sd=--quant w4a8 --weight_init 3sd")
     args = argparse.Namespace(configs=["w8a8", "w4a8"], granularities=["tensor"], integer_only=False,
-                              allocation=[], seeds=[1, 2], reuse_runs=True)
+                              allocation=[], recipe=[recipe], seeds=[1, 2], reuse_runs=True)
     written = []
 
     def write(rows):  # a copy: the rows are updated in place after each run
         written.append(json.loads(json.dumps(rows)))
     rows = bench.corpus_rows("parent", str(tmp_path), args, write, {"qat_w2a8": {"bleu_mean": 4.3}})
-    assert len(written) == 6 and written[0]["control"]["seeds"] == [1] and written[-1] == rows
+    assert len(written) == 8 and written[0]["control"]["seeds"] == [1] and written[-1] == rows
     assert rows["control"]["bleu_mean"] == 21.5 and rows["control"]["bleu_std"] == 0.71
     assert [r["seed"] for r in rows["qat_w4a8"]["runs"]] == [1, 2] == rows["qat_w4a8"]["seeds"]
     assert rows["qat_w4a8"]["pct_of_control_mean"] == round(100 * 20.5 / 21.5, 2)
     assert rows["qat_w2a8"]["pct_of_control_mean"] == 20.0  # kept, against the new control
     assert rows["ptq_w8a8"]["bleu_mean"] == rows["ptq_w4a8"]["bleu_mean"] == 10.0
+    # a recipe: its flags as given, a PTQ row beside it, a percentage like the presets'
+    assert trained_with["qat_w4a8_3sd_s2"] == ["--quant", "w4a8", "--weight_init", "3sd"]
+    assert rows["qat_w4a8_3sd"]["pct_of_control_mean"] == round(100 * 21 / 21.5, 2)
+    assert "ptq_w4a8_3sd" in rows
+    for bad, why in (("w4a8", "NAME=FLAGS"), ("=--quant w4a8", "NAME=FLAGS"),
+                     ("x=--weight_init 3sd", "with --quant"), ("x=--quant w4a8 --wieght_init 3sd",
+                                                                "unrecognized arguments: --wieght_init")):
+        with pytest.raises(argparse.ArgumentTypeError, match=why):
+            bench.recipe(bad)
     header = {"parent": "runs/demo/float", "qat_steps": 300}
     assert bench.kept_rows({**header, "rows": rows}, header) == rows
     assert bench.kept_rows({**header, "qat_steps": 150, "rows": rows}, header) == {}
