@@ -36,6 +36,7 @@ import contextlib
 import io
 import json
 import os
+import re
 import shlex
 import statistics
 import sys
@@ -167,9 +168,9 @@ def recipe(text: str) -> tuple[str, list[str]]:
     """--recipe NAME=FLAGS: a row name and the train.py flags that make it from the parent."""
     name, _, flags = text.partition("=")
     split = shlex.split(flags)
-    if not name.replace("_", "").isalnum() or "--quant" not in split:
+    if not re.fullmatch(r"[\w.-]+", name) or "--quant" not in split:
         raise argparse.ArgumentTypeError(
-            f"{text!r}: expected NAME=FLAGS, NAME letters, digits and _, FLAGS with --quant")
+            f"{text!r}: expected NAME=FLAGS, NAME of letters, digits, _ . -, FLAGS with --quant")
     said = io.StringIO()
     try:  # a flag train.py does not know fails here, not after the rows before it have trained
         with contextlib.redirect_stderr(said):

@@ -846,8 +846,8 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
     assert rows["qat_w4a8_3sd"]["pct_of_control_mean"] == round(100 * 21 / 21.5, 2)
     assert "ptq_w4a8_3sd" in rows
     for bad, why in (("w4a8", "NAME=FLAGS"), ("=--quant w4a8", "NAME=FLAGS"),
-                     ("x=--weight_init 3sd", "with --quant"), ("x=--quant w4a8 --wieght_init 3sd",
-                                                                "unrecognized arguments: --wieght_init")):
+                     ("a/b=--quant w4a8", "NAME=FLAGS"), ("x=--weight_init 3sd", "with --quant"),
+                     ("x=--quant w4a8 --wieght_init 3sd", "unrecognized arguments: --wieght_init")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             bench.recipe(bad)
     header = {"parent": "runs/demo/float", "qat_steps": 300}
