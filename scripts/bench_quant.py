@@ -36,6 +36,7 @@ import contextlib
 import io
 import json
 import os
+import platform
 import re
 import shlex
 import statistics
@@ -106,8 +107,24 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
     return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
             "grad_kernel": quant.GRAD_KERNEL is not None, **loops,
-            "steps": len(times["float"]), "batch_tokens": hp.batch_tokens,
+            "steps": len(times["float"]), "batch_tokens": hp.batch_tokens, "cpu": cpu_name(),
             "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector units: the step-time ratios depend on them
+    (matmuls gain from AVX-512 and AMX, the memory-bound quantizer passes do not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
+                 if line.startswith("model name")), "unknown")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
+                      if line.startswith("flags")), []))
+    units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
+    return f"{name} ({', '.join(units) or 'no AVX2'})"
 
 
 def loop_step_seconds(step, batches: list, blocks: int = 7) -> dict:
