@@ -119,12 +119,14 @@ def cpu_name() -> str:
             info = f.read()
     except OSError:
         return platform.processor() or "unknown"
-    name = next((line.split(":", 1)[1].strip() for line in info.splitlines()
-                 if line.startswith("model name")), "unknown")
-    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines()
-                      if line.startswith("flags")), []))
+    fields: dict[str, str] = {}  # the first core's "key : value" lines
+    for line in info.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
     units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
-    return f"{name} ({', '.join(units) or 'no AVX2'})"
+    return f"{fields.get('model name', 'unknown')} ({', '.join(units) or 'no AVX2'})"
 
 
 def loop_step_seconds(step, batches: list, blocks: int = 7) -> dict:
