@@ -13,8 +13,8 @@ parent (scripts/bench_float.py's, make demo's):
   * qat_<config> (and qat_<config>_pc, per-channel weights): QAT with the preset;
   * ptq_<config> (_pc): calibration only — deterministic, one run;
   * qat_mixed_<name>: QAT of a bit allocation from scripts/sensitivity.py (--allocation FILE);
-  * qat_<name> (and ptq_<name>): a recipe, train.py flags beside the preset (--recipe
-    'w4a8_3sd=--quant w4a8 --weight_init 3sd');
+  * qat_<name> (and ptq_<name>, unless name starts with mixed): a recipe, train.py flags
+    beside the preset (--recipe 'w4a8_3sd=--quant w4a8 --weight_init 3sd');
 each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
 pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
 seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
