@@ -14,7 +14,8 @@ parent (scripts/bench_float.py's, make demo's):
   * ptq_<config> (_pc): calibration only — deterministic, one run;
   * qat_mixed_<name>: QAT of a bit allocation from scripts/sensitivity.py (--allocation FILE);
   * qat_<name> (and ptq_<name>, unless name starts with mixed): a recipe, train.py flags
-    beside the preset (--recipe 'w4a8_3sd=--quant w4a8 --weight_init 3sd');
+    beside the preset (--recipe 'w4a8_3sd=--quant w4a8 --weight_init 3sd'; refused when train.py
+    would refuse its flags or another row has its name);
 each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
 pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
 seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
@@ -179,7 +180,11 @@ def row_flags(args: argparse.Namespace) -> dict[str, list[str]]:
         with open(path) as f:
             allocation = json.load(f)
         rows[f"qat_mixed_{allocation['name']}"] = allocation["flags"]
-    rows.update({f"qat_{name}": flags for name, flags in args.recipe})
+    for name, flags in args.recipe:
+        if f"qat_{name}" in rows:  # would silently replace a preset's, an allocation's or a recipe's row
+            raise ValueError(f"--recipe {name}: the row qat_{name} is already made by other flags; "
+                             f"name the recipe otherwise")
+        rows[f"qat_{name}"] = flags
     return rows
 
 
@@ -191,12 +196,14 @@ def recipe(text: str) -> tuple[str, list[str]]:
         raise argparse.ArgumentTypeError(
             f"{text!r}: expected NAME=FLAGS, NAME of letters, digits, _ . -, FLAGS with --quant")
     said = io.StringIO()
-    try:  # a flag train.py does not know fails here, not after the rows before it have trained
+    try:  # flags train.py would refuse fail here, not after the rows before them have trained
         with contextlib.redirect_stderr(said):
-            hparams.train_parser().parse_args(["--logdir", "x", *split])
+            train.check_flags(hparams.train_parser().parse_args(["--logdir", "x", *split]))
     except SystemExit:
         why = said.getvalue().strip().splitlines()[-1].split("error: ")[-1]
         raise argparse.ArgumentTypeError(f"{text!r}: train.py says {why}") from None
+    except ValueError as e:  # a combination train.py refuses
+        raise argparse.ArgumentTypeError(f"{text!r}: train.py says {e}") from None
     return name, split
 
 
@@ -310,6 +317,10 @@ def main() -> None:
     p.add_argument("--timing_only", action="store_true", help="measure the train-step times only")
     p.add_argument("--no_timing", action="store_true", help="measure BLEU only")
     args = p.parse_args()
+    try:  # rows that collide, or an allocation that cannot be read, fail before anything trains
+        row_flags(args)
+    except (ValueError, OSError) as e:
+        p.error(str(e))
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
     parents = {name: parents[name] for name in args.corpora}
     for name, parent in parents.items():

@@ -847,9 +847,15 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
     assert "ptq_w4a8_3sd" in rows
     for bad, why in (("w4a8", "NAME=FLAGS"), ("=--quant w4a8", "NAME=FLAGS"),
                      ("a/b=--quant w4a8", "NAME=FLAGS"), ("x=--weight_init 3sd", "with --quant"),
-                     ("x=--quant w4a8 --wieght_init 3sd", "unrecognized arguments: --wieght_init")):
+                     ("x=--quant w4a8 --wieght_init 3sd", "unrecognized arguments: --wieght_init"),
+                     ("x=--quant w4a8 --mixed_precision bf16", "is for float training")):
         with pytest.raises(argparse.ArgumentTypeError, match=why):
             bench.recipe(bad)
+    for taken in ("w4a8", "w4a8_3sd"):  # a preset's row, another recipe's row: never replaced
+        second = bench.recipe(f"{taken}=--quant w3a8")
+        clash = argparse.Namespace(**{**vars(args), "recipe": [recipe, second]})
+        with pytest.raises(ValueError, match=f"qat_{taken} is already made"):
+            bench.row_flags(clash)
     header = {"parent": "runs/demo/float", "qat_steps": 300}
     assert bench.kept_rows({**header, "rows": rows}, header) == rows
     assert bench.kept_rows({**header, "qat_steps": 150, "rows": rows}, header) == {}
