@@ -294,8 +294,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs.add_parent_flags(p)
     p.add_argument("--corpora", nargs="+", default=["demo", "multi30k"], choices=["demo", "multi30k"])
-    p.add_argument("--configs", nargs="+", default=list(CONFIGS),
-                   choices=[c for c in qformat.PRESETS if c != "none"])
+    p.add_argument("--configs", nargs="*", default=list(CONFIGS),
+                   choices=[c for c in qformat.PRESETS if c != "none"],
+                   help="preset rows; none named: the control and the --allocation/--recipe rows only")
     p.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=list(GRANULARITIES),
                    help="weight thresholds per tensor and/or per output channel (rows *_pc)")
     p.add_argument("--integer_only", action="store_true", help="add a QAT row of --quant w8a8 --integer_only")

@@ -856,6 +856,8 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
         clash = argparse.Namespace(**{**vars(args), "recipe": [recipe, second]})
         with pytest.raises(ValueError, match=f"qat_{taken} is already made"):
             bench.row_flags(clash)
+    only = argparse.Namespace(**{**vars(args), "configs": []})  # --configs with no preset
+    assert list(bench.row_flags(only)) == ["control", "qat_w4a8_3sd"]
     header = {"parent": "runs/demo/float", "qat_steps": 300}
     assert bench.kept_rows({**header, "rows": rows}, header) == rows
     assert bench.kept_rows({**header, "qat_steps": 150, "rows": rows}, header) == {}
