@@ -18,7 +18,8 @@ parent (scripts/bench_float.py's, make demo's):
     would refuse its flags or another row has its name);
 each with bleu_mean, bleu_std (sample deviation over seeds), seeds, runs (every run kept),
 pct_of_control_mean and the weight memory (bits per weight, total bits).  Runs are done seed by
-seed, the JSON written after each, so a partial result is readable; --reuse_runs keeps the runs
+seed, the JSON written after each, so a partial result is readable (seeds can also run as
+parallel processes with their own --out, joined by --merge); --reuse_runs keeps the runs
 an earlier invocation finished, and the rows an invocation does not select (--configs,
 --granularities, ...) keep their values from --out, so seeds can be added to some rows only.
 
@@ -266,11 +267,36 @@ def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write, kept
             logdir = os.path.join(workdir, f"{name}_s{seed}")
             results[name].append(fine_tune(parent, logdir, flags, seed, args))
             rows[name] = {**summarize(results[name]), **memory[name]}
-            control = rows["control"]["bleu_mean"]
-            for row in rows.values():
-                row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / control, 2)
+            set_percentages(rows)
             write(rows)
     return rows
+
+
+def set_percentages(rows: dict) -> None:
+    control = rows["control"]["bleu_mean"]
+    for row in rows.values():
+        row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / control, 2)
+
+
+def merge(results: list[dict]) -> dict:
+    """Results of the same rows made by several invocations (e.g. one process per seed, each with
+    its own --out) as one: each row's runs united by seed, means and percentages computed again."""
+    merged: dict = {"timing": {}, "bleu": {}}
+    for result in results:
+        merged["timing"] = result.get("timing") or merged["timing"]
+        for corpus, entry in result.get("bleu", {}).items():
+            into = merged["bleu"].setdefault(corpus, json.loads(json.dumps(entry)))
+            if {**entry, "rows": None} != {**into, "rows": None}:
+                raise ValueError(f"{corpus}: the results differ in parent or fine-tuning settings")
+            for name, row in entry["rows"].items():
+                if name not in into["rows"] or "runs" not in row or row["seeds"] == [None]:
+                    into["rows"].setdefault(name, row)  # the parent and PTQ rows: deterministic
+                    continue
+                by_seed = {r["seed"]: r for r in into["rows"][name]["runs"] + row["runs"]}
+                into["rows"][name].update(summarize([by_seed[seed] for seed in sorted(by_seed)]))
+    for entry in merged["bleu"].values():
+        set_percentages(entry["rows"])
+    return merged
 
 
 def kept_rows(earlier: dict, header: dict) -> dict:
@@ -317,7 +343,22 @@ def main() -> None:
                    help="JSON result; an existing one keeps the parts this run does not measure")
     p.add_argument("--timing_only", action="store_true", help="measure the train-step times only")
     p.add_argument("--no_timing", action="store_true", help="measure BLEU only")
+    p.add_argument("--merge", nargs="+", metavar="FILE",
+                   help="write the union of these results (e.g. one per seed) to --out; trains nothing")
     args = p.parse_args()
+    if args.merge:
+        try:
+            results = []
+            for path in args.merge:
+                with open(path) as f:
+                    results.append(json.load(f))
+            merged = merge(results)
+        except (OSError, ValueError) as e:
+            p.error(f"--merge: {e}")
+        hparams.write_json(args.out, merged)
+        print_table({name: entry["rows"] for name, entry in merged["bleu"].items()})
+        print(f"written {args.out}")
+        return
     try:  # rows that collide, or an allocation that cannot be read, fail before anything trains
         row_flags(args)
     except (ValueError, OSError) as e:

@@ -859,6 +859,22 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
     only = argparse.Namespace(**{**vars(args), "configs": []})  # --configs with no preset
     assert list(bench.row_flags(only)) == ["control", "qat_w4a8_3sd"]
     header = {"parent": "runs/demo/float", "qat_steps": 300}
+    # --merge: one result per seed (parallel processes) joined as if one process had run both seeds
+    per_seed = []
+    for seed in (1, 2):
+        one = {k: {**row, **bench.summarize([r for r in row["runs"] if r["seed"] == seed])}
+               if row.get("seeds", [None]) != [None] and "runs" in row else {**row}
+               for k, row in rows.items()}
+        for row in one.values():  # each process's percentages are of its own control
+            row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / one["control"]["bleu_mean"], 2)
+        per_seed.append({"timing": {}, "bleu": {"tiny": {**header, "rows": one}}})
+    merged = bench.merge(per_seed)["bleu"]["tiny"]["rows"]
+    for name in ("control", "qat_w4a8", "qat_w4a8_3sd", "ptq_w4a8"):
+        assert {k: merged[name][k] for k in ("bleu_mean", "bleu_std", "seeds", "pct_of_control_mean")} == \
+            {k: rows[name][k] for k in ("bleu_mean", "bleu_std", "seeds", "pct_of_control_mean")}, name
+    per_seed[1]["bleu"]["tiny"]["qat_steps"] = 150
+    with pytest.raises(ValueError, match="differ in parent or fine-tuning"):
+        bench.merge(per_seed)
     assert bench.kept_rows({**header, "rows": rows}, header) == rows
     assert bench.kept_rows({**header, "qat_steps": 150, "rows": rows}, header) == {}
 
