@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import io
 import json
 import os
@@ -285,7 +286,10 @@ def merge(results: list[dict]) -> dict:
     for result in results:
         merged["timing"] = result.get("timing") or merged["timing"]
         for corpus, entry in result.get("bleu", {}).items():
-            into = merged["bleu"].setdefault(corpus, json.loads(json.dumps(entry)))
+            if corpus not in merged["bleu"]:  # the first result of a corpus: the rest join it
+                merged["bleu"][corpus] = copy.deepcopy(entry)
+                continue
+            into = merged["bleu"][corpus]
             if {**entry, "rows": None} != {**into, "rows": None}:
                 raise ValueError(f"{corpus}: the results differ in parent or fine-tuning settings")
             for name, row in entry["rows"].items():
