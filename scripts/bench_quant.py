@@ -294,7 +294,7 @@ def merge(results: list[dict]) -> dict:
                 raise ValueError(f"{corpus}: the results differ in parent or fine-tuning settings")
             for name, row in entry["rows"].items():
                 if name not in into["rows"] or "runs" not in row or row["seeds"] == [None]:
-                    into["rows"].setdefault(name, row)  # the parent and PTQ rows: deterministic
+                    into["rows"].setdefault(name, copy.deepcopy(row))  # new row, or parent/PTQ (one run)
                     continue
                 by_seed = {r["seed"]: r for r in into["rows"][name]["runs"] + row["runs"]}
                 into["rows"][name].update(summarize([by_seed[seed] for seed in sorted(by_seed)]))

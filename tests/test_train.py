@@ -1,6 +1,7 @@
 """train.py / eval.py end to end on tiny data: overfitting, resuming, mirrored, errors."""
 
 import argparse
+import copy
 import importlib
 import importlib.util
 import json
@@ -865,13 +866,18 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
         one = {k: {**row, **bench.summarize([r for r in row["runs"] if r["seed"] == seed])}
                if row.get("seeds", [None]) != [None] and "runs" in row else {**row}
                for k, row in rows.items()}
-        for row in one.values():  # each process's percentages are of its own control
-            row["pct_of_control_mean"] = round(100 * row["bleu_mean"] / one["control"]["bleu_mean"], 2)
+        bench.set_percentages(one)  # each process's percentages are of its own control
         per_seed.append({"timing": {}, "bleu": {"tiny": {**header, "rows": one}}})
     merged = bench.merge(per_seed)["bleu"]["tiny"]["rows"]
     for name in ("control", "qat_w4a8", "qat_w4a8_3sd", "ptq_w4a8"):
         assert {k: merged[name][k] for k in ("bleu_mean", "bleu_std", "seeds", "pct_of_control_mean")} == \
             {k: rows[name][k] for k in ("bleu_mean", "bleu_std", "seeds", "pct_of_control_mean")}, name
+    # a row first met in a later result joins the merge as a copy: merging leaves its inputs as they were
+    without = {k: v for k, v in per_seed[0]["bleu"]["tiny"]["rows"].items() if k != "qat_w4a8"}
+    late = [{"timing": {}, "bleu": {"tiny": {**header, "rows": without}}}, per_seed[1], per_seed[0]]
+    before = copy.deepcopy(late)
+    assert bench.merge(late)["bleu"]["tiny"]["rows"]["qat_w4a8"]["seeds"] == [1, 2]
+    assert late == before
     per_seed[1]["bleu"]["tiny"]["qat_steps"] = 150
     with pytest.raises(ValueError, match="differ in parent or fine-tuning"):
         bench.merge(per_seed)
