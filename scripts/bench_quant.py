@@ -248,11 +248,11 @@ def fine_tune(parent: str, logdir: str, flags: list[str], seed: int, args: argpa
     return {"seed": seed, "bleu": done["test"]["greedy_bleu"], "logdir": runs.repo_relative(logdir)}
 
 
-def corpus_rows(parent: str, workdir: str, args: argparse.Namespace, write, kept: dict) -> dict:
-    """Every row on one corpus; `write(rows)` after each run. The rows of `kept` (an earlier
-    result) that this invocation does not measure stay as they are."""
+def corpus_rows(parent: str, workdir: str, flags_by_row: dict[str, list[str]], args: argparse.Namespace,
+                write, kept: dict) -> dict:
+    """Every row of `flags_by_row` (from row_flags) on one corpus; `write(rows)` after each run.
+    The rows of `kept` (an earlier result) that this invocation does not measure stay as they are."""
     os.makedirs(workdir, exist_ok=True)
-    flags_by_row = row_flags(args)
     memory = {name: weight_memory(parent, flags) for name, flags in flags_by_row.items()}
     rows: dict = {**kept, "parent": {
         "bleu_mean": bleu_of(parent, [], os.path.join(workdir, "parent.json"), args.reuse_runs),
@@ -364,7 +364,7 @@ def main() -> None:
         print(f"written {args.out}")
         return
     try:  # rows that collide, or an allocation that cannot be read, fail before anything trains
-        row_flags(args)
+        flags_by_row = row_flags(args)
     except (ValueError, OSError) as e:
         p.error(str(e))
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
@@ -405,7 +405,7 @@ def main() -> None:
         def write(rows, name=name, header=header):
             result["bleu"][name] = {**header, "rows": rows}
             hparams.write_json(args.out, result)
-        corpus_rows(parent, os.path.join(args.workdir, name), args, write, kept)
+        corpus_rows(parent, os.path.join(args.workdir, name), flags_by_row, args, write, kept)
     print_table({name: entry["rows"] for name, entry in result["bleu"].items()})
     print(f"written {args.out}")
 

@@ -835,7 +835,8 @@ def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, mon
 
     def write(rows):  # a copy: the rows are updated in place after each run
         written.append(json.loads(json.dumps(rows)))
-    rows = bench.corpus_rows("parent", str(tmp_path), args, write, {"qat_w2a8": {"bleu_mean": 4.3}})
+    rows = bench.corpus_rows("parent", str(tmp_path), bench.row_flags(args), args, write,
+                            {"qat_w2a8": {"bleu_mean": 4.3}})
     assert len(written) == 8 and written[0]["control"]["seeds"] == [1] and written[-1] == rows
     assert rows["control"]["bleu_mean"] == 21.5 and rows["control"]["bleu_std"] == 0.71
     assert [r["seed"] for r in rows["qat_w4a8"]["runs"]] == [1, 2] == rows["qat_w4a8"]["seeds"]
