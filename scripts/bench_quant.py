@@ -293,8 +293,10 @@ def merge(results: list[dict]) -> dict:
             if {**entry, "rows": None} != {**into, "rows": None}:
                 raise ValueError(f"{corpus}: the results differ in parent or fine-tuning settings")
             for name, row in entry["rows"].items():
-                if name not in into["rows"] or "runs" not in row or row["seeds"] == [None]:
-                    into["rows"].setdefault(name, copy.deepcopy(row))  # new row, or parent/PTQ (one run)
+                if name not in into["rows"]:  # a copy: merging must leave its inputs as they were
+                    into["rows"][name] = copy.deepcopy(row)
+                    continue
+                if "runs" not in row or row["seeds"] == [None]:  # parent/PTQ: one deterministic run
                     continue
                 by_seed = {r["seed"]: r for r in into["rows"][name]["runs"] + row["runs"]}
                 into["rows"][name].update(summarize([by_seed[seed] for seed in sorted(by_seed)]))
