@@ -40,6 +40,8 @@ class SiteFactory(Protocol):
 
     def matmul(self, a: tf.Tensor, b: tf.Tensor, transpose_b: bool = False) -> tf.Tensor: ...
 
+    def relu(self, x: tf.Tensor, into: Site) -> tf.Tensor: ...
+
 
 class FloatLayers:
     """The float layers between the matmuls (the float model and matmul-only quantization): `skip`
@@ -63,6 +65,10 @@ class FloatLayers:
         if b.shape.rank == 2:
             return matmul_2d(a, b, transpose_w=transpose_b)
         return tf.matmul(a, b, transpose_b=transpose_b)
+
+    def relu(self, x: tf.Tensor, into: Site) -> tf.Tensor:
+        """max(0, x): the FFN's activation, the input of the site `into`."""
+        return tf.nn.relu(x)
 
 
 class Identity:
@@ -288,9 +294,10 @@ class FeedForward(tf.Module):
         names = qformat.feed_forward(name)
         self.dense1 = Dense(names.dense1, d_model, d_ff, sites)
         self.dense2 = Dense(names.dense2, d_ff, d_model, sites, input_role="unsigned")
+        self._relu = sites.relu
 
     def __call__(self, x: tf.Tensor) -> tf.Tensor:
-        return self.dense2(tf.nn.relu(self.dense1(x)))
+        return self.dense2(self._relu(self.dense1(x), self.dense2.x_site))
 
 
 def label_smoothed_xent(logits: tf.Tensor, labels: tf.Tensor, smoothing: float) -> tf.Tensor:

@@ -27,8 +27,8 @@ Timing (the Multi30k parent's model, one process): the median train-step time of
 over the float model, alternating on the same batches (step_time_ratio); also the w8a8 step
 with frozen thresholds (no threshold gradient), the w8a8 step on TF's gradient kernels instead
 of quant_grad.cc's (grad_kernel: whether that kernel was loaded), bf16 and --fused_adam float
-steps, and the float training loop fed by train.input_pipeline against one that converts and
-waits for every batch.
+steps, the w8a8 step with the FFN's ReLU kept, and the float training loop fed by
+train.input_pipeline against one that converts and waits for every batch.
 """
 
 from __future__ import annotations
@@ -70,9 +70,11 @@ GRANULARITIES = {"tensor": ("", []), "channel": ("_pc", ["--per_channel"])}
 
 # the timed train steps: flags over the parent's; w8a8_frozen trains no threshold (what the
 # threshold gradient costs is the difference to w8a8); w8a8_tf_grad is traced without
-# quant.GRAD_KERNEL (the backward on TF's kernels: what the one-pass kernel saves)
+# quant.GRAD_KERNEL (the backward on TF's kernels: what the one-pass kernel saves); w8a8_relu
+# keeps the FFN's ReLU before its unsigned site (quant.TQTSites.relu: what skipping it saves)
 TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"}, "w8a8_frozen": {"quant": "w8a8"},
-         "w8a8_tf_grad": {"quant": "w8a8"}, "bf16": {"quant": "none", "mixed_precision": "bf16"},
+         "w8a8_tf_grad": {"quant": "w8a8"}, "w8a8_relu": {"quant": "w8a8"},
+         "bf16": {"quant": "none", "mixed_precision": "bf16"},
          "fused_adam": {"quant": "none", "fused_adam": True}}
 
 
@@ -85,7 +87,10 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     steps = {}
     for name, flags in TIMED.items():
         hp_q = argparse.Namespace(**{**vars(hp), **flags})
-        model = Transformer(hp_q, sp.get_piece_size(), runs.sites_from_flags(hp_q))
+        sites = runs.sites_from_flags(hp_q)
+        if name == "w8a8_relu":
+            sites.relu_in_site = False
+        model = Transformer(hp_q, sp.get_piece_size(), sites)
         opt = train.Optimizers(model, hp_q)
         if opt.sites:
             calibration.calibrate(model, batches[:2], "max", "max")
@@ -106,7 +111,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     med = {name: statistics.median(v) for name, v in times.items()}
     timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
     ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
-              for name in ("w8a8_frozen", "w8a8_tf_grad", "bf16", "fused_adam")}
+              for name in ("w8a8_frozen", "w8a8_tf_grad", "w8a8_relu", "bf16", "fused_adam")}
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
     return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
             "grad_kernel": quant.GRAD_KERNEL is not None, **loops,
