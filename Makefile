@@ -10,6 +10,9 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VARIANT ?= cpu
 OTHER_TF := $(if $(filter gpu,$(VARIANT)),tensorflow-cpu,tensorflow)
 $(if $(filter-out cpu gpu,$(VARIANT)),$(error VARIANT must be cpu or gpu, not $(VARIANT)))
+# pytest-xdist processes for `make test`: the suite is mostly single-threaded Python and small TF
+# graphs, so two processes keep two cores busy (TEST_WORKERS=0 runs it in this process)
+TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(VARIANT)
@@ -82,7 +85,7 @@ demo: $(STAMP) $(KERNEL)
 
 test: $(STAMP) $(KERNEL)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 mutation: $(STAMP)
 	rm -rf mutants
