@@ -111,7 +111,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     med = {name: statistics.median(v) for name, v in times.items()}
     timing = {f"{name}_step_s": round(seconds, 4) for name, seconds in med.items()}
     ratios = {f"{name}_step_time_ratio": round(med[name] / med["float"], 3)
-              for name in ("w8a8_frozen", "w8a8_tf_grad", "w8a8_relu", "bf16", "fused_adam")}
+              for name in TIMED if name not in ("float", "w8a8")}
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
     return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
             "grad_kernel": quant.GRAD_KERNEL is not None, **loops,
