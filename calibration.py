@@ -15,7 +15,7 @@ import numpy as np
 import qformat
 
 METHODS = ("max", "percentile", "mse", "kl")
-WEIGHT_INITS = ("max", "3sd")
+WEIGHT_INITS = ("max", "3sd", "mse")
 
 
 class Observations:
@@ -165,18 +165,37 @@ def activation_log2_t(obs: Observations, role: str, num_bits: int, signed: bool,
     return float(log2_threshold(kl_threshold(obs, num_bits, signed)))
 
 
-def weight_log2_t(w, method: str = "max", per_channel: bool = False) -> np.ndarray:
-    """log2_t = log2(max|w|) ("max") or log2(|mean(w)| + 3 std(w)) ("3sd"); per channel over all
-    axes but the last."""
+def _over_channels(reduce, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """reduce(w) down to a threshold's shape, over the axes along which it broadcasts against w:
+    all ([], per tensor), all but the last ([C], per channel) or the last ([C, 1], per row)."""
+    lead = w.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1)
+    return np.reshape(reduce(w, axis=axes, keepdims=True), shape)
+
+
+def weight_log2_t(w, method: str = "max", shape: tuple[int, ...] = (), num_bits: int = 8,
+                  signed: bool = True, rounding: str = "half_even") -> np.ndarray:
+    """log2_t of the threshold's `shape` (() per tensor, (C,) per channel along w's last axis,
+    (C, 1) per row along its first): log2(max|w|) ("max"), log2(|mean(w)| + 3 std(w)) ("3sd"),
+    or ("mse") the power of two, from max|w|'s down 8 octaves, whose grid of `num_bits` gives the
+    least sum((Q(w) - w)^2) (ties: the larger threshold)."""
     w = np.asarray(w, np.float64)
-    axes = tuple(range(w.ndim - 1)) if per_channel else None
     if method == "max":
-        t = np.abs(w).max(axis=axes)
-    elif method == "3sd":
-        t = np.abs(w.mean(axis=axes)) + 3.0 * w.std(axis=axes)
-    else:
+        return log2_threshold(_over_channels(np.max, np.abs(w), shape))
+    if method == "3sd":
+        spread = 3.0 * _over_channels(np.std, w, shape)
+        return log2_threshold(np.abs(_over_channels(np.mean, w, shape)) + spread)
+    if method != "mse":
         raise ValueError(f"weight init must be one of {'|'.join(WEIGHT_INITS)}, got {method!r}")
-    return log2_threshold(t)
+    top = np.ceil(weight_log2_t(w, "max", shape))
+    best, least = top, np.full(np.shape(top), np.inf)
+    for octave in range(9):
+        log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
+        grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
+        error = grid.quantize(w, rounding, np.float64) * np.exp2(-grid.f.astype(np.float64)) - w
+        total = _over_channels(np.sum, np.square(error), shape)
+        best, least = np.where(total < least, log2_t, best), np.minimum(total, least)
+    return best
 
 
 def observe(sites) -> dict[str, Observations]:
@@ -202,16 +221,16 @@ def calibrate_site(site, obs: Observations, method: str = "max", percentile: flo
 
 
 def init_weight_site(site, w, method: str = "max") -> None:
-    """Set a weight site's log2_t from its weight (per channel when the site is).
+    """Set a weight site's log2_t from its weight (per channel or per row when the site is).
 
     With "max", a maximum in the grid's last step below the threshold (max|w| > p s, e.g. a
     LayerNorm gamma of exactly 1 under threshold 1, whose grid ends at 1 - 2^-(b-1)) would be
-    clipped, and a clipped weight gets no gradient: that threshold is doubled instead."""
-    per_channel = site.channels is not None
-    log2_t = weight_log2_t(w, method, per_channel)
+    clipped, and a clipped weight gets no gradient: that threshold is doubled instead. "mse"
+    weighs that clipping against the rounding error of a coarser grid."""
+    shape = tuple(site.log2_t.shape)
+    log2_t = weight_log2_t(w, method, shape, site.num_bits, site.signed, site.rounding)
     if method == "max":
-        axes = tuple(range(np.ndim(w) - 1)) if per_channel else None
-        largest = np.abs(np.asarray(w, np.float64)).max(axis=axes)
+        largest = _over_channels(np.max, np.abs(np.asarray(w, np.float64)), shape)
         _, p = qformat.integer_range(site.num_bits, site.signed)
         f = qformat.frac_bits(log2_t, site.num_bits, site.signed)
         log2_t = np.where(largest > p * np.exp2(-f.astype(np.float64)), np.ceil(log2_t) + 1, log2_t)

@@ -8,7 +8,8 @@ the format is defined in `qformat.py`, version `qformat.FORMAT_VERSION`):
                    (int8 for <= 8 bits, int16 for <= 16); biases `<dense>/bias` as int32 on the
                    accumulator grid 2^-(f_x + f_w); LayerNorm `<block>/lnK/gamma|beta` float32;
                    for every site `<site>.bits`, `<site>.signed`, `<site>.f` (scale 2^-f; f is
-                   a vector [out] for per-channel weights)
+                   a vector [out] for per-channel weights, [vocab, 1] for the embedding with
+                   --per_row_embedding: one per row, the output channels of the logits)
     manifest.json  format version, hparams, the engine's model config (rounding included),
                    SHA-256 of model.npz and spm.model, the site table (name, role, shape, bits,
                    signed, f, the matmul it feeds)

@@ -22,8 +22,8 @@ MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxl
 # flags that say which data a run used: restored too, so eval.py and QAT see the same corpus
 DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
               "dev_tgt", "test_src", "test_tgt")
-QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel", "integer_only",
-               "residual_bits")
+QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel", "per_row_embedding",
+               "integer_only", "residual_bits")
 # --init_from fine-tunes: these replace the from-scratch schedule unless typed (a short run at a
 # low rate with a short warm-up, as the QAT benchmarks and `make demo` use)
 FINE_TUNE_SCHEDULE = {"num_epochs": 2, "lr": 2e-4, "warmup_steps": 100}
@@ -93,6 +93,9 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="bits of the residual stream and LayerNorm sites with --integer_only")
     g.add_argument("--per_channel", action="store_true",
                    help="one power-of-two threshold per output channel for dense weights")
+    g.add_argument("--per_row_embedding", action="store_true",
+                   help="one power-of-two threshold per row of the embedding table (the output "
+                        "projection's output channels)")
 
 
 def train_parser() -> argparse.ArgumentParser:
@@ -157,7 +160,8 @@ def add_calib_flags(g) -> None:
                    help="activation calibration (kl: symmetric KL-J as in TQT)")
     g.add_argument("--calib_batches", type=int, default=8, help="training batches to calibrate on")
     g.add_argument("--weight_init", default="max", choices=calibration.WEIGHT_INITS,
-                   help="weight thresholds from max|w| or |mean| + 3 std")
+                   help="weight thresholds from max|w|, |mean| + 3 std, or the power of two of least "
+                        "squared quantization error (per tensor, channel or row)")
 
 
 def eval_parser() -> argparse.ArgumentParser:

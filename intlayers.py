@@ -239,9 +239,10 @@ class IntegerOnlySites(quant.TQTSites):
         super().__init__(config)
         self.recorded: dict[str, list[np.ndarray]] | None = None
 
-    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None):
+    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None,
+             rows: int | None = None):
         if role != "probability":
-            return super().site(name, role, channels, bits)
+            return super().site(name, role, channels, bits, rows)
         if name in self.sites:
             raise ValueError(f"quant site {name!r} created twice")
         self.sites[name] = FixedSite(name, role, self.config.bits_for(name, role), self.config.rounding)

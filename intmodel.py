@@ -256,7 +256,7 @@ class IntTransformer:
             product = accumulator_bound(1, gx, gw)
             chunk = (FLOAT32_EXACT - 1) // product or k
             dtype = np.float32 if chunk * product < FLOAT32_EXACT else np.float64
-            self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.f)), qformat.matmul_of(x_site))
+            self._plans[key] = (chunk, dtype, np.exp2(-(gx.f + gw.output_f)), qformat.matmul_of(x_site))
         return self._plans[key]
 
     def _observe(self, name: str, acc: np.ndarray, register_bits: int | None = 32) -> None:
@@ -661,15 +661,25 @@ class IntOnlyTransformer(IntTransformer):
         return self.dense(names.dense2, relu, f_acc, names.dense1)
 
     def logits(self, y: np.ndarray, source: str) -> np.ndarray:
-        """Integer logits: Q(y) E_q^T (int64 on f_y + f_E)."""
+        """Integer logits Q(y) E_q^T on one grid, f_y + max(f_E) (`logit_frac_bits`), so that
+        argmax compares integers: with a threshold per table row (--per_row_embedding) logit v
+        is shifted left by max(f_E) - f_E[v], exact (int64)."""
         q = self.requantize(y, self.f(source), source, qformat.OUTPUT_INPUT)
-        return self.imatmul(qformat.OUTPUT_INPUT, q, qformat.EMBEDDING, self.ints[qformat.EMBEDDING],
-                            transpose_w=True)
+        acc = self.imatmul(qformat.OUTPUT_INPUT, q, qformat.EMBEDDING, self.ints[qformat.EMBEDDING],
+                           transpose_w=True)
+        f_e = self.grids[qformat.EMBEDDING].output_f
+        if f_e.ndim == 0:
+            return acc
+        return acc.astype(np.int64) << (f_e.max() - f_e)
+
+    @property
+    def logit_frac_bits(self) -> int:
+        """f of the logits' grid: f_y + max(f_E)."""
+        return int(self.f(qformat.OUTPUT_INPUT) + self.grids[qformat.EMBEDDING].output_f.max())
 
     def logit_values(self, logits: np.ndarray) -> np.ndarray:
         """Beam search ranks hypotheses by log-softmax in float64, outside the network."""
-        f = self.f(qformat.OUTPUT_INPUT) + self.f(qformat.EMBEDDING)
-        return logits.astype(np.float64) * np.exp2(-np.float64(f))
+        return logits.astype(np.float64) * np.exp2(-np.float64(self.logit_frac_bits))
 
     # ---- the model --------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ beam search with a GNMT length penalty.  Outputs end at EOS and are padded with 
 from __future__ import annotations
 
 import functools
+import re
 from typing import Any
 
 import numpy as np
@@ -119,7 +120,7 @@ class Transformer(tf.Module):
         self.dropout = Dropout(hp.dropout_rate, self.rng)
         self.embedding = tf.Variable(
             tf.random.normal([vocab_size, hp.d_model], stddev=hp.d_model**-0.5), name="embedding")
-        self.embedding_site = sites.site(qformat.EMBEDDING, "weight")
+        self.embedding_site = sites.site(qformat.EMBEDDING, "weight", rows=vocab_size)
         self.embedding_sum = sites.embedding_sum(hp.d_model)
         self.encoder, self.decoder = [], []
         for blocks, block_class in ((self.encoder, EncoderBlock), (self.decoder, DecoderBlock)):
@@ -322,13 +323,32 @@ def weights_by_path(model: Transformer) -> dict[str, tf.Variable]:
     return {k: v for k, v in keys.items() if "log2_t" not in k}
 
 
+THRESHOLD_KEY_SUFFIX = "/log2_t/.ATTRIBUTES/VARIABLE_VALUE"
+
+
+def object_at(model: Transformer, key: str):
+    """The object a tf.train.Checkpoint(model=...) key's path leads to from `model`
+    ("model/sites/sites/encoder.Sblock_1.Sq" -> model.sites.sites["encoder/block_1/q"]; TF writes
+    '/' in a name as '.S' and '.' as '..'), or None where this model has no such object."""
+    obj = model
+    for part in key.split("/")[1:]:
+        name = re.sub(r"\.(.)", lambda m: "/" if m.group(1) == "S" else m.group(1), part)
+        try:
+            obj = obj[int(name)] if isinstance(obj, (list, tuple)) else (
+                obj[name] if hasattr(obj, "keys") else getattr(obj, name))
+        except (AttributeError, KeyError, IndexError, ValueError):
+            return None
+    return obj
+
+
 def load_weights(model: Transformer, path: str) -> list[str]:
     """Restore `model` from checkpoint `path`, quantized or not.
 
     Every weight must be there with its shape (ValueError otherwise). Thresholds (log2_t) are
-    restored where the checkpoint has them; returns the names of the sites whose thresholds it
-    lacks (all of them for a float checkpoint, the new ones for a matmul-only parent of an
-    integer-only model): those still need calibration.
+    restored where the checkpoint has them with their shape; returns the names of the sites whose
+    thresholds it lacks (all of them for a float checkpoint, the new ones for a matmul-only parent
+    of an integer-only model) or holds in another shape (per tensor there, per channel or per row
+    here): those still need calibration.
     """
     try:
         shapes = tf.train.load_checkpoint(path).get_variable_to_shape_map()
@@ -344,12 +364,24 @@ def load_weights(model: Transformer, path: str) -> list[str]:
              if getattr(site, "trains_threshold", False)]
     for _, site in sites:  # NaN marks a threshold the checkpoint does not overwrite
         site.log2_t.assign(tf.fill(site.log2_t.shape, float("nan")))
+    reshaped = {}  # a threshold of another shape is read into a stand-in and dropped
+    by_object = {id(site): name for name, site in sites}
+    for key, saved in shapes.items():
+        if not key.endswith(THRESHOLD_KEY_SUFFIX):
+            continue
+        site = object_at(model, key.removesuffix(THRESHOLD_KEY_SUFFIX))
+        if id(site) in by_object and list(saved) != site.log2_t.shape.as_list():
+            reshaped[by_object[id(site)]] = site.log2_t
+            site.log2_t = tf.Variable(tf.zeros(saved), name="log2_t")
     try:  # matched through the object graph, so each site is found whichever path saved it
         tf.train.Checkpoint(model=model).read(path).expect_partial()
     except (ValueError, tf.errors.OpError) as e:
         raise ValueError(f"checkpoint {path} does not fit this model ({str(e).splitlines()[0][:160]})"
                          ) from None
     finally:  # the thresholds still marked go back to 0, also when the read failed
+        for name, site in sites:
+            if name in reshaped:
+                site.log2_t = reshaped[name]
         missing = [name for name, site in sites if np.isnan(site.log2_t.numpy()).any()]
         for name, site in sites:
             if name in missing:

@@ -3,7 +3,7 @@
 Every matrix multiplication takes its inputs through a *matmul-input hook* ("site").  The model
 asks a site factory for one hook per input when it is built:
 
-    sites.site(name, role, channels=None) -> callable x -> x'
+    sites.site(name, role, channels=None, rows=None) -> callable x -> x'
     sites.bias(b, x_site, w_site)        -> the bias as the accumulator will see it
 
 `FloatSites` (below) returns the identity, so the float model pays nothing: the hook is a
@@ -27,7 +27,7 @@ class Site(Protocol):
 
 
 class SiteFactory(Protocol):
-    def site(self, name: str, role: str, channels: int | None = None) -> Site: ...
+    def site(self, name: str, role: str, channels: int | None = None, rows: int | None = None) -> Site: ...
 
     def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor: ...
 
@@ -88,7 +88,7 @@ class FloatSites(FloatLayers):
     def __init__(self) -> None:
         self.sites: dict[str, Identity] = {}
 
-    def site(self, name: str, role: str, channels: int | None = None) -> Identity:
+    def site(self, name: str, role: str, channels: int | None = None, rows: int | None = None) -> Identity:
         if name in self.sites:
             raise ValueError(f"duplicate matmul-input site name {name!r}")
         self.sites[name] = Identity(name, role)

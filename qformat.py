@@ -125,7 +125,8 @@ def int_dtype(bits: int, signed: bool = True) -> np.dtype:
 @dataclass(frozen=True)
 class Grid:
     """A site's integer grid: x ~ q * 2^-f with q in integer_range(bits, signed). `f` is an int64
-    array, [] or [channels] (along the last axis)."""
+    array that broadcasts against the site's tensor: [], [channels] (a weight's last axis) or
+    [rows, 1] (a table used as x @ E^T: the embedding with --per_row_embedding)."""
 
     bits: int
     signed: bool
@@ -134,6 +135,12 @@ class Grid:
     @property
     def range(self) -> tuple[int, int]:
         return integer_range(self.bits, self.signed)
+
+    @property
+    def output_f(self) -> np.ndarray:
+        """f along the output axis of the matmul this weight feeds: [] or [channels]; a table's
+        per-row [rows, 1] becomes [rows], the output channels of x @ E^T."""
+        return self.f.reshape(-1) if self.f.ndim == 2 else self.f
 
     @property
     def max_abs(self) -> int:
@@ -262,7 +269,7 @@ def matmul_of(site: str) -> str | None:
 # The export format
 # --------------------------------------------------------------------------------------------
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 MANIFEST, NPZ, SPM, MEM_DIR = "manifest.json", "model.npz", "spm.model", "mem"
 GRID_FIELDS = (".bits", ".signed", ".f")  # model.npz keys <site>.bits etc. describe a grid
 
@@ -272,7 +279,7 @@ class ExportError(ValueError):
 
 
 def grid_arrays(site: str, grid: Grid) -> dict[str, np.ndarray]:
-    """`<site>.bits`, `<site>.signed`, `<site>.f` (int32, [] or [channels])."""
+    """`<site>.bits`, `<site>.signed`, `<site>.f` (int32, Grid.f's shape)."""
     return {f"{site}.bits": np.int32(grid.bits), f"{site}.signed": np.bool_(grid.signed),
             f"{site}.f": np.asarray(grid.f).astype(np.int32)}
 

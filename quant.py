@@ -94,10 +94,11 @@ def _scale(log2_t: tf.Tensor, num_bits: int, signed: bool) -> tf.Tensor:
 
 
 def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """sum(t) down to like's shape: [] (per tensor) or [C] (per channel, t's last axis)."""
-    if like.shape.rank == 0:
-        return tf.reduce_sum(t)
-    return tf.reduce_sum(tf.reshape(t, [-1, tf.shape(like)[0]]), axis=0)
+    """sum(t) down to like's shape, over the axes along which like broadcasts against t: all of
+    them for [] (per tensor), all but the last for [C] (per channel), the last for [C, 1] (per row)."""
+    lead = t.shape.rank - like.shape.rank
+    ones = [lead + i for i, d in enumerate(like.shape) if d == 1]
+    return tf.reshape(tf.reduce_sum(t, axis=list(range(lead)) + ones), tf.shape(like))
 
 
 def _inputs(x, log2_t, num_bits: int, rounding: str) -> tuple[tf.Tensor, tf.Tensor]:
@@ -109,7 +110,9 @@ def _inputs(x, log2_t, num_bits: int, rounding: str) -> tuple[tf.Tensor, tf.Tens
 def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int, signed: bool,
                              rounding: str) -> tf.Tensor:
     """TQT fake quantization, docs/tqt.md "Forward" and "Gradients" line for line. `log2_t` is a
-    scalar or [C] along x's last axis (per output channel); float32/float64."""
+    scalar, [C] along x's last axis (per output channel) or [C, 1] along x's first axis (per row
+    of a table); it broadcasts against x, and dL/dlog2_t sums over the broadcast axes.
+    float32/float64."""
     x, log2_t = _inputs(x, log2_t, num_bits, rounding)
     n, p = qformat.integer_range(num_bits, signed)
 
@@ -245,7 +248,9 @@ class QuantSite(tf.Module):
     `name` is a stable hierarchical name (`decoder/block_1/cross_attention/value_input`, built
     by qformat), kept as `site_name`. `role` is one of qformat.SIGNED_BY_ROLE: "weight" or
     "activation" (signed), "unsigned" (ReLU output) or "probability" (unsigned softmax output).
-    `channels` gives a per-output-channel log2_t of shape [channels] (weights only).
+    `channels` gives a weight one log2_t per output channel of its matmul: shape [channels] along
+    the weight's last axis (x @ W), or [channels, 1] along its first with `channel_axis=0` (a table
+    E used as x @ E^T, whose rows are the output channels: the embedding).
 
     `frozen` and `observer` are read when the call is traced: set them before building (or
     retracing) a tf.function. With an `observer` (calibration.observe) the site hands it each
@@ -259,6 +264,7 @@ class QuantSite(tf.Module):
         num_bits: int = 8,
         rounding: str = "half_even",
         channels: int | None = None,
+        channel_axis: int = -1,
     ):
         super().__init__(name=_module_name(name))
         qformat.check_bits_and_rounding(num_bits, rounding)
@@ -266,6 +272,8 @@ class QuantSite(tf.Module):
             raise ValueError(f"site {name!r}: role must be one of {list(qformat.SIGNED_BY_ROLE)}")
         if channels is not None and role != "weight":
             raise ValueError(f"site {name!r}: per-channel thresholds are for weights only")
+        if channel_axis not in (-1, 0):
+            raise ValueError(f"site {name!r}: channel_axis must be -1 (last axis) or 0 (rows)")
         self.site_name = name
         self.role = role
         self.num_bits = num_bits
@@ -277,7 +285,7 @@ class QuantSite(tf.Module):
         # eager only: when a list, every call appends (x, q): its input and the integers
         # q = y * 2^f the op produced (clip statistics, engine comparisons)
         self.recorded: list[tuple[np.ndarray, np.ndarray]] | None = None
-        shape = [] if channels is None else [channels]
+        shape = [] if channels is None else [channels] if channel_axis == -1 else [channels, 1]
         with self.name_scope:
             # ONLY_FIRST_REPLICA: a clamp inside a MirroredStrategy replica function writes
             # the same value on every replica, so take the first one's.
@@ -312,7 +320,7 @@ class QuantSite(tf.Module):
     # ---- the grid, read back as NumPy -------------------------------------------------------
 
     def frac_bits(self) -> np.ndarray:
-        """f with s = 2^-f (int64; shape [] or [channels])."""
+        """f with s = 2^-f (int64; log2_t's shape: [], [channels] or [channels, 1])."""
         return qformat.frac_bits(self.log2_t.numpy(), self.num_bits, self.signed)
 
     def frac_bits_tensor(self) -> tf.Tensor:
@@ -370,6 +378,7 @@ class QuantConfig:
     overrides: list[tuple[str, int]] = field(default_factory=list)
     integer_only: bool = False
     residual_bits: int = 16
+    per_row_embedding: bool = False
 
     def __post_init__(self):
         for bits in (self.wbits, self.abits, self.residual_bits):
@@ -386,6 +395,7 @@ class QuantConfig:
         overrides: list[str] | None = None,
         integer_only: bool = False,
         residual_bits: int = 16,
+        per_row_embedding: bool = False,
     ) -> QuantConfig | None:
         """Build from command-line flags; None for --quant none. `wbits`/`abits` replace the
         preset's widths when given."""
@@ -404,6 +414,7 @@ class QuantConfig:
             overrides=[_parse_override(flag) for flag in overrides or []],
             integer_only=integer_only,
             residual_bits=residual_bits,
+            per_row_embedding=per_row_embedding,
         )
 
     def bits_for(self, site_name: str, role: str, default: int | None = None) -> int:
@@ -433,18 +444,26 @@ class TQTSites(FloatLayers, tf.Module):
         self.config = config
         self.sites: dict[str, QuantSite] = {}
 
-    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None) -> QuantSite:
+    def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None,
+             rows: int | None = None) -> QuantSite:
         """A new site for `name` (each name once: the model reuses the returned object); `bits`
-        replaces the role's width (overrides still apply)."""
+        replaces the role's width (overrides still apply). A weight gets a threshold per output
+        channel: `channels` (its last axis) with `per_channel`, `rows` (a table used transposed,
+        the embedding) with `per_row_embedding`."""
         if name in self.sites:
             raise ValueError(f"quant site {name!r} created twice")
-        per_channel = self.config.per_channel and role == "weight"
+        if rows is not None:
+            channels, channel_axis = (rows if self.config.per_row_embedding else None), 0
+        else:
+            channel_axis = -1
+            channels = channels if self.config.per_channel and role == "weight" else None
         site = QuantSite(
             name,
             role,
             num_bits=self.config.bits_for(name, role, bits),
             rounding=self.config.rounding,
-            channels=channels if per_channel else None,
+            channels=channels,
+            channel_axis=channel_axis,
         )
         self.sites[name] = site
         return site

@@ -140,7 +140,8 @@ def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
     """The quantization flags (hparams.QUANT_FLAGS) as a QuantConfig (ValueError on bad bits or
     overrides); None for --quant none."""
     return quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
-                                        hp.quant_override, hp.integer_only, hp.residual_bits)
+                                        hp.quant_override, hp.integer_only, hp.residual_bits,
+                                        hp.per_row_embedding)
 
 
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:

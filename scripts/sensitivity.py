@@ -99,8 +99,10 @@ class Probe:
 
 
 def sensitivity_table(probe: Probe, bits: list[int], families: bool,
-                      patterns: list[str] | None = None) -> dict:
-    """The probe's base scores and one row per site (and family) that `patterns` name, per width."""
+                      patterns: list[str] | None = None, flags: list[str] | None = None) -> dict:
+    """The probe's base scores and one row per site (and family) that `patterns` name, per width;
+    `flags`: the quantization flags the probe was built with beyond --quant (the allocation's
+    QAT gets them too)."""
     hp = probe.hp
     base = probe.score()
     sites = probe.model.sites.sites
@@ -124,7 +126,7 @@ def sensitivity_table(probe: Probe, bits: list[int], families: bool,
             change = {f"d_{k[4:]}": round(v - base[k], 5) for k, v in scored.items()}
             rows.append({"site": name, "kind": kind, "role": sites[names[0]].role, "bits": b,
                          "n_weights": sum(sizes.get(n, 0) for n in names), **scored, **change})
-    return {"logdir": runs.repo_relative(hp.logdir), "quant": hp.quant,
+    return {"logdir": runs.repo_relative(hp.logdir), "quant": hp.quant, "flags": flags or [],
             "base_bits": runs.quant_config(hp).wbits, "dev_sentences": len(probe.dev_lines),
             "bleu_sentences": len(probe.dev_lines[: probe.bleu_sentences]),
             "base": base, "weight_sizes": sizes, "rows": rows}
@@ -139,13 +141,20 @@ def allocation(table: dict, budget: float, name: str | None = None) -> dict:
     return {"name": name or f"mean{budget:g}", "budget_mean_bits": budget, "from_table": table["logdir"],
             "weight_bits_mean": round(bitbudget.mean_bits(sizes, bits), 3),
             "weight_memory_bits": bitbudget.memory_bits(sizes, bits), "bits": bits,
-            "flags": ["--quant", table["quant"], *bitbudget.override_flags(bits, table["base_bits"])]}
+            "flags": ["--quant", table["quant"], *table.get("flags", []),
+                      *bitbudget.override_flags(bits, table["base_bits"])]}
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", help="the run to probe (float or quantized)")
     p.add_argument("--quant", default="w8a8", help="preset the sites start from")
+    p.add_argument("--per_row_embedding", action="store_true",
+                   help="the embedding table with a threshold per row (calibrated anew when the run "
+                        "trained one per tensor); the allocation's flags keep it")
+    p.add_argument("--weight_init", choices=calibration.WEIGHT_INITS,
+                   help="how the thresholds of lowered weights are calibrated (default: the run's "
+                        "own); the allocation's flags keep it")
     p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2],
                    help="widths each site is set to (above the preset's too, e.g. 8 on a w4a8 model)")
     p.add_argument("--dev_sentences", type=int, default=200, help="dev pairs the loss is measured on")
@@ -164,9 +173,12 @@ def main(argv: list[str]) -> None:
         with open(args.table) as f:
             table = json.load(f)
     elif args.logdir:
-        hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", args.logdir, "--quant", args.quant])
+        flags = ["--per_row_embedding"] if args.per_row_embedding else []
+        flags += ["--weight_init", args.weight_init] if args.weight_init else []
+        argv = ["--logdir", args.logdir, "--quant", args.quant, *flags]
+        hp = runs.restore_hparams(hparams.eval_parser(), argv)
         table = sensitivity_table(Probe(hp, args.dev_sentences, args.bleu_sentences), args.bits,
-                                  families=not args.no_families, patterns=args.sites)
+                                  families=not args.no_families, patterns=args.sites, flags=flags)
         if args.out:
             hparams.write_json(args.out, table)
         worst = sorted((r for r in table["rows"] if r["kind"] == "site"), key=lambda r: -r["d_loss"])[:10]

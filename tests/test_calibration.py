@@ -556,25 +556,56 @@ def test_mse_on_values_below_the_smallest_threshold():
 
 
 def test_weight_log2_t():
-    """max|w| or |mean| + 3 std, per tensor or per output channel (the last axis), clamped."""
+    """max|w| or |mean| + 3 std, per tensor, per output channel (the last axis) or per row (the
+    first axis of a table), clamped."""
     rng = np.random.default_rng(16)
     w = rng.normal(size=(2, 8, 3)) * [0.1, 1.0, 10.0] + [0.0, 0.5, 0.0]
     np.testing.assert_array_equal(calibration.weight_log2_t(w), np.log2(np.abs(w).max()))
-    np.testing.assert_array_equal(calibration.weight_log2_t(w, "max", per_channel=True),
+    np.testing.assert_array_equal(calibration.weight_log2_t(w, "max", shape=(3,)),
                                   np.log2(np.abs(w).max(axis=(0, 1))))
-    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd", per_channel=True),
+    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd", shape=(3,)),
                                np.log2(np.abs(w.mean(axis=(0, 1))) + 3 * w.std(axis=(0, 1))), rtol=1e-12)
     np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd"), np.log2(abs(w.mean()) + 3 * w.std()),
                                rtol=1e-12)
     w32 = w.astype(np.float32)  # as a model's weights arrive: the statistics still run in float64
     w64 = w32.astype(np.float64)
-    got = calibration.weight_log2_t(w32, "3sd", per_channel=True)
+    got = calibration.weight_log2_t(w32, "3sd", shape=(3,))
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, np.log2(np.abs(w64.mean(axis=(0, 1))) + 3 * w64.std(axis=(0, 1))))
-    np.testing.assert_array_equal(calibration.weight_log2_t(np.array([[0.0, 2.0**30]]), per_channel=True),
+    np.testing.assert_array_equal(calibration.weight_log2_t(np.array([[0.0, 2.0**30]]), shape=(2,)),
                                   [qformat.LOG2_T_MIN, qformat.LOG2_T_MAX])
-    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd, got 'absmax'$"):
+    table = w[0]  # [8, 3]: a threshold per row has shape [8, 1]
+    np.testing.assert_array_equal(calibration.weight_log2_t(table, "max", shape=(8, 1)),
+                                  np.log2(np.abs(table).max(axis=1, keepdims=True)))
+    np.testing.assert_allclose(calibration.weight_log2_t(table, "3sd", shape=(8, 1)),
+                               np.log2(np.abs(table.mean(axis=1, keepdims=True))
+                                       + 3 * table.std(axis=1, keepdims=True)), rtol=1e-12)
+    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd\|mse, got 'absmax'$"):
         calibration.weight_log2_t(w, "absmax")
+
+
+@pytest.mark.parametrize("shape", [(), (3,), (3, 1)])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_weight_mse_init_is_the_power_of_two_of_least_squared_error(shape, bits):
+    """Each channel's (row's) threshold against every power of two near its max, by brute force:
+    the least sum((Q(w) - w)^2) wins, the larger threshold on a tie."""
+    rng = np.random.default_rng(bits)
+    w = rng.standard_t(3, size=(48, 3)) * [0.1, 1.0, 10.0]  # heavy tails: clipping can pay
+    w = w.T if shape == (3, 1) else w  # per row: a [3, 48] table
+    got = calibration.weight_log2_t(w, "mse", shape, bits, True, "half_even")
+    assert got.shape == shape and np.array_equal(got, np.ceil(got))
+    columns = [w] if shape == () else list(w.T) if shape == (3,) else list(w)  # rows
+    for i, part in enumerate(columns):
+        top = int(np.ceil(np.log2(np.abs(part).max())))
+
+        def error(k, part=part):
+            s = 2.0 ** (k - (bits - 1))
+            q = np.clip(np.round(part / s), -(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
+            return np.sum((q * s - part) ** 2)
+        best = min(range(top, top - 9, -1), key=error)  # min keeps the first (largest) on a tie
+        assert np.ravel(got)[i] == best
+    if bits == 3:  # at 3 bits some channel gives up its maximum for a finer grid
+        assert (np.ravel(got) < np.ravel(np.ceil(calibration.weight_log2_t(w, "max", shape)))).any()
 
 
 # ---- calibrate(): a whole model ----------------------------------------------------------------

@@ -33,8 +33,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def tiny_hp(**kw):
     hp = dict(d_model=32, d_ff=64, num_blocks=2, num_heads=4, dropout_rate=0.0, smoothing=0.1,
               decode_margin=6, seed=1, vocab_size=120, quant="w8a8", wbits=None, abits=None,
-              rounding="half_even", per_channel=False, quant_override=[], integer_only=False,
-              residual_bits=16, eval_batch_size=4, beam=1, alpha=0.6, fused_adam=False)
+              rounding="half_even", per_channel=False, per_row_embedding=False, quant_override=[],
+              integer_only=False, residual_bits=16, eval_batch_size=4, beam=1, alpha=0.6, fused_adam=False)
     hp.update(kw)
     return types.SimpleNamespace(**hp)
 
@@ -93,7 +93,8 @@ def calibrated_model(spm_path, **kw):
 
 EXPORTS = {"w8a8": dict(wbits=8, abits=8), "w4a8": dict(wbits=4, abits=8),
            "w8a8_per_channel_half_up": dict(wbits=8, abits=8, per_channel=True, rounding="half_up"),
-           "w6a6_floor": dict(wbits=6, abits=6, rounding="floor")}
+           "w6a6_floor": dict(wbits=6, abits=6, rounding="floor"),
+           "w4a8_per_row_embedding": dict(wbits=4, abits=8, per_row_embedding=True)}
 
 
 @pytest.fixture(scope="module", params=list(EXPORTS))
@@ -155,7 +156,7 @@ def test_export_round_trip(exported):
     assert {row["name"] for row in manifest["sites"]} == set(model.sites.sites)
     assert manifest["hparams"]["wbits"] == hp.wbits and manifest["model"]["rounding"] == hp.rounding
     # format 2: the rounding lives in the engine's config only, and every export is quantized
-    assert manifest["format_version"] == qformat.FORMAT_VERSION == 3
+    assert manifest["format_version"] == qformat.FORMAT_VERSION == 4
     assert "rounding" not in manifest and "quantized" not in manifest
     assert json.load(open(os.path.join(out, "manifest.json"))) == manifest
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
@@ -353,7 +354,7 @@ def test_corrupt_npz_with_matching_checksum(export_copy, members, message):
 def test_unknown_format_version(export_copy):
     _edit_manifest(export_copy, format_version=99)
     with pytest.raises(qformat.ExportError, match=r"manifest.json: export format version 99, but this "
-                                                  r"code reads version 3: re-export it with export.py$"):
+                                                  r"code reads version 4: re-export it with export.py$"):
         intmodel.IntTransformer.load(export_copy)
 
 
@@ -374,7 +375,7 @@ def test_format_version_1_export_is_refused_with_a_re_export_hint(export_copy):
     with pytest.raises(qformat.ExportError) as error:
         intmodel.IntTransformer.load(export_copy)
     message = str(error.value)
-    assert message == (f"{manifest_path}: export format version 1, but this code reads version 3: "
+    assert message == (f"{manifest_path}: export format version 1, but this code reads version 4: "
                        "re-export it with export.py")
     with pytest.raises(qformat.ExportError, match="re-export"):
         qformat.read_manifest(export_copy)

@@ -26,7 +26,8 @@ from model import Transformer, load_weights
 
 TRAIN_HP = dict(lr=1e-4, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
 TRAIN_STEPS = 8
-PRESETS = {"w8a8": dict(wbits=8, abits=8), "w4a8": dict(wbits=4, abits=8)}
+PRESETS = {"w8a8": dict(wbits=8, abits=8),
+           "w4a8_per_row_embedding": dict(wbits=4, abits=8, per_row_embedding=True)}
 
 
 @pytest.fixture(scope="module")
@@ -168,11 +169,13 @@ def test_teacher_forced_sites_and_logits_equal_the_engine(trained):
     # the probabilities are not all one-hot or uniform: the comparison means something
     probs = recorded[qformat.attention(qformat.block_names("decoder", 1).cross_attention).probs][0]
     assert len(np.unique(probs)) > 10
-    # a 32-bit lane when the proven bound allows it (intmodel.IntOnlyTransformer.imatmul)
+    # a 32-bit lane when the proven bound allows it (intmodel.IntOnlyTransformer.imatmul), int64
+    # once a threshold per table row shifts the logits onto the finest row's grid
     proven = engine.accumulator_stats()[qformat.OUTPUT_PROJECTION]["proven_max_abs"]
-    assert logits_int.dtype == (np.int32 if proven < 2**30 else np.int64)
-    f = int(engine.f(qformat.OUTPUT_INPUT) + engine.f(qformat.EMBEDDING))
-    scaled = logits_tf.astype(np.float64) * 2.0**f
+    per_row = engine.f(qformat.EMBEDDING).ndim == 2
+    assert per_row == model.sites.config.per_row_embedding
+    assert logits_int.dtype == (np.int32 if proven < 2**30 and not per_row else np.int64)
+    scaled = logits_tf.astype(np.float64) * 2.0**engine.logit_frac_bits
     np.testing.assert_array_equal(scaled, np.rint(scaled))  # TF's logits lie on the grid
     np.testing.assert_array_equal(scaled.astype(np.int64), logits_int)
 
@@ -191,7 +194,7 @@ def test_greedy_tokens_equal_the_engine(trained):
 # ---- 2. no float on the integer-only path -------------------------------------------------------
 
 
-@pytest.mark.parametrize("trained", ["w4a8"], indirect=True)
+@pytest.mark.parametrize("trained", ["w4a8_per_row_embedding"], indirect=True)
 def test_every_op_of_the_engine_is_integer(trained):
     _, _, engine, _, _, _ = trained
     src, tgt_in = teacher_forced_inputs(engine.vocab)
@@ -285,7 +288,7 @@ def test_quant_none_builds_the_float_model():
 @pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
 def test_integer_only_manifest(trained, spm_file, tmp_path):
     model, hp, engine, manifest, out, _ = trained
-    assert manifest["format_version"] == qformat.FORMAT_VERSION == 3
+    assert manifest["format_version"] == qformat.FORMAT_VERSION == 4
     assert manifest["model"]["integer_only"] is True
     d_k = hp.d_model // hp.num_heads
     assert manifest["model"]["softmax_constants"] == list(intops.exp_constants(15, d_k))

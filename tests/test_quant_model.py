@@ -13,7 +13,7 @@ import qformat
 import quant
 import train
 from hparams import train_parser
-from model import Transformer
+from model import Transformer, load_weights
 from modules import Dense, FeedForward, FloatSites, Identity, LayerNorm
 from runs import sites_from_flags
 
@@ -272,6 +272,37 @@ def test_per_channel_weights():
     assert model.sites.sites[qformat.EMBEDDING].log2_t.shape == []  # shared table: per tensor
     src, tgt = batch(4)
     assert np.all(np.isfinite(model(src, tgt[:, :-1]).numpy()))
+
+
+def test_per_row_embedding(tmp_path):
+    """--per_row_embedding: the table's threshold is [vocab, 1], each row calibrated as a table
+    of that row alone would be, trained row by row; a checkpoint whose table threshold is per
+    tensor leaves it to be calibrated anew, the other thresholds restored."""
+    hp = hp_for("w4a8", per_row_embedding=True)
+    model = calibrated_model(hp)
+    site = model.sites.sites[qformat.EMBEDDING]
+    assert site is model.embedding_site and site.log2_t.shape == [40, 1]
+    ffn = qformat.feed_forward(qformat.block_names("encoder", 0).ffn)
+    assert model.sites.sites[qformat.dense(ffn.dense1).weight].log2_t.shape == []
+    for r, row in enumerate(model.embedding.numpy()):
+        alone = quant.QuantSite("row", "weight", num_bits=4)
+        calibration.init_weight_site(alone, row)
+        assert alone.threshold() == site.threshold()[r, 0]
+    assert len(np.unique(site.frac_bits())) > 1  # rows on different grids
+    before = site.log2_t.numpy().copy()
+    step = train.make_train_step(model, tf.distribute.get_strategy(), train.Optimizers(model, hp), True)
+    src, tgt = batch(3)
+    step(tf.constant(src), tf.constant(tgt), tf.constant(float(np.count_nonzero(tgt[:, 1:]))))
+    moved = (site.log2_t.numpy() != before).ravel()
+    assert moved[np.unique(np.concatenate([src.ravel(), tgt.ravel()]))].all()  # rows the batch read
+
+    per_tensor = calibrated_model(hp_for("w4a8"))
+    path = tf.train.Checkpoint(model=per_tensor).write(str(tmp_path / "ckpt"))
+    assert load_weights(model, path) == [qformat.EMBEDDING]
+    assert site.log2_t.shape == [40, 1] and site.log2_t is model.sites.sites[qformat.EMBEDDING].log2_t
+    name = qformat.dense(ffn.dense1).weight
+    np.testing.assert_array_equal(model.sites.sites[name].log2_t.numpy(),
+                                  per_tensor.sites.sites[name].log2_t.numpy())
 
 
 def test_softmax_probability_sites_calibrate_to_threshold_one():

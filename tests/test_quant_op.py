@@ -44,7 +44,12 @@ def np_tqt(x, log2_t, bits, signed, rounding, dy):
     dx = np.where((v >= n) & (v <= p), dy, 0)
     g = s.astype(np.float64) * math.log(2) * np.where(v < n, n, np.where(v > p, p, r - v))
     per_element = dy.astype(np.float64) * g
-    dl = per_element.sum() if np.ndim(log2_t) == 0 else per_element.reshape(-1, len(log2_t)).sum(0)
+    if np.ndim(log2_t) == 0:
+        dl = per_element.sum()
+    elif np.ndim(log2_t) == 1:  # per channel: x's last axis
+        dl = per_element.reshape(-1, len(log2_t)).sum(0)
+    else:  # per row: log2_t [C, 1] against x [C, d]
+        dl = per_element.sum(axis=1, keepdims=True)
     return y, dx, dl
 
 
@@ -75,22 +80,27 @@ def op_cases():
     half_even/half_up) also the reference and the fused op directly, so a bug in either shows
     although the model only runs one of them there."""
     for dtype in (np.float32, np.float64):
-        for per_channel in (False, True):
+        for layout in LAYOUTS:
             for bits in BITS:
                 for signed in (True, False):
                     for rounding in qformat.ROUNDINGS:
-                        fusable = rounding in FUSED_ROUNDINGS and not per_channel
+                        fusable = rounding in FUSED_ROUNDINGS and layout == "tensor"
                         for op in ("dispatch", "reference", "fused") if fusable else ("dispatch",):
-                            yield pytest.param(op, rounding, signed, bits, per_channel, dtype, id="-".join([
-                                op, rounding, "signed" if signed else "unsigned", str(bits),
-                                "channel" if per_channel else "tensor", dtype.__name__]))
+                            yield pytest.param(op, rounding, signed, bits, layout, dtype, id="-".join([
+                                op, rounding, "signed" if signed else "unsigned", str(bits), layout,
+                                dtype.__name__]))
 
 
-@pytest.mark.parametrize("op, rounding, signed, bits, per_channel, dtype", list(op_cases()))
-def test_forward_and_gradients_match_numpy(op, rounding, signed, bits, per_channel, dtype):
+# threshold layouts: (log2_t, the shape of x it broadcasts against)
+LAYOUTS = {"tensor": (SCALAR_LOG2_T, (6, 4, 5)), "channel": (CHANNEL_LOG2_T, (6, 4, 5)),
+           "row": ([[t] for t in CHANNEL_LOG2_T], (5, 8))}
+
+
+@pytest.mark.parametrize("op, rounding, signed, bits, layout, dtype", list(op_cases()))
+def test_forward_and_gradients_match_numpy(op, rounding, signed, bits, layout, dtype):
     rng = np.random.default_rng(bits)
-    log2_t = np.array(CHANNEL_LOG2_T if per_channel else SCALAR_LOG2_T, np.float32)
-    x = make_x(rng, (6, 4, 5), log2_t, bits, signed, dtype)
+    log2_t, shape = np.array(LAYOUTS[layout][0], np.float32), LAYOUTS[layout][1]
+    x = make_x(rng, shape, log2_t, bits, signed, dtype)
     dy = rng.normal(size=x.shape).astype(dtype)
     y, dx, dl = run_op(x, log2_t, dy, OPS[op], num_bits=bits, signed=signed, rounding=rounding)
     y_ref, dx_ref, dl_ref = np_tqt(x, log2_t, bits, signed, rounding, dy)
@@ -257,6 +267,19 @@ def test_x_gradient_is_the_slope_of_the_staircase():
     away = np.minimum(np.abs(x / s - n), np.abs(x / s - p)) > 21  # the difference spans no clip edge
     assert set(dx[away]) == {0.0, 1.0}
     np.testing.assert_allclose(fd[away], dx[away], atol=1 / 40 + 1e-12)
+
+
+def test_per_row_gradient_is_the_per_tensor_gradient_of_each_row():
+    rng = np.random.default_rng(3)
+    log2_t = np.array(CHANNEL_LOG2_T, np.float32)[:, None]
+    x = make_x(rng, (5, 9), log2_t, 3, True, np.float32)
+    dy = rng.normal(size=x.shape).astype(np.float32)
+    y, _, dl = run_op(x, log2_t, dy, num_bits=3, signed=True, rounding="half_even")
+    assert dl.shape == (5, 1)
+    for r in range(5):
+        y_r, _, dl_r = run_op(x[r], log2_t[r, 0], dy[r], num_bits=3, signed=True, rounding="half_even")
+        np.testing.assert_array_equal(y[r], y_r)
+        np.testing.assert_allclose(dl[r, 0], dl_r, rtol=1e-6)
 
 
 def test_per_channel_gradient_is_the_per_tensor_gradient_of_each_channel():

@@ -809,8 +809,21 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     flags = train_parser().parse_args(["--logdir", "x", *chosen["flags"]])
     config = runs.quant_config(flags)
     assert {name: config.bits_for(name, "weight") for name in sizes} == chosen["bits"]
+    assert table["flags"] == [] and chosen["flags"][:2] == ["--quant", "w8a8"]
     with pytest.raises(ValueError, match="out of reach"):
         sensitivity.main(["--table", table_path, "--budget", "1.5"])
+    # a table measured with a threshold per embedding row: the allocation trains that way too
+    rows_hp = runs.restore_hparams(hparams.eval_parser(),
+                                   ["--logdir", qat_runs["w8a8"], "--per_row_embedding"])
+    rows_probe = sensitivity.Probe(rows_hp, 4, 0)  # the run's per-tensor table threshold, calibrated per row
+    assert rows_probe.model.embedding_site.log2_t.shape == [300, 1]
+    rows_table = sensitivity.sensitivity_table(rows_probe, [3], families=False, patterns=[qformat.EMBEDDING],
+                                               flags=["--per_row_embedding"])
+    assert rows_table["flags"] == ["--per_row_embedding"] and len(rows_table["rows"]) == 1
+    measured_with = ["--per_row_embedding", "--weight_init", "mse"]
+    flags = sensitivity.allocation({**table, "flags": measured_with}, 3.5)["flags"]
+    parsed = train_parser().parse_args(["--logdir", "x", *flags])
+    assert runs.quant_config(parsed).per_row_embedding and parsed.weight_init == "mse"
 
 
 def test_bench_quant_rows_are_means_over_seeds_against_the_control(tmp_path, monkeypatch):
