@@ -474,7 +474,7 @@ def test_init_weight_site_per_channel():
     assert per_tensor.log2_t.numpy() == pytest.approx(np.log2(np.abs(w).max()))
     calibration.init_weight_site(per_tensor, w)  # "max" is the default
     assert per_tensor.log2_t.numpy() == pytest.approx(np.log2(np.abs(w).max()))
-    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd, got 'mean'$"):
+    with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd\|mse, got 'mean'$"):
         calibration.init_weight_site(site, w, "mean")
 
 
