@@ -97,8 +97,7 @@ def mse_log2_t(obs: Observations, num_bits: int, signed: bool, rounding: str) ->
 
     def mse(k: int) -> float:
         grid = qformat.Grid(num_bits, signed, qformat.frac_bits(k, num_bits, signed))
-        y = grid.quantize(obs.sample, rounding, np.float64) * np.exp2(-grid.f.astype(np.float64))
-        return float(np.mean(np.square(y - obs.sample)))
+        return float(np.mean(np.square(grid.fake_quantize(obs.sample, rounding) - obs.sample)))
 
     return float(min(candidates, key=mse))  # ties go to the larger threshold (first)
 
@@ -166,10 +165,8 @@ def activation_log2_t(obs: Observations, role: str, num_bits: int, signed: bool,
 
 
 def _over_channels(reduce, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """reduce(w) down to a threshold's shape, over the axes along which it broadcasts against w:
-    all ([], per tensor), all but the last ([C], per channel) or the last ([C, 1], per row)."""
-    lead = w.ndim - len(shape)
-    axes = tuple(range(lead)) + tuple(lead + i for i, d in enumerate(shape) if d == 1)
+    """reduce(w) down to a threshold's shape, over the axes it broadcasts along (qformat.threshold_axes)."""
+    axes = tuple(qformat.threshold_axes(w.ndim, shape))
     return np.reshape(reduce(w, axis=axes, keepdims=True), shape)
 
 
@@ -192,8 +189,7 @@ def weight_log2_t(w, method: str = "max", shape: tuple[int, ...] = (), num_bits:
     for octave in range(9):
         log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
         grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
-        error = grid.quantize(w, rounding, np.float64) * np.exp2(-grid.f.astype(np.float64)) - w
-        total = _over_channels(np.sum, np.square(error), shape)
+        total = _over_channels(np.sum, np.square(grid.fake_quantize(w, rounding) - w), shape)
         best, least = np.where(total < least, log2_t, best), np.minimum(total, least)
     return best
 

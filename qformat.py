@@ -97,6 +97,14 @@ def integer_range(num_bits: int, signed: bool) -> tuple[int, int]:
     return (-top, top - 1) if signed else (0, top - 1)
 
 
+def threshold_axes(rank: int, shape: tuple[int, ...]) -> list[int]:
+    """The axes of a rank-`rank` tensor along which a threshold of `shape` broadcasts (what
+    dL/dlog2_t and a weight's calibration statistics sum over): all for [] (per tensor), all but
+    the last for [C] (per channel), the last for [C, 1] (per row of a table)."""
+    lead = rank - len(shape)
+    return list(range(lead)) + [lead + i for i, d in enumerate(shape) if d == 1]
+
+
 def frac_bits(log2_t, num_bits: int, signed: bool) -> np.ndarray:
     """Fractional bits f of the grid, s = 2^-f:  f = (b - 1 or b) - ceil(log2_t).  int64."""
     return magnitude_bits(num_bits, signed) - np.ceil(log2_t).astype(np.int64)
@@ -153,6 +161,10 @@ class Grid:
         v = np.asarray(x, dtype) * np.exp2(self.f).astype(dtype)  # a new array
         n, p = self.range
         return np.clip(round_to_integer(v, rounding), n, p, out=v)
+
+    def fake_quantize(self, x: np.ndarray, rounding: str) -> np.ndarray:
+        """q * 2^-f in float64: the values the grid represents x by."""
+        return self.quantize(x, rounding, np.float64) * np.exp2(-self.f.astype(np.float64))
 
 
 # --------------------------------------------------------------------------------------------

@@ -94,11 +94,9 @@ def _scale(log2_t: tf.Tensor, num_bits: int, signed: bool) -> tf.Tensor:
 
 
 def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """sum(t) down to like's shape, over the axes along which like broadcasts against t: all of
-    them for [] (per tensor), all but the last for [C] (per channel), the last for [C, 1] (per row)."""
-    lead = t.shape.rank - like.shape.rank
-    ones = [lead + i for i, d in enumerate(like.shape) if d == 1]
-    return tf.reshape(tf.reduce_sum(t, axis=list(range(lead)) + ones), tf.shape(like))
+    """sum(t) down to like's shape, over the axes like broadcasts along (qformat.threshold_axes)."""
+    axes = qformat.threshold_axes(t.shape.rank, tuple(like.shape))
+    return tf.reshape(tf.reduce_sum(t, axis=axes), tf.shape(like))
 
 
 def _inputs(x, log2_t, num_bits: int, rounding: str) -> tuple[tf.Tensor, tf.Tensor]:
