@@ -132,11 +132,12 @@ def sensitivity_table(probe: Probe, bits: list[int], families: bool,
             "base": base, "weight_sizes": sizes, "rows": rows}
 
 
-def allocation(table: dict, budget: float, name: str | None = None) -> dict:
-    """bitbudget.allocate on the table's weight-site rows (cost = dev-loss change)."""
+def allocation(table: dict, budget: float, name: str | None = None, widths: list[int] | None = None) -> dict:
+    """bitbudget.allocate on the table's weight-site rows (cost = dev-loss change), choosing among
+    the rows of `widths` only (default: every width the table measured)."""
     sizes = table["weight_sizes"]
     cost = {(r["site"], r["bits"]): r["d_loss"] for r in table["rows"]
-            if r["kind"] == "site" and r["site"] in sizes}
+            if r["kind"] == "site" and r["site"] in sizes and (widths is None or r["bits"] in widths)}
     bits = bitbudget.allocate(sizes, cost, table["base_bits"], budget)
     return {"name": name or f"mean{budget:g}", "budget_mean_bits": budget, "from_table": table["logdir"],
             "weight_bits_mean": round(bitbudget.mean_bits(sizes, bits), 3),
@@ -155,8 +156,10 @@ def main(argv: list[str]) -> None:
     p.add_argument("--weight_init", choices=calibration.WEIGHT_INITS,
                    help="how the thresholds of lowered weights are calibrated (default: the run's "
                         "own); the allocation's flags keep it")
-    p.add_argument("--bits", nargs="+", type=int, default=[4, 3, 2],
-                   help="widths each site is set to (above the preset's too, e.g. 8 on a w4a8 model)")
+    p.add_argument("--bits", nargs="+", type=int,
+                   help="widths each site is set to (above the preset's too, e.g. 8 on a w4a8 model; "
+                        "default 4 3 2); with --table, the widths the allocation may choose (default: "
+                        "the table's)")
     p.add_argument("--dev_sentences", type=int, default=200, help="dev pairs the loss is measured on")
     p.add_argument("--bleu_sentences", type=int, default=100,
                    help="the first N of them also translated for dev BLEU (0: loss only)")
@@ -177,7 +180,7 @@ def main(argv: list[str]) -> None:
         flags += ["--weight_init", args.weight_init] if args.weight_init else []
         argv = ["--logdir", args.logdir, "--quant", args.quant, *flags]
         hp = runs.restore_hparams(hparams.eval_parser(), argv)
-        table = sensitivity_table(Probe(hp, args.dev_sentences, args.bleu_sentences), args.bits,
+        table = sensitivity_table(Probe(hp, args.dev_sentences, args.bleu_sentences), args.bits or [4, 3, 2],
                                   families=not args.no_families, patterns=args.sites, flags=flags)
         if args.out:
             hparams.write_json(args.out, table)
@@ -189,7 +192,7 @@ def main(argv: list[str]) -> None:
     else:
         raise ValueError("give --logdir (measure a table) or --table FILE (read one)")
     if args.budget is not None:
-        chosen = allocation(table, args.budget, args.allocation_name)
+        chosen = allocation(table, args.budget, args.allocation_name, args.bits if args.table else None)
         if args.allocation_out:
             hparams.write_json(args.allocation_out, chosen)
             flags_file = os.path.splitext(args.allocation_out)[0] + ".flags"

@@ -812,6 +812,12 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
     assert table["flags"] == [] and chosen["flags"][:2] == ["--quant", "w8a8"]
     with pytest.raises(ValueError, match="out of reach"):
         sensitivity.main(["--table", table_path, "--budget", "1.5"])
+    # --bits with --table: the allocation chooses among those widths only (here the table's 2 bits
+    # are left out, so 3.5 bits is out of reach of a w8a8 base)
+    with pytest.raises(ValueError, match="out of reach"):
+        sensitivity.main(["--table", table_path, "--budget", "3.5", "--bits", "8"])
+    wider = {**table, "rows": [*table["rows"], *({**r, "bits": 4} for r in table["rows"])]}
+    assert set(sensitivity.allocation(wider, 6.0, widths=[4])["bits"].values()) <= {4, 8}
     # a table measured with a threshold per embedding row: the allocation trains that way too
     rows_hp = runs.restore_hparams(hparams.eval_parser(),
                                    ["--logdir", qat_runs["w8a8"], "--per_row_embedding"])
