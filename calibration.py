@@ -92,14 +92,22 @@ def mse_log2_t(obs: Observations, num_bits: int, signed: bool, rounding: str) ->
     The forward uses 2^ceil(log2_t), so every log2_t in (k - 1, k] quantizes like k: the
     power-of-two thresholds are the only distinct candidates, searched 16 octaves below max.
     """
-    top = math.ceil(float(log2_threshold(obs.max)))
-    candidates = [k for k in range(top, top - 16, -1) if k >= qformat.LOG2_T_MIN]
+    top = np.ceil(log2_threshold(obs.max))
+    return float(least_error_log2_t(obs.sample, top, 16, (), num_bits, signed, rounding))
 
-    def mse(k: int) -> float:
-        grid = qformat.Grid(num_bits, signed, qformat.frac_bits(k, num_bits, signed))
-        return float(np.mean(np.square(grid.fake_quantize(obs.sample, rounding) - obs.sample)))
 
-    return float(min(candidates, key=mse))  # ties go to the larger threshold (first)
+def least_error_log2_t(x: np.ndarray, top, octaves: int, shape: tuple[int, ...], num_bits: int,
+                       signed: bool, rounding: str) -> np.ndarray:
+    """Of the thresholds 2^top, 2^(top - 1), ... (`octaves` of them, none below LOG2_T_MIN; `top`
+    of `shape`), the log2_t whose grid represents x with the least mean squared error over the
+    axes the threshold broadcasts along; ties go to the larger threshold."""
+    best, least = top, np.full(np.shape(top), np.inf)
+    for octave in range(octaves):
+        log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
+        grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
+        error = _over_channels(np.mean, np.square(grid.fake_quantize(x, rounding) - x), shape)
+        best, least = np.where(error < least, log2_t, best), np.minimum(error, least)
+    return best
 
 
 def kl_j(hist: np.ndarray, i: int, levels: int) -> float:
@@ -185,13 +193,7 @@ def weight_log2_t(w, method: str = "max", shape: tuple[int, ...] = (), num_bits:
     if method != "mse":
         raise ValueError(f"weight init must be one of {'|'.join(WEIGHT_INITS)}, got {method!r}")
     top = np.ceil(weight_log2_t(w, "max", shape))
-    best, least = top, np.full(np.shape(top), np.inf)
-    for octave in range(9):
-        log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
-        grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
-        total = _over_channels(np.sum, np.square(grid.fake_quantize(w, rounding) - w), shape)
-        best, least = np.where(total < least, log2_t, best), np.minimum(total, least)
-    return best
+    return least_error_log2_t(w, top, 9, shape, num_bits, signed, rounding)
 
 
 def observe(sites) -> dict[str, Observations]:
