@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import glob
+import io
 import json
 import os
 import sys
@@ -152,11 +153,10 @@ def plot_histogram(logdir: str, site_name: str, out: str, n_batches: int = 4) ->
 
 
 def save(fig, out: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     fig.tight_layout()
-    tmp = out + ".tmp.png"
-    fig.savefig(tmp, dpi=110)
-    os.replace(tmp, out)
+    png = io.BytesIO()
+    fig.savefig(png, format="png", dpi=110)
+    hparams.write_atomic(out, png.getvalue())
     plt.close(fig)
 
 

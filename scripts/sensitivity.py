@@ -192,13 +192,11 @@ def main(argv: list[str]) -> None:
     else:
         raise ValueError("give --logdir (measure a table) or --table FILE (read one)")
     if args.budget is not None:
-        chosen = allocation(table, args.budget, args.allocation_name, args.bits if args.table else None)
+        chosen = allocation(table, args.budget, args.allocation_name, args.bits)
         if args.allocation_out:
             hparams.write_json(args.allocation_out, chosen)
             flags_file = os.path.splitext(args.allocation_out)[0] + ".flags"
-            with open(flags_file + ".tmp", "w") as f:
-                f.write("\n".join(chosen["flags"]) + "\n")
-            os.replace(flags_file + ".tmp", flags_file)
+            hparams.write_atomic(flags_file, "\n".join(chosen["flags"]) + "\n")
         print(f"allocation: mean {chosen['weight_bits_mean']} weight bits (budget {args.budget:g}), "
               f"{chosen['weight_memory_bits']} bits in all")
         print(" ".join(chosen["flags"]))
