@@ -39,8 +39,8 @@ MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qfo
 	'quant.x__round*' 'quant.x_frac_bits_tensor*' 'quant.x__scale*' 'quant.x__sum_to*' 'quant.x__inputs*' \
 	'quant.x_tqt_fake_quant*' 'quant.x__int32_max*' 'quant.x_quantize_bias*' \
 	'calibration.xǁObservationsǁ*' 'calibration.x_log2_threshold*' 'calibration.x_percentile_threshold*' \
-	'calibration.x_mse_log2_t*' 'calibration.x_least_error_log2_t*' 'calibration.x_kl_j*' 'calibration.x_kl_threshold*' \
-	'calibration.x_activation_log2_t*' 'calibration.x_weight_log2_t*' \
+	'calibration.x_mse_log2_t*' 'calibration.x_least_error_log2_t*' 'calibration.x_kl_j*' \
+	'calibration.x_kl_threshold*' 'calibration.x_activation_log2_t*' 'calibration.x_weight_log2_t*' \
 	'intmodel.x_accumulator_bound*' 'intmodel.x_bias_dtype*' 'intmodel.x_check_exact*' \
 	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*' \
 	'intmodel.xǁIntTransformerǁaccumulate*'
