@@ -101,7 +101,7 @@ def least_error_log2_t(x: np.ndarray, top, octaves: int, shape: tuple[int, ...],
     """Of the thresholds 2^top, 2^(top - 1), ... (`octaves` of them, none below LOG2_T_MIN; `top`
     of `shape`), the log2_t whose grid represents x with the least mean squared error over the
     axes the threshold broadcasts along; ties go to the larger threshold."""
-    best, least = top, np.full(np.shape(top), np.inf)
+    best, least = top, np.inf
     for octave in range(octaves):
         log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
         grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
@@ -178,22 +178,22 @@ def _over_channels(reduce, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     return np.reshape(reduce(w, axis=axes, keepdims=True), shape)
 
 
-def weight_log2_t(w, method: str = "max", shape: tuple[int, ...] = (), num_bits: int = 8,
-                  signed: bool = True, rounding: str = "half_even") -> np.ndarray:
+def weight_log2_t(w, method: str, shape: tuple[int, ...], num_bits: int, signed: bool,
+                  rounding: str) -> np.ndarray:
     """log2_t of the threshold's `shape` (() per tensor, (C,) per channel along w's last axis,
     (C, 1) per row along its first): log2(max|w|) ("max"), log2(|mean(w)| + 3 std(w)) ("3sd"),
-    or ("mse") the power of two, from max|w|'s down 8 octaves, whose grid of `num_bits` gives the
-    least sum((Q(w) - w)^2) (ties: the larger threshold)."""
+    or ("mse") the power of two, from max|w|'s down 8 octaves, whose grid (`num_bits`, `signed`,
+    `rounding`: read by "mse" only) gives the least sum((Q(w) - w)^2) (ties: the larger one)."""
     w = np.asarray(w, np.float64)
+    largest = log2_threshold(_over_channels(np.max, np.abs(w), shape))
     if method == "max":
-        return log2_threshold(_over_channels(np.max, np.abs(w), shape))
+        return largest
     if method == "3sd":
         spread = 3.0 * _over_channels(np.std, w, shape)
         return log2_threshold(np.abs(_over_channels(np.mean, w, shape)) + spread)
     if method != "mse":
         raise ValueError(f"weight init must be one of {'|'.join(WEIGHT_INITS)}, got {method!r}")
-    top = np.ceil(weight_log2_t(w, "max", shape))
-    return least_error_log2_t(w, top, 9, shape, num_bits, signed, rounding)
+    return least_error_log2_t(w, np.ceil(largest), 9, shape, num_bits, signed, rounding)
 
 
 def observe(sites) -> dict[str, Observations]:

@@ -555,33 +555,38 @@ def test_mse_on_values_below_the_smallest_threshold():
     assert site.log2_t.numpy() == qformat.LOG2_T_MIN
 
 
+def weight_log2_t(w, method, shape):
+    """max and 3sd read no grid: any will do."""
+    return calibration.weight_log2_t(w, method, shape, 8, True, "half_even")
+
+
 def test_weight_log2_t():
     """max|w| or |mean| + 3 std, per tensor, per output channel (the last axis) or per row (the
     first axis of a table), clamped."""
     rng = np.random.default_rng(16)
     w = rng.normal(size=(2, 8, 3)) * [0.1, 1.0, 10.0] + [0.0, 0.5, 0.0]
-    np.testing.assert_array_equal(calibration.weight_log2_t(w), np.log2(np.abs(w).max()))
-    np.testing.assert_array_equal(calibration.weight_log2_t(w, "max", shape=(3,)),
+    np.testing.assert_array_equal(weight_log2_t(w, "max", ()), np.log2(np.abs(w).max()))
+    np.testing.assert_array_equal(weight_log2_t(w, "max", (3,)),
                                   np.log2(np.abs(w).max(axis=(0, 1))))
-    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd", shape=(3,)),
+    np.testing.assert_allclose(weight_log2_t(w, "3sd", (3,)),
                                np.log2(np.abs(w.mean(axis=(0, 1))) + 3 * w.std(axis=(0, 1))), rtol=1e-12)
-    np.testing.assert_allclose(calibration.weight_log2_t(w, "3sd"), np.log2(abs(w.mean()) + 3 * w.std()),
+    np.testing.assert_allclose(weight_log2_t(w, "3sd", ()), np.log2(abs(w.mean()) + 3 * w.std()),
                                rtol=1e-12)
     w32 = w.astype(np.float32)  # as a model's weights arrive: the statistics still run in float64
     w64 = w32.astype(np.float64)
-    got = calibration.weight_log2_t(w32, "3sd", shape=(3,))
+    got = weight_log2_t(w32, "3sd", (3,))
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, np.log2(np.abs(w64.mean(axis=(0, 1))) + 3 * w64.std(axis=(0, 1))))
-    np.testing.assert_array_equal(calibration.weight_log2_t(np.array([[0.0, 2.0**30]]), shape=(2,)),
+    np.testing.assert_array_equal(weight_log2_t(np.array([[0.0, 2.0**30]]), "max", (2,)),
                                   [qformat.LOG2_T_MIN, qformat.LOG2_T_MAX])
     table = w[0]  # [8, 3]: a threshold per row has shape [8, 1]
-    np.testing.assert_array_equal(calibration.weight_log2_t(table, "max", shape=(8, 1)),
+    np.testing.assert_array_equal(weight_log2_t(table, "max", (8, 1)),
                                   np.log2(np.abs(table).max(axis=1, keepdims=True)))
-    np.testing.assert_allclose(calibration.weight_log2_t(table, "3sd", shape=(8, 1)),
+    np.testing.assert_allclose(weight_log2_t(table, "3sd", (8, 1)),
                                np.log2(np.abs(table.mean(axis=1, keepdims=True))
                                        + 3 * table.std(axis=1, keepdims=True)), rtol=1e-12)
     with pytest.raises(ValueError, match=r"^weight init must be one of max\|3sd\|mse, got 'absmax'$"):
-        calibration.weight_log2_t(w, "absmax")
+        weight_log2_t(w, "absmax", ())
 
 
 @pytest.mark.parametrize("shape", [(), (3,), (3, 1)])
@@ -605,7 +610,15 @@ def test_weight_mse_init_is_the_power_of_two_of_least_squared_error(shape, bits)
         best = min(range(top, top - 9, -1), key=error)  # min keeps the first (largest) on a tie
         assert np.ravel(got)[i] == best
     if bits == 3:  # at 3 bits some channel gives up its maximum for a finer grid
-        assert (np.ravel(got) < np.ravel(np.ceil(calibration.weight_log2_t(w, "max", shape)))).any()
+        assert (np.ravel(got) < np.ravel(np.ceil(weight_log2_t(w, "max", shape)))).any()
+
+
+def test_weight_mse_init_searches_eight_octaves_below_the_maximum():
+    """One weight at 1 among 10^6 spread over +-2^-9: at 3 bits the least error clips the outlier
+    to 2^-9's grid, but the search stops 8 octaves below max|w|'s power of two, as documented."""
+    w = np.concatenate([[1.0], np.random.default_rng(3).uniform(-2.0**-9, 2.0**-9, 10**6)])
+    assert calibration.least_error_log2_t(w, 0.0, 12, (), 3, True, "half_even") == -9
+    assert calibration.weight_log2_t(w, "mse", (), 3, True, "half_even") == -8
 
 
 # ---- calibrate(): a whole model ----------------------------------------------------------------
