@@ -185,15 +185,15 @@ def weight_log2_t(w, method: str, shape: tuple[int, ...], num_bits: int, signed:
     or ("mse") the power of two, from max|w|'s down 8 octaves, whose grid (`num_bits`, `signed`,
     `rounding`: read by "mse" only) gives the least sum((Q(w) - w)^2) (ties: the larger one)."""
     w = np.asarray(w, np.float64)
-    if method == "max":
-        return log2_threshold(_over_channels(np.max, np.abs(w), shape))
     if method == "3sd":
         spread = 3.0 * _over_channels(np.std, w, shape)
         return log2_threshold(np.abs(_over_channels(np.mean, w, shape)) + spread)
-    if method != "mse":
+    if method not in ("max", "mse"):
         raise ValueError(f"weight init must be one of {'|'.join(WEIGHT_INITS)}, got {method!r}")
-    top = np.ceil(weight_log2_t(w, "max", shape, num_bits, signed, rounding))
-    return least_error_log2_t(w, top, 9, shape, num_bits, signed, rounding)
+    largest = log2_threshold(_over_channels(np.max, np.abs(w), shape))
+    if method == "max":
+        return largest
+    return least_error_log2_t(w, np.ceil(largest), 9, shape, num_bits, signed, rounding)
 
 
 def observe(sites) -> dict[str, Observations]:
