@@ -1,7 +1,7 @@
 # `make demo`: set up .venv and run the whole pipeline on the embedded corpus.
 # `make setup VARIANT=gpu`: only set up .venv, with the GPU build of TensorFlow.
 # `make test`: set up .venv, build the gradient kernel, lint, run the tests.
-# `make kernel`: build quant_grad.cc, the one-pass QAT backward (skipped, with a note, without a C++
+# `make kernel`: build csrc/quant_grad.cc, the one-pass QAT backward (skipped, with a note, without a C++
 # compiler: training then takes TF's slower kernels, with the same results).
 # `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
@@ -30,20 +30,26 @@ DEMO_QAT := --quant w8a8 --num_epochs 2 --lr 2e-4 --warmup_steps 100 --dev_max_s
 DEMO_INTONLY := --quant w8a8 --integer_only --num_epochs 1 --lr 1e-4 --warmup_steps 50 \
 	--dev_max_sentences 200
 
-# the integer core: grids, roundings, frac bits, mem files (qformat.py); the TQT op, its fused
-# path and the bias grid (quant.py); the threshold searches (calibration.py); the exact-GEMM
-# planner and matmul (intmodel.py). Names as mutmut spells them.
-MUTANTS ?= 'qformat.x_check_bits_and_rounding*' 'qformat.x_magnitude_bits*' 'qformat.x_integer_range*' \
-	'qformat.x_frac_bits*' 'qformat.x_round_to_integer*' 'qformat.x_int_dtype*' 'qformat.xǁGridǁ*' \
-	'qformat.x_write_mem*' 'qformat.x_read_mem*' \
+# the integer core: grids, roundings, frac bits (integer/fixed_point.py), mem files
+# (integer/export_format.py); the TQT op, its fused path and the bias grid (quant.py); the threshold
+# searches (integer/calibration.py); exact accumulation and the engine's matmul (integer/
+# accumulation.py, integer/matmul_engine.py); the integer-only kernels (integer/kernels.py).
+# Names as mutmut spells them.
+MUTANTS ?= 'integer.fixed_point.x_check_bits_and_rounding*' 'integer.fixed_point.x_magnitude_bits*' \
+	'integer.fixed_point.x_integer_range*' 'integer.fixed_point.x_frac_bits*' \
+	'integer.fixed_point.x_round_to_integer*' 'integer.fixed_point.x_int_dtype*' 'integer.fixed_point.xǁGridǁ*' \
+	'integer.export_format.x_write_mem*' 'integer.export_format.x_read_mem*' \
 	'quant.x__round*' 'quant.x_frac_bits_tensor*' 'quant.x__scale*' 'quant.x__sum_to*' 'quant.x__inputs*' \
 	'quant.x_tqt_fake_quant*' 'quant.x__int32_max*' 'quant.x_quantize_bias*' \
-	'calibration.xǁObservationsǁ*' 'calibration.x_log2_threshold*' 'calibration.x_percentile_threshold*' \
-	'calibration.x_mse_log2_t*' 'calibration.x_least_error_log2_t*' 'calibration.x_kl_j*' \
-	'calibration.x_kl_threshold*' 'calibration.x_activation_log2_t*' 'calibration.x_weight_log2_t*' \
-	'intmodel.x_accumulator_bound*' 'intmodel.x_bias_dtype*' 'intmodel.x_check_exact*' \
-	'intmodel.xǁIntTransformerǁmatmul*' 'intmodel.xǁIntTransformerǁ_plan*' \
-	'intmodel.xǁIntTransformerǁaccumulate*'
+	'integer.calibration.xǁObservationsǁ*' 'integer.calibration.x_log2_threshold*' \
+	'integer.calibration.x_percentile_threshold*' 'integer.calibration.x_mse_log2_t*' \
+	'integer.calibration.x_least_error_log2_t*' 'integer.calibration.x_kl_j*' \
+	'integer.calibration.x_kl_threshold*' 'integer.calibration.x_activation_log2_t*' \
+	'integer.calibration.x_weight_log2_t*' \
+	'integer.accumulation.x_accumulator_bound*' 'integer.accumulation.x_bias_dtype*' \
+	'integer.accumulation.x_check_exact*' 'integer.matmul_engine.xǁIntTransformerǁmatmul*' \
+	'integer.matmul_engine.xǁIntTransformerǁ_plan*' 'integer.matmul_engine.xǁIntTransformerǁaccumulate*' \
+	'integer.kernels.x*'
 
 .PHONY: setup kernel demo test lint mutation clean
 
@@ -57,11 +63,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-$(KERNEL): quant_grad.cc $(STAMP)
+$(KERNEL): csrc/quant_grad.cc $(STAMP)
 	@if command -v $(CXX) >/dev/null; then \
 		flags=$$($(BIN)/python -c "import tensorflow as tf; \
 			print(*tf.sysconfig.get_compile_flags(), *tf.sysconfig.get_link_flags())" 2>/dev/null) && \
-		$(CXX) $(KERNEL_FLAGS) quant_grad.cc -o $(KERNEL).tmp $$flags && mv $(KERNEL).tmp $(KERNEL); \
+		$(CXX) $(KERNEL_FLAGS) csrc/quant_grad.cc -o $(KERNEL).tmp $$flags && mv $(KERNEL).tmp $(KERNEL); \
 	else echo "note: no C++ compiler '$(CXX)': $(KERNEL) not built, QAT takes TF's slower gradient kernels"; fi
 
 kernel: $(KERNEL)

@@ -5,7 +5,7 @@ message naming the file (and line where it helps); the command-line scripts
 turn it into an exit code.
 
 The token ids PAD, UNK, BOS, EOS (0..3), ``strip_ids`` and ``pad_batch`` are
-defined in qformat.py.  Sources are encoded as pieces + EOS, targets as BOS +
+defined in integer/token_ids.py.  Sources are encoded as pieces + EOS, targets as BOS +
 pieces + EOS, so a model feeds ``tgt[:, :-1]`` to the decoder and predicts
 ``tgt[:, 1:]``.
 
@@ -27,9 +27,9 @@ from collections.abc import Iterator
 import numpy as np
 import sentencepiece as spm
 
-import hparams
-import qformat
 from corpus import demo as demo_corpus
+from integer import atomic_files, decoding, token_ids
+from integer.matmul_engine import IntTransformer
 
 LOG = logging.getLogger(__name__)
 
@@ -277,8 +277,8 @@ def _data_folder(data: str, demo_dir: str) -> str:
 
 def _spm_settings(vocab_size: int) -> dict:
     return {"model_type": "bpe", "vocab_size": vocab_size, "character_coverage": 1.0,
-            "pad_id": qformat.PAD, "unk_id": qformat.UNK, "bos_id": qformat.BOS,
-            "eos_id": qformat.EOS, "hard_vocab_limit": False}
+            "pad_id": token_ids.PAD, "unk_id": token_ids.UNK, "bos_id": token_ids.BOS,
+            "eos_id": token_ids.EOS, "hard_vocab_limit": False}
 
 
 def _corpus_hash(train_src: list[str], train_tgt: list[str]) -> str:
@@ -326,7 +326,7 @@ def load_or_train_spm(train_src: list[str], train_tgt: list[str], vocab_size: in
     path = _spm_cache_path(settings, _corpus_hash(train_src, train_tgt), cache_dir)
     if not os.path.isfile(path):
         LOG.info("training SentencePiece BPE (vocab_size %d) -> %s", vocab_size, path)
-        hparams.write_atomic(path, _train_spm(train_src, train_tgt, settings))
+        atomic_files.write_atomic(path, _train_spm(train_src, train_tgt, settings))
     try:
         sp = spm.SentencePieceProcessor(model_file=path)
     except (OSError, RuntimeError) as error:
@@ -340,17 +340,17 @@ def load_or_train_spm(train_src: list[str], train_tgt: list[str], vocab_size: in
 
 def encode_source(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
     """Piece ids + eos for each line."""
-    return [ids + [qformat.EOS] for ids in sp.encode(lines)]
+    return [ids + [token_ids.EOS] for ids in sp.encode(lines)]
 
 
 def encode_target(sp: spm.SentencePieceProcessor, lines: list[str]) -> list[list[int]]:
     """bos + piece ids + eos for each line."""
-    return [[qformat.BOS] + ids + [qformat.EOS] for ids in sp.encode(lines)]
+    return [[token_ids.BOS] + ids + [token_ids.EOS] for ids in sp.encode(lines)]
 
 
 def decode_ids(sp: spm.SentencePieceProcessor, ids: list[int] | np.ndarray) -> str:
     """Text of an id sequence, stopping at the first EOS, ignoring PAD/BOS."""
-    return sp.decode(qformat.strip_ids(ids))
+    return sp.decode(token_ids.strip_ids(ids))
 
 
 # ---------------------------------------------------------------------------
@@ -413,8 +413,8 @@ def train_batches(src_ids: list[list[int]], tgt_ids: list[list[int]], batch_toke
     batches = []
     for start, end in _budget_chunks(lengths[order], batch_tokens):
         members = order[start:end].tolist()
-        batches.append((qformat.pad_batch([src_ids[i] for i in members]),
-                        qformat.pad_batch([tgt_ids[i] for i in members])))
+        batches.append((token_ids.pad_batch([src_ids[i] for i in members]),
+                        token_ids.pad_batch([tgt_ids[i] for i in members])))
     if shuffle:
         batches = [batches[i] for i in rng.permutation(len(batches))]
     return batches
@@ -430,5 +430,17 @@ def eval_batches(src_ids: list[list[int]], batch_size: int) -> list[tuple[np.nda
     batches = []
     for start in range(0, len(order), batch_size):
         indices = order[start:start + batch_size]
-        batches.append((indices, qformat.pad_batch([src_ids[i] for i in indices])))
+        batches.append((indices, token_ids.pad_batch([src_ids[i] for i in indices])))
     return batches
+
+
+def translate_lines(engine: IntTransformer, sp, lines: list[str], batch_size: int,
+                    beam: int = 1, alpha: float = 0.6) -> list[str]:
+    """Detokenized translations of `lines` in order by an integer engine (batched as the TF model's:
+    the same sources and batches), greedy or beam search."""
+    hyps = [""] * len(lines)
+    for index, src in eval_batches(encode_source(sp, lines), batch_size):
+        out = decoding.greedy(engine, src) if beam == 1 else decoding.beam_search(engine, src, beam, alpha)
+        for i, row in zip(index, out):
+            hyps[i] = decode_ids(sp, row)
+    return hyps

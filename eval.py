@@ -12,13 +12,11 @@ import time
 
 import sentencepiece as spm
 
-import calibration
 import data_load
-import export
 import hparams
-import intmodel
-import qformat
 import runs
+from integer import calibration, export_format, golden_vectors, loader
+from integer_tf import export
 from model import Transformer
 
 
@@ -34,10 +32,10 @@ def post_training_quantize(model: Transformer, sp: spm.SentencePieceProcessor,
 
 def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], str]:
     """Translations by the NumPy integer engine of the export in --export."""
-    engine = intmodel.IntTransformer.load(hp.export)
+    engine = loader.load_engine(hp.export)
     engine.observe = True  # the accumulator widths printed below
-    sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.export, qformat.SPM))
-    hyps = intmodel.translate_lines(engine, sp, lines, hp.eval_batch_size, hp.beam, hp.alpha)
+    sp = spm.SentencePieceProcessor(model_file=os.path.join(hp.export, export_format.SPM))
+    hyps = data_load.translate_lines(engine, sp, lines, hp.eval_batch_size, hp.beam, hp.alpha)
     stats = engine.accumulator_stats()
     if stats:
         widest = max(stats.items(), key=lambda kv: kv[1]["bits"])
@@ -47,7 +45,7 @@ def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], 
         if not hp.out:
             raise ValueError("--dump_vectors needs --out DIR")
         src_ids = data_load.encode_source(sp, lines[: hp.dump_vectors])
-        index = intmodel.dump_vectors(engine, src_ids, hp.out)
+        index = golden_vectors.dump_vectors(engine, src_ids, hp.out)
         print(f"golden vectors of {len(index)} calls (matmuls; integer-only: also LayerNorms and "
               f"softmaxes) for {hp.dump_vectors} sentences in {hp.out}")
     return hyps, hp.export
@@ -82,7 +80,7 @@ def agreement(hyps: list[str], path: str) -> float:
 def main(argv: list[str]) -> None:
     hp = runs.restore_hparams(hparams.eval_parser(), argv)
     if hp.engine == "int" and not hp.export:
-        raise ValueError("--engine int needs --export DIR (an export.py directory)")
+        raise ValueError("--engine int needs --export DIR (an export directory: eval.py --export_to)")
     if hp.engine == "int" and hp.export_to:
         raise ValueError("--export_to writes the integers of a TF model (--engine tf --logdir DIR)")
     if hp.engine == "tf":

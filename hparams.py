@@ -11,10 +11,8 @@ import copy
 import json
 import os
 import sys
-import tempfile
 
-import calibration
-import qformat
+from integer import atomic_files, calibration, fixed_point
 
 # flags that describe the model and its vocabulary: restored from <logdir>/hparams.json
 MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxlen1", "maxlen2",
@@ -77,14 +75,14 @@ def add_decode_flags(p: argparse.ArgumentParser) -> None:
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (TQT)")
-    g.add_argument("--quant", default="none", choices=list(qformat.PRESETS),
+    g.add_argument("--quant", default="none", choices=list(fixed_point.PRESETS),
                    help="bit-width preset for weights / activations")
     g.add_argument("--wbits", type=int, default=None, help="weight bits (overrides the preset)")
     g.add_argument("--abits", type=int, default=None, help="activation bits (overrides the preset)")
     g.add_argument("--quant_override", action="append", default=[], metavar="PATTERN=BITS",
                    help="bits for the sites whose name matches a glob, e.g. '*/softmax_output=8' "
                         "(repeatable; the last match wins)")
-    g.add_argument("--rounding", default="half_even", choices=qformat.ROUNDINGS,
+    g.add_argument("--rounding", default="half_even", choices=fixed_point.ROUNDINGS,
                    help="rounding of x/s (the integer engine uses the same)")
     g.add_argument("--integer_only", action="store_true",
                    help="integer-only inference: LayerNorm, softmax, residual adds and scalings on "
@@ -172,7 +170,7 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", default="tf", choices=["tf", "int"],
                    help="tf: the TensorFlow (fake-quant) model; int: the NumPy integer engine on --export")
     p.add_argument("--export", default=None, metavar="DIR",
-                   help="the export.py directory that --engine int evaluates")
+                   help="the export directory (eval.py --export_to) that --engine int evaluates")
     p.add_argument("--export_to", default=None, metavar="DIR",
                    help="with --engine tf: write the (quantized) model's integers here after evaluating")
     p.add_argument("--dump_vectors", type=int, default=0, metavar="N",
@@ -215,31 +213,9 @@ def save_hparams(hp: argparse.Namespace, logdir: str) -> None:
     write_json(os.path.join(logdir, "hparams.json"), vars(hp))
 
 
-def write_atomic(path: str, data: bytes | str) -> None:
-    """Replace `path` by `data` all at once: written to a temp file in the same folder, then
-    renamed over it. A write that fails or is interrupted leaves the old file as it was and
-    removes its temp file; the temp name is unique, so two writers never share one."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, tmp_path = tempfile.mkstemp(dir=folder, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.fchmod(handle, 0o666 & ~umask)  # the mode open() would give, not mkstemp's 0600
-        with os.fdopen(handle, "wb") as f:
-            f.write(data.encode("utf-8") if isinstance(data, str) else data)
-        os.replace(tmp_path, path)
-    except BaseException:  # KeyboardInterrupt too: never leave a half-written temp file behind
-        try:
-            os.remove(tmp_path)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def write_json(path: str, obj: dict | list) -> None:
-    """Write JSON atomically (write_atomic); an object that does not serialize writes nothing."""
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
+    """Write JSON atomically (atomic_files.write_atomic); an object that does not serialize writes nothing."""
+    atomic_files.write_atomic(path, json.dumps(obj, indent=2, sort_keys=True))
 
 
 def update_json(path: str, key: str, entry: dict) -> None:
@@ -278,7 +254,7 @@ def merge_saved(hp: argparse.Namespace, saved: dict, explicit: set[str], keys: t
 
 def run_cli(main, argv: list[str] | None = None) -> None:
     """Run main(argv); expected failures (ValueError, which data_load.DataError and
-    qformat.ExportError are, and FileNotFoundError) become one line on stderr and exit status 1."""
+    export_format.ExportError are, and FileNotFoundError) become one line on stderr and exit status 1."""
     try:
         main(sys.argv[1:] if argv is None else argv)
     except (ValueError, FileNotFoundError) as e:

@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import tensorflow as tf
 
-import qformat
+from integer import site_names
+from integer.token_ids import BOS, EOS, PAD
 from modules import (
     NEG_INF,
     Dense,
@@ -33,7 +34,6 @@ from modules import (
     positional_encoding,
     set_untracked,
 )
-from qformat import BOS, EOS, PAD
 
 # Grappler's arithmetic optimizer and constant folding rewrite float32 expressions (reordered
 # products in LayerNorm, folded positional-encoding constants), so a tf.function graph would no
@@ -58,15 +58,15 @@ class Dropout:
 
 
 class Block(tf.Module):
-    """The sublayers of one encoder or decoder block, named by qformat.block_names: attention(s),
+    """The sublayers of one encoder or decoder block, named by site_names.block_names: attention(s),
     FFN, LayerNorms `ln1`, `ln2` (, `ln3`), created in that order. Each LayerNorm normalizes
     x + branch(x), x on the grid of `skip` (the block's input site, then the previous norm's
     output; integer-only), branch W^O or dense2; `output_site` is the last norm's."""
 
     def __init__(self, side: str, index: int, hp: Any, sites: SiteFactory, drop: Dropout,
                  input_site: Site | None):
-        names = qformat.block_names(side, index)
-        super().__init__(name=qformat.block(side, index).rsplit("/", 1)[-1])
+        names = site_names.block_names(side, index)
+        super().__init__(name=site_names.block(side, index).rsplit("/", 1)[-1])
         self.self_attention = MultiHeadAttention(names.self_attention, hp.d_model, hp.num_heads, sites)
         if names.cross_attention:
             self.cross_attention = MultiHeadAttention(names.cross_attention, hp.d_model, hp.num_heads, sites)
@@ -120,7 +120,7 @@ class Transformer(tf.Module):
         self.dropout = Dropout(hp.dropout_rate, self.rng)
         self.embedding = tf.Variable(
             tf.random.normal([vocab_size, hp.d_model], stddev=hp.d_model**-0.5), name="embedding")
-        self.embedding_site = sites.site(qformat.EMBEDDING, "weight", rows=vocab_size)
+        self.embedding_site = sites.site(site_names.EMBEDDING, "weight", rows=vocab_size)
         self.embedding_sum = sites.embedding_sum(hp.d_model)
         self.encoder, self.decoder = [], []
         for blocks, block_class in ((self.encoder, EncoderBlock), (self.decoder, DecoderBlock)):
@@ -128,7 +128,7 @@ class Transformer(tf.Module):
             for i in range(hp.num_blocks):
                 blocks.append(block_class(i, hp, sites, self.dropout, skip))
                 skip = blocks[-1].output_site
-        self.output_site = sites.site(qformat.OUTPUT_INPUT, "activation")
+        self.output_site = sites.site(site_names.OUTPUT_INPUT, "activation")
         set_untracked(self, "beam_fns", {})  # compiled beam searches, not checkpoint content
 
     def weight_sites(self) -> list[tuple[Site, tf.Variable]]:
@@ -172,7 +172,7 @@ class Transformer(tf.Module):
         y = self.dropout(self.embed(tgt_in, table), training)
         # [B, 1, L, L]: future and padding keys.  Not the broadcast [1, 1, L, L]: oneDNN's fused
         # BatchMatMul+Mul+Add takes a much slower path when the added tensor broadcasts over the
-        # batch (README, Results).  Real queries never see padding keys anyway.
+        # batch (docs/results.md).  Real queries never see padding keys anyway.
         self_bias = causal_bias(tf.shape(tgt_in)[1]) + padding_bias(tgt_in)
         for block in self.decoder:
             self_kv = block.self_attention.project_kv(y)

@@ -8,7 +8,8 @@ asks a site factory for one hook per input when it is built:
 
 `FloatSites` (below) returns the identity, so the float model pays nothing: the hook is a
 Python call that adds no op to the graph.  `quant.TQTSites` returns TQT fake-quantizers.
-Roles: qformat.SIGNED_BY_ROLE; site names: qformat's builders (`qformat.dense(name)` ...).
+Roles: fixed_point.SIGNED_BY_ROLE; site names: integer/site_names.py's builders
+(`site_names.dense(name)` ...).
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ from typing import Protocol
 
 import tensorflow as tf
 
-import qformat
-from qformat import NEG_INF, PAD
+from integer import site_names
+from integer.token_ids import NEG_INF, PAD
 
 
 class Site(Protocol):
@@ -31,7 +32,7 @@ class SiteFactory(Protocol):
 
     def bias(self, b: tf.Tensor, x_site: Site, w_site: Site) -> tf.Tensor: ...
 
-    # the layers between matmuls: float (FloatLayers) or integer-only (intlayers.IntegerOnlySites)
+    # the layers between matmuls: float (FloatLayers) or integer-only (intonly_layers.IntegerOnlySites)
     def embedding_sum(self, d_model: int): ...
 
     def layer_norm(self, name: str, d: int, skip: Site | None, branch: Dense): ...
@@ -124,7 +125,7 @@ def matmul_2d(x: tf.Tensor, w: tf.Tensor, transpose_w: bool = False) -> tf.Tenso
     """x[..., k] @ w[k, n] (or w[n, k]^T) as one 2-D GEMM over all leading positions.
 
     Not tf.matmul on the 3-D x: that is a BatchMatMul broadcasting w, whose gradient for w is a
-    batch of per-sentence products summed afterwards, several times slower (README, Results).
+    batch of per-sentence products summed afterwards, several times slower (docs/results.md).
     """
     n = tf.shape(w)[0] if transpose_w else tf.shape(w)[1]
     y = tf.matmul(tf.reshape(x, [-1, tf.shape(x)[-1]]), w, transpose_b=transpose_w)
@@ -137,7 +138,7 @@ class Dense(tf.Module):
     def __init__(self, name: str, d_in: int, d_out: int, sites: SiteFactory,
                  input_role: str = "activation", use_bias: bool = True):
         super().__init__(name=name.rsplit("/", 1)[-1])
-        self.names = qformat.dense(name)
+        self.names = site_names.dense(name)
         self.w = tf.Variable(glorot((d_in, d_out)), name="w")
         self.b = tf.Variable(tf.zeros([d_out]), name="b") if use_bias else None
         self.x_site = sites.site(self.names.input, input_role)
@@ -167,12 +168,12 @@ class LayerNorm(tf.Module):
     """LN(x) = gamma * (x - mean) / sqrt(var + eps) + beta over the last axis (float, computed in
     float64 and rounded to float32: see in_float64)."""
 
-    gamma_site: Site | None = None  # the integer-only LayerNorm's sites (intlayers.IntLayerNorm)
+    gamma_site: Site | None = None  # the integer-only LayerNorm's sites (intonly_layers.IntLayerNorm)
     output_site: Site | None = None
 
     def __init__(self, name: str, d: int, eps: float = 1e-6, float64: bool = True):
         super().__init__(name=name.rsplit("/", 1)[-1])
-        self.path = name  # the full name, `encoder/block_1/ln1` (qformat.block_names)
+        self.path = name  # the full name, `encoder/block_1/ln1` (site_names.block_names)
         self.gamma = tf.Variable(tf.ones([d]), name="gamma")
         self.beta = tf.Variable(tf.zeros([d]), name="beta")
         self.eps = eps
@@ -250,7 +251,7 @@ class MultiHeadAttention(tf.Module):
     def __init__(self, name: str, d_model: int, num_heads: int, sites: SiteFactory):
         super().__init__(name=name.rsplit("/", 1)[-1])
         self.h, self.d_k = num_heads, d_model // num_heads
-        names = qformat.attention(name)
+        names = site_names.attention(name)
         self.wq = Dense(names.wq, d_model, d_model, sites)
         self.wk = Dense(names.wk, d_model, d_model, sites)
         self.wv = Dense(names.wv, d_model, d_model, sites)
@@ -291,7 +292,7 @@ class FeedForward(tf.Module):
 
     def __init__(self, name: str, d_model: int, d_ff: int, sites: SiteFactory):
         super().__init__(name=name.rsplit("/", 1)[-1])
-        names = qformat.feed_forward(name)
+        names = site_names.feed_forward(name)
         self.dense1 = Dense(names.dense1, d_model, d_ff, sites)
         self.dense2 = Dense(names.dense2, d_ff, d_model, sites, input_role="unsigned")
         self._relu = sites.relu

@@ -8,14 +8,14 @@ Jain et al., "Trained Quantization Thresholds ..." (MLSys 2020). The equations, 
     backward:   dL/dx      = dy * 1[n <= x/s <= p]
                 dL/dlog2_t = sum(dy * s ln2 * (R(x/s) - x/s  inside,  n  below,  p  above))
 
-The grid, the roundings and [n, p] are defined once in `qformat.py`. `tqt_fake_quant_reference`
+The grid, the roundings and [n, p] are defined once in `integer/`. `tqt_fake_quant_reference`
 computes the equations line for line; `tqt_fake_quant_fused` is the same op per tensor on TF's
 fused kernels (equal bit for bit, tested; docs/tqt.md "The fused path" names the two exceptions,
 a zero's sign and subnormal x/s); `tqt_fake_quant` picks the fused one where it exists.
 
 Layout: the op (`tqt_fake_quant`, `quantize_bias`); one quantizer at one matmul input
 (`QuantSite`) and the threshold clamp; the run's bit widths (`QuantConfig`) and the site
-factory the model calls (`TQTSites`). Calibration is in `calibration.py`.
+factory the model calls (`TQTSites`). Calibration is in `integer/calibration.py`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import tensorflow as tf
 
-import qformat
+from integer import fixed_point
 from modules import FloatLayers
 
 LN2 = math.log(2.0)
@@ -43,7 +43,7 @@ GRAD_KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_qu
 
 
 def load_grad_kernel(path: str = GRAD_KERNEL_PATH) -> types.ModuleType | None:
-    """The one-pass backward kernel of the fused path (quant_grad.cc, built by `make kernel`), or
+    """The one-pass backward kernel of the fused path (csrc/quant_grad.cc, built by `make kernel`), or
     None where it is not built or does not load (built against another TensorFlow): the fused
     path then takes TF's kernels, the same dL/dx and a 2.5x slower backward."""
     if not os.path.exists(path):
@@ -74,7 +74,7 @@ def without_grad_kernel() -> Iterator[None]:
 
 
 def _round(v: tf.Tensor, rounding: str) -> tf.Tensor:
-    """R(v) (docs/tqt.md, "Roundings"; qformat.round_to_integer in NumPy)."""
+    """R(v) (docs/tqt.md, "Roundings"; fixed_point.round_to_integer in NumPy)."""
     if rounding == "half_even":
         return tf.round(v)  # tf.round rounds half to even
     if rounding == "half_up":
@@ -83,24 +83,24 @@ def _round(v: tf.Tensor, rounding: str) -> tf.Tensor:
 
 
 def frac_bits_tensor(log2_t: tf.Tensor, num_bits: int, signed: bool) -> tf.Tensor:
-    """f = (b - 1 or b) - ceil(log2_t) in the graph, int32 (qformat.frac_bits in NumPy)."""
-    return qformat.magnitude_bits(num_bits, signed) - tf.cast(tf.math.ceil(log2_t), tf.int32)
+    """f = (b - 1 or b) - ceil(log2_t) in the graph, int32 (fixed_point.frac_bits in NumPy)."""
+    return fixed_point.magnitude_bits(num_bits, signed) - tf.cast(tf.math.ceil(log2_t), tf.int32)
 
 
 def _scale(log2_t: tf.Tensor, num_bits: int, signed: bool) -> tf.Tensor:
     """s = 2^-f, f = (b - 1 or b) - ceil(log2_t): exact, a power of two (log2_t's dtype)."""
-    f = qformat.magnitude_bits(num_bits, signed) - tf.math.ceil(log2_t)
+    f = fixed_point.magnitude_bits(num_bits, signed) - tf.math.ceil(log2_t)
     return tf.pow(tf.constant(2.0, log2_t.dtype), -f)
 
 
 def _sum_to(t: tf.Tensor, like: tf.Tensor) -> tf.Tensor:
-    """sum(t) down to like's shape, over the axes like broadcasts along (qformat.threshold_axes)."""
-    axes = qformat.threshold_axes(t.shape.rank, tuple(like.shape))
+    """sum(t) down to like's shape, over the axes like broadcasts along (fixed_point.threshold_axes)."""
+    axes = fixed_point.threshold_axes(t.shape.rank, tuple(like.shape))
     return tf.reshape(tf.reduce_sum(t, axis=axes), tf.shape(like))
 
 
 def _inputs(x, log2_t, num_bits: int, rounding: str) -> tuple[tf.Tensor, tf.Tensor]:
-    qformat.check_bits_and_rounding(num_bits, rounding)
+    fixed_point.check_bits_and_rounding(num_bits, rounding)
     x = tf.convert_to_tensor(x)
     return x, tf.cast(log2_t, x.dtype)  # a variable still gets its gradient through the read
 
@@ -112,7 +112,7 @@ def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: 
     of a table); it broadcasts against x, and dL/dlog2_t sums over the broadcast axes.
     float32/float64."""
     x, log2_t = _inputs(x, log2_t, num_bits, rounding)
-    n, p = qformat.integer_range(num_bits, signed)
+    n, p = fixed_point.integer_range(num_bits, signed)
 
     @tf.custom_gradient
     def fake_quant(x, log2_t):
@@ -149,7 +149,7 @@ def tqt_fake_quant_fused(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: int,
     if rounding not in FUSED_ROUND_MODES or log2_t.shape.rank != 0:
         raise ValueError(f"no fused kernel for rounding {rounding!r} with log2_t of shape "
                          f"{log2_t.shape}: use tqt_fake_quant_reference")
-    n, p = qformat.integer_range(num_bits, signed)
+    n, p = fixed_point.integer_range(num_bits, signed)
 
     @tf.custom_gradient
     def fake_quant(x, log2_t):
@@ -221,7 +221,7 @@ def quantize_bias(b: tf.Tensor, frac_bits_acc: tf.Tensor | int) -> tf.Tensor:
     b = tf.convert_to_tensor(b)
     f = tf.stop_gradient(tf.cast(frac_bits_acc, b.dtype))
     two = tf.constant(2.0, b.dtype)
-    n, _ = qformat.integer_range(qformat.BIAS_BITS, True)
+    n, _ = fixed_point.integer_range(fixed_point.BIAS_BITS, True)
 
     def forward(b):
         q = tf.clip_by_value(tf.round(b * tf.pow(two, f)), float(n), _int32_max(b.dtype))
@@ -244,7 +244,7 @@ class QuantSite(tf.Module):
     """The quantizer at one matrix-multiplication input, owning its trainable `log2_t`.
 
     `name` is a stable hierarchical name (`decoder/block_1/cross_attention/value_input`, built
-    by qformat), kept as `site_name`. `role` is one of qformat.SIGNED_BY_ROLE: "weight" or
+    by integer/site_names.py), kept as `site_name`. `role` is one of fixed_point.SIGNED_BY_ROLE: "weight" or
     "activation" (signed), "unsigned" (ReLU output) or "probability" (unsigned softmax output).
     `channels` gives a weight one log2_t per output channel of its matmul: shape [channels] along
     the weight's last axis (x @ W), or [channels, 1] along its first with `channel_axis=0` (a table
@@ -265,9 +265,9 @@ class QuantSite(tf.Module):
         channel_axis: int = -1,
     ):
         super().__init__(name=_module_name(name))
-        qformat.check_bits_and_rounding(num_bits, rounding)
-        if role not in qformat.SIGNED_BY_ROLE:
-            raise ValueError(f"site {name!r}: role must be one of {list(qformat.SIGNED_BY_ROLE)}")
+        fixed_point.check_bits_and_rounding(num_bits, rounding)
+        if role not in fixed_point.SIGNED_BY_ROLE:
+            raise ValueError(f"site {name!r}: role must be one of {list(fixed_point.SIGNED_BY_ROLE)}")
         if channels is not None and role != "weight":
             raise ValueError(f"site {name!r}: per-channel thresholds are for weights only")
         if channel_axis not in (-1, 0):
@@ -275,7 +275,7 @@ class QuantSite(tf.Module):
         self.site_name = name
         self.role = role
         self.num_bits = num_bits
-        self.signed = qformat.SIGNED_BY_ROLE[role]
+        self.signed = fixed_point.SIGNED_BY_ROLE[role]
         self.rounding = rounding
         self.channels = channels
         self.frozen = False
@@ -307,26 +307,26 @@ class QuantSite(tf.Module):
 
     @property
     def trains_threshold(self) -> bool:
-        """Whether log2_t is a trained variable (intlayers.FixedSite's is a constant)."""
+        """Whether log2_t is a trained variable (intonly_layers.FixedSite's is a constant)."""
         return isinstance(self.log2_t, tf.Variable)
 
     def set_log2_t(self, log2_t) -> None:
         """log2_t := the value (broadcast to the site's shape), clipped to the allowed range."""
-        value = np.clip(log2_t, qformat.LOG2_T_MIN, qformat.LOG2_T_MAX)
+        value = np.clip(log2_t, fixed_point.LOG2_T_MIN, fixed_point.LOG2_T_MAX)
         self.log2_t.assign(np.broadcast_to(value, self.log2_t.shape).astype(np.float32))
 
     # ---- the grid, read back as NumPy -------------------------------------------------------
 
     def frac_bits(self) -> np.ndarray:
         """f with s = 2^-f (int64; log2_t's shape: [], [channels] or [channels, 1])."""
-        return qformat.frac_bits(self.log2_t.numpy(), self.num_bits, self.signed)
+        return fixed_point.frac_bits(self.log2_t.numpy(), self.num_bits, self.signed)
 
     def frac_bits_tensor(self) -> tf.Tensor:
         """f as an int32 tensor computed in-graph from log2_t (no gradient)."""
         return frac_bits_tensor(self.log2_t, self.num_bits, self.signed)
 
-    def grid(self) -> qformat.Grid:
-        return qformat.Grid(self.num_bits, self.signed, self.frac_bits())
+    def grid(self) -> fixed_point.Grid:
+        return fixed_point.Grid(self.num_bits, self.signed, self.frac_bits())
 
     def threshold(self) -> np.ndarray:
         """The effective power-of-two threshold 2^ceil(log2_t)."""
@@ -334,12 +334,12 @@ class QuantSite(tf.Module):
 
     def clip_fraction(self, x) -> float:
         """Fraction of x outside [n*s, p*s], i.e. clipped by the current grid."""
-        n, p = qformat.integer_range(self.num_bits, self.signed)
+        n, p = fixed_point.integer_range(self.num_bits, self.signed)
         v = np.asarray(x, np.float64) * np.exp2(self.frac_bits().astype(np.float64))
         return float(np.mean((v < n) | (v > p)))
 
 
-def clamp_log2_t(sites, lo: float = qformat.LOG2_T_MIN, hi: float = qformat.LOG2_T_MAX) -> None:
+def clamp_log2_t(sites, lo: float = fixed_point.LOG2_T_MIN, hi: float = fixed_point.LOG2_T_MAX) -> None:
     """Clip every site's log2_t into [lo, hi]; call after each optimizer update.
 
     The log2_t gradient is a sum over the whole tensor, so one plain-SGD step can throw
@@ -358,7 +358,7 @@ def clamp_log2_t(sites, lo: float = qformat.LOG2_T_MIN, hi: float = qformat.LOG2
 def _parse_override(flag: str) -> tuple[str, int]:
     """'GLOB=BITS' -> (GLOB, BITS), e.g. '*/softmax_output=8'."""
     pattern, sep, bits = flag.rpartition("=")
-    lo, hi = qformat.MIN_BITS, qformat.MAX_BITS
+    lo, hi = fixed_point.MIN_BITS, fixed_point.MAX_BITS
     if not sep or not pattern or not bits.strip().isdigit() or not lo <= int(bits) <= hi:
         raise ValueError(f"--quant_override {flag!r}: expected GLOB=BITS with BITS in {lo}..{hi}")
     return pattern, int(bits)
@@ -380,7 +380,7 @@ class QuantConfig:
 
     def __post_init__(self):
         for bits in (self.wbits, self.abits, self.residual_bits):
-            qformat.check_bits_and_rounding(bits, self.rounding)
+            fixed_point.check_bits_and_rounding(bits, self.rounding)
 
     @classmethod
     def from_flags(
@@ -397,9 +397,9 @@ class QuantConfig:
     ) -> QuantConfig | None:
         """Build from command-line flags; None for --quant none. `wbits`/`abits` replace the
         preset's widths when given."""
-        if quant not in qformat.PRESETS:
-            raise ValueError(f"--quant must be one of {list(qformat.PRESETS)}, got {quant!r}")
-        preset = qformat.PRESETS[quant]
+        if quant not in fixed_point.PRESETS:
+            raise ValueError(f"--quant must be one of {list(fixed_point.PRESETS)}, got {quant!r}")
+        preset = fixed_point.PRESETS[quant]
         if preset is None:
             if integer_only:
                 raise ValueError("--integer_only needs a --quant preset (it quantizes every tensor)")
@@ -427,7 +427,7 @@ class QuantConfig:
 
 class TQTSites(FloatLayers, tf.Module):
     """Creates the model's quantization sites (the quantized counterpart of FloatSites); the
-    layers between matmuls stay float (intlayers.IntegerOnlySites makes them integer).
+    layers between matmuls stay float (intonly_layers.IntegerOnlySites makes them integer).
 
     A tf.Module, so `trainable_variables` lists every log2_t and a tf.train.Checkpoint of it
     saves them.

@@ -1,4 +1,4 @@
-"""What train.py, eval.py, export.py and scripts/ share about a run: its restored hparams, its
+"""What train.py, eval.py, integer_tf/export.py and scripts/ share about a run: its restored hparams, its
 model and checkpoint, its corpus, translating with it and scoring BLEU (and, for the benchmarks,
 clearing a run an earlier benchmark left).
 
@@ -25,9 +25,9 @@ from tqdm import tqdm
 
 import data_load
 import hparams
-import intlayers
-import qformat
 import quant
+from integer import export_format
+from integer_tf import intonly_layers
 from model import Transformer, load_weights
 from modules import FloatSites, MixedPrecisionSites, SiteFactory
 
@@ -129,7 +129,7 @@ def restore_hparams(parser: argparse.ArgumentParser, argv: list[str]) -> argpars
     if hp.logdir:
         saved = hparams.load_hparams(hp.logdir)
     elif getattr(hp, "engine", "tf") == "int" and hp.export:
-        saved = qformat.read_manifest(hp.export)["hparams"]
+        saved = export_format.read_manifest(hp.export)["hparams"]
     else:
         raise ValueError("--logdir is required (or --engine int --export DIR)")
     hparams.merge_saved(hp, saved, hparams.explicit_flags(parser, argv), hparams.SAVED_FLAGS)
@@ -145,13 +145,13 @@ def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
 
 
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:
-    """The site factory for the quantization flags: quant.TQTSites (intlayers.IntegerOnlySites
+    """The site factory for the quantization flags: quant.TQTSites (intonly_layers.IntegerOnlySites
     with --integer_only), or modules.FloatSites (identity hooks) for --quant none."""
     config = quant_config(hp)
     if config is None:
         precision = getattr(hp, "mixed_precision", "none")  # a training flag: eval runs float32
         return FloatSites() if precision == "none" else MixedPrecisionSites(COMPUTE_DTYPES[precision])
-    return intlayers.IntegerOnlySites(config) if config.integer_only else quant.TQTSites(config)
+    return intonly_layers.IntegerOnlySites(config) if config.integer_only else quant.TQTSites(config)
 
 
 def load_model(hp: argparse.Namespace) -> tuple[Transformer, spm.SentencePieceProcessor, str, list[str]]:

@@ -24,12 +24,12 @@ import sentencepiece as spm
 import tensorflow as tf
 from tqdm import tqdm
 
-import calibration
 import data_load
-import export
 import hparams
 import quant
 import runs
+from integer import atomic_files, calibration
+from integer_tf import export
 from model import Transformer, load_weights
 from modules import Adam, noam_lr, set_untracked
 
@@ -101,7 +101,7 @@ def prepare_data(hp: argparse.Namespace):
         sp = spm.SentencePieceProcessor(model_file=runs.spm_path(hp.init_from))
     else:
         sp = data_load.load_or_train_spm(train_de, train_en, hp.vocab_size, spm_cache_dir(hp))
-    hparams.write_atomic(runs.spm_path(hp.logdir), sp.serialized_model_proto())
+    atomic_files.write_atomic(runs.spm_path(hp.logdir), sp.serialized_model_proto())
     src, tgt, dropped = data_load.encode_training_pairs(sp, train_de, train_en, hp.maxlen1, hp.maxlen2)
     if not src:
         raise data_load.DataError(f"no training pair fits --maxlen1 {hp.maxlen1} / --maxlen2 {hp.maxlen2}")
@@ -119,7 +119,7 @@ class Optimizers(tf.Module):
 
     def __init__(self, model: Transformer, hp: argparse.Namespace):
         super().__init__(name="optimizers")
-        sites = [s for s in model.sites.sites.values()  # fixed thresholds (intlayers.FixedSite) aside
+        sites = [s for s in model.sites.sites.values()  # fixed thresholds (intonly_layers.FixedSite) aside
                  if isinstance(s, quant.QuantSite) and s.trains_threshold]
         thresholds = {s.log2_t.ref() for s in sites}
         set_untracked(self, "sites", sites)

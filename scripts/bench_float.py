@@ -1,7 +1,7 @@
 """Float baseline benchmark: train for a fixed wall-clock budget, report BLEU and decoding speed.
 
-    python scripts/bench_float.py --corpus multi30k --minutes 30 --out bench/float_multi30k.json
-    python scripts/bench_float.py --corpus iwslt16 --minutes 30 --out bench/float_iwslt16.json
+    python scripts/bench_float.py --corpus multi30k --minutes 30 --out bench/float/float_multi30k.json
+    python scripts/bench_float.py --corpus iwslt16 --minutes 30 --out bench/float/float_iwslt16.json
 
 Model: d_model 256, d_ff 1024, 3+3 blocks, 4 heads, 8k joint BPE.  Reads ../shared/data (the
 corpora are never copied into the repository).  Writes the JSON given by --out and prints a table:
@@ -24,10 +24,10 @@ import tensorflow as tf  # noqa: E402
 
 import data_load  # noqa: E402
 import hparams  # noqa: E402
-import qformat  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from eval import main as eval_main  # noqa: E402
+from integer import token_ids  # noqa: E402
 
 SHARED = os.path.join(os.path.dirname(ROOT), "shared", "data")
 MODEL = ["--d_model", "256", "--d_ff", "1024", "--num_blocks", "3", "--num_heads", "4",
@@ -64,7 +64,7 @@ def decode_speed(logdir: str, max_sentences: int) -> dict:
         start = time.time()
         outputs = [fn(tf.constant(src)).numpy() for _, src in batches]
         result[name] = len(de) / (time.time() - start)
-        result[f"{name}_tokens"] = [qformat.strip_ids(r) for out in outputs for r in out]
+        result[f"{name}_tokens"] = [token_ids.strip_ids(r) for out in outputs for r in out]
     same = sum(a == b for a, b in zip(result.pop("cached_tokens"), result.pop("uncached_tokens")))
     return {"sentences": len(de), "cached_sent_per_s": round(result["cached"], 2),
             "uncached_sent_per_s": round(result["uncached"], 2),
@@ -76,7 +76,7 @@ def main() -> None:
     p.add_argument("--corpus", choices=["multi30k", "iwslt16"], default="multi30k")
     p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget")
     p.add_argument("--logdir", default=None, help="default runs/bench/float_<corpus>")
-    p.add_argument("--out", default=None, help="JSON result (default bench/float_<corpus>.json)")
+    p.add_argument("--out", default=None, help="JSON result (default bench/float/float_<corpus>.json)")
     p.add_argument("--speed_sentences", type=int, default=300, help="test sentences for decode speed")
     p.add_argument("--eval_only", action="store_true",
                    help="do not train: evaluate the run already in --logdir (its train_summary.json)")
@@ -84,7 +84,7 @@ def main() -> None:
     if not os.path.isdir(SHARED):
         raise SystemExit(f"error: {SHARED} not found: this benchmark reads the shared corpora")
     logdir = args.logdir or os.path.join(ROOT, "runs", "bench", f"float_{args.corpus}")
-    out = args.out or os.path.join(ROOT, "bench", f"float_{args.corpus}.json")
+    out = args.out or os.path.join(ROOT, "bench", "float", f"float_{args.corpus}.json")
     flags, test_name = corpus_flags(args.corpus)
 
     if not args.eval_only:

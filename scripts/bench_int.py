@@ -1,6 +1,6 @@
 """Integer-engine benchmark: does the exported integer model translate exactly like the TF model?
 
-    python scripts/bench_int.py --out bench/int.json
+    python scripts/bench_int.py --out bench/engine/int.json
 
 For each corpus (the embedded demo set and Multi30k test_2016_flickr) it takes the QAT W8A8 run
 of scripts/bench_quant.py, exports it, and translates the whole test set (greedy) with
@@ -21,10 +21,11 @@ sys.path.insert(0, ROOT)
 
 import sentencepiece as spm  # noqa: E402
 
-import export  # noqa: E402
+import data_load  # noqa: E402
 import hparams  # noqa: E402
-import intmodel  # noqa: E402
 import runs  # noqa: E402
+from integer import loader  # noqa: E402
+from integer_tf import export  # noqa: E402
 
 
 def timed(fn, *args) -> tuple[list[str], float]:
@@ -38,7 +39,7 @@ def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
     export.export_model(model, hp, spm_path, export_dir)
     de, en, test_name = runs.test_pairs(hp)
     sp = spm.SentencePieceProcessor(model_file=spm_path)
-    engine = intmodel.IntTransformer.load(export_dir)
+    engine = loader.load_engine(export_dir)
     float_hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", float_logdir])
     float_model = runs.load_model(float_hp)[0]
 
@@ -46,7 +47,7 @@ def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
     runs.translate(float_model, sp, de[:8], float_hp)
     engines = {
         "tf_fake_quant": timed(runs.translate, model, sp, de, hp),
-        "int_engine": timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size),
+        "int_engine": timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size),
         "tf_float": timed(runs.translate, float_model, sp, de, float_hp),
     }
     if hp.test_src:  # a file: named relative to the repository
@@ -72,7 +73,7 @@ def main() -> None:
     p.add_argument("--demo_float", default=os.path.join(ROOT, "runs", "demo", "float"))
     p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"))
     p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "int.json"))
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "engine", "int.json"))
     args = p.parse_args()
     parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
     if args.corpus != "both":

@@ -1,7 +1,7 @@
 """Integer-only benchmark: what does computing LayerNorm, softmax and the residual stream in
 integers cost in BLEU, and does the NumPy engine reproduce the TF graph token for token?
 
-    python scripts/bench_intonly.py --out bench/intonly.json
+    python scripts/bench_intonly.py --out bench/engine/intonly.json
 
 For each corpus (the embedded demo set; Multi30k test_2016_flickr when its float parent exists)
 four runs are fine-tuned from the float parent with the same steps and schedule: a float control
@@ -31,12 +31,17 @@ import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
 import data_load  # noqa: E402
-import export  # noqa: E402
 import hparams  # noqa: E402
-import intmodel  # noqa: E402
-import qformat  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
+from integer import (  # noqa: E402
+    decoding,  # noqa: E402
+    intonly_engine,
+    loader,
+    site_names,
+    token_ids,
+)
+from integer_tf import export  # noqa: E402
 
 RUNS = {"float_control": ["--quant", "none"], "qat_w8a8": ["--quant", "w8a8"],
         "intonly_w8a8": ["--quant", "w8a8", "--integer_only"],
@@ -59,11 +64,11 @@ def train_speed(logdir: str) -> float:
         return json.load(f)["tokens_per_s"]
 
 
-def layer_norm_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -> np.ndarray:
+def layer_norm_errors(engine: intonly_engine.IntOnlyTransformer, op: intonly_engine.OpRecord) -> np.ndarray:
     """|out - LN(x) 2^f_out| for one traced LayerNorm, the float64 LayerNorm of its integer input
     with gamma, beta and eps the exported values."""
     prefix = op.name.rsplit("/", 1)[0]
-    names = qformat.layer_norm(prefix)
+    names = site_names.layer_norm(prefix)
     x = op.inputs["input"].astype(np.float64) * 2.0 ** -float(engine.f(names.input))
     f_gamma = float(engine.f(names.gamma))
     gamma = engine.int64[names.gamma] * 2.0 ** -f_gamma
@@ -74,10 +79,10 @@ def layer_norm_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord
     return np.abs(op.output - y * 2.0 ** float(engine.f(names.output)))
 
 
-def softmax_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -> np.ndarray:
+def softmax_errors(engine: intonly_engine.IntOnlyTransformer, op: intonly_engine.OpRecord) -> np.ndarray:
     """|P - softmax(s / sqrt(d_k)) 2^b| over the visible keys of one traced softmax."""
     prefix = op.name.rsplit("/", 1)[0]
-    names = qformat.attention(prefix)
+    names = site_names.attention(prefix)
     f_s = float(engine.f(names.query) + engine.f(names.key))
     x = op.inputs["scores"].astype(np.float64) * 2.0 ** -f_s / np.sqrt(engine.d_k)
     x = np.where(op.inputs["visible"], x, -np.inf)
@@ -86,14 +91,14 @@ def softmax_errors(engine: intmodel.IntOnlyTransformer, op: intmodel.OpRecord) -
     return np.abs(op.output - ref)[op.inputs["visible"]]
 
 
-def op_error_table(engine: intmodel.IntOnlyTransformer, sources: list[list[int]]) -> dict:
+def op_error_table(engine: intonly_engine.IntOnlyTransformer, sources: list[list[int]]) -> dict:
     """Per-op errors on teacher-forced test sentences and the widest accumulator of each op."""
     errors: dict[str, list[np.ndarray]] = {"layer_norm": [], "softmax": []}
     engine.observe = True
     for start in range(0, len(sources), 32):
-        src = qformat.pad_batch(sources[start:start + 32])
-        out = engine.greedy(src)
-        tgt_in = np.concatenate([np.full((len(src), 1), qformat.BOS), out[:, :-1]], axis=1)
+        src = token_ids.pad_batch(sources[start:start + 32])
+        out = decoding.greedy(engine, src)
+        tgt_in = np.concatenate([np.full((len(src), 1), token_ids.BOS), out[:, :-1]], axis=1)
         with engine.tracing_ops() as ops:
             engine.forward(src, tgt_in)
         for op in ops:
@@ -150,8 +155,8 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
             sources = data_load.encode_source(sp, de)
             export_dir = os.path.join(workdir, f"export_{name}")
             export.export_model(model, hp, spm_path, export_dir, sources[:50])
-            engine = intmodel.IntTransformer.load(export_dir)
-            int_hyps, int_s = timed(intmodel.translate_lines, engine, sp, de, hp.eval_batch_size,
+            engine = loader.load_engine(export_dir)
+            int_hyps, int_s = timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size,
                                     repeats=repeats)
             same = np.mean([a == b for a, b in zip(int_hyps, tf_hyps)])
             row.update(engine_bleu=round(runs.bleu_score(int_hyps, en)[0], 2),
@@ -180,7 +185,7 @@ def main() -> None:
                    help="greedy speeds are the median of this many timings of the test set")
     p.add_argument("--reuse_runs", action="store_true",
                    help="measure finished runs in --workdir again instead of retraining them")
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "intonly.json"),
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "engine", "intonly.json"),
                    help="JSON result; an existing one keeps the corpora this run does not measure")
     args = p.parse_args()
     sweep = [int(b) for b in args.residual_sweep.split(",") if b]

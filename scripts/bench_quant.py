@@ -1,7 +1,7 @@
 """Quantization benchmark: what each bit width costs in BLEU, budget-matched and over seeds, and
 what a QAT train step costs in time.
 
-    python scripts/bench_quant.py --out bench/quant.json
+    python scripts/bench_quant.py --out bench/frontier/quant.json
     python scripts/bench_quant.py --timing_only
 
 BLEU, per corpus (the embedded demo, Multi30k test_2016_flickr), every row from the same float
@@ -26,7 +26,7 @@ an earlier invocation finished, and the rows an invocation does not select (--co
 Timing (the Multi30k parent's model, one process): the median train-step time of the w8a8 model
 over the float model, alternating on the same batches (step_time_ratio); also the w8a8 step
 with frozen thresholds (no threshold gradient), the w8a8 step on TF's gradient kernels instead
-of quant_grad.cc's (grad_kernel: whether that kernel was loaded), bf16 and --fused_adam float
+of csrc/quant_grad.cc's (grad_kernel: whether that kernel was loaded), bf16 and --fused_adam float
 steps, the w8a8 step with the FFN's ReLU kept, and the float training loop fed by
 train.input_pipeline against one that converts and waits for every batch.
 """
@@ -53,14 +53,12 @@ import numpy as np  # noqa: E402
 import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 
-import bitbudget  # noqa: E402
-import calibration  # noqa: E402
 import hparams  # noqa: E402
-import qformat  # noqa: E402
 import quant  # noqa: E402
 import runs  # noqa: E402
 import train  # noqa: E402
 from eval import main as eval_main  # noqa: E402
+from integer import bitbudget, calibration, fixed_point  # noqa: E402
 from model import Transformer  # noqa: E402
 
 CONFIGS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
@@ -332,7 +330,7 @@ def main() -> None:
     runs.add_parent_flags(p)
     p.add_argument("--corpora", nargs="+", default=["demo", "multi30k"], choices=["demo", "multi30k"])
     p.add_argument("--configs", nargs="*", default=list(CONFIGS),
-                   choices=[c for c in qformat.PRESETS if c != "none"],
+                   choices=[c for c in fixed_point.PRESETS if c != "none"],
                    help="preset rows; none named: the control and the --allocation/--recipe rows only")
     p.add_argument("--granularities", nargs="+", default=list(GRANULARITIES), choices=list(GRANULARITIES),
                    help="weight thresholds per tensor and/or per output channel (rows *_pc)")
@@ -350,7 +348,7 @@ def main() -> None:
     p.add_argument("--reuse_runs", action="store_true",
                    help="keep the runs (and PTQ scores) in --workdir that an earlier invocation finished")
     p.add_argument("--timing_steps", type=int, default=30)
-    p.add_argument("--out", default=os.path.join(ROOT, "bench", "quant.json"),
+    p.add_argument("--out", default=os.path.join(ROOT, "bench", "frontier", "quant.json"),
                    help="JSON result; an existing one keeps the parts this run does not measure")
     p.add_argument("--timing_only", action="store_true", help="measure the train-step times only")
     p.add_argument("--no_timing", action="store_true", help="measure BLEU only")

@@ -24,9 +24,8 @@ import tensorflow as tf
 
 import data_load
 import hparams
-import intmodel
-import qformat
 import runs
+from integer import accumulation, export_format, loader, matmul_engine, token_ids
 from model import Transformer
 
 
@@ -44,7 +43,7 @@ def tf_site_integers(model: Transformer, src: np.ndarray, tgt_in: np.ndarray
             site.recorded = None
 
 
-def site_differences(model: Transformer, engine: intmodel.IntTransformer, src: np.ndarray,
+def site_differences(model: Transformer, engine: matmul_engine.IntTransformer, src: np.ndarray,
                      tgt_in: np.ndarray) -> tuple[list[dict], np.ndarray, np.ndarray]:
     """One row per matmul operand in the engine's execution order: site, call (n-th use of
     the site), matmul, max_diff and n_diff (integer units), float32_exact (every partial sum
@@ -59,7 +58,7 @@ def site_differences(model: Transformer, engine: intmodel.IntTransformer, src: n
             diff = np.abs(recorded[site][calls[site]] - q)
             rows.append({"site": site, "call": calls[site], "matmul": rec.name,
                          "max_diff": int(diff.max(initial=0)), "n_diff": int(np.count_nonzero(diff)),
-                         "size": int(q.size), "float32_exact": rec.abs_bound < intmodel.FLOAT32_EXACT})
+                         "size": int(q.size), "float32_exact": rec.abs_bound < accumulation.FLOAT32_EXACT})
             calls[site] += 1
     return rows, tf_logits, int_logits
 
@@ -88,20 +87,20 @@ def first_test_batch(hp: argparse.Namespace, sp: spm.SentencePieceProcessor, n: 
                      ) -> tuple[np.ndarray, np.ndarray]:
     """(sources, decoder inputs BOS + pieces) of the first n test pairs."""
     de, en, _ = runs.test_pairs(hp)
-    src = qformat.pad_batch(data_load.encode_source(sp, de[:n]))
-    tgt_in = qformat.pad_batch([ids[:-1] for ids in data_load.encode_target(sp, en[:n])])
+    src = token_ids.pad_batch(data_load.encode_source(sp, de[:n]))
+    tgt_in = token_ids.pad_batch([ids[:-1] for ids in data_load.encode_target(sp, en[:n])])
     return src, tgt_in
 
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", required=True, help="the quantized train.py run")
-    p.add_argument("--export", required=True, help="its export.py directory")
+    p.add_argument("--export", required=True, help="its export directory (eval.py --export_to)")
     p.add_argument("--n", type=int, default=8, help="test sentences in the batch")
     args = p.parse_args(argv)
     model, hp, spm_path = runs.load_quantized(args.logdir)
-    engine = intmodel.IntTransformer.load(args.export)
-    if qformat.sha256_file(spm_path) != engine.manifest["spm"]["sha256"]:
+    engine = loader.load_engine(args.export)
+    if export_format.sha256_file(spm_path) != engine.manifest["spm"]["sha256"]:
         raise ValueError(f"{spm_path}: spm model mismatch: {args.export} was exported with another")
     src, tgt_in = first_test_batch(hp, spm.SentencePieceProcessor(model_file=spm_path), args.n)
     print(report(*site_differences(model, engine, src, tgt_in)))

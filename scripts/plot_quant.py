@@ -1,7 +1,7 @@
 """Plots of the quantization (PNG, matplotlib):
 
     python scripts/plot_quant.py thresholds --logdir runs/demo/w8a8 --out docs/thresholds.png
-    python scripts/plot_quant.py pareto --bench bench/quant.json --out docs/pareto.png
+    python scripts/plot_quant.py pareto --bench bench/frontier/quant_multi30k_parent1952.json --out docs/pareto.png
     python scripts/plot_quant.py histogram --logdir runs/demo/w8a8 --site decoder/block_0/ffn/dense1/input \\
         --out docs/histogram.png
 
@@ -37,6 +37,7 @@ from tensorflow.core.util import event_pb2  # noqa: E402
 
 import hparams  # noqa: E402
 import runs  # noqa: E402
+from integer import atomic_files  # noqa: E402
 from model import Transformer, load_weights  # noqa: E402
 
 TAG = "log2_t/"
@@ -156,7 +157,7 @@ def save(fig, out: str) -> None:
     fig.tight_layout()
     png = io.BytesIO()
     fig.savefig(png, format="png", dpi=110)
-    hparams.write_atomic(out, png.getvalue())
+    atomic_files.write_atomic(out, png.getvalue())
     plt.close(fig)
 
 
@@ -166,7 +167,7 @@ def main(argv: list[str]) -> None:
     t = sub.add_parser("thresholds", help="every site's log2_t over training")
     t.add_argument("--logdir", required=True)
     b = sub.add_parser("pareto", help="BLEU against bits per weight from bench_quant.py's JSON")
-    b.add_argument("--bench", default=os.path.join(ROOT, "bench", "quant.json"))
+    b.add_argument("--bench", default=os.path.join(ROOT, "bench", "frontier", "quant_multi30k_parent1952.json"))
     h = sub.add_parser("histogram", help="one site's values with its calibrated and trained threshold")
     h.add_argument("--logdir", required=True)
     h.add_argument("--site", required=True)

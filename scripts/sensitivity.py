@@ -1,8 +1,8 @@
 """Per-site sensitivity of a W8A8 model, and a weight-bit allocation under a budget.
 
-    python scripts/sensitivity.py --logdir runs/bench/float_multi30k --out bench/sensitivity_multi30k.json
-    python scripts/sensitivity.py --table bench/sensitivity_multi30k.json --budget 3.5 \\
-        --allocation_out bench/allocation_multi30k_3.5.json
+    python scripts/sensitivity.py --logdir runs/bench/float_multi30k --out bench/sensitivity/sensitivity_multi30k.json
+    python scripts/sensitivity.py --table bench/sensitivity/sensitivity_multi30k.json --budget 3.5 \\
+        --allocation_out bench/allocations/allocation_multi30k_3.5.json
 
 Table: the run's best checkpoint quantized W8A8 (`--quant`; a float run's thresholds calibrated as
 eval.py's PTQ does, a QAT run's kept), then one site — or one family, the same site in every block
@@ -33,11 +33,14 @@ import sentencepiece as spm  # noqa: E402
 import tensorflow as tf  # noqa: E402
 from tqdm import tqdm  # noqa: E402
 
-import bitbudget  # noqa: E402
-import calibration  # noqa: E402
 import data_load  # noqa: E402
 import hparams  # noqa: E402
 import runs  # noqa: E402
+from integer import (  # noqa: E402
+    atomic_files,  # noqa: E402
+    bitbudget,
+    calibration,
+)
 from model import Transformer, load_weights  # noqa: E402
 
 
@@ -196,7 +199,7 @@ def main(argv: list[str]) -> None:
         if args.allocation_out:
             hparams.write_json(args.allocation_out, chosen)
             flags_file = os.path.splitext(args.allocation_out)[0] + ".flags"
-            hparams.write_atomic(flags_file, "\n".join(chosen["flags"]) + "\n")
+            atomic_files.write_atomic(flags_file, "\n".join(chosen["flags"]) + "\n")
         print(f"allocation: mean {chosen['weight_bits_mean']} weight bits (budget {args.budget:g}), "
               f"{chosen['weight_memory_bits']} bits in all")
         print(" ".join(chosen["flags"]))

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-import bitbudget
+from integer import bitbudget
 
 SIZES = {"a": 1000, "b": 100, "c": 10}
 

@@ -1,4 +1,4 @@
-"""Activation calibration (calibration.py; docs/tqt.md, "Calibration") against independent
+"""Activation calibration (integer/calibration.py; docs/tqt.md, "Calibration") against independent
 references: a plain-loop KL-J threshold search written from the docstrings, hand-worked histograms,
 np.percentile and a NumPy brute force over power-of-two thresholds for MSE. Sites observe through
 calibration.observe and are calibrated by calibration.calibrate_site."""
@@ -11,9 +11,8 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import calibration
-import qformat
 import quant
+from integer import calibration, fixed_point
 
 BINS = calibration.Observations.BINS
 FLOOR = 1e-12  # the "tiny floor" on Q; its value decides J wherever Q is empty, so it must match
@@ -475,8 +474,8 @@ def test_subsample_at_exactly_the_bound_and_seeded_by_the_site():
 
 
 def test_log2_keeps_thresholds_inside_the_clamp():
-    assert calibration.log2_threshold(0.0) == qformat.LOG2_T_MIN
-    assert calibration.log2_threshold(2.0**30) == qformat.LOG2_T_MAX
+    assert calibration.log2_threshold(0.0) == fixed_point.LOG2_T_MIN
+    assert calibration.log2_threshold(2.0**30) == fixed_point.LOG2_T_MAX
     np.testing.assert_array_equal(calibration.log2_threshold([0.5, 3.0]), np.log2([0.5, 3.0]))
 
 
@@ -552,7 +551,7 @@ def test_mse_on_values_below_the_smallest_threshold():
     """|x| under 2^-24: the only candidate left is the clamp's floor, log2_t = -24."""
     site, obs = observed(np.full(100, 2.0**-26), "activation", chunks=1)
     calibration.calibrate_site(site, obs, "mse")
-    assert site.log2_t.numpy() == qformat.LOG2_T_MIN
+    assert site.log2_t.numpy() == fixed_point.LOG2_T_MIN
 
 
 def weight_log2_t(w, method, shape):
@@ -578,7 +577,7 @@ def test_weight_log2_t():
     assert got.dtype == np.float64
     np.testing.assert_array_equal(got, np.log2(np.abs(w64.mean(axis=(0, 1))) + 3 * w64.std(axis=(0, 1))))
     np.testing.assert_array_equal(weight_log2_t(np.array([[0.0, 2.0**30]]), "max", (2,)),
-                                  [qformat.LOG2_T_MIN, qformat.LOG2_T_MAX])
+                                  [fixed_point.LOG2_T_MIN, fixed_point.LOG2_T_MAX])
     table = w[0]  # [8, 3]: a threshold per row has shape [8, 1]
     np.testing.assert_array_equal(weight_log2_t(table, "max", (8, 1)),
                                   np.log2(np.abs(table).max(axis=1, keepdims=True)))
@@ -687,7 +686,7 @@ def test_max_init_keeps_the_maximum_on_the_grid(bits, signed):
     grid top 1 - 2^-(b-1)) would be clipped and get no gradient: its threshold is doubled;
     any other maximum keeps log2(max)."""
     site = quant.QuantSite("ln/gamma", "weight", bits)
-    _, p = qformat.integer_range(bits, signed)
+    _, p = fixed_point.integer_range(bits, signed)
     for top, threshold in ((1.0, 2.0), (0.5, 1.0), (1.0 - 2.0 ** -(bits - 1), 1.0), (0.74, 1.0),
                            (1.0 - 2.0 ** -bits, 2.0)):
         calibration.init_weight_site(site, np.array([0.1, -top / 2, top]))

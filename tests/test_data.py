@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 
 import data_load
-import qformat
 from corpus import demo as demo_corpus
 from data_load import DataError
+from integer import token_ids
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -268,15 +268,15 @@ def demo_spm(tmp_path_factory):
 def test_spm_round_trip_and_special_ids(demo_spm):
     sp, german, english, _ = demo_spm
     assert [sp.pad_id(), sp.unk_id(), sp.bos_id(), sp.eos_id()] == [0, 1, 2, 3]
-    assert [qformat.PAD, qformat.UNK, qformat.BOS, qformat.EOS] == [0, 1, 2, 3]
+    assert [token_ids.PAD, token_ids.UNK, token_ids.BOS, token_ids.EOS] == [0, 1, 2, 3]
     assert sp.get_piece_size() == 500
     src = data_load.encode_source(sp, german[:20])
     tgt = data_load.encode_target(sp, english[:20])
-    assert all(ids[-1] == qformat.EOS and qformat.BOS not in ids for ids in src)
-    assert all(ids[0] == qformat.BOS and ids[-1] == qformat.EOS for ids in tgt)
+    assert all(ids[-1] == token_ids.EOS and token_ids.BOS not in ids for ids in src)
+    assert all(ids[0] == token_ids.BOS and ids[-1] == token_ids.EOS for ids in tgt)
     assert [data_load.decode_ids(sp, ids) for ids in src] == german[:20]
-    assert data_load.decode_ids(sp, tgt[0] + [qformat.PAD] * 2) == english[0]
-    assert sp.decode(qformat.strip_ids(tgt[0])) == english[0]
+    assert data_load.decode_ids(sp, tgt[0] + [token_ids.PAD] * 2) == english[0]
+    assert sp.decode(token_ids.strip_ids(tgt[0])) == english[0]
     assert data_load.decode_ids(sp, np.array(tgt[1] + tgt[2])) == english[1]  # stops at eos
 
 

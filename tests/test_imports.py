@@ -1,13 +1,15 @@
-"""The import structure of the project modules (the repository root's *.py, corpus/ and scripts/).
+"""The import structure of the project modules (the repository root's *.py, the packages corpus/,
+integer/ and integer_tf/, and scripts/).
 
 - static: every import statement anywhere in a module (module level and inside functions) names
   the project modules it depends on; that graph has no cycle, nothing but the benchmarks imports
   the commands `eval` and `train`, and no script imports another script;
 - dynamic: every module imports on its own in an interpreter that holds no project module yet
   (an import-time cycle or error shows only when the module is the first one imported);
-- the integer side (qformat, intops, intmodel, calibration, data_load, hparams, corpus.demo) never loads
-  TensorFlow;
-- the choices of --quant, --rounding, --calib and --weight_init come from qformat / calibration.
+- the NumPy side (every module of integer/, and data_load, hparams, corpus.demo) never loads
+  TensorFlow, and integer/ imports nothing outside itself (no import points back up a layer);
+- the choices of --quant, --rounding, --calib and --weight_init come from integer/fixed_point.py and
+  integer/calibration.py.
 """
 
 from __future__ import annotations
@@ -31,9 +33,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPTS = ROOT / "scripts"
-REQUIRED = ("qformat", "quant", "intmodel", "model", "train", "eval", "export", "runs", "calibration",
-            "data_load", "hparams", "modules", "corpus.demo")
-TF_FREE = ("qformat", "intops", "intmodel", "calibration", "data_load", "hparams", "corpus.demo")
+REQUIRED = ("integer.fixed_point", "integer.kernels", "integer.matmul_engine", "integer.intonly_engine",
+            "integer.calibration", "integer_tf.export", "integer_tf.intonly_layers", "quant", "model",
+            "train", "eval", "runs", "data_load", "hparams", "modules", "corpus.demo")
+NUMPY_PACKAGE = "integer"
 COMMANDS = ("eval", "train")  # importable only by scripts/bench_*.py
 TIMEOUT = 300
 
@@ -44,7 +47,9 @@ TIMEOUT = 300
 def project_modules() -> dict[str, Path]:
     """Dotted name -> file of every project module: ROOT/*.py, corpus/*.py, scripts/*.py (the
     scripts are named scripts.<name>; a package's __init__.py is the package)."""
-    paths = sorted(ROOT.glob("*.py")) + sorted((ROOT / "corpus").glob("*.py")) + sorted(SCRIPTS.glob("*.py"))
+    paths = sorted(ROOT.glob("*.py")) + [path for package in ("corpus", "integer", "integer_tf")
+                                         for path in sorted((ROOT / package).glob("*.py"))]
+    paths += sorted(SCRIPTS.glob("*.py"))
     modules = {}
     for path in paths:
         parts = path.relative_to(ROOT).with_suffix("").parts
@@ -55,6 +60,9 @@ def project_modules() -> dict[str, Path]:
 
 
 MODULES = project_modules()
+# the NumPy side: never loads TensorFlow
+TF_FREE = tuple(sorted(name for name in MODULES if name.partition(".")[0] == NUMPY_PACKAGE)) + \
+    ("data_load", "hparams", "corpus.demo")
 
 
 def is_script(name: str) -> bool:
@@ -231,6 +239,15 @@ def test_only_the_benchmarks_import_the_eval_and_train_commands():
         "are commands; shared code belongs in runs.py or hparams.py):\n" + "\n".join(bad)
 
 
+def test_the_numpy_package_imports_nothing_outside_itself():
+    """integer/ is the bottom layer: what an FPGA team reads must stand alone."""
+    graph = import_graph()
+    bad = [where(importer, imported, graph) for importer, edges in sorted(graph.items())
+           if importer.partition(".")[0] == NUMPY_PACKAGE
+           for imported in edges if imported.partition(".")[0] != NUMPY_PACKAGE]
+    assert not bad, "integer/ imports a module outside it:\n" + "\n".join(bad)
+
+
 def test_no_script_imports_another_script():
     graph = import_graph()
     bad = [where(importer, imported, graph) for importer, edges in sorted(graph.items())
@@ -387,13 +404,14 @@ def test_the_integer_side_does_not_load_tensorflow(name):
                     f"pulled in by: {' -> '.join(result.tf_chain)}", pytrace=False)
 
 
-# ---- flag choices: one list each, in qformat / calibration ----------------------------------------
+# ---- flag choices: one list each, in fixed_point / calibration -------------------------------------
 
 
 # (module, attribute) whose values each flag offers; imported in the tests, so that a broken
 # import above still lets this file run its import checks
-SOURCES = {"--quant": ("qformat", "PRESETS"), "--rounding": ("qformat", "ROUNDINGS"),
-           "--calib": ("calibration", "METHODS"), "--weight_init": ("calibration", "WEIGHT_INITS")}
+SOURCES = {"--quant": ("integer.fixed_point", "PRESETS"), "--rounding": ("integer.fixed_point", "ROUNDINGS"),
+           "--calib": ("integer.calibration", "METHODS"),
+           "--weight_init": ("integer.calibration", "WEIGHT_INITS")}
 PARSERS = {"train": ("train_parser", ["--logdir", "unused"]), "eval": ("eval_parser", [])}
 
 
@@ -421,7 +439,7 @@ def action(parser, flag):
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 @pytest.mark.parametrize("flag", sorted(SOURCES))
-def test_flag_choices_are_the_lists_in_qformat_and_calibration(parser, flag):
+def test_flag_choices_are_the_lists_in_fixed_point_and_calibration(parser, flag):
     module, attr = SOURCES[flag]
     expected = list(getattr(importlib.import_module(module), attr))
     choices = action(build_parser(parser), flag).choices
@@ -432,7 +450,7 @@ def test_flag_choices_are_the_lists_in_qformat_and_calibration(parser, flag):
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 @pytest.mark.parametrize("flag", ["--rounding", "--calib", "--weight_init"])
 def test_a_new_choice_is_one_edit(monkeypatch, parser, flag):
-    """A value added to the tuple in qformat / calibration is accepted, with no edit to hparams
+    """A value added to the tuple in fixed_point / calibration is accepted, with no edit to hparams
     (a literal list in hparams, even an equal one, fails here)."""
     module, attr = SOURCES[flag]
     module = importlib.import_module(module)
@@ -442,10 +460,10 @@ def test_a_new_choice_is_one_edit(monkeypatch, parser, flag):
 
 @pytest.mark.parametrize("parser", sorted(PARSERS))
 def test_a_new_preset_is_one_edit(monkeypatch, parser):
-    """A preset added to qformat.PRESETS is a --quant choice and a QuantConfig, with no other edit."""
-    import qformat
+    """A preset added to fixed_point.PRESETS is a --quant choice and a QuantConfig, with no other edit."""
+    from integer import fixed_point
 
-    monkeypatch.setitem(qformat.PRESETS, "w3a5", (3, 5))
+    monkeypatch.setitem(fixed_point.PRESETS, "w3a5", (3, 5))
     args = parse(parser, "--quant", "w3a5")
     assert args.quant == "w3a5"
     import quant  # TensorFlow: only this test needs it

@@ -15,14 +15,22 @@ import pytest
 import sentencepiece as spm
 import tensorflow as tf
 
-import calibration
 import data_load
-import export
-import intmodel
-import qformat
 import quant
 import runs
 from corpus import demo as demo_corpus
+from integer import (
+    calibration,
+    decoding,
+    export_format,
+    fixed_point,
+    golden_vectors,
+    loader,
+    matmul_engine,
+    site_names,
+    token_ids,
+)
+from integer_tf import export
 from model import Transformer
 from modules import Dense, MultiHeadAttention, padding_bias
 from scripts.compare_engines import site_differences
@@ -44,7 +52,7 @@ def random_src(vocab, batch=6, length=9, seed=0):
     src = rng.integers(4, vocab, size=(batch, length)).astype(np.int32)
     for i in range(batch):  # ragged: EOS then padding
         n = rng.integers(2, length)
-        src[i, n], src[i, n + 1:] = qformat.EOS, qformat.PAD
+        src[i, n], src[i, n + 1:] = token_ids.EOS, token_ids.PAD
     return src
 
 
@@ -114,49 +122,49 @@ def test_mem_file_round_trip(tmp_path, bits, signed):
     values = np.concatenate([[lo, hi, 0, -1 if signed else 1],
                              np.random.default_rng(bits).integers(lo, hi + 1, 200)])
     path = str(tmp_path / "v.mem")
-    qformat.write_mem(path, values, bits, signed, comment="test")
+    export_format.write_mem(path, values, bits, signed, comment="test")
     lines = open(path).read().splitlines()
     assert lines[0].startswith("//") and all(len(w) == -(-bits // 4) for w in lines[1:])
-    np.testing.assert_array_equal(qformat.read_mem(path, bits, signed), values)
+    np.testing.assert_array_equal(export_format.read_mem(path, bits, signed), values)
 
 
 def test_mem_file_rejects_values_out_of_range(tmp_path):
     with pytest.raises(ValueError, match="outside the 4-bit range"):
-        qformat.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
+        export_format.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
 
 
 def test_export_round_trip(exported):
     model, hp, out, manifest = exported
     npz = np.load(os.path.join(out, "model.npz"))
-    grids = qformat.grids_of(npz)
+    grids = export_format.grids_of(npz)
     for site, weight in model.weight_sites():
         q = npz[site.site_name]
         assert q.dtype == np.int8  # 4- and 8-bit weights
-        n, p = qformat.integer_range(site.num_bits, True)
+        n, p = fixed_point.integer_range(site.num_bits, True)
         assert q.min() >= n and q.max() <= p and q.min() < 0
         fake = quant.tqt_fake_quant(weight, site.log2_t, site.num_bits, True, site.rounding).numpy()
         np.testing.assert_array_equal(q * np.exp2(-site.frac_bits().astype(float)), fake)
-        mem = qformat.read_mem(os.path.join(out, "mem", qformat.mem_file_name(site.site_name)),
+        mem = export_format.read_mem(os.path.join(out, "mem", export_format.mem_file_name(site.site_name)),
                                grids[site.site_name].bits, True)
         np.testing.assert_array_equal(mem.reshape(q.shape), q)
-    dense1 = qformat.dense(qformat.feed_forward(qformat.block_names("decoder", 0).ffn).dense1)
+    dense1 = site_names.dense(site_names.feed_forward(site_names.block_names("decoder", 0).ffn).dense1)
     bias = npz[dense1.bias]
     assert bias.dtype == np.int32
-    mem = qformat.read_mem(os.path.join(out, "mem", qformat.mem_file_name(dense1.bias)), 32, True)
+    mem = export_format.read_mem(os.path.join(out, "mem", export_format.mem_file_name(dense1.bias)), 32, True)
     np.testing.assert_array_equal(mem, bias)
     # the files' text as a $readmemh reader sees it: two's complement in ceil(bits/4) hex digits
-    for key, bits in ((dense1.bias, 32), (qformat.EMBEDDING, hp.wbits)):
+    for key, bits in ((dense1.bias, 32), (site_names.EMBEDDING, hp.wbits)):
         digits = -(-bits // 4)
-        lines = open(os.path.join(out, "mem", qformat.mem_file_name(key))).read().splitlines()
+        lines = open(os.path.join(out, "mem", export_format.mem_file_name(key))).read().splitlines()
         assert lines[0].startswith("//") and lines[1:] == [
             format(int(v) % 16**digits, f"0{digits}x") for v in npz[key].ravel()]
-    for norm in qformat.block_names("encoder", 0).norms + qformat.block_names("decoder", 0).norms:
+    for norm in site_names.block_names("encoder", 0).norms + site_names.block_names("decoder", 0).norms:
         assert npz[f"{norm}/gamma"].dtype == npz[f"{norm}/beta"].dtype == np.float32
-    assert manifest["npz"]["sha256"] == qformat.sha256_file(os.path.join(out, "model.npz"))
+    assert manifest["npz"]["sha256"] == export_format.sha256_file(os.path.join(out, "model.npz"))
     assert {row["name"] for row in manifest["sites"]} == set(model.sites.sites)
     assert manifest["hparams"]["wbits"] == hp.wbits and manifest["model"]["rounding"] == hp.rounding
     # format 2: the rounding lives in the engine's config only, and every export is quantized
-    assert manifest["format_version"] == qformat.FORMAT_VERSION == 4
+    assert manifest["format_version"] == export_format.FORMAT_VERSION == 4
     assert "rounding" not in manifest and "quantized" not in manifest
     assert json.load(open(os.path.join(out, "manifest.json"))) == manifest
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
@@ -174,7 +182,8 @@ def test_dense_layer_identical(rounding, per_channel):
     dense.b.assign(tf.random.normal([24], stddev=0.5))
     x = tf.random.normal([3, 5, 48], stddev=2.0)
     calibrate_sites(dense, lambda: dense(x))
-    engine = intmodel.IntTransformer(export.quantized_arrays(dense), {"rounding": rounding, "num_heads": 1})
+    engine = matmul_engine.IntTransformer(export.quantized_arrays(dense),
+                                          {"rounding": rounding, "num_heads": 1})
     y = engine.dense("layer", x.numpy())
     assert y.dtype == np.float32
     np.testing.assert_array_equal(y, dense(x).numpy())
@@ -186,7 +195,7 @@ def test_attention_block_identical():
     x, memory = tf.random.normal([2, 5, 32]), tf.random.normal([2, 7, 32])
     bias = padding_bias(tf.constant([[5] * 7, [5] * 4 + [0] * 3]))
     calibrate_sites(attention, lambda: attention(x, memory, bias))
-    engine = intmodel.IntTransformer(export.quantized_arrays(attention), {"rounding": "half_even",
+    engine = matmul_engine.IntTransformer(export.quantized_arrays(attention), {"rounding": "half_even",
                                                                          "num_heads": 4})
     y = engine.attention("attn", x.numpy(), memory.numpy(), bias.numpy())
     np.testing.assert_array_equal(y, attention(x, memory, bias).numpy())
@@ -197,15 +206,15 @@ def test_attention_block_identical():
 
 def test_integer_model_equals_fake_quant_model(exported):
     model, _, out, _ = exported
-    engine = intmodel.IntTransformer.load(out)
+    engine = loader.load_engine(out)
     src = random_src(engine.vocab, 8, 10, seed=7)
-    greedy = engine.greedy(src)
-    assert len({tuple(qformat.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
+    greedy = decoding.greedy(engine, src)
+    assert len({tuple(token_ids.strip_ids(r)) for r in greedy}) > 4, "degenerate test model"
     np.testing.assert_array_equal(greedy, model.greedy(tf.constant(src)).numpy())
-    np.testing.assert_array_equal(greedy, engine.beam_search(src, 1, 0.0))  # argmax = TF's ranking
-    np.testing.assert_array_equal(engine.beam_search(src, 3, 0.6),
+    np.testing.assert_array_equal(greedy, decoding.beam_search(engine, src, 1, 0.0))  # argmax = TF's ranking
+    np.testing.assert_array_equal(decoding.beam_search(engine, src, 3, 0.6),
                                   model.beam_search(tf.constant(src), 3, 0.6).numpy())
-    tgt_in = np.concatenate([np.full((8, 1), qformat.BOS), greedy[:, :-1]], axis=1)
+    tgt_in = np.concatenate([np.full((8, 1), token_ids.BOS), greedy[:, :-1]], axis=1)
     rows, tf_logits, int_logits = site_differences(model, engine, src, tgt_in)
     # the TF side's integers are its own fake-quant outputs: every matmul operand, weights and
     # activations alike, must be the same integer in both engines, and so the logits
@@ -214,8 +223,8 @@ def test_integer_model_equals_fake_quant_model(exported):
     assert [r for r in rows if r["n_diff"]] == []
     np.testing.assert_array_equal(int_logits, tf_logits)
     stats = engine.accumulator_stats()
-    encoder_attention = qformat.attention(qformat.block_names("encoder", 0).self_attention)
-    assert set(stats) >= {qformat.OUTPUT_PROJECTION, encoder_attention.scores}
+    encoder_attention = site_names.attention(site_names.block_names("encoder", 0).self_attention)
+    assert set(stats) >= {site_names.OUTPUT_PROJECTION, encoder_attention.scores}
     assert all(s["bits"] <= 32 for s in stats.values())
 
 
@@ -223,30 +232,31 @@ def test_translate_lines_matches_runs_translate(exported, spm_file):
     model, hp, out, _ = exported
     sp = spm.SentencePieceProcessor(model_file=os.path.join(out, "spm.model"))
     lines = spm_file[1]
-    engine = intmodel.IntTransformer.load(out)
-    assert intmodel.translate_lines(engine, sp, lines, 4) == runs.translate(model, sp, lines, hp)
+    engine = loader.load_engine(out)
+    assert data_load.translate_lines(engine, sp, lines, 4) == runs.translate(model, sp, lines, hp)
 
 
 def test_dump_vectors(exported, tmp_path):
     _, _, out, _ = exported
-    engine = intmodel.IntTransformer.load(out)
-    index = intmodel.dump_vectors(engine, [[5, 6, 7, 3], [8, 9, 3]], str(tmp_path))
+    engine = loader.load_engine(out)
+    index = golden_vectors.dump_vectors(engine, [[5, 6, 7, 3], [8, 9, 3]], str(tmp_path))
     vectors = np.load(tmp_path / "vectors.npz")
     first = index[0]  # the first block's W^K: x @ W + b
-    wk = qformat.dense(qformat.attention(qformat.block_names("encoder", 0).self_attention).wk)
-    assert first["matmul"] == qformat.matmul_of(wk.input) and first["x"]["site"] == wk.input
-    assert first["w"] == {"site": wk.weight, "mem": qformat.mem_file_name(wk.weight)}
+    wk = site_names.dense(site_names.attention(site_names.block_names("encoder", 0).self_attention).wk)
+    assert first["matmul"] == site_names.matmul_of(wk.input) and first["x"]["site"] == wk.input
+    assert first["w"] == {"site": wk.weight, "mem": export_format.mem_file_name(wk.weight)}
     assert os.path.isfile(os.path.join(out, "mem", first["w"]["mem"]))
     x = vectors[first["x"]["key"]].astype(np.int64)
     npz = np.load(os.path.join(out, "model.npz"))
     expected = x @ npz[wk.weight].astype(np.int64) + npz[wk.bias]
     np.testing.assert_array_equal(vectors[first["acc"]["key"]], expected)
-    attention = qformat.attention(qformat.block_names("encoder", 0).self_attention)
+    attention = site_names.attention(site_names.block_names("encoder", 0).self_attention)
     scores = next(e for e in index if e["matmul"] == attention.scores)  # Q K^T: K is an activation
     assert scores["x"]["site"] == attention.query and scores["w"]["site"] == attention.key
-    mem = qformat.read_mem(str(tmp_path / "mem" / f"{scores['w']['key']}.mem"), scores["w"]["bits"], True)
+    mem_path = str(tmp_path / "mem" / f"{scores['w']['key']}.mem")
+    mem = export_format.read_mem(mem_path, scores["w"]["bits"], True)
     np.testing.assert_array_equal(mem, vectors[scores["w"]["key"]].ravel())
-    assert index[-1]["matmul"] == qformat.OUTPUT_PROJECTION
+    assert index[-1]["matmul"] == site_names.OUTPUT_PROJECTION
 
 
 @pytest.mark.parametrize("x_signed", [True, False])
@@ -260,11 +270,11 @@ def test_wide_accumulation_is_exact(x_signed):
     w[:, 0] = -128 if x_signed else 127  # a column whose sum is far beyond 2^24
     x[0] = n
     bias = rng.integers(-(2**31), 2**31 - 1, size=6).astype(np.int32)
-    names = qformat.dense("l")
+    names = site_names.dense("l")
     arrays = {names.weight: w, names.bias: bias,
-              **qformat.grid_arrays(names.input, qformat.Grid(8, x_signed, np.int64(0))),
-              **qformat.grid_arrays(names.weight, qformat.Grid(8, True, np.int64(0)))}
-    engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
+              **export_format.grid_arrays(names.input, fixed_point.Grid(8, x_signed, np.int64(0))),
+              **export_format.grid_arrays(names.weight, fixed_point.Grid(8, True, np.int64(0)))}
+    engine = matmul_engine.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
     exact = x.astype(np.int64) @ w.astype(np.int64) + bias
     assert np.abs(exact).max() > 2**24
     with engine.tracing() as trace:
@@ -275,13 +285,13 @@ def test_wide_accumulation_is_exact(x_signed):
 
 def test_accumulator_over_32_bits_warns(capsys):
     w = np.full((64, 2), 32767, np.int16)
-    names = qformat.dense("l")
-    grid = qformat.Grid(16, True, np.int64(0))
-    arrays = {names.weight: w, **qformat.grid_arrays(names.input, grid),
-              **qformat.grid_arrays(names.weight, grid)}
-    engine = intmodel.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
+    names = site_names.dense("l")
+    grid = fixed_point.Grid(16, True, np.int64(0))
+    arrays = {names.weight: w, **export_format.grid_arrays(names.input, grid),
+              **export_format.grid_arrays(names.weight, grid)}
+    engine = matmul_engine.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
     engine.dense("l", np.full((1, 64), 30000.0, np.float32))
-    matmul = qformat.matmul_of(names.input)
+    matmul = site_names.matmul_of(names.input)
     assert engine.accumulator_stats() == {matmul: {"max_abs": 64 * 30000 * 32767, "bits": 37}}
     warning = f"warning: {matmul} accumulator reached {64 * 30000 * 32767} (37 bits > 32)"
     assert warning in capsys.readouterr().err
@@ -311,21 +321,21 @@ def test_tampered_npz_is_caught(export_copy):
     data = bytearray(open(path, "rb").read())
     data[len(data) // 2] ^= 1
     open(path, "wb").write(bytes(data))
-    with pytest.raises(qformat.ExportError, match="model.npz.*checksum mismatch"):
-        intmodel.IntTransformer.load(export_copy)
+    with pytest.raises(export_format.ExportError, match="model.npz.*checksum mismatch"):
+        loader.load_engine(export_copy)
 
 
 def test_missing_npz_and_spm_mismatch(export_copy):
     with open(os.path.join(export_copy, "spm.model"), "ab") as f:
         f.write(b"x")
-    with pytest.raises(qformat.ExportError, match="spm.model: spm model checksum mismatch"):
-        intmodel.IntTransformer.load(export_copy)
+    with pytest.raises(export_format.ExportError, match="spm.model: spm model checksum mismatch"):
+        loader.load_engine(export_copy)
     os.remove(os.path.join(export_copy, "model.npz"))
-    with pytest.raises(qformat.ExportError, match="model.npz missing"):
-        intmodel.IntTransformer.load(export_copy)
+    with pytest.raises(export_format.ExportError, match="model.npz missing"):
+        loader.load_engine(export_copy)
 
 
-EMBEDDING, GAMMA = qformat.EMBEDDING, f"{qformat.block_names('encoder', 0).norms[0]}/gamma"
+EMBEDDING, GAMMA = site_names.EMBEDDING, f"{site_names.block_names('encoder', 0).norms[0]}/gamma"
 
 
 @pytest.mark.parametrize("members, message", [
@@ -346,16 +356,17 @@ def test_corrupt_npz_with_matching_checksum(export_copy, members, message):
                 np.save(buffer, content)
                 content = buffer.getvalue()
             z.writestr(name, content)
-    _edit_manifest(export_copy, npz={"path": "model.npz", "sha256": qformat.sha256_file(path)})
-    with pytest.raises(qformat.ExportError, match=f"model.npz: {message}"):
-        intmodel.IntTransformer.load(export_copy)
+    _edit_manifest(export_copy, npz={"path": "model.npz", "sha256": export_format.sha256_file(path)})
+    with pytest.raises(export_format.ExportError, match=f"model.npz: {message}"):
+        loader.load_engine(export_copy)
 
 
 def test_unknown_format_version(export_copy):
     _edit_manifest(export_copy, format_version=99)
-    with pytest.raises(qformat.ExportError, match=r"manifest.json: export format version 99, but this "
-                                                  r"code reads version 4: re-export it with export.py$"):
-        intmodel.IntTransformer.load(export_copy)
+    message = (r"manifest.json: export format version 99, but this code reads version 4: "
+               r"re-export it \(python -m integer_tf.export\)$")
+    with pytest.raises(export_format.ExportError, match=message):
+        loader.load_engine(export_copy)
 
 
 def as_format_version_1(path):
@@ -372,13 +383,13 @@ def test_format_version_1_export_is_refused_with_a_re_export_hint(export_copy):
     manifest and saying to re-export, in the engine and from eval.py (exit 1, no traceback)."""
     as_format_version_1(export_copy)
     manifest_path = os.path.join(export_copy, "manifest.json")
-    with pytest.raises(qformat.ExportError) as error:
-        intmodel.IntTransformer.load(export_copy)
+    with pytest.raises(export_format.ExportError) as error:
+        loader.load_engine(export_copy)
     message = str(error.value)
     assert message == (f"{manifest_path}: export format version 1, but this code reads version 4: "
-                       "re-export it with export.py")
-    with pytest.raises(qformat.ExportError, match="re-export"):
-        qformat.read_manifest(export_copy)
+                       "re-export it (python -m integer_tf.export)")
+    with pytest.raises(export_format.ExportError, match="re-export"):
+        export_format.read_manifest(export_copy)
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
     proc = subprocess.run([sys.executable, "eval.py", "--engine", "int", "--export", export_copy],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
@@ -395,13 +406,13 @@ def test_float_export_is_refused(spm_file, tmp_path, export_copy):
         export.export_model(float_model, tiny_hp(quant="none"), spm_file[0], str(tmp_path / "x"))
     assert not os.path.exists(tmp_path / "x")
     _edit_manifest(export_copy, sites=[])
-    with pytest.raises(qformat.ExportError, match="export from a float checkpoint"):
-        intmodel.IntTransformer.load(export_copy)
+    with pytest.raises(export_format.ExportError, match="export from a float checkpoint"):
+        loader.load_engine(export_copy)
 
 
 def test_interrupted_export_leaves_no_partial_directory(exported, spm_file, monkeypatch):
     model, hp, out, _ = exported
-    before = qformat.sha256_file(os.path.join(out, "manifest.json"))
+    before = export_format.sha256_file(os.path.join(out, "manifest.json"))
     calls = []
 
     def failing_write_mem(*args, **kwargs):
@@ -410,18 +421,18 @@ def test_interrupted_export_leaves_no_partial_directory(exported, spm_file, monk
             raise KeyboardInterrupt  # as if interrupted mid-write
         return real_write_mem(*args, **kwargs)
 
-    real_write_mem = qformat.write_mem
-    monkeypatch.setattr(qformat, "write_mem", failing_write_mem)
+    real_write_mem = export_format.write_mem
+    monkeypatch.setattr(export_format, "write_mem", failing_write_mem)
     fresh = os.path.join(os.path.dirname(out), "fresh")
     for target in (out, fresh):  # replacing an existing export, and a new one
         calls.clear()
         with pytest.raises(KeyboardInterrupt):
             export.export_model(model, hp, spm_file[0], target)
-    assert qformat.sha256_file(os.path.join(out, "manifest.json")) == before
+    assert export_format.sha256_file(os.path.join(out, "manifest.json")) == before
     assert sorted(os.listdir(os.path.dirname(out))) == ["model"]
-    intmodel.IntTransformer.load(out)
+    loader.load_engine(out)
 
 
-def test_intmodel_imports_no_tensorflow():
-    code = "import intmodel, qformat, sys; assert 'tensorflow' not in sys.modules"
+def test_the_engines_import_no_tensorflow():
+    code = "import integer.loader, integer.golden_vectors, sys; assert 'tensorflow' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

@@ -13,15 +13,20 @@ import pytest
 import tensorflow as tf
 from test_int import calibrated_model, demo_spm, random_src, tiny_hp
 
-import calibration
-import export
-import intlayers
-import intmodel
-import intops
 import modules
-import qformat
 import runs
 import train
+from integer import (
+    calibration,
+    decoding,
+    export_format,
+    intonly_engine,
+    kernels,
+    loader,
+    site_names,
+    token_ids,
+)
+from integer_tf import export, intonly_layers
 from model import Transformer, load_weights
 
 TRAIN_HP = dict(lr=1e-4, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
@@ -39,7 +44,7 @@ def spm_file(tmp_path_factory):
 def training_batch(vocab, seed, batch=8):
     """(src, tgt): tgt = BOS + ids + EOS + padding, as model.loss reads it."""
     src = random_src(vocab, batch, 10, seed=seed)
-    tgt = np.concatenate([np.full((batch, 1), qformat.BOS), random_src(vocab, batch, 11, seed=100 + seed)],
+    tgt = np.concatenate([np.full((batch, 1), token_ids.BOS), random_src(vocab, batch, 11, seed=100 + seed)],
                          axis=1).astype(np.int32)
     return src, tgt
 
@@ -57,14 +62,14 @@ def grids(model):
 
 def norm_prefixes(num_blocks=2):
     return [norm for side in ("encoder", "decoder") for i in range(num_blocks)
-            for norm in qformat.block_names(side, i).norms]
+            for norm in site_names.block_names(side, i).norms]
 
 
 def attention_prefixes(num_blocks=2):
     prefixes = []
     for side in ("encoder", "decoder"):
         for i in range(num_blocks):
-            names = qformat.block_names(side, i)
+            names = site_names.block_names(side, i)
             prefixes += [p for p in (names.self_attention, names.cross_attention) if p]
     return prefixes
 
@@ -72,25 +77,25 @@ def attention_prefixes(num_blocks=2):
 def integer_only_sites(num_blocks=2):
     """The site names the integer-only layers record: the embedding sum, every LayerNorm's input
     (the requantized residual sum) and output, every softmax's output."""
-    names = [qformat.EMBEDDING_SUM]
+    names = [site_names.EMBEDDING_SUM]
     for norm in norm_prefixes(num_blocks):
-        names += [qformat.layer_norm(norm).input, qformat.layer_norm(norm).output]
-    return set(names) | {qformat.attention(p).probs for p in attention_prefixes(num_blocks)}
+        names += [site_names.layer_norm(norm).input, site_names.layer_norm(norm).output]
+    return set(names) | {site_names.attention(p).probs for p in attention_prefixes(num_blocks)}
 
 
 def residual_sources(num_blocks=2):
     """{<ln>/input: {the skip site, the branch dense}}: the two grids every residual add joins."""
     sources = {}
     for side in ("encoder", "decoder"):
-        skip = qformat.EMBEDDING_SUM
+        skip = site_names.EMBEDDING_SUM
         for i in range(num_blocks):
-            names = qformat.block_names(side, i)
+            names = site_names.block_names(side, i)
             attentions = [p for p in (names.self_attention, names.cross_attention) if p]
-            branches = [qformat.attention(p).wo for p in attentions]
-            branches.append(qformat.feed_forward(names.ffn).dense2)
+            branches = [site_names.attention(p).wo for p in attentions]
+            branches.append(site_names.feed_forward(names.ffn).dense2)
             for norm, branch in zip(names.norms, branches):
-                sources[qformat.layer_norm(norm).input] = {skip, branch}
-                skip = qformat.layer_norm(norm).output
+                sources[site_names.layer_norm(norm).input] = {skip, branch}
+                skip = site_names.layer_norm(norm).output
     return sources
 
 
@@ -104,20 +109,20 @@ def trained(request, spm_file, tmp_path_factory):
     step = train.make_train_step(model, tf.distribute.get_strategy(), opt, True)
     for s in range(TRAIN_STEPS):
         src, tgt = training_batch(model.vocab_size, s)
-        n_tokens = float(np.count_nonzero(tgt[:, 1:] != qformat.PAD))
+        n_tokens = float(np.count_nonzero(tgt[:, 1:] != token_ids.PAD))
         loss, _ = step(tf.constant(src), tf.constant(tgt), tf.constant(n_tokens, tf.float32))
         assert np.isfinite(loss.numpy())
     out = str(tmp_path_factory.mktemp("intonly") / request.param)
-    sources = [list(qformat.strip_ids(r)) for r in random_src(model.vocab_size, 6, 9, seed=21)]
+    sources = [list(token_ids.strip_ids(r)) for r in random_src(model.vocab_size, 6, 9, seed=21)]
     manifest = export.export_model(model, hp, spm_file, out, sources=sources)
-    engine = intmodel.IntTransformer.load(out)
+    engine = loader.load_engine(out)
     return model, hp, engine, manifest, out, before
 
 
 def teacher_forced_inputs(vocab):
     src = random_src(vocab, 6, 9, seed=7)
     tgt = random_src(vocab, 6, 8, seed=8)
-    tgt_in = np.concatenate([np.full((6, 1), qformat.BOS), tgt[:, :-1]], axis=1).astype(np.int32)
+    tgt_in = np.concatenate([np.full((6, 1), token_ids.BOS), tgt[:, :-1]], axis=1).astype(np.int32)
     return src, tgt_in
 
 
@@ -131,7 +136,7 @@ def test_training_moved_the_thresholds(trained):
     moved = [name for name in before if not np.array_equal(before[name], after[name])]
     assert len(moved) > len(before) // 2, moved
     # the integer-only sites train too: the embedding sum and the LayerNorms' thresholds
-    assert qformat.EMBEDDING_SUM in moved
+    assert site_names.EMBEDDING_SUM in moved
     assert any(name.endswith(("/ln1/input", "/ln2/input", "/ln3/input")) for name in moved)
     # and some grids changed (ceil(log2_t) crossed an integer): the export has the trained ones
     f_after = grids(model)
@@ -142,7 +147,7 @@ def test_training_moved_the_thresholds(trained):
 
 def test_teacher_forced_sites_and_logits_equal_the_engine(trained):
     model, _, engine, _, _, _ = trained
-    assert type(engine) is intmodel.IntOnlyTransformer
+    assert type(engine) is intonly_engine.IntOnlyTransformer
     src, tgt_in = teacher_forced_inputs(engine.vocab)
     model.sites.recorded = {}
     try:
@@ -160,19 +165,20 @@ def test_teacher_forced_sites_and_logits_equal_the_engine(trained):
             produced.setdefault(op.name, []).append(op.output)
     assert set(produced) == expected
     for name in sorted(expected):
-        assert len(recorded[name]) == len(produced[name]) == (2 if name == qformat.EMBEDDING_SUM else 1), name
+        calls = 2 if name == site_names.EMBEDDING_SUM else 1
+        assert len(recorded[name]) == len(produced[name]) == calls, name
         for tf_q, np_q in zip(recorded[name], produced[name]):
             assert tf_q.dtype == np_q.dtype == np.int64, name
             assert tf_q.shape == np_q.shape, name
             n_diff = int(np.count_nonzero(tf_q != np_q))
             assert n_diff == 0, f"{name}: {n_diff} integers differ"
     # the probabilities are not all one-hot or uniform: the comparison means something
-    probs = recorded[qformat.attention(qformat.block_names("decoder", 1).cross_attention).probs][0]
+    probs = recorded[site_names.attention(site_names.block_names("decoder", 1).cross_attention).probs][0]
     assert len(np.unique(probs)) > 10
-    # a 32-bit lane when the proven bound allows it (intmodel.IntOnlyTransformer.imatmul), int64
+    # a 32-bit lane when the proven bound allows it (intonly_engine.IntOnlyTransformer.imatmul), int64
     # once a threshold per table row shifts the logits onto the finest row's grid
-    proven = engine.accumulator_stats()[qformat.OUTPUT_PROJECTION]["proven_max_abs"]
-    per_row = engine.f(qformat.EMBEDDING).ndim == 2
+    proven = engine.accumulator_stats()[site_names.OUTPUT_PROJECTION]["proven_max_abs"]
+    per_row = engine.f(site_names.EMBEDDING).ndim == 2
     assert per_row == model.sites.config.per_row_embedding
     assert logits_int.dtype == (np.int32 if proven < 2**30 and not per_row else np.int64)
     scaled = logits_tf.astype(np.float64) * 2.0**engine.logit_frac_bits
@@ -183,12 +189,12 @@ def test_teacher_forced_sites_and_logits_equal_the_engine(trained):
 def test_greedy_tokens_equal_the_engine(trained):
     model, _, engine, _, _, _ = trained
     src = random_src(engine.vocab, 8, 10, seed=11)
-    greedy = engine.greedy(src)
-    assert len({tuple(qformat.strip_ids(r)) for r in greedy}) > 2, "degenerate test model"
+    greedy = decoding.greedy(engine, src)
+    assert len({tuple(token_ids.strip_ids(r)) for r in greedy}) > 2, "degenerate test model"
     np.testing.assert_array_equal(greedy, model.greedy(tf.constant(src)).numpy())
     # finished sentences left the batch on the way (IntTransformer.greedy), the others went on
-    assert len({len(qformat.strip_ids(r)) for r in greedy}) > 1
-    np.testing.assert_array_equal(greedy, engine.beam_search(src, 1))
+    assert len({len(token_ids.strip_ids(r)) for r in greedy}) > 1
+    np.testing.assert_array_equal(greedy, decoding.beam_search(engine, src, 1))
 
 
 # ---- 2. no float on the integer-only path -------------------------------------------------------
@@ -201,7 +207,7 @@ def test_every_op_of_the_engine_is_integer(trained):
     with engine.tracing_ops() as forward_ops:
         engine.forward(src, tgt_in)
     with engine.tracing_ops() as greedy_ops:
-        engine.greedy(src[:3])
+        decoding.greedy(engine, src[:3])
     for ops in (forward_ops, greedy_ops):
         assert len(ops) > 100
         for op in ops:
@@ -221,8 +227,8 @@ def test_every_op_of_the_engine_is_integer(trained):
 ])
 def test_a_float_kernel_is_refused(trained, monkeypatch, kernel, message):
     _, _, engine, _, _, _ = trained
-    real = getattr(intops, kernel)
-    monkeypatch.setattr(intops, kernel, lambda *a, **k: real(*a, **k).astype(np.float64))
+    real = getattr(kernels, kernel)
+    monkeypatch.setattr(kernels, kernel, lambda *a, **k: real(*a, **k).astype(np.float64))
     src, tgt_in = teacher_forced_inputs(engine.vocab)
     with pytest.raises(TypeError, match=message):
         engine.forward(src, tgt_in)
@@ -242,7 +248,7 @@ def test_quant_none_builds_the_float_model():
     assert type(model.embedding_sum) is modules.EmbeddingSum
     attentions = [m for m in model.submodules if isinstance(m, modules.MultiHeadAttention)]
     assert len(attentions) == 3 and all(type(a.softmax) is modules.Softmax for a in attentions)
-    int_layers = intlayers.IntEmbeddingSum | intlayers.IntSoftmax | intlayers.IntLayerNorm
+    int_layers = intonly_layers.IntEmbeddingSum | intonly_layers.IntSoftmax | intonly_layers.IntLayerNorm
     assert not [m for m in model.submodules if isinstance(m, int_layers)]
     for variable in model.trainable_variables:  # non-trivial parameters for the reference below
         variable.assign(tf.random.normal(variable.shape, stddev=0.3, seed=6))
@@ -273,7 +279,7 @@ def test_quant_none_builds_the_float_model():
     attn, v64 = block.self_attention, x.astype(np.float64)
     q, k, v = heads(dense(attn.wq, v64)), heads(dense(attn.wk, v64)), heads(dense(attn.wv, v64))
     scores = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hp.d_model // hp.num_heads)
-    scores = np.where((ids == qformat.PAD)[:, None, None, :], -np.inf, scores)
+    scores = np.where((ids == token_ids.PAD)[:, None, None, :], -np.inf, scores)
     p = np.exp(scores - scores.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     context = (p @ v).transpose(0, 2, 1, 3).reshape(3, 7, hp.d_model)
@@ -288,10 +294,10 @@ def test_quant_none_builds_the_float_model():
 @pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
 def test_integer_only_manifest(trained, spm_file, tmp_path):
     model, hp, engine, manifest, out, _ = trained
-    assert manifest["format_version"] == qformat.FORMAT_VERSION == 4
+    assert manifest["format_version"] == export_format.FORMAT_VERSION == 4
     assert manifest["model"]["integer_only"] is True
     d_k = hp.d_model // hp.num_heads
-    assert manifest["model"]["softmax_constants"] == list(intops.exp_constants(15, d_k))
+    assert manifest["model"]["softmax_constants"] == list(kernels.exp_constants(15, d_k))
     assert manifest["observed_on"].startswith("6 sentences")
 
     edges = manifest["edges"]
@@ -302,16 +308,16 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     for ln_input, sources in residual_sources().items():
         assert into.get(ln_input) == sources, ln_input
     # the shift of an edge is the grid change it makes: skip site -> <ln>/input
-    ln1 = qformat.layer_norm(qformat.block_names("encoder", 0).norms[0]).input
-    (edge,) = [e for e in edges if e["from"] == qformat.EMBEDDING_SUM and e["to"] == ln1]
-    wo = qformat.dense(qformat.attention(qformat.block_names("encoder", 0).self_attention).wo)
-    f_skip, f_in = int(engine.f(qformat.EMBEDDING_SUM)), int(engine.f(ln1))
+    ln1 = site_names.layer_norm(site_names.block_names("encoder", 0).norms[0]).input
+    (edge,) = [e for e in edges if e["from"] == site_names.EMBEDDING_SUM and e["to"] == ln1]
+    wo = site_names.dense(site_names.attention(site_names.block_names("encoder", 0).self_attention).wo)
+    f_skip, f_in = int(engine.f(site_names.EMBEDDING_SUM)), int(engine.f(ln1))
     f_branch = int(engine.f(wo.input) + engine.f(wo.weight))
     assert edge["shift"] == max(f_skip, f_branch) - f_in and edge["rounding"] == hp.rounding
 
     accumulators = manifest["accumulators"]
     matmuls = [name for name in accumulators if name.endswith(("/scores", "/context", "/wq", "/dense1"))]
-    assert len(matmuls) >= 4 and qformat.OUTPUT_PROJECTION in accumulators
+    assert len(matmuls) >= 4 and site_names.OUTPUT_PROJECTION in accumulators
     for name in norm_prefixes():
         assert {f"{name}/residual_sum", f"{name}/variance"} <= set(accumulators)
     for name, entry in accumulators.items():
@@ -320,21 +326,21 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
 
     npz = np.load(os.path.join(out, "model.npz"))
     mem = os.path.join(out, "mem")
-    sum_grid = qformat.grids_of(npz)[qformat.EMBEDDING_SUM]
-    for key in (f"{qformat.EMBEDDING_SUM}/lookup", f"{qformat.EMBEDDING_SUM}/positions"):
-        values = qformat.read_mem(os.path.join(mem, qformat.mem_file_name(key)), sum_grid.bits,
+    sum_grid = export_format.grids_of(npz)[site_names.EMBEDDING_SUM]
+    for key in (f"{site_names.EMBEDDING_SUM}/lookup", f"{site_names.EMBEDDING_SUM}/positions"):
+        values = export_format.read_mem(os.path.join(mem, export_format.mem_file_name(key)), sum_grid.bits,
                                   sum_grid.signed)
         np.testing.assert_array_equal(values, npz[key].ravel())
-    assert npz[f"{qformat.EMBEDDING_SUM}/positions"].shape == (export.DEFAULT_MAX_POSITIONS, hp.d_model)
+    assert npz[f"{site_names.EMBEDDING_SUM}/positions"].shape == (export.DEFAULT_MAX_POSITIONS, hp.d_model)
     for norm in norm_prefixes():
-        beta = qformat.read_mem(os.path.join(mem, qformat.mem_file_name(f"{norm}/beta")),
-                                intops.LN_MAX_ABS_BETA.bit_length(), True)
+        beta = export_format.read_mem(os.path.join(mem, export_format.mem_file_name(f"{norm}/beta")),
+                                kernels.LN_MAX_ABS_BETA.bit_length(), True)
         np.testing.assert_array_equal(beta, npz[f"{norm}/beta"].ravel())
-        assert os.path.isfile(os.path.join(mem, qformat.mem_file_name(f"{norm}/gamma")))
+        assert os.path.isfile(os.path.join(mem, export_format.mem_file_name(f"{norm}/gamma")))
 
     short = str(tmp_path / "short")
     export.export_model(model, hp, spm_file, short, max_positions=12)
-    small = intmodel.IntTransformer.load(short)
+    small = loader.load_engine(short)
     assert small.max_positions == 12
     fits = random_src(small.vocab, 2, 12, seed=3)
     small.forward(fits, fits)  # 12 positions: fine
@@ -354,11 +360,12 @@ def test_partial_calibration_keeps_the_parents_thresholds(spm_file, tmp_path):
     hp.integer_only = True
     child = Transformer(hp, parent.vocab_size, runs.sites_from_flags(hp))
     missing = load_weights(child, path)
-    expected = [qformat.EMBEDDING_SUM] + [getattr(qformat.layer_norm(norm), part) for norm in norm_prefixes()
-                                          for part in ("input", "gamma", "output")]
+    parts = ("input", "gamma", "output")
+    expected = [site_names.EMBEDDING_SUM] + [getattr(site_names.layer_norm(norm), part)
+                                             for norm in norm_prefixes() for part in parts]
     assert len(missing) == len(set(missing))
     assert set(missing) == set(expected)
-    probability_sites = [n for n, s in child.sites.sites.items() if isinstance(s, intlayers.FixedSite)]
+    probability_sites = [n for n, s in child.sites.sites.items() if isinstance(s, intonly_layers.FixedSite)]
     assert len(probability_sites) == 6 and not set(probability_sites) & set(missing)
     for name in probability_sites:
         assert float(child.sites.sites[name].log2_t) == 0.0
@@ -375,7 +382,7 @@ def test_partial_calibration_keeps_the_parents_thresholds(spm_file, tmp_path):
         np.testing.assert_array_equal(after[name], parent_t[name], err_msg=name)
     for name in missing:  # the new ones are calibrated (no longer the initial 0)
         assert np.all(np.isfinite(after[name])) and np.any(after[name] != 0.0), name
-    for norm in (m for m in child.submodules if isinstance(m, intlayers.IntLayerNorm)):
+    for norm in (m for m in child.submodules if isinstance(m, intonly_layers.IntLayerNorm)):
         top = np.abs(norm.gamma.numpy()).max()  # 1 at init: threshold 2, so that 1 is on the grid
         assert float(norm.gamma_site.threshold()) == 2.0 ** (np.floor(np.log2(top)) + 1), norm.path
     # the child now runs in integers
@@ -404,11 +411,11 @@ def test_every_trainable_variable_gets_a_finite_gradient(trained):
         assert np.all(np.isfinite(tf.convert_to_tensor(grad).numpy())), variable.name
     by_ref = {v.ref(): tf.convert_to_tensor(g).numpy() for v, g in zip(variables, grads)}
     sites = model.sites.sites
-    assert np.any(by_ref[sites[qformat.EMBEDDING_SUM].log2_t.ref()] != 0)
-    ln_inputs = [qformat.layer_norm(norm).input for norm in norm_prefixes()]
+    assert np.any(by_ref[sites[site_names.EMBEDDING_SUM].log2_t.ref()] != 0)
+    ln_inputs = [site_names.layer_norm(norm).input for norm in norm_prefixes()]
     assert any(np.any(by_ref[sites[name].log2_t.ref()] != 0) for name in ln_inputs)
     # beta (straight-through onto its grid) and the table learn through the surrogates
-    norms = [m for m in model.submodules if isinstance(m, intlayers.IntLayerNorm)]
+    norms = [m for m in model.submodules if isinstance(m, intonly_layers.IntLayerNorm)]
     assert len(norms) == 10
     assert all(np.any(by_ref[m.beta.ref()] != 0) for m in norms)
     assert np.any(by_ref[model.embedding.ref()] != 0)
@@ -420,7 +427,7 @@ def test_layer_norm_gamma_gets_a_gradient(spm_file):
     gradient: max calibration doubles such a threshold (calibration.init_weight_site)."""
     model, _ = calibrated_model(spm_file, integer_only=True)
     src, tgt = training_batch(model.vocab_size, 50)
-    norms = [m for m in model.submodules if isinstance(m, intlayers.IntLayerNorm)]
+    norms = [m for m in model.submodules if isinstance(m, intonly_layers.IntLayerNorm)]
     with tf.GradientTape() as tape:
         loss, _ = model.loss(tf.constant(src), tf.constant(tgt), training=True)
     grads = tape.gradient(loss, [m.gamma for m in norms])

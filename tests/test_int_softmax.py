@@ -1,6 +1,6 @@
-"""Integer softmax (intops.exp_neg, intops.softmax): I-BERT's i-exp on power-of-two grids against
+"""Integer softmax (kernels.exp_neg, kernels.softmax): I-BERT's i-exp on power-of-two grids against
 math.exp and a float64 softmax with stated error bounds, against a Python-integer spec, and the TF
-twins (intops_tf.py) against NumPy bit for bit."""
+twins (integer_tf/kernels_tf.py) against NumPy bit for bit."""
 
 from __future__ import annotations
 
@@ -14,13 +14,12 @@ import tensorflow as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import intops
-import intops_tf
-import qformat
+from integer import fixed_point, kernels, token_ids
+from integer_tf import kernels_tf
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None)
-F = intops.EXP_F
-A = Fraction(*intops.EXP_A)  # exp_neg's result grid is A 2^-2F
+F = kernels.EXP_F
+A = Fraction(*kernels.EXP_A)  # exp_neg's result grid is A 2^-2F
 # exp_neg vs exp: |e A 2^-2F - exp(v)| <= EXP_REL * exp(v) + A 2^-2F (the floor shift), F = 15.
 # Measured: 3.10e-3 at z = 0 (the polynomial), 3.13e-3 over every z (q_ln2's rounding).
 EXP_REL = 3.2e-3
@@ -36,7 +35,7 @@ def ln2_scaled(bits: int) -> int:
 
 
 def spec_exp_neg(x: int, f: int, big_f: int = F) -> int:
-    """The algorithm in Python integers, from the constants' definitions (not intops')."""
+    """The algorithm in Python integers, from the constants' definitions (not integer/kernels.py's)."""
     q_ln2 = ln2_scaled(big_f)
     q_b, q_c = round(Fraction(1353, 1000) * 2**big_f), round(Fraction(344, 3585) * 10 * 2 ** (2 * big_f))
     x = max(x, -(2 ** max(6 + f, 0)))
@@ -56,13 +55,13 @@ def float_softmax(q: np.ndarray, f: int, mask: np.ndarray) -> np.ndarray:
 
 
 def round_float(v: np.ndarray, rounding: str) -> np.ndarray:
-    return qformat.round_to_integer(np.array(v, np.float64), rounding)
+    return fixed_point.round_to_integer(np.array(v, np.float64), rounding)
 
 
 def check_softmax(q, f, mask, out_bits, rounding, big_f=F):
-    """intops.softmax == intops_tf.softmax, its invariants and its error bound; returns its output."""
-    out = intops.softmax(q, f, mask, out_bits, rounding, big_f)
-    twin = intops_tf.softmax(tf.constant(q, tf.int64), f, None if mask is None else tf.constant(mask),
+    """kernels.softmax == kernels_tf.softmax, its invariants and its error bound; returns its output."""
+    out = kernels.softmax(q, f, mask, out_bits, rounding, big_f)
+    twin = kernels_tf.softmax(tf.constant(q, tf.int64), f, None if mask is None else tf.constant(mask),
                              out_bits, rounding, big_f)
     np.testing.assert_array_equal(twin.numpy(), out)
     assert out.dtype == np.int64 and twin.dtype == tf.int64
@@ -84,19 +83,19 @@ def check_softmax(q, f, mask, out_bits, rounding, big_f=F):
 
 
 def test_the_hard_coded_constants_are_the_rounded_real_numbers():
-    assert intops.LN2_Q64 == ln2_scaled(64)
-    assert Fraction(*intops.EXP_A) == Fraction("0.3585")
-    assert Fraction(*intops.EXP_B) == Fraction("1.353")
-    assert Fraction(*intops.EXP_C_OVER_A) == Fraction("0.344") / Fraction("0.3585")
-    for big_f in range(1, intops.EXP_F_MAX + 1):
-        q_ln2, q_b, q_c = intops.exp_constants(big_f)
+    assert kernels.LN2_Q64 == ln2_scaled(64)
+    assert Fraction(*kernels.EXP_A) == Fraction("0.3585")
+    assert Fraction(*kernels.EXP_B) == Fraction("1.353")
+    assert Fraction(*kernels.EXP_C_OVER_A) == Fraction("0.344") / Fraction("0.3585")
+    for big_f in range(1, kernels.EXP_F_MAX + 1):
+        q_ln2, q_b, q_c = kernels.exp_constants(big_f)
         assert q_ln2 == ln2_scaled(big_f) == round(math.log(2) * 2**big_f)
         assert q_b == round(Fraction("1.353") * 2**big_f)
         assert q_c == round(Fraction("0.344") / Fraction("0.3585") * 2 ** (2 * big_f))
-        assert intops.exp_max(big_f) == q_b**2 + q_c < 2 ** (2 * big_f + 2)
-        assert intops.exp_neg(np.array([0]), big_f, big_f).tolist() == [intops.exp_max(big_f)]
-    assert intops.exp_constants() == (22713, 44335, 1030312936)  # F = 15, the default
-    assert intops.exp_max() < 2**31.5
+        assert kernels.exp_max(big_f) == q_b**2 + q_c < 2 ** (2 * big_f + 2)
+        assert kernels.exp_neg(np.array([0]), big_f, big_f).tolist() == [kernels.exp_max(big_f)]
+    assert kernels.exp_constants() == (22713, 44335, 1030312936)  # F = 15, the default
+    assert kernels.exp_max() < 2**31.5
 
 
 # -------------------------------------------------------------------------------------------- exp_neg
@@ -107,10 +106,10 @@ def test_the_hard_coded_constants_are_the_rounded_real_numbers():
 def test_exp_neg_is_the_integer_spec_and_its_tf_twin(data, f, big_f):
     mags = st.one_of(st.integers(0, 2**17), st.integers(0, 2 ** (f + 7)), st.integers(0, 2**62))
     x = [-m for m in data.draw(st.lists(mags, min_size=1, max_size=30))]
-    got = intops.exp_neg(np.array(x, np.int64), f, big_f)
+    got = kernels.exp_neg(np.array(x, np.int64), f, big_f)
     assert got.dtype == np.int64
     assert got.tolist() == [spec_exp_neg(v, f, big_f) for v in x]
-    twin = intops_tf.exp_neg(tf.constant(x, tf.int64), f, big_f)
+    twin = kernels_tf.exp_neg(tf.constant(x, tf.int64), f, big_f)
     assert twin.dtype == tf.int64
     np.testing.assert_array_equal(twin.numpy(), got)
 
@@ -118,17 +117,17 @@ def test_exp_neg_is_the_integer_spec_and_its_tf_twin(data, f, big_f):
 def exp_error_excess(x: np.ndarray, f: int) -> float:
     """max over x of (|e A 2^-2F - exp(v)| - A 2^-2F) / exp(v), v = x 2^-f: the relative error
     beyond the floor shift's absolute one (<= EXP_REL states the bound)."""
-    e = intops.exp_neg(x, f).astype(np.float64) * float(A) * 2.0 ** (-2 * F)
+    e = kernels.exp_neg(x, f).astype(np.float64) * float(A) * 2.0 ** (-2 * F)
     v = np.exp(x.astype(np.float64) * 2.0**-f)
     keep = v > 1e-300  # the rest is 0 (or denormal) in float64; e is 0 there
     return float(np.max((np.abs(e - v)[keep] - float(A) * 2.0 ** (-2 * F)) / v[keep]))
 
 
 def test_exp_neg_against_math_exp_over_a_sweep():
-    q_ln2 = intops.exp_constants()[0]
+    q_ln2 = kernels.exp_constants()[0]
     # every p on grid F (z = 0) and z = 1: the polynomial's error, measured 3.10e-3
     x = np.arange(-2 * q_ln2, 1)
-    e = intops.exp_neg(x, F).astype(np.float64) * float(A) * 2.0 ** (-2 * F)
+    e = kernels.exp_neg(x, F).astype(np.float64) * float(A) * 2.0 ** (-2 * F)
     rel = e / np.exp(x * 2.0**-F)
     assert 3.0e-3 < np.abs(rel - 1).max() <= 3.11e-3
     assert rel.max() / rel.min() - 1 <= EXP_SPREAD
@@ -139,33 +138,33 @@ def test_exp_neg_against_math_exp_over_a_sweep():
         sweep = np.unique(np.concatenate([np.arange(-200, 1), np.linspace(lo, 0, 4001).astype(np.int64),
                                           [lo, -(2**15), -(2**16), -(2**16 + 2**15), -(2**62)]]))
         assert exp_error_excess(sweep, f) <= EXP_REL, f
-        got = intops.exp_neg(sweep, f)
-        assert got[-1] == intops.exp_max()  # x = 0: exp(0) = 1 = exp_max A 2^-2F (1 + 3.1e-3)
+        got = kernels.exp_neg(sweep, f)
+        assert got[-1] == kernels.exp_max()  # x = 0: exp(0) = 1 = exp_max A 2^-2F (1 + 3.1e-3)
         assert got[0] == 0  # the huge negatives give 0
-    assert intops.exp_neg(np.array([-1]), 24).tolist() == [intops.exp_max()]  # -2^-24 rounds to 0
+    assert kernels.exp_neg(np.array([-1]), 24).tolist() == [kernels.exp_max()]  # -2^-24 rounds to 0
 
 
 def test_exp_neg_at_the_shift_cap():
-    q_ln2 = intops.exp_constants()[0]
+    q_ln2 = kernels.exp_constants()[0]
     x = -np.array([30, 31, 32, 33, 61, 62, 63, 64]) * q_ln2  # p = 0: e = exp_max >> z
-    np.testing.assert_array_equal(intops.exp_neg(x, F), [intops.exp_max() >> z for z in (30, 31)] + [0] * 6)
-    assert intops.exp_max() >> 31 == 1
-    assert intops.exp_max(intops.EXP_F_MAX) >> intops.EXP_SHIFT_CAP == 0  # the capped shift gives 0
-    np.testing.assert_array_equal(intops_tf.exp_neg(tf.constant(x), F).numpy(), intops.exp_neg(x, F))
+    np.testing.assert_array_equal(kernels.exp_neg(x, F), [kernels.exp_max() >> z for z in (30, 31)] + [0] * 6)
+    assert kernels.exp_max() >> 31 == 1
+    assert kernels.exp_max(kernels.EXP_F_MAX) >> kernels.EXP_SHIFT_CAP == 0  # the capped shift gives 0
+    np.testing.assert_array_equal(kernels_tf.exp_neg(tf.constant(x), F).numpy(), kernels.exp_neg(x, F))
     # the clamp at -64: below it everything is 0, as exp(-64) is on the grid 2^-30
-    assert intops.exp_neg(np.array([-(2**62), -(64 << 12)]), 12).tolist() == [0, 0]
+    assert kernels.exp_neg(np.array([-(2**62), -(64 << 12)]), 12).tolist() == [0, 0]
 
 
 def test_exp_neg_domain():
     with pytest.raises(ValueError, match="x <= 0"):
-        intops.exp_neg(np.array([0, 1]), 4)
+        kernels.exp_neg(np.array([0, 1]), 4)
     with pytest.raises(TypeError, match="integer"):
-        intops.exp_neg(np.array([-1.0]), 4)
+        kernels.exp_neg(np.array([-1.0]), 4)
     with pytest.raises(TypeError, match="integer"):
-        intops_tf.exp_neg(tf.constant([-1.0]), 4)
+        kernels_tf.exp_neg(tf.constant([-1.0]), 4)
     for f, big_f in ((57, F), (F - 63, F), (4, 0), (4, 31), (4.0, F)):
         with pytest.raises(ValueError, match="grid"):
-            intops.exp_neg(np.array([-1]), f, big_f)
+            kernels.exp_neg(np.array([-1]), f, big_f)
 
 
 # -------------------------------------------------------------------------------------------- softmax
@@ -177,7 +176,7 @@ ROWS = st.integers(1, 4)
 def softmax_case(draw):
     rows, length = draw(ROWS), draw(st.integers(1, 70))
     bits, f = draw(st.integers(8, 16)), draw(st.integers(0, 12))
-    lo, hi = qformat.integer_range(bits, True)
+    lo, hi = fixed_point.integer_range(bits, True)
     q = np.array(draw(st.lists(st.integers(lo, hi), min_size=rows * length, max_size=rows * length)),
                  np.int64).reshape(rows, length)
     mask = np.array(draw(st.lists(st.booleans(), min_size=rows * length, max_size=rows * length)),
@@ -190,7 +189,7 @@ def softmax_case(draw):
         mask = None
     elif kind == "fully_masked_row":
         mask[draw(st.integers(0, rows - 1))] = False
-    return q, f, mask, draw(st.integers(4, 16)), draw(st.sampled_from(qformat.ROUNDINGS))
+    return q, f, mask, draw(st.integers(4, 16)), draw(st.sampled_from(fixed_point.ROUNDINGS))
 
 
 @PROPERTY
@@ -204,7 +203,7 @@ def test_softmax_numpy_and_tf_twin_agree_bit_for_bit_within_the_bound(case):
         np.testing.assert_array_equal(out[one].sum(axis=-1), 2**out_bits - 1)
 
 
-@pytest.mark.parametrize("rounding", qformat.ROUNDINGS)
+@pytest.mark.parametrize("rounding", fixed_point.ROUNDINGS)
 @pytest.mark.parametrize("out_bits", [4, 8, 12, 16])
 def test_softmax_against_float64_over_the_extremes(out_bits, rounding):
     top = 2**out_bits - 1
@@ -212,7 +211,7 @@ def test_softmax_against_float64_over_the_extremes(out_bits, rounding):
         out = check_softmax(np.full((2, length), 37), 5, None, out_bits, rounding)
         uniform = min(int(round_float(2.0**out_bits / length, rounding)), top)
         np.testing.assert_array_equal(out, uniform)
-    lo, hi = qformat.integer_range(16, True)
+    lo, hi = fixed_point.integer_range(16, True)
     huge = np.array([[hi, 0, lo, 5], [lo, lo, hi, lo]])  # one huge value: one-hot
     np.testing.assert_array_equal(check_softmax(huge, 0, None, out_bits, rounding),
                                   [[top, 0, 0, 0], [0, 0, top, 0]])
@@ -227,7 +226,7 @@ def test_softmax_against_float64_over_the_extremes(out_bits, rounding):
                                                 out_bits, rounding), [[top], [0]])  # length 1
     rng = np.random.default_rng(out_bits)
     for bits, f in ((8, 0), (8, 4), (12, 8), (16, 12), (16, 0), (16, 20)):
-        n, p = qformat.integer_range(bits, True)
+        n, p = fixed_point.integer_range(bits, True)
         q = rng.integers(n, p + 1, (16, 33))
         q[:8] = rng.integers(-(2 ** (f + 3)), 2 ** (f + 3), (8, 33)).clip(n, p)  # spread over +-8
         check_softmax(q, f, rng.random((16, 33)) < 0.8, out_bits, rounding)
@@ -239,7 +238,7 @@ def test_softmax_float_error_measured():
     is as large as the polynomial's spread predicts (so the bound is not vacuous)."""
     rng = np.random.default_rng(0)
     q = rng.integers(-(2**12), 2**12, (4000, 8))  # f = 10: values in [-4, 4]
-    out = intops.softmax(q, 10, None, 16, "half_even")
+    out = kernels.softmax(q, 10, None, 16, "half_even")
     p = float_softmax(q, 10, np.ones(q.shape, bool))
     err = np.abs(out - p * 2**16) / 2**16
     assert err.max() <= 1.4e-3 + 1e-4 + 2**-16
@@ -256,35 +255,35 @@ def test_softmax_model_mask_shapes():
         out = check_softmax(q, 6, mask, 8, "half_even")
         full = np.broadcast_to(mask, q.shape)
         for index in np.ndindex(*q.shape[:-1]):  # row by row with a 1-D mask: the same integers
-            row = intops.softmax(q[index], 6, full[index], 8, "half_even")
+            row = kernels.softmax(q[index], 6, full[index], 8, "half_even")
             np.testing.assert_array_equal(row, out[index])
     np.testing.assert_array_equal(check_softmax(q, 6, causal, 8, "half_even")[..., 0, 0], 255)
     # no mask (None, the engine's cached decoder step) is every key visible, in one pass less
     everyone = np.ones(q.shape, bool)
     for m in (1, 32):
-        np.testing.assert_array_equal(intops.softmax_exps(q.astype(np.int32), 6, None, m=m),
-                                      intops.softmax_exps(q, 6, everyone, m=m))
+        np.testing.assert_array_equal(kernels.softmax_exps(q.astype(np.int32), 6, None, m=m),
+                                      kernels.softmax_exps(q, 6, everyone, m=m))
 
 
 def test_softmax_rejects_floats_and_additive_masks():
     q = np.array([[1, 2, 3]])
     with pytest.raises(TypeError, match="integer"):
-        intops.softmax(q.astype(np.float32), 4, None, 8, "floor")
+        kernels.softmax(q.astype(np.float32), 4, None, 8, "floor")
     with pytest.raises(TypeError, match="integer"):
-        intops_tf.softmax(tf.constant(q, tf.float32), 4, None, 8, "floor")
-    additive = np.array([[0.0, qformat.NEG_INF, 0.0]])  # the float model's mask: not a selection
+        kernels_tf.softmax(tf.constant(q, tf.float32), 4, None, 8, "floor")
+    additive = np.array([[0.0, token_ids.NEG_INF, 0.0]])  # the float model's mask: not a selection
     with pytest.raises(TypeError, match="bool"):
-        intops.softmax(q, 4, additive, 8, "floor")
+        kernels.softmax(q, 4, additive, 8, "floor")
     with pytest.raises(TypeError, match="bool"):
-        intops_tf.softmax(tf.constant(q), 4, tf.constant(additive), 8, "floor")
+        kernels_tf.softmax(tf.constant(q), 4, tf.constant(additive), 8, "floor")
     with pytest.raises(ValueError, match="2\\^62"):
-        intops.softmax(np.array([[2**62]]), 4, None, 8, "floor")
+        kernels.softmax(np.array([[2**62]]), 4, None, 8, "floor")
     with pytest.raises(ValueError, match="num_bits"):
-        intops.softmax(q, 4, None, 17, "floor")
+        kernels.softmax(q, 4, None, 17, "floor")
     with pytest.raises(ValueError, match="overflows"):
-        intops.softmax(q, 4, None, 16, "floor", 22)  # exp_max << 17 >= 2^62
+        kernels.softmax(q, 4, None, 16, "floor", 22)  # exp_max << 17 >= 2^62
     with pytest.raises(ValueError, match="overflows"):
-        intops.softmax(np.zeros((1, 2**13), np.int64), 4, None, 8, "floor", 24)  # the row sum
+        kernels.softmax(np.zeros((1, 2**13), np.int64), 4, None, 8, "floor", 24)  # the row sum
 
 
 # -------------------------------------------------------------------------------------------- scaled: m
@@ -307,14 +306,14 @@ def scaled_constants(big_f: int, m: int) -> tuple[int, int, int]:
 @pytest.mark.parametrize("m", SCALES)
 def test_scaled_exp_constants_are_the_rounded_real_numbers(m):
     for big_f in (1, 8, 12, F, 20, 27):
-        assert intops.exp_constants(big_f, m) == scaled_constants(big_f, m), big_f
-        q_ln2, q_b, q_c = intops.exp_constants(big_f, m)
-        assert intops.exp_max(big_f, m) == q_b**2 + q_c < m * 2 ** (2 * big_f + 2)
-    assert intops.exp_constants(F, 1) == intops.exp_constants(F)
-    assert intops.exp_constants(F, 64)[0] == intops.exp_constants(F + 3)[0]  # sqrt(64) = 2^3: a shift
-    for bad in (0, -4, 2.0, intops.EXP_M_MAX + 1):
+        assert kernels.exp_constants(big_f, m) == scaled_constants(big_f, m), big_f
+        q_ln2, q_b, q_c = kernels.exp_constants(big_f, m)
+        assert kernels.exp_max(big_f, m) == q_b**2 + q_c < m * 2 ** (2 * big_f + 2)
+    assert kernels.exp_constants(F, 1) == kernels.exp_constants(F)
+    assert kernels.exp_constants(F, 64)[0] == kernels.exp_constants(F + 3)[0]  # sqrt(64) = 2^3: a shift
+    for bad in (0, -4, 2.0, kernels.EXP_M_MAX + 1):
         with pytest.raises(ValueError, match="scale divisor"):
-            intops.exp_constants(F, bad)
+            kernels.exp_constants(F, bad)
 
 
 def float_softmax_scaled(q: np.ndarray, f: int, mask: np.ndarray, m: int) -> np.ndarray:
@@ -329,17 +328,17 @@ def float_softmax_scaled(q: np.ndarray, f: int, mask: np.ndarray, m: int) -> np.
 @pytest.mark.parametrize("m", SCALES)
 def test_scaled_exp_neg_against_math_exp(m):
     """e A 2^-2F / m ~ exp(v / sqrt(m)) within the bound of the unscaled kernel (EXP_REL)."""
-    q_ln2 = intops.exp_constants(F, m)[0]
+    q_ln2 = kernels.exp_constants(F, m)[0]
     for f in (0, 6, F):
         x = np.unique(np.concatenate([np.arange(-2 * q_ln2, 1), np.arange(-40 * q_ln2, 1, 97)]))
         x = np.maximum(x, -(2 ** (f + 9)))  # value >= -512
-        e = intops.exp_neg(x, f, F, m).astype(np.float64) * float(A) * 2.0 ** (-2 * F) / m
+        e = kernels.exp_neg(x, f, F, m).astype(np.float64) * float(A) * 2.0 ** (-2 * F) / m
         v = np.exp(x * 2.0**-f / math.sqrt(m))
         keep = v > 1e-300
         assert np.max((np.abs(e - v)[keep] - float(A) * 2.0 ** (-2 * F) / m) / v[keep]) <= EXP_REL, f
-        assert e[-1] == intops.exp_max(F, m) * float(A) * 2.0 ** (-2 * F) / m  # x = 0
-        twin = intops_tf.exp_neg(tf.constant(x, tf.int64), f, F, m)
-        np.testing.assert_array_equal(twin.numpy(), intops.exp_neg(x, f, F, m))
+        assert e[-1] == kernels.exp_max(F, m) * float(A) * 2.0 ** (-2 * F) / m  # x = 0
+        twin = kernels_tf.exp_neg(tf.constant(x, tf.int64), f, F, m)
+        np.testing.assert_array_equal(twin.numpy(), kernels.exp_neg(x, f, F, m))
 
 
 @pytest.mark.parametrize("m", SCALES)
@@ -348,7 +347,7 @@ def test_scaled_softmax_within_the_bound_and_twin_equal(m, out_bits, rounding):
     rng = np.random.default_rng(m * 100 + out_bits)
     units = 2.0**out_bits
     for f, bits in ((0, 8), (4, 12), (8, 16), (12, 16)):
-        n, p = qformat.integer_range(bits, True)
+        n, p = fixed_point.integer_range(bits, True)
         q = rng.integers(n, p + 1, (12, 17))
         spread = 2 ** (f + 3) * math.isqrt(m)  # scores spread over +-8 sqrt(m): values that matter
         q[:8] = rng.integers(-spread, spread + 1, (8, 17)).clip(n, p)
@@ -356,8 +355,8 @@ def test_scaled_softmax_within_the_bound_and_twin_equal(m, out_bits, rounding):
         mask[0] = False  # a fully masked row
         mask[1] = np.arange(17) == 5  # a single visible key
         mask[2] = True
-        out = intops.softmax(q, f, mask, out_bits, rounding, m=m)
-        twin = intops_tf.softmax(tf.constant(q, tf.int64), f, tf.constant(mask), out_bits, rounding, m=m)
+        out = kernels.softmax(q, f, mask, out_bits, rounding, m=m)
+        twin = kernels_tf.softmax(tf.constant(q, tf.int64), f, tf.constant(mask), out_bits, rounding, m=m)
         assert out.dtype == np.int64 and twin.dtype == tf.int64
         np.testing.assert_array_equal(twin.numpy(), out)
         np.testing.assert_array_equal(out[~mask], 0)
@@ -379,8 +378,8 @@ def test_scale_four_to_the_k_is_k_more_fractional_bits(k):
     q = rng.integers(-(2**12), 2**12, (6, 23))
     mask = rng.random((6, 23)) < 0.8
     for f in (0, 5, 10):
-        assert intops.exp_constants(F, 4**k) == intops.exp_constants(F + k)
-        np.testing.assert_array_equal(intops.softmax(q, f, mask, 12, "half_even", F, 4**k),
-                                      intops.softmax(q, f + k, mask, 12, "half_even", F + k))
+        assert kernels.exp_constants(F, 4**k) == kernels.exp_constants(F + k)
+        np.testing.assert_array_equal(kernels.softmax(q, f, mask, 12, "half_even", F, 4**k),
+                                      kernels.softmax(q, f + k, mask, 12, "half_even", F + k))
         x = np.minimum(q - q.max(), 0)
-        np.testing.assert_array_equal(intops.exp_neg(x, f, F, 4**k), intops.exp_neg(x, f + k, F + k))
+        np.testing.assert_array_equal(kernels.exp_neg(x, f, F, 4**k), kernels.exp_neg(x, f + k, F + k))

@@ -1,5 +1,5 @@
-"""The integer primitives of integer-only inference (intops.py) against Python integers, and their
-TF twins (intops_tf.py) against them bit for bit."""
+"""The integer primitives of integer-only inference (integer/kernels.py) against Python integers, and their
+TF twins (integer_tf/kernels_tf.py) against them bit for bit."""
 
 from __future__ import annotations
 
@@ -13,9 +13,8 @@ from exact import ref_round
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-import intops
-import intops_tf
-import qformat
+from integer import fixed_point, kernels
+from integer_tf import kernels_tf
 
 PROPERTY = settings(max_examples=150, deadline=None, database=None)
 # small values hit the ties (x / b = k + 1/2) often; large ones the carries
@@ -25,57 +24,57 @@ INT64 = st.one_of(st.integers(-64, 64), st.integers(-(2**40), 2**40))
 
 @PROPERTY
 @given(a=st.lists(INT64, min_size=1, max_size=20), b=st.one_of(st.integers(1, 8), st.integers(1, 2**20)),
-       rounding=st.sampled_from(qformat.ROUNDINGS))
+       rounding=st.sampled_from(fixed_point.ROUNDINGS))
 def test_div_round_is_the_exact_rounded_quotient(a, b, rounding):
-    got = intops.div_round(np.array(a), np.array(b), rounding)
+    got = kernels.div_round(np.array(a), np.array(b), rounding)
     assert got.dtype == np.int64
     assert got.tolist() == [ref_round(Fraction(x, b), rounding) for x in a]
-    twin = intops_tf.div_round(tf.constant(a, tf.int64), tf.constant(b, tf.int64), rounding)
+    twin = kernels_tf.div_round(tf.constant(a, tf.int64), tf.constant(b, tf.int64), rounding)
     np.testing.assert_array_equal(twin.numpy(), got)
 
 
 def test_div_round_on_ties_and_signs():
     a = np.array([5, 7, -5, -7, 6, -6, 4, -4])  # /2: 2.5 3.5 -2.5 -3.5 3 -3 2 -2
-    assert intops.div_round(a, 2, "half_even").tolist() == [2, 4, -2, -4, 3, -3, 2, -2]
-    assert intops.div_round(a, 2, "half_up").tolist() == [3, 4, -2, -3, 3, -3, 2, -2]
-    assert intops.div_round(a, 2, "floor").tolist() == [2, 3, -3, -4, 3, -3, 2, -2]
+    assert kernels.div_round(a, 2, "half_even").tolist() == [2, 4, -2, -4, 3, -3, 2, -2]
+    assert kernels.div_round(a, 2, "half_up").tolist() == [3, 4, -2, -3, 3, -3, 2, -2]
+    assert kernels.div_round(a, 2, "floor").tolist() == [2, 3, -3, -4, 3, -3, 2, -2]
     with pytest.raises(ValueError, match="positive divisor"):
-        intops.div_round(a, 0, "floor")
+        kernels.div_round(a, 0, "floor")
     with pytest.raises(ValueError, match="unknown rounding"):
-        intops.div_round(a, 2, "nearest")
+        kernels.div_round(a, 2, "nearest")
 
 
 @PROPERTY
 @given(q=st.lists(INT64, min_size=1, max_size=20), k=st.one_of(st.integers(1, 4), st.integers(-20, 62)),
-       rounding=st.sampled_from(qformat.ROUNDINGS))
+       rounding=st.sampled_from(fixed_point.ROUNDINGS))
 def test_shift_round_is_the_rounded_power_of_two_scaling(q, k, rounding):
-    got = intops.shift_round(np.array(q), k, rounding)
+    got = kernels.shift_round(np.array(q), k, rounding)
     assert got.tolist() == [ref_round(Fraction(x) / Fraction(2) ** k, rounding) for x in q]
-    twin = intops_tf.shift_round(tf.constant(q, tf.int64), k, rounding)
+    twin = kernels_tf.shift_round(tf.constant(q, tf.int64), k, rounding)
     np.testing.assert_array_equal(twin.numpy(), got)
 
 
 def test_shift_round_per_element_shifts_and_its_range():
     q = np.array([12, 12, 12, -12])
-    np.testing.assert_array_equal(intops.shift_round(q, np.array([2, 0, -3, 3]), "half_even"),
+    np.testing.assert_array_equal(kernels.shift_round(q, np.array([2, 0, -3, 3]), "half_even"),
                                   [3, 12, 96, -2])
     # the largest shift: 2^62 as the divisor, no intermediate may leave int64
     top = np.array([0, 2**61, -(2**61), 2**62 - 1, -(2**62)])
     for rounding, expected in (("half_up", [0, 1, 0, 1, -1]), ("half_even", [0, 0, 0, 1, -1]),
                                ("floor", [0, 0, -1, 0, -1])):
-        assert intops.shift_round(top, 62, rounding).tolist() == expected
-        assert intops_tf.shift_round(tf.constant(top), 62, rounding).numpy().tolist() == expected
+        assert kernels.shift_round(top, 62, rounding).tolist() == expected
+        assert kernels_tf.shift_round(tf.constant(top), 62, rounding).numpy().tolist() == expected
     with pytest.raises(ValueError, match="62 bits"):
-        intops.shift_round(q, 63, "floor")
+        kernels.shift_round(q, 63, "floor")
 
 
 @PROPERTY
 @given(n=st.lists(st.one_of(st.integers(0, 2**62 - 1), st.integers(0, 2**12),
                             st.integers(1, 2**31 - 1).map(lambda r: r * r - 1)), min_size=1, max_size=20))
 def test_isqrt_is_the_integer_square_root(n):
-    got = intops.isqrt(np.array(n, np.int64))
+    got = kernels.isqrt(np.array(n, np.int64))
     assert got.tolist() == [math.isqrt(x) for x in n]
-    np.testing.assert_array_equal(intops_tf.isqrt(tf.constant(n, tf.int64)).numpy(), got)
+    np.testing.assert_array_equal(kernels_tf.isqrt(tf.constant(n, tf.int64)).numpy(), got)
 
 
 def test_isqrt_six_newton_steps_reach_the_root_at_the_hardest_inputs():
@@ -85,39 +84,39 @@ def test_isqrt_six_newton_steps_reach_the_root_at_the_hardest_inputs():
     roots = np.concatenate([np.arange(2**15 - 40, 2**15 + 40), np.arange(2**31 - 80, 2**31)])
     n = np.concatenate([np.arange(2**16), roots * roots - 1, roots * roots, roots * roots + 2 * roots,
                         4 ** np.arange(31), 4 ** np.arange(1, 31) + 1])
-    n = n[n < intops.ISQRT_MAX]
-    assert intops.isqrt(n).tolist() == [math.isqrt(int(x)) for x in n]
-    np.testing.assert_array_equal(intops_tf.isqrt(tf.constant(n, tf.int64)).numpy(), intops.isqrt(n))
+    n = n[n < kernels.ISQRT_MAX]
+    assert kernels.isqrt(n).tolist() == [math.isqrt(int(x)) for x in n]
+    np.testing.assert_array_equal(kernels_tf.isqrt(tf.constant(n, tf.int64)).numpy(), kernels.isqrt(n))
 
 
 def test_int32_lanes_keep_their_width_and_the_same_integers():
     q = np.array([-(2**30), -5, -3, -2, 0, 1, 2, 3, 6, 2**30 - 1], np.int32)
-    for rounding in qformat.ROUNDINGS:
+    for rounding in fixed_point.ROUNDINGS:
         for k in (0, 1, 2, 17, 30):
-            got = intops.shift_round(q, k, rounding)
+            got = kernels.shift_round(q, k, rounding)
             assert got.dtype == np.int32
-            assert got.tolist() == intops.shift_round(q.astype(np.int64), k, rounding).tolist()
+            assert got.tolist() == kernels.shift_round(q.astype(np.int64), k, rounding).tolist()
         # a left shift or a shift past 30 bits leaves the lane: int64
-        assert intops.shift_round(q, -3, rounding).dtype == np.int64
-        assert intops.shift_round(q, 31, rounding).dtype == np.int64
-    assert intops.clip_to(q, 8, True).dtype == np.int32
-    assert intops.requantize(q, 2, 8, True, "half_even").tolist() == \
-        intops.clip_to(intops.shift_round(q.astype(np.int64), 2, "half_even"), 8, True).tolist()
+        assert kernels.shift_round(q, -3, rounding).dtype == np.int64
+        assert kernels.shift_round(q, 31, rounding).dtype == np.int64
+    assert kernels.clip_to(q, 8, True).dtype == np.int32
+    assert kernels.requantize(q, 2, 8, True, "half_even").tolist() == \
+        kernels.clip_to(kernels.shift_round(q.astype(np.int64), 2, "half_even"), 8, True).tolist()
 
 
 def test_isqrt_domain_and_integer_inputs_only():
-    assert intops.isqrt(np.array([2**62 - 1])).tolist() == [2**31 - 1]
+    assert kernels.isqrt(np.array([2**62 - 1])).tolist() == [2**31 - 1]
     for bad in ([-1], [2**62]):
         with pytest.raises(ValueError, match="0 <= n < 2"):
-            intops.isqrt(np.array(bad, np.int64))
+            kernels.isqrt(np.array(bad, np.int64))
     with pytest.raises(TypeError, match="integer arrays"):
-        intops.isqrt(np.array([4.0]))
+        kernels.isqrt(np.array([4.0]))
 
 
 def test_clip_to_the_grid_range():
     q = np.array([-300, -128, 0, 127, 300])
-    assert intops.clip_to(q, 8, True).tolist() == [-128, -128, 0, 127, 127]
-    assert intops.clip_to(q, 8, False).tolist() == [0, 0, 0, 127, 255]
+    assert kernels.clip_to(q, 8, True).tolist() == [-128, -128, 0, 127, 127]
+    assert kernels.clip_to(q, 8, False).tolist() == [0, 0, 0, 127, 255]
 
 
 # ---- grids as tensors (they follow trainable thresholds in training) ------------------------------
@@ -125,7 +124,7 @@ def test_clip_to_the_grid_range():
 
 @settings(max_examples=25, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), f=st.integers(0, 12), out_bits=st.integers(4, 16),
-       rounding=st.sampled_from(qformat.ROUNDINGS))
+       rounding=st.sampled_from(fixed_point.ROUNDINGS))
 def test_tf_twins_take_the_grids_as_tensors_in_a_graph(seed, f, out_bits, rounding):
     rng = np.random.default_rng(seed)
     scores = rng.integers(-(2**15), 2**15, size=(2, 3, 9))
@@ -133,17 +132,17 @@ def test_tf_twins_take_the_grids_as_tensors_in_a_graph(seed, f, out_bits, roundi
     f_var, f_out_var = tf.Variable(f, dtype=tf.int64), tf.Variable(f + 2, dtype=tf.int64)
 
     @tf.function
-    def kernels(scores, q):
-        probs = intops_tf.softmax(scores, f_var, tf.constant(mask), out_bits, rounding)
-        normed = intops_tf.layer_norm(q, gamma, beta, 3, f_var, f_out_var, 16, rounding)
+    def twins(scores, q):
+        probs = kernels_tf.softmax(scores, f_var, tf.constant(mask), out_bits, rounding)
+        normed = kernels_tf.layer_norm(q, gamma, beta, 3, f_var, f_out_var, 16, rounding)
         return probs, normed
 
     q = rng.integers(-(2**15), 2**15, size=(4, 24))
     gamma, beta = rng.integers(1, 2**12, size=24), rng.integers(-(2**20), 2**20, size=24)
-    probs, normed = kernels(tf.constant(scores), tf.constant(q))
-    np.testing.assert_array_equal(probs.numpy(), intops.softmax(scores, f, mask, out_bits, rounding))
+    probs, normed = twins(tf.constant(scores), tf.constant(q))
+    np.testing.assert_array_equal(probs.numpy(), kernels.softmax(scores, f, mask, out_bits, rounding))
     np.testing.assert_array_equal(normed.numpy(),
-                                  intops.layer_norm(q, gamma, beta, 3, f, f + 2, 16, rounding))
+                                  kernels.layer_norm(q, gamma, beta, 3, f, f + 2, 16, rounding))
     f_var.assign(f + 1)  # the same graph follows the new grid
-    probs = kernels(tf.constant(scores), tf.constant(q))[0]
-    np.testing.assert_array_equal(probs.numpy(), intops.softmax(scores, f + 1, mask, out_bits, rounding))
+    probs = twins(tf.constant(scores), tf.constant(q))[0]
+    np.testing.assert_array_equal(probs.numpy(), kernels.softmax(scores, f + 1, mask, out_bits, rounding))

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from integer.token_ids import BOS, EOS, NEG_INF, PAD
+from integer.token_ids import strip_ids as strip_output
 from model import Transformer
 from modules import Adam, Dense, causal_bias, noam_lr, padding_bias, positional_encoding
-from qformat import BOS, EOS, NEG_INF, PAD
-from qformat import strip_ids as strip_output
 
 
 def tiny_hp(**kw):

@@ -1,5 +1,5 @@
 """Property-based tests (hypothesis) of the integer core: quantizers (both paths of the TF op,
-qformat's rounding and grids), fractional bits, int32 biases, the exact-GEMM planner of the
+integer/fixed_point.py's rounding and grids), fractional bits, int32 biases, the exact-GEMM planner of the
 integer engine and the `$readmemh` files.
 
 Every property is checked against a reference written in Python integers and
@@ -26,9 +26,8 @@ import tensorflow as tf
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-import intmodel
-import qformat
 import quant
+from integer import accumulation, export_format, fixed_point, matmul_engine
 
 # database=None: no examples saved under .hypothesis/ to replay; every run draws afresh, and a
 # failure prints the example (and a @reproduce_failure blob) to rerun it.
@@ -49,7 +48,7 @@ FRAC = st.integers(-23, 40)
 
 
 def ref_range(bits: int, signed: bool) -> tuple[int, int]:
-    """[n, p] of a b-bit grid, written independently of qformat.integer_range."""
+    """[n, p] of a b-bit grid, written independently of fixed_point.integer_range."""
     return (-(1 << (bits - 1)), (1 << (bits - 1)) - 1) if signed else (0, (1 << bits) - 1)
 
 
@@ -80,7 +79,7 @@ def ref_round(v: Fraction, rounding: str, half_up_in=None) -> int:
     """R(v): "half_even" (Python's round), "half_up" floor(v + 1/2), "floor".
 
     `half_up_in` (np.float32 / np.float64) models the graph's arithmetic instead of exact
-    half-up: TF and intmodel compute floor(v + 0.5) with v + 0.5 rounded once to that float
+    half-up: TF and the integer engine compute floor(v + 0.5) with v + 0.5 rounded once to that float
     type. The two differ at exactly one input per type, v = 1/2 - ulp(1/2)/2 (the sum rounds up
     to 1.0); see test_half_up_is_the_floor_of_a_float_sum.
     """
@@ -253,7 +252,7 @@ def check_quantizer_output(case: QuantCase, y: np.ndarray) -> np.ndarray:
 
 
 # ============================================================================================
-# 1. The quantizer: quant.tqt_fake_quant (both paths), qformat.round_to_integer and Grid.quantize
+# 1. The quantizer: quant.tqt_fake_quant (both paths), fixed_point.round_to_integer and Grid.quantize
 # ============================================================================================
 
 FUSED_ROUNDINGS = ("half_even", "half_up")  # per tensor, tqt_fake_quant takes the fused kernels
@@ -339,11 +338,11 @@ def test_reference_and_fused_paths_are_equal_bit_for_bit(case, data):
     check_quantizer_output(case, ref[0])
 
 
-@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="csrc/quant_grad.cc is not built (make kernel)")
 @MEDIUM
 @given(case=quant_cases(roundings=FUSED_ROUNDINGS, channel_counts=(None,)), data=st.data())
 def test_grad_kernel_keeps_dx_and_sums_the_threshold_gradient_to_float_rounding(case, data):
-    """The one-pass backward (quant_grad.cc) against TF's kernels on the cases above: y and dL/dx
+    """The one-pass backward (csrc/quant_grad.cc) against TF's kernels on the cases above: y and dL/dx
     bit for bit; dL/dlog2_t = ln2 sum(dy (y - 1[inside] x)) within (m + 2) eps sum|terms| of the
     exact sum (the worst case of any summation order over m terms), where no term overflows."""
     log2_t, dy = threshold_and_dy(case, data)
@@ -366,8 +365,8 @@ def test_grad_kernel_keeps_dx_and_sums_the_threshold_gradient_to_float_rounding(
 @given(case=quant_cases(dtypes=(np.float32,)))
 @pytest.mark.filterwarnings("ignore:overflow encountered in multiply:RuntimeWarning")  # x = float32 max
 def test_grid_quantize_matches_the_integer_reference(case):
-    """qformat.Grid.quantize returns the integers q (float32) the TF op's y encodes."""
-    grid = qformat.Grid(case.bits, case.signed, case.f)
+    """fixed_point.Grid.quantize returns the integers q (float32) the TF op's y encodes."""
+    grid = fixed_point.Grid(case.bits, case.signed, case.f)
     q = grid.quantize(case.x, case.rounding)
     assert q.dtype == np.float32 and q.shape == case.x.shape
     y = np.ldexp(q.astype(np.float64), -np.broadcast_to(case.f, q.shape)).astype(np.float32)
@@ -381,7 +380,7 @@ def test_grid_quantize_matches_the_integer_reference(case):
 def test_grid_quantize_in_float64_matches_the_integer_reference(case):
     """Grid.quantize(x, rounding, np.float64), as calibration's MSE search runs it: float64 inputs
     keep all their bits (no trip through float32) and half_up is the floor of the float64 sum."""
-    grid = qformat.Grid(case.bits, case.signed, case.f)
+    grid = fixed_point.Grid(case.bits, case.signed, case.f)
     q = grid.quantize(case.x, case.rounding, np.float64)
     assert q.dtype == np.float64 and q.shape == case.x.shape
     y = np.ldexp(q, -np.broadcast_to(case.f, q.shape))
@@ -410,11 +409,11 @@ def rounding_inputs(dtype) -> st.SearchStrategy[float]:
 @MEDIUM
 @given(dtype=st.sampled_from([np.float32, np.float64]), rounding=st.sampled_from(ROUNDINGS), data=st.data())
 def test_round_to_integer_matches_the_integer_reference(dtype, rounding, data):
-    """qformat.round_to_integer: R(v) in place, in v's type, equal to the Python-integer
+    """fixed_point.round_to_integer: R(v) in place, in v's type, equal to the Python-integer
     reference (half_up as the floor of v + 1/2 rounded once to v's type)."""
     values = data.draw(st.lists(rounding_inputs(dtype), min_size=1, max_size=40))
     v = np.array(values, dtype)
-    out = qformat.round_to_integer(v, rounding)
+    out = fixed_point.round_to_integer(v, rounding)
     assert out is v and out.dtype == dtype
     expected = [ref_round(exact(dtype(a)), rounding, half_up_in=dtype) for a in values]
     got = [exact(r) for r in out]
@@ -439,8 +438,8 @@ def test_half_up_is_the_floor_of_a_float_sum(dtype):
     np.testing.assert_array_equal(fused, [1, 1])
     np.testing.assert_array_equal(reference, [1, 1])
     np.testing.assert_array_equal(per_channel, [1, 1])
-    np.testing.assert_array_equal(qformat.round_to_integer(x.copy(), "half_up"), [1, 1])
-    grid = qformat.Grid(bits, signed, np.array(0))
+    np.testing.assert_array_equal(fixed_point.round_to_integer(x.copy(), "half_up"), [1, 1])
+    grid = fixed_point.Grid(bits, signed, np.array(0))
     np.testing.assert_array_equal(grid.quantize(x, "half_up", dtype), [1, 1])
     if dtype == np.float32:
         np.testing.assert_array_equal(grid.quantize(x, "half_up"), [1, 1])
@@ -477,14 +476,14 @@ def log2_t_values() -> st.SearchStrategy[float]:
 @FAST
 @given(bits=BITS, signed=st.booleans(), values=st.lists(log2_t_values(), min_size=1, max_size=20))
 def test_frac_bits_formula_for_tf_and_numpy_inputs(bits, signed, values):
-    """qformat.frac_bits (NumPy, int64) and quant.frac_bits_tensor (in the graph, int32)."""
+    """fixed_point.frac_bits (NumPy, int64) and quant.frac_bits_tensor (in the graph, int32)."""
     expected = np.array([ref_frac_bits(v, bits, signed) for v in values])
     arr = np.array(values, np.float32)
-    from_numpy = qformat.frac_bits(arr, bits, signed)
+    from_numpy = fixed_point.frac_bits(arr, bits, signed)
     assert isinstance(from_numpy, np.ndarray) and from_numpy.dtype == np.int64
     np.testing.assert_array_equal(from_numpy, expected)
     for scalar, e in zip(values[:3], expected):  # Python floats give 0-d int64 values
-        s = qformat.frac_bits(scalar, bits, signed)
+        s = fixed_point.frac_bits(scalar, bits, signed)
         assert np.ndim(s) == 0 and np.asarray(s).dtype == np.int64 and int(s) == e
     for tensor in (tf.constant(arr), tf.Variable(arr)):
         from_tf = quant.frac_bits_tensor(tensor, bits, signed)
@@ -657,8 +656,8 @@ def run_dense(case: GemmCase):
     qw = operand(rng, case.w_pattern, *ref_range(case.w_bits, case.w_signed), (case.k, case.cols))
     qb = int32_bias(rng, case.bias_pattern, case.cols)
     f_w = np.array(case.f_w if len(case.f_w) > 1 else case.f_w[0], np.int64)
-    w = qw.astype(qformat.int_dtype(case.w_bits, case.w_signed))
-    engine = intmodel.IntTransformer(
+    w = qw.astype(fixed_point.int_dtype(case.w_bits, case.w_signed))
+    engine = matmul_engine.IntTransformer(
         dense_arrays(w, qb, case.x_bits, case.x_signed, case.f_x, case.w_bits, case.w_signed, f_w),
         {"rounding": case.rounding, "num_heads": 1})
     x = np.ldexp(qx.astype(np.float32), -case.f_x)  # on the input grid: quantizes back to qx
@@ -693,10 +692,10 @@ def test_engine_accumulates_exactly(case):
                                   .astype(np.float32))
 
 
-def _one_weight_engine(w: np.ndarray, bias, bits: int = 8) -> intmodel.IntTransformer:
+def _one_weight_engine(w: np.ndarray, bias, bits: int = 8) -> matmul_engine.IntTransformer:
     """A signed bits x bits dense layer with weight w and an int32 bias."""
-    return intmodel.IntTransformer(dense_arrays(w, np.array(bias, np.int32), bits, True, 0, bits, True, 0),
-                                   {"rounding": "half_even", "num_heads": 1})
+    arrays = dense_arrays(w, np.array(bias, np.int32), bits, True, 0, bits, True, 0)
+    return matmul_engine.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
 
 
 def test_bias_rule_int32_min():
@@ -724,9 +723,9 @@ def test_grid_range_and_max_abs():
     """Grid.range is [n, p] and Grid.max_abs = max(-n, p) (2^(b-1) signed, 2^b - 1 unsigned)."""
     for bits in range(2, 17):
         for signed in (True, False):
-            grid = qformat.Grid(bits, signed, np.array(0))
+            grid = fixed_point.Grid(bits, signed, np.array(0))
             n, p = ref_range(bits, signed)
-            assert grid.range == (n, p) == qformat.integer_range(bits, signed)
+            assert grid.range == (n, p) == fixed_point.integer_range(bits, signed)
             assert grid.max_abs == max(-n, p)
 
 
@@ -739,18 +738,18 @@ def test_check_exact_raises_exactly_past_the_float64_bound():
         for bw in range(2, 17):
             for sx in (True, False):
                 for sw in (True, False):
-                    gx = qformat.Grid(bx, sx, np.array(0))
-                    gw = qformat.Grid(bw, sw, np.array(0))
+                    gx = fixed_point.Grid(bx, sx, np.array(0))
+                    gw = fixed_point.Grid(bw, sw, np.array(0))
                     product = max_abs(bx, sx) * max_abs(bw, sw)
                     first_bad = -(-(2**53 - 2**31) // product)  # smallest K over the bound
                     equalities += first_bad * product + 2**31 == 2**53
                     for k in (first_bad - 1, first_bad, first_bad + 1):
                         if ref_float64_exact(k, max_abs(bx, sx), max_abs(bw, sw)):
-                            intmodel.check_exact(k, gx, gw)
+                            accumulation.check_exact(k, gx, gw)
                         else:
                             with pytest.raises(OverflowError, match=rf"^a {k}-term accumulation of "
                                                rf"{bx}x{bw}-bit products could exceed 2\^53$"):
-                                intmodel.check_exact(k, gx, gw)
+                                accumulation.check_exact(k, gx, gw)
                     assert ref_float64_exact(first_bad - 1, max_abs(bx, sx), max_abs(bw, sw))
     assert equalities > 0
 
@@ -759,8 +758,8 @@ def test_check_exact_raises_exactly_past_the_float64_bound():
                                                              (8, False, 12, True), (2, True, 3, False)])
 def test_planner_refuses_k_past_the_float64_bound(x_bits, x_signed, w_bits, w_signed):
     """IntTransformer._plan runs check_exact for the K it is asked for."""
-    w = np.zeros((1, 1), qformat.int_dtype(w_bits, w_signed))
-    engine = intmodel.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 0, w_bits, w_signed, 0),
+    w = np.zeros((1, 1), fixed_point.int_dtype(w_bits, w_signed))
+    engine = matmul_engine.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 0, w_bits, w_signed, 0),
                                      {"rounding": "floor", "num_heads": 1})
     product = max_abs(x_bits, x_signed) * max_abs(w_bits, w_signed)
     first_bad = -(-(2**53 - 2**31) // product)
@@ -777,7 +776,7 @@ def test_bias_dtype_is_float32_exactly_while_the_sum_stays_below_2_24():
              (top, [], np.float32), (2**24, [], np.float64), (0, [-(2**31)], np.float64),
              (0, [1], np.float32)]
     for bound, bias, expected in cases:
-        assert intmodel.bias_dtype(bound, np.array(bias, np.int32)) is expected, (bound, bias)
+        assert accumulation.bias_dtype(bound, np.array(bias, np.int32)) is expected, (bound, bias)
 
 
 @pytest.mark.parametrize("x_bits,x_signed,w_bits,w_signed", [
@@ -787,8 +786,8 @@ def test_planner_chunks_as_the_reference(x_bits, x_signed, w_bits, w_signed):
     """The plan: chunk = the most terms a float32 sum holds exactly (all of K when not even one
     product fits), first chunk in float32 iff chunk * product < 2^24, scale 2^-(f_x + f_w).
     (8u x 2u: the product 765 divides 2^24 - 1; 16 x 10: one product is exactly 2^24.)"""
-    w = np.zeros((1, 1), qformat.int_dtype(w_bits, w_signed))
-    engine = intmodel.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 3, w_bits, w_signed, -1),
+    w = np.zeros((1, 1), fixed_point.int_dtype(w_bits, w_signed))
+    engine = matmul_engine.IntTransformer(dense_arrays(w, None, x_bits, x_signed, 3, w_bits, w_signed, -1),
                                      {"rounding": "floor", "num_heads": 1})
     product = max_abs(x_bits, x_signed) * max_abs(w_bits, w_signed)
     for k in (1, 7, 5000):
@@ -806,7 +805,7 @@ def test_matmul_transposed_weight_batched_input_and_trace():
     rng = np.random.default_rng(11)
     qx = rng.integers(-128, 128, (2, 3, 40)).astype(np.float32)
     qw = rng.integers(-8, 8, (5, 40)).astype(np.float32)  # [n, k]: used transposed
-    engine = intmodel.IntTransformer(dense_arrays(qw.astype(np.int8), None, 8, True, 1, 4, True, 2),
+    engine = matmul_engine.IntTransformer(dense_arrays(qw.astype(np.int8), None, 8, True, 1, 4, True, 2),
                                      {"rounding": "half_even", "num_heads": 1})
     with engine.tracing() as trace:
         y = engine.matmul("l/input", qx, "l/weight", qw, transpose_w=True)
@@ -829,8 +828,8 @@ def test_matmul_of_attention_shaped_operands_past_the_chunk():
     chunk (1023 terms of 8x8-bit products), with odd extremes so a sum past 2^24 is not a
     float32: the accumulator still equals int64 arithmetic."""
     rng = np.random.default_rng(12)
-    engine = intmodel.IntTransformer(dense_arrays(np.zeros((1, 1), np.int8), None, 8, True, 0, 8, True, 0),
-                                     {"rounding": "half_even", "num_heads": 1})
+    arrays = dense_arrays(np.zeros((1, 1), np.int8), None, 8, True, 0, 8, True, 0)
+    engine = matmul_engine.IntTransformer(arrays, {"rounding": "half_even", "num_heads": 1})
     qx = rng.choice([-127.0, -125.0], size=(2, 3, 2000)).astype(np.float32)  # one sign: |acc| > 2^24
     qw = rng.choice([-127.0, -126.0, -125.0], size=(2000, 4)).astype(np.float32)
     q = rng.integers(-128, 128, (2, 2, 3, 5)).astype(np.float32)
@@ -846,32 +845,32 @@ def test_matmul_of_attention_shaped_operands_past_the_chunk():
 def test_grid_quantize_rounds_float64_inputs_through_float32():
     """Grid.quantize computes in float32, as the TF graph's float32 activations are: a float64
     input first rounds to float32 (0.5 + 2^-30 becomes the tie 0.5, which half_even rounds to 0)."""
-    grid = qformat.Grid(8, True, np.array(0))
+    grid = fixed_point.Grid(8, True, np.array(0))
     q = grid.quantize(np.array([0.5 + 2.0**-30, 1.5 + 2.0**-30]), "half_even")
     assert q.dtype == np.float32 and q.tolist() == [0.0, 2.0]
 
 
 def test_error_messages_name_what_is_wrong(tmp_path):
-    assert qformat.int_dtype(8) == np.int8  # signed unless told otherwise
+    assert fixed_point.int_dtype(8) == np.int8  # signed unless told otherwise
     with pytest.raises(ValueError, match="^no integer type holds 65 bits$"):
-        qformat.int_dtype(65)
+        fixed_point.int_dtype(65)
     with pytest.raises(ValueError, match=r"v.mem: values outside the 4-bit range \[-8, 7\]$"):
-        qformat.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
+        export_format.write_mem(str(tmp_path / "v.mem"), np.array([8]), 4, True)
     with pytest.raises(ValueError, match="^unknown rounding 'nearest'$"):
-        qformat.Grid(8, True, np.array(0)).quantize(np.zeros(2), "nearest")
+        fixed_point.Grid(8, True, np.array(0)).quantize(np.zeros(2), "nearest")
 
 
 def test_mem_comments_end_a_line_at_their_first_slashes(tmp_path):
     path = tmp_path / "c.mem"
     path.write_text("// header // more\n7f // 127 // max\n\n  80\n")
-    assert qformat.read_mem(str(path), 8, True).tolist() == [127, -128]
+    assert export_format.read_mem(str(path), 8, True).tolist() == [127, -128]
 
 
 def test_int_dtype_is_the_smallest_that_holds_the_range():
     order = {True: ["int8", "int16", "int32", "int64"], False: ["uint8", "uint16", "uint32", "uint64"]}
     for bits in range(2, 65):
         for signed in (True, False):
-            dt = qformat.int_dtype(bits, signed)
+            dt = fixed_point.int_dtype(bits, signed)
             n, p = ref_range(bits, signed)
             assert np.iinfo(dt).min <= n and np.iinfo(dt).max >= p
             smaller = order[signed][: order[signed].index(dt.name)]
@@ -899,13 +898,13 @@ def test_mem_file_round_trip_and_format(case, tmp_path_factory):
     two's complement, sign-extended; the optional first line is a // comment."""
     bits, signed, values, comment = case
     path = str(tmp_path_factory.mktemp("mem") / "v.mem")
-    qformat.write_mem(path, np.array(values, np.int64), bits, signed, comment)
+    export_format.write_mem(path, np.array(values, np.int64), bits, signed, comment)
     lines = open(path).read().splitlines()
     if comment:
         assert lines.pop(0) == f"// {comment}"
     assert all(len(line) == -(-bits // 4) for line in lines)
     assert lines == [ref_mem_word(v, bits) for v in values]
-    back = qformat.read_mem(path, bits, signed)
+    back = export_format.read_mem(path, bits, signed)
     assert back.dtype == np.int64 and back.tolist() == values
 
 
@@ -918,7 +917,7 @@ def test_mem_file_rejects_values_out_of_range(case, data, tmp_path_factory):
     position = data.draw(st.integers(0, len(values)))
     path = str(tmp_path_factory.mktemp("mem") / "bad.mem")
     with pytest.raises(ValueError):
-        qformat.write_mem(path, np.array(values[:position] + [bad] + values[position:], np.int64),
+        export_format.write_mem(path, np.array(values[:position] + [bad] + values[position:], np.int64),
                            bits, signed)
 
 
@@ -931,14 +930,14 @@ def test_mem_file_rejects_values_out_of_range(case, data, tmp_path_factory):
 def test_mem_words_of_known_values(tmp_path, value, bits, signed, word):
     assert ref_mem_word(value, bits) == word
     path = str(tmp_path / "v.mem")
-    qformat.write_mem(path, np.array([value]), bits, signed)
+    export_format.write_mem(path, np.array([value]), bits, signed)
     assert open(path).read() == word + "\n"
-    assert qformat.read_mem(path, bits, signed).tolist() == [value]
+    assert export_format.read_mem(path, bits, signed).tolist() == [value]
 
 
 def test_mem_file_of_64_bit_accumulators(tmp_path):
     path = str(tmp_path / "acc.mem")
     values = [-1, -(2**63), 2**63 - 1, 5]
-    qformat.write_mem(path, np.array(values, np.int64), 64, True)
+    export_format.write_mem(path, np.array(values, np.int64), 64, True)
     assert open(path).read().split() == [ref_mem_word(v, 64) for v in values]
-    assert qformat.read_mem(path, 64, True).tolist() == values
+    assert export_format.read_mem(path, 64, True).tolist() == values

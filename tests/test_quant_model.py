@@ -8,11 +8,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import calibration
-import qformat
 import quant
 import train
 from hparams import train_parser
+from integer import calibration, export_format, site_names
 from model import Transformer, load_weights
 from modules import Dense, FeedForward, FloatSites, Identity, LayerNorm
 from runs import sites_from_flags
@@ -173,19 +172,19 @@ def test_presets_and_overrides_set_the_bits(preset, wbits, abits):
     hp = hp_for(preset, quant_override=["*/softmax_output=8"])
     model = Transformer(hp, 40, sites_from_flags(hp))
     sites = model.sites.sites
-    assert sites[qformat.EMBEDDING].num_bits == wbits
+    assert sites[site_names.EMBEDDING].num_bits == wbits
     for side in ("encoder", "decoder"):
         for i in range(hp.num_blocks):
-            names = qformat.block_names(side, i)
+            names = site_names.block_names(side, i)
             attentions = [names.self_attention] + ([names.cross_attention] if side == "decoder" else [])
             for prefix in attentions:
-                attention = qformat.attention(prefix)
+                attention = site_names.attention(prefix)
                 assert sites[attention.probs].num_bits == 8  # the override
                 assert sites[attention.query].num_bits == abits
-                assert sites[qformat.dense(attention.wq).weight].num_bits == wbits
-            ffn = qformat.feed_forward(names.ffn)
-            assert not sites[qformat.dense(ffn.dense2).input].signed  # ReLU output is unsigned
-            assert sites[qformat.dense(ffn.dense1).input].signed
+                assert sites[site_names.dense(attention.wq).weight].num_bits == wbits
+            ffn = site_names.feed_forward(names.ffn)
+            assert not sites[site_names.dense(ffn.dense2).input].signed  # ReLU output is unsigned
+            assert sites[site_names.dense(ffn.dense1).input].signed
 
 
 def quantized_ffn() -> tuple[FeedForward, tf.Tensor, quant.TQTSites]:
@@ -266,10 +265,10 @@ def test_the_relu_stays_where_the_site_looks_at_its_input():
 def test_per_channel_weights():
     hp = hp_for("w8a8", per_channel=True)
     model = calibrated_model(hp)
-    ffn = qformat.feed_forward(qformat.block_names("encoder", 0).ffn)
-    site = model.sites.sites[qformat.dense(ffn.dense1).weight]
+    ffn = site_names.feed_forward(site_names.block_names("encoder", 0).ffn)
+    site = model.sites.sites[site_names.dense(ffn.dense1).weight]
     assert site.log2_t.shape == [64]
-    assert model.sites.sites[qformat.EMBEDDING].log2_t.shape == []  # shared table: per tensor
+    assert model.sites.sites[site_names.EMBEDDING].log2_t.shape == []  # shared table: per tensor
     src, tgt = batch(4)
     assert np.all(np.isfinite(model(src, tgt[:, :-1]).numpy()))
 
@@ -280,10 +279,10 @@ def test_per_row_embedding(tmp_path):
     tensor leaves it to be calibrated anew, the other thresholds restored."""
     hp = hp_for("w4a8", per_row_embedding=True)
     model = calibrated_model(hp)
-    site = model.sites.sites[qformat.EMBEDDING]
+    site = model.sites.sites[site_names.EMBEDDING]
     assert site is model.embedding_site and site.log2_t.shape == [40, 1]
-    ffn = qformat.feed_forward(qformat.block_names("encoder", 0).ffn)
-    assert model.sites.sites[qformat.dense(ffn.dense1).weight].log2_t.shape == []
+    ffn = site_names.feed_forward(site_names.block_names("encoder", 0).ffn)
+    assert model.sites.sites[site_names.dense(ffn.dense1).weight].log2_t.shape == []
     for r, row in enumerate(model.embedding.numpy()):
         alone = quant.QuantSite("row", "weight", num_bits=4)
         calibration.init_weight_site(alone, row)
@@ -298,9 +297,9 @@ def test_per_row_embedding(tmp_path):
 
     per_tensor = calibrated_model(hp_for("w4a8"))
     path = tf.train.Checkpoint(model=per_tensor).write(str(tmp_path / "ckpt"))
-    assert load_weights(model, path) == [qformat.EMBEDDING]
-    assert site.log2_t.shape == [40, 1] and site.log2_t is model.sites.sites[qformat.EMBEDDING].log2_t
-    name = qformat.dense(ffn.dense1).weight
+    assert load_weights(model, path) == [site_names.EMBEDDING]
+    assert site.log2_t.shape == [40, 1] and site.log2_t is model.sites.sites[site_names.EMBEDDING].log2_t
+    name = site_names.dense(ffn.dense1).weight
     np.testing.assert_array_equal(model.sites.sites[name].log2_t.numpy(),
                                   per_tensor.sites.sites[name].log2_t.numpy())
 
@@ -315,7 +314,7 @@ def test_softmax_probability_sites_calibrate_to_threshold_one():
         assert len(probs) == 6 and all(float(s.threshold()) == 1.0 for s in probs), method
 
 
-# The naming scheme, spelled out once (every other test builds names with qformat's builders):
+# The naming scheme, spelled out once (every other test builds names with integer/site_names.py's builders):
 # (leaf, role, the matmul it feeds relative to the layer) for an attention and an FFN
 ATTENTION_SITES = [("wq/input", "activation", "wq"), ("wq/weight", "weight", "wq"),
                    ("wk/input", "activation", "wk"), ("wk/weight", "weight", "wk"),
@@ -339,7 +338,7 @@ def test_the_sites_of_a_one_plus_one_block_model_are_the_documented_list():
     expected += [(f"{prefix}/{leaf}", role, f"{prefix}/{matmul}")
                  for prefix, table in layers for leaf, role, matmul in table]
     expected.append(("decoder/output_input", "activation", "decoder/output_projection"))
-    sites = [(name, site.role, qformat.matmul_of(name)) for name, site in model.sites.sites.items()]
+    sites = [(name, site.role, site_names.matmul_of(name)) for name, site in model.sites.sites.items()]
     assert sites == expected and len(sites) == 2 + 16 + 28
     assert sorted(m.path for m in model.submodules if isinstance(m, LayerNorm)) == [
         "decoder/block_1/ln1", "decoder/block_1/ln2", "decoder/block_1/ln3",
@@ -347,5 +346,6 @@ def test_the_sites_of_a_one_plus_one_block_model_are_the_documented_list():
     biases = sorted(m.names.bias for m in model.submodules if isinstance(m, Dense))
     assert biases == sorted(f"{prefix}/{leaf.split('/')[0]}/bias" for prefix, table in layers
                             for leaf, _, _ in table if leaf.endswith("/weight"))
-    assert qformat.mem_file_name("decoder/block_1/ffn/dense1/bias") == "decoder.block_1.ffn.dense1.bias.mem"
+    expected = "decoder.block_1.ffn.dense1.bias.mem"
+    assert export_format.mem_file_name("decoder/block_1/ffn/dense1/bias") == expected
 

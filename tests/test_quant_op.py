@@ -10,9 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import calibration
-import qformat
 import quant
+from integer import calibration, fixed_point, site_names
 
 ROUND = {"half_even": np.rint, "half_up": lambda v: np.floor(v + 0.5), "floor": np.floor}
 BITS = [2, 3, 4, 6, 8, 12, 16]
@@ -83,7 +82,7 @@ def op_cases():
         for layout in LAYOUTS:
             for bits in BITS:
                 for signed in (True, False):
-                    for rounding in qformat.ROUNDINGS:
+                    for rounding in fixed_point.ROUNDINGS:
                         fusable = rounding in FUSED_ROUNDINGS and layout == "tensor"
                         for op in ("dispatch", "reference", "fused") if fusable else ("dispatch",):
                             yield pytest.param(op, rounding, signed, bits, layout, dtype, id="-".join([
@@ -115,7 +114,7 @@ def test_forward_and_gradients_match_numpy(op, rounding, signed, bits, layout, d
 @pytest.mark.parametrize("op", ["dispatch", "reference"])
 def test_rounding_modes_differ_on_ties(op):
     x = tf.constant([0.5, 1.5, 2.5, -0.5, -1.5, 0.75])
-    outputs = {r: OPS[op](x, 7.0, 8, True, r).numpy() for r in qformat.ROUNDINGS}  # s = 1
+    outputs = {r: OPS[op](x, 7.0, 8, True, r).numpy() for r in fixed_point.ROUNDINGS}  # s = 1
     np.testing.assert_array_equal(outputs["half_even"], [0, 2, 2, -0, -2, 1])
     np.testing.assert_array_equal(outputs["half_up"], [1, 2, 3, 0, -1, 1])
     np.testing.assert_array_equal(outputs["floor"], [0, 1, 2, -1, -2, 0])
@@ -147,7 +146,7 @@ def traced_op_types(log2_t, rounding, gradient):
 
 @pytest.mark.parametrize("form", ["variable", "python"])
 @pytest.mark.parametrize("per_channel", [False, True])
-@pytest.mark.parametrize("rounding", qformat.ROUNDINGS)
+@pytest.mark.parametrize("rounding", fixed_point.ROUNDINGS)
 def test_dispatch_takes_the_fused_kernels_exactly_per_tensor_with_half_roundings(rounding, per_channel, form,
                                                                                  fused_grad_op):
     value = [0.5] * 5 if per_channel else 0.5
@@ -216,7 +215,7 @@ def op_and_surrogate(x, log2_t0, bits, signed, rounding, dy):
 
 @pytest.mark.parametrize("per_channel", [True, False])
 @pytest.mark.parametrize("signed", [True, False])
-@pytest.mark.parametrize("rounding", qformat.ROUNDINGS)
+@pytest.mark.parametrize("rounding", fixed_point.ROUNDINGS)
 def test_log2_t_gradient_is_the_ste_derivative(rounding, signed, per_channel):
     """Per channel (the reference path) and per tensor, one column at a time (the fused path
     for half_even/half_up): the same gradient as autodiff of the STE surrogate and as a central
@@ -391,7 +390,7 @@ def test_clamp_keeps_sgd_from_throwing_the_threshold_away():
     for _ in range(3):
         sgd_step(clamped, x, 1.0)
         quant.clamp_log2_t([clamped])
-        assert qformat.LOG2_T_MIN <= clamped.log2_t.numpy() <= qformat.LOG2_T_MAX
+        assert fixed_point.LOG2_T_MIN <= clamped.log2_t.numpy() <= fixed_point.LOG2_T_MAX
     assert np.all(np.isfinite(clamped(x).numpy())) and float(sgd_step(clamped, x, 0.0)) != 0
 
 
@@ -483,7 +482,7 @@ def test_set_log2_t_broadcasts_and_clips_to_the_clamp_range():
     site.set_log2_t(1.5)
     np.testing.assert_array_equal(site.log2_t.numpy(), [1.5] * 3)
     site.set_log2_t(np.array([-30.0, 2.25, 99.0]))
-    np.testing.assert_array_equal(site.log2_t.numpy(), [qformat.LOG2_T_MIN, 2.25, qformat.LOG2_T_MAX])
+    np.testing.assert_array_equal(site.log2_t.numpy(), [fixed_point.LOG2_T_MIN, 2.25, fixed_point.LOG2_T_MAX])
     assert site.log2_t.dtype == tf.float32
 
 
@@ -496,7 +495,7 @@ def test_frac_bits_threshold_and_grid(role, frac):
     grid = site.grid()
     assert (grid.bits, grid.signed, int(grid.f)) == (8, role == "weight", frac)
     assert site.threshold() == 8.0 and np.exp2(-grid.f.astype(np.float64)) == 2.0**-frac  # the scale s
-    assert qformat.frac_bits(np.array([2.3, -1.0, -1.5]), 8, True).tolist() == [4, 8, 8]
+    assert fixed_point.frac_bits(np.array([2.3, -1.0, -1.5]), 8, True).tolist() == [4, 8, 8]
     f = quant.frac_bits_tensor(tf.constant([2.3, -1.0, -1.5]), 8, False)
     assert f.dtype == tf.int32 and f.numpy().tolist() == [5, 9, 9]
 
@@ -587,13 +586,13 @@ def test_integer_only_config_widths_and_the_residual_role():
     config = quant.QuantConfig.from_flags("w8a8", None, None, "half_even", False,
                                           ["*/ln2/input=12"], integer_only=True, residual_bits=14)
     assert config.integer_only and config.residual_bits == 14
-    names = qformat.layer_norm(qformat.block_names("encoder", 0).norms[0])
+    names = site_names.layer_norm(site_names.block_names("encoder", 0).norms[0])
     assert names == ("encoder/block_1/ln1/input", "encoder/block_1/ln1/gamma", "encoder/block_1/ln1/beta",
                      "encoder/block_1/ln1/output")
     assert config.bits_for(names.input, "residual") == 14
     assert config.bits_for(names.gamma, "weight") == 8
     assert config.bits_for("encoder/block_1/ln2/input", "residual") == 12  # overrides still win
-    assert config.bits_for(qformat.EMBEDDING_SUM, "residual") == 14
+    assert config.bits_for(site_names.EMBEDDING_SUM, "residual") == 14
     assert config.bits_for(names.gamma, "weight", default=14) == 14
     assert quant.QuantSite(names.input, "residual", 14).signed
     with pytest.raises(ValueError, match="--integer_only needs a --quant preset"):
@@ -602,18 +601,18 @@ def test_integer_only_config_widths_and_the_residual_role():
         quant.QuantConfig(residual_bits=17)
 
 
-# ---- the one-pass backward kernel (quant_grad.cc) ----
+# ---- the one-pass backward kernel (csrc/quant_grad.cc) ----
 
 
 def test_grad_kernel_is_built_where_a_compiler_is():
     """make test builds it: a loader that silently found nothing would leave QAT on the slow path."""
     if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("no C++ compiler: quant_grad.cc cannot be built here")
+        pytest.skip("no C++ compiler: csrc/quant_grad.cc cannot be built here")
     assert quant.GRAD_KERNEL is not None, f"{quant.GRAD_KERNEL_PATH} did not load: run make kernel"
     assert quant.load_grad_kernel("/nonexistent/_quant_grad.so") is None
 
 
-@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="csrc/quant_grad.cc is not built (make kernel)")
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_grad_kernel_on_a_tensor_split_across_threads(dtype):
     """77,100 elements: several blocks of the thread pool, chunks with a tail. dL/dx exactly and
@@ -635,7 +634,7 @@ def test_grad_kernel_on_a_tensor_split_across_threads(dtype):
     np.testing.assert_allclose(dl, tf_kernels[2], rtol=1e-5)
 
 
-@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="quant_grad.cc is not built (make kernel)")
+@pytest.mark.skipif(quant.GRAD_KERNEL is None, reason="csrc/quant_grad.cc is not built (make kernel)")
 def test_grad_kernel_refuses_mismatched_shapes():
     x = tf.zeros([4, 3])
     with pytest.raises(tf.errors.InvalidArgumentError, match="dy, x and y must have one shape"):

@@ -16,18 +16,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-import bitbudget
-import calibration
 import data_load
 import hparams
-import intmodel
 import modules
-import qformat
 import quant
 import runs
 import train
 from corpus import demo as demo_corpus
 from hparams import train_parser
+from integer import (
+    atomic_files,
+    bitbudget,
+    calibration,
+    decoding,
+    export_format,
+    loader,
+    site_names,
+    token_ids,
+)
 from model import Transformer, load_weights
 
 # eval.py's main, for the tests that run it in-process (`import eval` would shadow the builtin)
@@ -139,11 +145,11 @@ def test_integer_engine_translates_token_for_token_like_tf(qat_runs, corpus, pre
     hp = runs.restore_hparams(hparams.eval_parser(), ["--logdir", logdir])
     model, sp, _, _ = runs.load_model(hp)
     lines = data_load.read_lines(corpus["train"][0])
-    engine = intmodel.IntTransformer.load(os.path.join(logdir, "export"))
+    engine = loader.load_engine(os.path.join(logdir, "export"))
     tf_ids, int_ids = [], []
     for _, src in data_load.eval_batches(data_load.encode_source(sp, lines), 64):
-        tf_ids += [qformat.strip_ids(r) for r in model.greedy(tf.constant(src)).numpy()]
-        int_ids += [qformat.strip_ids(r) for r in engine.greedy(src)]
+        tf_ids += [token_ids.strip_ids(r) for r in model.greedy(tf.constant(src)).numpy()]
+        int_ids += [token_ids.strip_ids(r) for r in decoding.greedy(engine, src)]
     same = sum(a == b for a, b in zip(tf_ids, int_ids))
     assert same == len(lines), f"{same}/{len(lines)} identical"
     assert max(s["bits"] for s in engine.accumulator_stats().values()) <= 32
@@ -164,8 +170,8 @@ def test_eval_int_engine_cli(qat_runs, corpus, tmp_path, capsys):
     eval_main(["--logdir", logdir, *args, "--json", tf_json, "--hyp_out", str(tmp_path / "tf.txt"),
                "--export_to", export_dir])
     assert f"with the integers in {export_dir}" in capsys.readouterr().out
-    manifest = qformat.read_manifest(export_dir)
-    trained = qformat.read_manifest(os.path.join(logdir, "export"))
+    manifest = export_format.read_manifest(export_dir)
+    trained = export_format.read_manifest(os.path.join(logdir, "export"))
     assert manifest["sites"] == trained["sites"] and manifest["model"] == trained["model"]
     exported, by_train = npz_arrays(export_dir), npz_arrays(os.path.join(logdir, "export"))
     assert exported.keys() == by_train.keys()
@@ -194,7 +200,8 @@ def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, 
         ([*args, "--engine", "tf", "--export", target],
          "error: --export names an export to evaluate with --engine int; to write the integers of "
          "--logdir use --export_to DIR"),
-        ([*args, "--engine", "int"], "error: --engine int needs --export DIR (an export.py directory)"),
+        ([*args, "--engine", "int"],
+         "error: --engine int needs --export DIR (an export directory: eval.py --export_to)"),
     ]:
         with pytest.raises(SystemExit) as exit_:
             hparams.run_cli(eval_main, argv)
@@ -317,7 +324,7 @@ def test_averaging_checkpoints(float_run, tmp_path, capsys):
 def test_freeze_thresholds_after_n_steps(float_run, tmp_path, monkeypatch, capsys):
     """QAT with --freeze_thresholds_after 3: thresholds train in steps 1-3, then stay at their
     step-3 values (and so does their Adam) while the weights keep training to step 5. Without
-    quant_grad.cc (TF's gradient kernels), which train.py says."""
+    csrc/quant_grad.cc (TF's gradient kernels), which train.py says."""
     monkeypatch.setattr(quant, "GRAD_KERNEL", None)
     logdir = str(tmp_path / "qat")
     train.main(["--logdir", logdir, "--init_from", float_run, "--quant", "w8a8", "--max_steps", "5",
@@ -388,12 +395,12 @@ def test_qat_run_killed_between_checkpoints_resumes_bit_for_bit(corpus, tmp_path
 
 def padded_batch(rng, rows, vocab):
     """(src, tgt) of `rows` sentences of random lengths, padded with PAD to one width."""
-    src, tgt = np.full((rows, 9), qformat.PAD, np.int32), np.full((rows, 8), qformat.PAD, np.int32)
+    src, tgt = np.full((rows, 9), token_ids.PAD, np.int32), np.full((rows, 8), token_ids.PAD, np.int32)
     for i in range(rows):
         n_src, n_tgt = rng.integers(2, 10), rng.integers(1, 7)
         src[i, :n_src] = rng.integers(4, vocab, n_src)
-        src[i, n_src - 1] = qformat.EOS
-        tgt[i, : n_tgt + 2] = [qformat.BOS, *rng.integers(4, vocab, n_tgt), qformat.EOS]
+        src[i, n_src - 1] = token_ids.EOS
+        tgt[i, : n_tgt + 2] = [token_ids.BOS, *rng.integers(4, vocab, n_tgt), token_ids.EOS]
     return src, tgt
 
 
@@ -447,7 +454,7 @@ def test_mirrored_steps_equal_single_device_steps(two_cpus, fused_grad_op):
     batches = [padded_batch(rng, 5, vocab) for _ in range(4)]
     for _, tgt in batches:
         counts = [np.count_nonzero(shard[:, 1:]) for shard in np.array_split(tgt, 2)]
-        assert counts[0] != counts[1] and np.any(tgt == qformat.PAD)
+        assert counts[0] != counts[1] and np.any(tgt == token_ids.PAD)
     tf.random.set_seed(0)
     calibrated = Transformer(hp, vocab, runs.sites_from_flags(hp))
     calibration.calibrate(calibrated, batches[:2], "max", "max")
@@ -626,7 +633,7 @@ def test_error_logdir_without_checkpoint(corpus, tmp_path, capsys):
     logdir = str(tmp_path / "run")
     hparams.save_hparams(train_parser().parse_args(["--logdir", logdir, *TINY, *corpus["flags"]]), logdir)
     sp = data_load.load_or_train_spm(*data_load.read_parallel(*corpus["train"]), 300, corpus["folder"])
-    hparams.write_atomic(os.path.join(logdir, "spm.model"), sp.serialized_model_proto())
+    atomic_files.write_atomic(os.path.join(logdir, "spm.model"), sp.serialized_model_proto())
     with pytest.raises(SystemExit) as exit_:
         hparams.run_cli(eval_main, ["--logdir", logdir])
     err = capsys.readouterr().err.strip()
@@ -752,7 +759,7 @@ def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path
     tf_result = json.load(open(tmp_path / "tf.json"))
     assert tf_result["bleu"] >= parent - 3.0, (parent, tf_result["bleu"])
     export_dir = os.path.join(logdir, "export")
-    assert type(intmodel.IntTransformer.load(export_dir)).__name__ == "IntOnlyTransformer"
+    assert type(loader.load_engine(export_dir)).__name__ == "IntOnlyTransformer"
     eval_main(["--engine", "int", "--export", export_dir, *args, "--json", str(tmp_path / "int.json"),
                "--agree_with", str(tmp_path / "tf.txt"), "--dump_vectors", "2",
                "--out", str(tmp_path / "vec")])
@@ -823,7 +830,8 @@ def test_sensitivity_has_one_row_per_site_and_its_allocation_keeps_the_budget(qa
                                    ["--logdir", qat_runs["w8a8"], "--per_row_embedding"])
     rows_probe = sensitivity.Probe(rows_hp, 4, 0)  # the run's per-tensor table threshold, calibrated per row
     assert rows_probe.model.embedding_site.log2_t.shape == [300, 1]
-    rows_table = sensitivity.sensitivity_table(rows_probe, [3], families=False, patterns=[qformat.EMBEDDING],
+    rows_table = sensitivity.sensitivity_table(rows_probe, [3], families=False,
+                                               patterns=[site_names.EMBEDDING],
                                                flags=["--per_row_embedding"])
     assert rows_table["flags"] == ["--per_row_embedding"] and len(rows_table["rows"]) == 1
     measured_with = ["--per_row_embedding", "--weight_init", "mse"]

@@ -1,8 +1,8 @@
 """Integer kernels of integer-only inference: what the accelerator computes between matmuls.
 
 NumPy int64 only (no floating point anywhere), so each kernel is its own bit-exact spec; the
-TF graph emulates the same integers for training (`intops_tf.py`). Values live on power-of-two
-grids (qformat.Grid): an integer q on grid f stands for q * 2^-f. Equations: docs/integer_only.md.
+TF graph emulates the same integers for training (`integer_tf/kernels_tf.py`). Values live on power-of-two
+grids (fixed_point.Grid): an integer q on grid f stands for q * 2^-f. Equations: docs/integer_only.md.
 
     shift_round(q, k, R)    R(q * 2^-k): a requantizing shift (k < 0 shifts left, exactly)
     div_round(a, b, R)      R(a / b) for integers, b > 0
@@ -20,7 +20,7 @@ import math
 
 import numpy as np
 
-import qformat
+from integer import fixed_point
 
 ISQRT_MAX = 1 << 62  # isqrt's domain: n < 2^62 (the root < 2^31)
 ISQRT_STEPS = 6  # Newton steps that reach floor(sqrt(n)) from 2^ceil(bits/2) for every n < 2^62
@@ -46,7 +46,7 @@ def div_round(a, b, rounding: str) -> np.ndarray:
     a, b = _int64(a), _int64(b)
     if np.any(b <= 0):
         raise ValueError("div_round needs a positive divisor")
-    if rounding not in qformat.ROUNDINGS:
+    if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
     return _div_round(a, b, rounding)
 
@@ -71,7 +71,7 @@ def shift_round(q, k, rounding: str) -> np.ndarray:
     result inside int64). An int32 q (a 32-bit lane, |q| <= 2^30) shifted right by one scalar
     0 <= k <= 30 stays int32 (the same integers); any other q is computed in int64."""
     q = _lane(q)
-    if rounding not in qformat.ROUNDINGS:
+    if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
     if np.ndim(k) == 0:  # one shift for the whole tensor (a per-tensor grid): scalar constants
         k = int(k)
@@ -134,9 +134,9 @@ def _isqrt(n: np.ndarray) -> np.ndarray:
 
 
 def clip_to(q, bits: int, signed: bool) -> np.ndarray:
-    """q clipped into the integer range of a `bits`-bit grid (qformat.integer_range); an int32 q
+    """q clipped into the integer range of a `bits`-bit grid (fixed_point.integer_range); an int32 q
     stays int32."""
-    n, p = qformat.integer_range(bits, signed)
+    n, p = fixed_point.integer_range(bits, signed)
     out = np.maximum(_lane(q), n)
     return np.minimum(out, p, out=out)
 
@@ -144,7 +144,7 @@ def clip_to(q, bits: int, signed: bool) -> np.ndarray:
 def requantize(q, k, bits: int, signed: bool, rounding: str) -> np.ndarray:
     """clip_to(shift_round(q, k, rounding), bits, signed): an edge from one grid onto a `bits`-bit
     grid k bits coarser (the clip in place on shift_round's fresh result)."""
-    n, p = qformat.integer_range(bits, signed)
+    n, p = fixed_point.integer_range(bits, signed)
     out = shift_round(q, k, rounding)
     np.maximum(out, n, out=out)
     return np.minimum(out, p, out=out)
@@ -281,7 +281,7 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: in
     exp_neg's relative spread max/min - 1, which normalization does not cancel) + 1e-4 + one unit
     of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py."""
     q = _int64(q)
-    qformat.check_bits_and_rounding(out_bits, rounding)
+    fixed_point.check_bits_and_rounding(out_bits, rounding)
     if np.any(q >= 1 << 62) or np.any(q <= -(1 << 62)):
         raise ValueError("softmax takes scores |q| < 2^62")
     if mask is None:
@@ -351,9 +351,10 @@ def layer_norm_eps_q(eps: float, f_in: int) -> int:
 
 def check_layer_norm_args(d: int, out_shift: int | None, out_bits: int, rounding: str, K: int,
                           F: int) -> None:
-    """The static arguments of layer_norm (shared with intops_tf): ValueError beyond the bounds;
-    out_shift None: not known yet (intops_tf with grids as tensors)."""
-    qformat.check_bits_and_rounding(out_bits, rounding)
+    """The static arguments of layer_norm (shared with integer_tf/kernels_tf.py): ValueError beyond
+    the bounds;
+    out_shift None: not known yet (kernels_tf with grids as tensors)."""
+    fixed_point.check_bits_and_rounding(out_bits, rounding)
     if not 1 <= d <= LN_MAX_D:
         raise ValueError(f"layer_norm normalizes 1..{LN_MAX_D} values, got d = {d}")
     if not (2 <= K <= 31 and 0 <= F <= 24):
@@ -383,7 +384,7 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
                  (layer_norm_eps_q); f_in enters only here (LayerNorm is scale invariant)
         f_out, out_bits, rounding: the output grid (signed) and the rounding R of both roundings
         K, F     the divisor's bits and the normalized value's fractional bits (defaults 24, 16)
-    Returns int64 [..., d] in qformat.integer_range(out_bits, signed=True), on grid f_out.
+    Returns int64 [..., d] in fixed_point.integer_range(out_bits, signed=True), on grid f_out.
 
     Algorithm (all integers, per row; every step exact unless marked R):
         s  = sum q                       |s| <= 2^27

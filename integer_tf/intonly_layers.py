@@ -1,12 +1,12 @@
 """The integer-only layers for training (--integer_only): the TF graph computes the integers the
-accelerator will (`intops_tf`, twins of `intops.py`), with float surrogate gradients.
+accelerator will (`kernels_tf`, twins of `integer/kernels.py`), with float surrogate gradients.
 
 Between the matmuls, every tensor is an integer on a power-of-two grid (docs/integer_only.md):
 
     embedding sum   x_0 = clip(L[ids] + P[pos])          L = R(Q(E) sqrt(d)), P = R(PE) on its grid
     residual add    r   = clip(R((x << .) + (a << .)))   exact on the finer grid, one shift down
-    LayerNorm       y   = intops.layer_norm(r, gamma_q, beta_q, eps_q)   onto the output site
-    softmax         P   = intops.softmax(scores, mask)   1/sqrt(d_k) folded into exp's constants
+    LayerNorm       y   = kernels.layer_norm(r, gamma_q, beta_q, eps_q)   onto the output site
+    softmax         P   = kernels.softmax(scores, mask)   1/sqrt(d_k) folded into exp's constants
 
 Each layer computes its result twice: the integers (the forward value) and the float op through
 the same TQT sites (the gradient). `exact_forward` joins them, so training sees exactly the
@@ -24,10 +24,9 @@ import math
 import numpy as np
 import tensorflow as tf
 
-import intops
-import intops_tf
-import qformat
 import quant
+from integer import fixed_point, kernels, site_names, token_ids
+from integer_tf import kernels_tf
 from modules import Dense, LayerNorm, Site, set_untracked
 
 # --------------------------------------------------------------------------------------------
@@ -69,7 +68,7 @@ def site_integers(site: quant.QuantSite, x: tf.Tensor) -> tf.Tensor:
 
 
 def clip_to(q: tf.Tensor, site: quant.QuantSite) -> tf.Tensor:
-    n, p = qformat.integer_range(site.num_bits, site.signed)
+    n, p = fixed_point.integer_range(site.num_bits, site.signed)
     return tf.clip_by_value(q, tf.constant(n, tf.int64), tf.constant(p, tf.int64))
 
 
@@ -105,7 +104,7 @@ class IntEmbeddingSum(tf.Module):
     def __init__(self, d_model: int, sites: quant.TQTSites):
         super().__init__(name="embedding_sum")
         self.d_model = d_model
-        self.site = sites.site(qformat.EMBEDDING_SUM, "residual")
+        self.site = sites.site(site_names.EMBEDDING_SUM, "residual")
         set_untracked(self, "recorder", sites)
 
     def lookup_integers(self, rows: tf.Tensor) -> tf.Tensor:
@@ -130,7 +129,7 @@ class IntLayerNorm(LayerNorm):
     output or the embedding sum), a = the `branch` Dense's accumulator on f_x + f_w (W^O or
     dense2, bias included); both shifted exactly onto the finer grid g, added, and requantized
     onto the `input` site: r = clip(R((x << (g - f_x)) + (a << (g - f_a)) >> (g - f_r))). Then
-    intops.layer_norm with gamma on its own site (weight, --residual_bits), beta on the product
+    kernels.layer_norm with gamma on its own site (weight, --residual_bits), beta on the product
     grid f_gamma + F, eps_q = R(eps 2^(2 f_r)), the result on the `output` site."""
 
     # other modules' sites and layer: neither checkpointed nor walked (tf.Module._flatten) here
@@ -139,7 +138,7 @@ class IntLayerNorm(LayerNorm):
     def __init__(self, name: str, d: int, sites: quant.TQTSites, skip: Site, branch: Dense,
                  eps: float = 1e-6):
         super().__init__(name, d, eps)
-        names = qformat.layer_norm(name)
+        names = site_names.layer_norm(name)
         bits = sites.config.residual_bits
         self.input_site = sites.site(names.input, "residual")
         self.gamma_site = sites.site(names.gamma, "weight", bits=bits)
@@ -158,21 +157,21 @@ class IntLayerNorm(LayerNorm):
     def beta_integers(self) -> tf.Tensor:
         """beta_q = clip(round_half_even(beta 2^(f_gamma + F)), |.| < 2^48): like a bias on the
         accumulator grid of gamma_q n (float64: every float32 beta scales exactly)."""
-        f = site_f(self.gamma_site) + intops.LN_F
+        f = site_f(self.gamma_site) + kernels.LN_F
         q = to_int(self.beta, f)
-        top = tf.constant(intops.LN_MAX_ABS_BETA - 1, tf.int64)
+        top = tf.constant(kernels.LN_MAX_ABS_BETA - 1, tf.int64)
         return tf.clip_by_value(q, -top, top)
 
     def eps_integer(self) -> tf.Tensor:
-        """eps_q = round_half_even(eps 2^(2 f_r)) (intops.layer_norm_eps_q)."""
+        """eps_q = round_half_even(eps 2^(2 f_r)) (kernels.layer_norm_eps_q)."""
         return to_int(tf.constant(self.eps, tf.float64), 2 * site_f(self.input_site))
 
     def residual_integers(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
         f_x, f_a, f_r = site_f(self.skip), self.branch_f(), site_f(self.input_site)
         g = tf.maximum(f_x, f_a)
-        total = (intops_tf.shift_round(to_int(x, f_x), f_x - g, "floor")
-                 + intops_tf.shift_round(to_int(a, f_a), f_a - g, "floor"))  # left shifts: exact
-        return clip_to(intops_tf.shift_round(total, g - f_r, self.input_site.rounding), self.input_site)
+        total = (kernels_tf.shift_round(to_int(x, f_x), f_x - g, "floor")
+                 + kernels_tf.shift_round(to_int(a, f_a), f_a - g, "floor"))  # left shifts: exact
+        return clip_to(kernels_tf.shift_round(total, g - f_r, self.input_site.rounding), self.input_site)
 
     def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
         sites = (self.input_site, self.gamma_site, self.output_site)
@@ -182,13 +181,13 @@ class IntLayerNorm(LayerNorm):
             r = exact_forward(r, r_q, site_f(self.input_site))
         gamma = self.gamma_site(self.gamma)
         beta_q = self.beta_integers()
-        beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + intops.LN_F, tf.float32))
+        beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + kernels.LN_F, tf.float32))
         beta = self.beta + tf.stop_gradient(beta - self.beta)  # straight-through to beta
         mean, var = tf.nn.moments(r, axes=[-1], keepdims=True)
         y = self.output_site(gamma * (r - mean) * tf.math.rsqrt(var + self.eps) + beta)
         if _observing(*sites):
             return y
-        out = intops_tf.layer_norm(  # gamma: the site's own output, read as integers
+        out = kernels_tf.layer_norm(  # gamma: the site's own output, read as integers
             r_q, to_int(gamma, site_f(self.gamma_site)), beta_q, self.eps_integer(),
             site_f(self.gamma_site), site_f(self.output_site), self.output_site.num_bits,
             self.output_site.rounding)
@@ -199,7 +198,7 @@ class IntLayerNorm(LayerNorm):
 
 class IntSoftmax(tf.Module):
     """softmax(Q K^T / sqrt(d_k) + mask) in integers: the scores are the Q K^T accumulator on
-    f_q + f_k; intops.softmax with m = d_k (1/sqrt(d_k) folded into exp's constants), masked
+    f_q + f_k; kernels.softmax with m = d_k (1/sqrt(d_k) folded into exp's constants), masked
     keys by selection (the additive bias only marks them), probabilities on the fixed 2^-b grid
     of the `probs` site."""
 
@@ -217,8 +216,8 @@ class IntSoftmax(tf.Module):
         if _observing(q_site, k_site):
             return y
         f = site_f(q_site) + site_f(k_site)
-        visible = bias > qformat.NEG_INF / 2
-        probs = intops_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
+        visible = bias > token_ids.NEG_INF / 2
+        probs = kernels_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
                                   m=self.d_k)
         self.recorder.record(p_site.site_name, probs)
         return exact_forward(y, probs, site_f(p_site))

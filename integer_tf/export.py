@@ -1,7 +1,7 @@
-"""Export a TQT-quantized Transformer for hardware: python export.py --logdir DIR --out DIR.
+"""Export a TQT-quantized Transformer for hardware: python -m integer_tf.export --logdir DIR --out DIR.
 
 The export directory (written atomically: a temp directory beside it, renamed when complete;
-the format is defined in `qformat.py`, version `qformat.FORMAT_VERSION`):
+the format is defined in `integer/`, version `export_format.FORMAT_VERSION`):
 
     model.npz      integer weights keyed by site name (`encoder/block_1/ffn/dense1/weight`,
                    `embedding/weight`), q = clip(R(w * 2^f), n, p) in the smallest signed type
@@ -14,12 +14,12 @@ the format is defined in `qformat.py`, version `qformat.FORMAT_VERSION`):
                    SHA-256 of model.npz and spm.model, the site table (name, role, shape, bits,
                    signed, f, the matmul it feeds)
     spm.model      the SentencePiece model
-    mem/           one `$readmemh` file per integer tensor (`qformat.write_mem`): two's
+    mem/           one `$readmemh` file per integer tensor (`export_format.write_mem`): two's
                    complement hex, ceil(bits / 4) digits, one value per line, row-major over
                    the stored shape ([in, out] for dense weights, [vocab, d_model] for the
                    embedding), after one `//` comment line
 
-`intmodel.IntTransformer.load` reads it without TensorFlow (through `qformat`).
+`integer.loader.load_engine` reads it without TensorFlow (through `integer.export_format`).
 """
 
 from __future__ import annotations
@@ -38,12 +38,18 @@ import tensorflow as tf
 
 import data_load
 import hparams
-import intlayers
-import intmodel
-import intops
-import qformat
 import quant
 import runs
+from integer import (
+    decoding,
+    export_format,
+    fixed_point,
+    intonly_engine,
+    kernels,
+    site_names,
+    token_ids,
+)
+from integer_tf import intonly_layers
 from model import Transformer
 from modules import Dense, LayerNorm, positional_encoding
 
@@ -67,7 +73,7 @@ def weight_integers(site: quant.QuantSite, w: tf.Variable) -> np.ndarray:
     (exact: a power-of-two scale; f per output channel broadcasts along the last axis)."""
     y = quant.tqt_fake_quant(w, site.log2_t, site.num_bits, site.signed, site.rounding)
     v = y.numpy().astype(np.float64) * np.exp2(site.frac_bits().astype(np.float64))
-    return _exact_integers(v, qformat.int_dtype(site.num_bits, site.signed), site.site_name)
+    return _exact_integers(v, fixed_point.int_dtype(site.num_bits, site.signed), site.site_name)
 
 
 def bias_integers(dense: Dense) -> np.ndarray:
@@ -75,7 +81,7 @@ def bias_integers(dense: Dense) -> np.ndarray:
     f_acc = dense.x_site.frac_bits() + dense.w_site.frac_bits()
     y = quant.quantize_bias(dense.b, f_acc)
     v = y.numpy().astype(np.float64) * np.exp2(f_acc.astype(np.float64))
-    return _exact_integers(v, qformat.int_dtype(qformat.BIAS_BITS), dense.names.bias)
+    return _exact_integers(v, fixed_point.int_dtype(fixed_point.BIAS_BITS), dense.names.bias)
 
 
 def _tree(module: tf.Module) -> list[tf.Module]:
@@ -87,7 +93,7 @@ def quantized_arrays(module: tf.Module) -> dict[str, np.ndarray]:
     integer weight (keyed by its site name) and int32 bias (`<dense>/bias`)."""
     arrays: dict[str, np.ndarray] = {}
     for site in (m for m in _tree(module) if isinstance(m, quant.QuantSite)):
-        arrays.update(qformat.grid_arrays(site.site_name, site.grid()))
+        arrays.update(export_format.grid_arrays(site.site_name, site.grid()))
     for dense in (m for m in _tree(module) if isinstance(m, Dense)):
         arrays[dense.names.weight] = weight_integers(dense.w_site, dense.w)
         if dense.b is not None:
@@ -102,19 +108,19 @@ def model_arrays(model: Transformer, max_positions: int = DEFAULT_MAX_POSITIONS
     beta (int64 on f_gamma + LN_F) and `<name>/eps_q`, and the embedding sum's tables
     `embedding_sum/lookup` and `embedding_sum/positions` (`max_positions` rows)."""
     arrays = quantized_arrays(model)
-    arrays[qformat.EMBEDDING] = weight_integers(model.embedding_site, model.embedding)
+    arrays[site_names.EMBEDDING] = weight_integers(model.embedding_site, model.embedding)
     for norm in (m for m in model.submodules if isinstance(m, LayerNorm)):
-        if isinstance(norm, intlayers.IntLayerNorm):
+        if isinstance(norm, intonly_layers.IntLayerNorm):
             site = norm.gamma_site
             arrays[f"{norm.path}/gamma"] = norm.gamma_integers().numpy().astype(
-                qformat.int_dtype(site.num_bits, site.signed))
+                fixed_point.int_dtype(site.num_bits, site.signed))
             arrays[f"{norm.path}/beta"] = norm.beta_integers().numpy()
             arrays[f"{norm.path}/eps_q"] = norm.eps_integer().numpy()
         else:
             arrays[f"{norm.path}/gamma"] = norm.gamma.numpy().astype(np.float32)
             arrays[f"{norm.path}/beta"] = norm.beta.numpy().astype(np.float32)
-    if isinstance(model.embedding_sum, intlayers.IntEmbeddingSum):
-        site, dtype = model.embedding_sum.site, qformat.int_dtype(model.embedding_sum.site.num_bits)
+    if isinstance(model.embedding_sum, intonly_layers.IntEmbeddingSum):
+        site, dtype = model.embedding_sum.site, fixed_point.int_dtype(model.embedding_sum.site.num_bits)
         lookup = model.embedding_sum.lookup_integers(model.table())
         positions = model.embedding_sum.position_integers(positional_encoding(max_positions, model.d_model))
         arrays[f"{site.site_name}/lookup"] = lookup.numpy().astype(dtype)
@@ -129,9 +135,9 @@ def model_config(model: Transformer) -> dict:
               "layer_norm_eps": model.encoder[0].ln1.eps, "d_model": model.d_model,
               "vocab": model.vocab_size, "integer_only": bool(model.sites.config.integer_only)}
     if config["integer_only"]:
-        config.update(softmax_F=intops.EXP_F, softmax_m=model.d_k,
-                      softmax_constants=list(intops.exp_constants(intops.EXP_F, model.d_k)),
-                      layer_norm_K=intops.LN_K, layer_norm_F=intops.LN_F)
+        config.update(softmax_F=kernels.EXP_F, softmax_m=model.d_k,
+                      softmax_constants=list(kernels.exp_constants(kernels.EXP_F, model.d_k)),
+                      layer_norm_K=kernels.LN_K, layer_norm_F=kernels.LN_F)
     return config
 
 
@@ -143,7 +149,7 @@ def site_table(model: Transformer, arrays: dict[str, np.ndarray]) -> list[dict]:
         rows.append({"name": name, "role": site.role,
                      "shape": list(arrays[name].shape) if name in arrays else None,
                      "bits": site.num_bits, "signed": site.signed,
-                     "f": f.tolist(), "matmul": qformat.matmul_of(name)})
+                     "f": f.tolist(), "matmul": site_names.matmul_of(name)})
     return rows
 
 
@@ -183,7 +189,7 @@ def _replace_directory(new: str, target: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str, qformat.Grid]) -> None:
+def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str, fixed_point.Grid]) -> None:
     """mem/<key>.mem for every integer weight (its site's bits), bias (32 bits) and integer-only
     constant: LayerNorm beta (48 bits) and eps_q (64), the embedding sum's lookup and position
     tables (its site's bits)."""
@@ -193,17 +199,17 @@ def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str
         if key in grids:
             bits, signed = grids[key].bits, grids[key].signed
         elif key.endswith("/bias"):
-            bits, signed = qformat.BIAS_BITS, True
+            bits, signed = fixed_point.BIAS_BITS, True
         elif key.endswith("/beta") and values.dtype.kind == "i":
-            bits, signed = intops.LN_MAX_ABS_BETA.bit_length(), True
+            bits, signed = kernels.LN_MAX_ABS_BETA.bit_length(), True
         elif key.endswith("/eps_q"):
             bits, signed = 64, True
-        elif table == qformat.EMBEDDING_SUM and table in grids:
+        elif table == site_names.EMBEDDING_SUM and table in grids:
             bits, signed = grids[table].bits, grids[table].signed
         else:
             continue
         comment = f"{key} shape {list(values.shape)} int{bits} row-major"
-        qformat.write_mem(os.path.join(mem_dir, qformat.mem_file_name(key)), values, bits, signed,
+        export_format.write_mem(os.path.join(mem_dir, export_format.mem_file_name(key)), values, bits, signed,
                           comment)
 
 
@@ -212,10 +218,10 @@ def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: lis
     the model itself (greedy decoding) over `sources` (token id rows): every edge
     between two grids (the shift and rounding that requantize it) and, per matmul and reduction,
     the proven worst-case accumulator beside the largest one observed."""
-    engine = intmodel.IntOnlyTransformer(arrays, config)
+    engine = intonly_engine.IntOnlyTransformer(arrays, config)
     engine.observe = True
     for start in range(0, len(sources), 16):
-        engine.greedy(qformat.pad_batch(sources[start:start + 16]))
+        decoding.greedy(engine, token_ids.pad_batch(sources[start:start + 16]))
     return {"observed_on": f"{len(sources)} sentences, greedy decoding",
             "edges": engine.edges(), "accumulators": engine.accumulator_stats()}
 
@@ -243,23 +249,24 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
     arrays = model_arrays(model, max_positions)
     config = model_config(model)
     with atomic_directory(out_dir) as tmp:
-        shutil.copyfile(spm_path, os.path.join(tmp, qformat.SPM))
-        np.savez(os.path.join(tmp, qformat.NPZ), **arrays)
-        write_mem_files(os.path.join(tmp, qformat.MEM_DIR), arrays, qformat.grids_of(arrays))
+        shutil.copyfile(spm_path, os.path.join(tmp, export_format.SPM))
+        np.savez(os.path.join(tmp, export_format.NPZ), **arrays)
+        write_mem_files(os.path.join(tmp, export_format.MEM_DIR), arrays, export_format.grids_of(arrays))
         manifest = {
-            "format_version": qformat.FORMAT_VERSION,
+            "format_version": export_format.FORMAT_VERSION,
             "hparams": {key: getattr(hp, key, None) for key in hparams.SAVED_FLAGS},
             "model": config,
-            "npz": {"path": qformat.NPZ, "sha256": qformat.sha256_file(os.path.join(tmp, qformat.NPZ))},
-            "spm": {"path": qformat.SPM, "source": os.path.abspath(spm_path),
-                    "sha256": qformat.sha256_file(os.path.join(tmp, qformat.SPM))},
-            "mem": {"dir": qformat.MEM_DIR, "format": "$readmemh, two's complement, ceil(bits/4) hex "
+            "npz": {"path": export_format.NPZ,
+                    "sha256": export_format.sha256_file(os.path.join(tmp, export_format.NPZ))},
+            "spm": {"path": export_format.SPM, "source": os.path.abspath(spm_path),
+                    "sha256": export_format.sha256_file(os.path.join(tmp, export_format.SPM))},
+            "mem": {"dir": export_format.MEM_DIR, "format": "$readmemh, two's complement, ceil(bits/4) hex "
                                                       "digits, row-major over the stored shape"},
             "sites": site_table(model, arrays),
         }
         if config["integer_only"]:
             manifest.update(integer_only_sheet(arrays, config, sources or [[4, 5, 6]]))
-        with open(os.path.join(tmp, qformat.MANIFEST), "w") as f:
+        with open(os.path.join(tmp, export_format.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
     return manifest
 

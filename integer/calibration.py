@@ -12,7 +12,7 @@ import zlib
 
 import numpy as np
 
-import qformat
+from integer import fixed_point
 
 METHODS = ("max", "percentile", "mse", "kl")
 WEIGHT_INITS = ("max", "3sd", "mse")
@@ -60,7 +60,7 @@ class Observations:
 
     def _grow_to(self, m: float) -> None:
         if self.top == 0.0:
-            self.top = 2.0 ** math.ceil(math.log2(max(m, 2.0**qformat.LOG2_T_MIN)))
+            self.top = 2.0 ** math.ceil(math.log2(max(m, 2.0**fixed_point.LOG2_T_MIN)))
         while m > self.top:
             merged = self.hist.reshape(-1, 2).sum(axis=1)
             self.hist = np.concatenate([merged, np.zeros_like(merged)])
@@ -75,8 +75,8 @@ class Observations:
 
 def log2_threshold(t) -> np.ndarray:
     """log2 of a threshold, kept inside [LOG2_T_MIN, LOG2_T_MAX] (t = 0 gives the minimum)."""
-    t = np.maximum(np.asarray(t, np.float64), 2.0**qformat.LOG2_T_MIN)
-    return np.clip(np.log2(t), qformat.LOG2_T_MIN, qformat.LOG2_T_MAX)
+    t = np.maximum(np.asarray(t, np.float64), 2.0**fixed_point.LOG2_T_MIN)
+    return np.clip(np.log2(t), fixed_point.LOG2_T_MIN, fixed_point.LOG2_T_MAX)
 
 
 def percentile_threshold(obs: Observations, percentile: float) -> float:
@@ -103,8 +103,8 @@ def least_error_log2_t(x: np.ndarray, top, octaves: int, shape: tuple[int, ...],
     axes the threshold broadcasts along; ties go to the larger threshold."""
     best, least = top, np.inf
     for octave in range(octaves):
-        log2_t = np.maximum(top - octave, qformat.LOG2_T_MIN)
-        grid = qformat.Grid(num_bits, signed, qformat.frac_bits(log2_t, num_bits, signed))
+        log2_t = np.maximum(top - octave, fixed_point.LOG2_T_MIN)
+        grid = fixed_point.Grid(num_bits, signed, fixed_point.frac_bits(log2_t, num_bits, signed))
         error = _over_channels(np.mean, np.square(grid.fake_quantize(x, rounding) - x), shape)
         best, least = np.where(error < least, log2_t, best), np.minimum(error, least)
     return best
@@ -135,7 +135,7 @@ def kl_threshold(obs: Observations, num_bits: int, signed: bool) -> float:
     """Threshold (a histogram bin edge) minimizing KL-J between |x| and its quantized version,
     as in the TQT paper. Grids with at least as many levels as occupied bins cannot lose
     anything to rounding at this resolution, so they keep the max."""
-    levels = 2 ** qformat.magnitude_bits(num_bits, signed)
+    levels = 2 ** fixed_point.magnitude_bits(num_bits, signed)
     nonzero = np.flatnonzero(obs.hist)
     if nonzero.size == 0 or levels > nonzero[-1]:
         return obs.max
@@ -173,8 +173,9 @@ def activation_log2_t(obs: Observations, role: str, num_bits: int, signed: bool,
 
 
 def _over_channels(reduce, w: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-    """reduce(w) down to a threshold's shape, over the axes it broadcasts along (qformat.threshold_axes)."""
-    axes = tuple(qformat.threshold_axes(w.ndim, shape))
+    """reduce(w) down to a threshold's shape, over the axes it broadcasts along
+    (fixed_point.threshold_axes)."""
+    axes = tuple(fixed_point.threshold_axes(w.ndim, shape))
     return np.reshape(reduce(w, axis=axes, keepdims=True), shape)
 
 
@@ -229,8 +230,8 @@ def init_weight_site(site, w, method: str = "max") -> None:
     log2_t = weight_log2_t(w, method, shape, site.num_bits, site.signed, site.rounding)
     if method == "max":
         largest = _over_channels(np.max, np.abs(np.asarray(w, np.float64)), shape)
-        _, p = qformat.integer_range(site.num_bits, site.signed)
-        f = qformat.frac_bits(log2_t, site.num_bits, site.signed)
+        _, p = fixed_point.integer_range(site.num_bits, site.signed)
+        f = fixed_point.frac_bits(log2_t, site.num_bits, site.signed)
         log2_t = np.where(largest > p * np.exp2(-f.astype(np.float64)), np.ceil(log2_t) + 1, log2_t)
     site.set_log2_t(log2_t)
 

@@ -1,0 +1,2 @@
+"""The TensorFlow side of the integers: the integer-only layers trained with --integer_only
+(intonly_layers), the TF twins of integer/kernels.py (kernels_tf), and the exporter (export)."""
