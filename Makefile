@@ -11,7 +11,8 @@ VARIANT ?= cpu
 OTHER_TF := $(if $(filter gpu,$(VARIANT)),tensorflow-cpu,tensorflow)
 $(if $(filter-out cpu gpu,$(VARIANT)),$(error VARIANT must be cpu or gpu, not $(VARIANT)))
 # pytest-xdist processes for `make test`: the suite is mostly single-threaded Python and small TF
-# graphs, so two processes keep two cores busy (TEST_WORKERS=0 runs it in this process)
+# graphs, so two processes keep two cores busy (TEST_WORKERS=0 runs it in this process); whole
+# groups of tests go to one process, so fixtures (trained tiny models) are built once (conftest.py)
 TEST_WORKERS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
@@ -91,7 +92,7 @@ demo: $(STAMP) $(KERNEL)
 
 test: $(STAMP) $(KERNEL)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
 
 mutation: $(STAMP) $(KERNEL)
 	rm -rf mutants

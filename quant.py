@@ -33,7 +33,7 @@ import numpy as np
 import tensorflow as tf
 
 from integer import fixed_point
-from modules import FloatLayers
+from modules import Adam, FloatLayers
 
 LN2 = math.log(2.0)
 # Roundings that TF's QuantizeAndDequantizeV4 kernel implements (docs/tqt.md, "The fused path");
@@ -350,6 +350,32 @@ def clamp_log2_t(sites, lo: float = fixed_point.LOG2_T_MIN, hi: float = fixed_po
         site.log2_t.assign(tf.clip_by_value(site.log2_t, lo, hi))
 
 
+def trained_threshold_sites(sites) -> list[QuantSite]:
+    """The sites whose log2_t trains (fixed grids, intonly_layers.FixedSite, aside)."""
+    return [s for s in sites if isinstance(s, QuantSite) and s.trains_threshold]
+
+
+class ThresholdOptimizer:
+    """TQT's optimizer for the thresholds, apart from the weights': Adam on every trained log2_t
+    (beta2 = 0.999, eps = 1e-8) at lr_t = lr * 0.5^(step // decay_steps), each log2_t clamped
+    into [LOG2_T_MIN, LOG2_T_MAX] after the update (clamp_log2_t)."""
+
+    def __init__(self, sites: list[QuantSite], lr: float, decay_steps: int, fused: bool = False):
+        self.sites = list(sites)
+        self.variables = [s.log2_t for s in self.sites]
+        self.adam = Adam(self.variables, name="th_adam", beta2=0.999, eps=1e-8, fused=fused)
+        self.base_lr, self.decay_steps = lr, decay_steps
+
+    def lr(self, step: tf.Tensor) -> tf.Tensor:
+        halvings = tf.cast(step // self.decay_steps, tf.float32)
+        return self.base_lr * tf.pow(0.5, halvings)
+
+    def apply(self, grads: list[tf.Tensor], step: tf.Tensor) -> None:
+        """One update at `step` (the training step before this one's update)."""
+        self.adam.apply(grads, self.lr(step))
+        clamp_log2_t(self.sites)
+
+
 # --------------------------------------------------------------------------------------------
 # Configuration and the factory the model calls
 # --------------------------------------------------------------------------------------------
@@ -433,10 +459,6 @@ class TQTSites(FloatLayers, tf.Module):
     saves them.
     """
 
-    # read when the FFN is traced: False keeps its ReLU before the unsigned site (the step-time
-    # benchmark's measure of what skipping it saves; the same values and gradients, `relu`)
-    relu_in_site = True
-
     def __init__(self, config: QuantConfig):
         super().__init__(name="tqt_sites")
         self.config = config
@@ -476,7 +498,7 @@ class TQTSites(FloatLayers, tf.Module):
         are subgradients of the kink). The ReLU stays where the site looks at its input
         (calibration's observer, `recorded`) and before a signed site."""
         looks_at_input = into.observer is not None or into.recorded is not None
-        if self.relu_in_site and not into.signed and not looks_at_input:
+        if not into.signed and not looks_at_input:
             return x
         return tf.nn.relu(x)
 

@@ -114,34 +114,30 @@ def prepare_data(hp: argparse.Namespace):
 
 
 class Optimizers(tf.Module):
-    """Adam on the weights (Noam schedule) and, when quantized, a second Adam on the thresholds
-    (lr = th_lr * 0.5^(step // th_decay_steps)), each log2_t clamped after its update."""
+    """Adam on the weights (Noam schedule) and, when quantized, the thresholds' own optimizer
+    (quant.ThresholdOptimizer)."""
 
     def __init__(self, model: Transformer, hp: argparse.Namespace):
         super().__init__(name="optimizers")
-        sites = [s for s in model.sites.sites.values()  # fixed thresholds (intonly_layers.FixedSite) aside
-                 if isinstance(s, quant.QuantSite) and s.trains_threshold]
+        sites = quant.trained_threshold_sites(model.sites.sites.values())
         thresholds = {s.log2_t.ref() for s in sites}
         set_untracked(self, "sites", sites)
         set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
         set_untracked(self, "thresholds", [s.log2_t for s in sites])
         self.adam = Adam(self.weights, name="adam", fused=hp.fused_adam)
-        self.th_adam = Adam(self.thresholds, name="th_adam", beta2=0.999, eps=1e-8, fused=hp.fused_adam)
+        set_untracked(self, "threshold_opt", quant.ThresholdOptimizer(sites, hp.th_lr, hp.th_decay_steps,
+                                                                       fused=hp.fused_adam))
+        self.th_adam = self.threshold_opt.adam  # tracked under this name: the checkpoints' layout
         set_untracked(self, "hp", hp)
 
     def lr(self) -> tf.Tensor:
         return noam_lr(self.adam.t + 1, self.hp.lr, self.hp.warmup_steps)
 
-    def th_lr(self) -> tf.Tensor:
-        halvings = tf.cast(self.adam.t // self.hp.th_decay_steps, tf.float32)
-        return self.hp.th_lr * tf.pow(0.5, halvings)
-
     def apply(self, grads: list[tf.Tensor], train_thresholds: bool) -> tf.Tensor:
         lr = self.lr()
         n = len(self.weights)
         if train_thresholds:
-            self.th_adam.apply(grads[n:], self.th_lr())
-            quant.clamp_log2_t(self.sites)
+            self.threshold_opt.apply(grads[n:], self.adam.t)
         self.adam.apply(grads[:n], lr)
         return lr
 

@@ -23,11 +23,12 @@ def positional_encoding(length: int, d_model: int, start: int = 0) -> np.ndarray
     return np.stack([np.sin(angle), np.cos(angle)], axis=-1).reshape(length, d_model).astype(np.float32)
 
 
-def softmax(x: np.ndarray) -> np.ndarray:
-    """softmax(x) = exp(x - max) / sum(exp(x - max)) over the last axis, float64 -> float32."""
+def softmax(x: np.ndarray, dtype: type = np.float32) -> np.ndarray:
+    """softmax(x) = exp(x - max) / sum(exp(x - max)) over the last axis, in float64, rounded once
+    to `dtype` (float32: the engine; float64: a reference for the integer kernels' errors)."""
     x = x.astype(np.float64)
     e = np.exp(x - x.max(axis=-1, keepdims=True))
-    return (e / e.sum(axis=-1, keepdims=True)).astype(np.float32)
+    return (e / e.sum(axis=-1, keepdims=True)).astype(dtype)
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:
@@ -36,14 +37,15 @@ def log_softmax(x: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float) -> np.ndarray:
+def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
+               dtype: type = np.float32) -> np.ndarray:
     """gamma * (x - mean) * rsqrt(var + eps) + beta over the last axis, var = mean((x - mean)^2),
-    float64 -> float32."""
+    in float64, rounded once to `dtype`."""
     x64 = x.astype(np.float64)
     centered = x64 - x64.mean(axis=-1, keepdims=True)
     var = np.square(centered).mean(axis=-1, keepdims=True)
     y = gamma.astype(np.float64) * centered / np.sqrt(var + eps) + beta.astype(np.float64)
-    return y.astype(np.float32)
+    return y.astype(dtype)
 
 
 def padding_bias(ids: np.ndarray) -> np.ndarray:

@@ -36,6 +36,7 @@ import runs  # noqa: E402
 import train  # noqa: E402
 from integer import (  # noqa: E402
     decoding,  # noqa: E402
+    float_ops,
     intonly_engine,
     loader,
     site_names,
@@ -73,9 +74,7 @@ def layer_norm_errors(engine: intonly_engine.IntOnlyTransformer, op: intonly_eng
     f_gamma = float(engine.f(names.gamma))
     gamma = engine.int64[names.gamma] * 2.0 ** -f_gamma
     beta = engine.int64[names.beta] * 2.0 ** -(f_gamma + engine.config["layer_norm_F"])
-    centered = x - x.mean(-1, keepdims=True)
-    var = (centered**2).mean(-1, keepdims=True)
-    y = gamma * centered / np.sqrt(var + engine.config["layer_norm_eps"]) + beta
+    y = float_ops.layer_norm(x, gamma, beta, engine.config["layer_norm_eps"], dtype=np.float64)
     return np.abs(op.output - y * 2.0 ** float(engine.f(names.output)))
 
 
@@ -86,8 +85,7 @@ def softmax_errors(engine: intonly_engine.IntOnlyTransformer, op: intonly_engine
     f_s = float(engine.f(names.query) + engine.f(names.key))
     x = op.inputs["scores"].astype(np.float64) * 2.0 ** -f_s / np.sqrt(engine.d_k)
     x = np.where(op.inputs["visible"], x, -np.inf)
-    e = np.exp(x - x.max(-1, keepdims=True))
-    ref = e / e.sum(-1, keepdims=True) * 2.0 ** engine.grids[names.probs].bits
+    ref = float_ops.softmax(x, dtype=np.float64) * 2.0 ** engine.grids[names.probs].bits
     return np.abs(op.output - ref)[op.inputs["visible"]]
 
 

@@ -61,7 +61,7 @@ from eval import main as eval_main  # noqa: E402
 from integer import bitbudget, calibration, fixed_point  # noqa: E402
 from model import Transformer  # noqa: E402
 
-CONFIGS = ("w8a8", "w6a6", "w4a8", "w4a4", "w3a8", "w2a8")
+CONFIGS = tuple(name for name, bits in fixed_point.PRESETS.items() if bits is not None)
 # weight granularity -> (row-name suffix, flags)
 GRANULARITIES = {"tensor": ("", []), "channel": ("_pc", ["--per_channel"])}
 
@@ -76,6 +76,13 @@ TIMED = {"float": {"quant": "none"}, "w8a8": {"quant": "w8a8"}, "w8a8_frozen": {
          "fused_adam": {"quant": "none", "fused_adam": True}}
 
 
+class ReluKeptSites(quant.TQTSites):
+    """w8a8_relu's sites: the FFN's ReLU stays before its unsigned site (what TQTSites.relu saves)."""
+
+    def relu(self, x: tf.Tensor, into: quant.QuantSite) -> tf.Tensor:
+        return tf.nn.relu(x)
+
+
 def step_time_ratio(parent: str, n_steps: int) -> dict:
     """Median time of each TIMED train step, alternating on the parent's batches."""
     hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
@@ -87,7 +94,7 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
         hp_q = argparse.Namespace(**{**vars(hp), **flags})
         sites = runs.sites_from_flags(hp_q)
         if name == "w8a8_relu":
-            sites.relu_in_site = False
+            sites = ReluKeptSites(sites.config)
         model = Transformer(hp_q, sp.get_piece_size(), sites)
         opt = train.Optimizers(model, hp_q)
         if opt.sites:

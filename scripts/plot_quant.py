@@ -1,7 +1,8 @@
 """Plots of the quantization (PNG, matplotlib):
 
     python scripts/plot_quant.py thresholds --logdir runs/demo/w8a8 --out docs/thresholds.png
-    python scripts/plot_quant.py pareto --bench bench/frontier/quant_multi30k_parent1952.json --out docs/pareto.png
+    python scripts/plot_quant.py pareto --bench bench/frontier/quant_multi30k_parent1952.json \\
+        --out docs/pareto.png
     python scripts/plot_quant.py histogram --logdir runs/demo/w8a8 --site decoder/block_0/ffn/dense1/input \\
         --out docs/histogram.png
 
@@ -167,7 +168,8 @@ def main(argv: list[str]) -> None:
     t = sub.add_parser("thresholds", help="every site's log2_t over training")
     t.add_argument("--logdir", required=True)
     b = sub.add_parser("pareto", help="BLEU against bits per weight from bench_quant.py's JSON")
-    b.add_argument("--bench", default=os.path.join(ROOT, "bench", "frontier", "quant_multi30k_parent1952.json"))
+    headline = os.path.join(ROOT, "bench", "frontier", "quant_multi30k_parent1952.json")
+    b.add_argument("--bench", default=headline, help="the headline frontier by default")
     h = sub.add_parser("histogram", help="one site's values with its calibrated and trained threshold")
     h.add_argument("--logdir", required=True)
     h.add_argument("--site", required=True)

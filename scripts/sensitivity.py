@@ -1,6 +1,7 @@
 """Per-site sensitivity of a W8A8 model, and a weight-bit allocation under a budget.
 
-    python scripts/sensitivity.py --logdir runs/bench/float_multi30k --out bench/sensitivity/sensitivity_multi30k.json
+    python scripts/sensitivity.py --logdir runs/bench/float_multi30k \\
+        --out bench/sensitivity/sensitivity_multi30k.json
     python scripts/sensitivity.py --table bench/sensitivity/sensitivity_multi30k.json --budget 3.5 \\
         --allocation_out bench/allocations/allocation_multi30k_3.5.json
 

@@ -21,6 +21,7 @@ import importlib
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -402,6 +403,30 @@ def test_the_integer_side_does_not_load_tensorflow(name):
     if result.tf_modules:
         pytest.fail(f"`import {name}` loads TensorFlow ({len(result.tf_modules)} tensorflow* modules), "
                     f"pulled in by: {' -> '.join(result.tf_chain)}", pytrace=False)
+
+
+# Makes `import tensorflow` fail in the interpreter that loads it (a sitecustomize on PYTHONPATH).
+BLOCK_TENSORFLOW = """
+import sys
+class NoTensorFlow:
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.partition(".")[0] == "tensorflow":
+            raise ImportError("tensorflow is blocked: tests/integer/ must run without it")
+sys.meta_path.insert(0, NoTensorFlow())
+"""
+
+
+def test_the_numpy_tests_collect_without_tensorflow(tmp_path):
+    """tests/integer/ (the NumPy package's tests) and their conftest import no TensorFlow."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
+    env = dict(child_env(), PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           "-p", "no:xdist", "tests/integer"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=TIMEOUT)
+    counts = re.findall(r"^tests/integer/test_\w+\.py: (\d+)$", proc.stdout, re.M)  # -qq's per-file counts
+    assert proc.returncode == 0 and sum(map(int, counts)) > 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True)
+    assert blocked.returncode != 0  # the block itself works
 
 
 # ---- flag choices: one list each, in fixed_point / calibration -------------------------------------

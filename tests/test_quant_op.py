@@ -122,7 +122,7 @@ def test_rounding_modes_differ_on_ties(op):
         np.testing.assert_array_equal(quant.tqt_fake_quant_fused(x, 7.0, 8, True, r), outputs[r])
 
 
-# ---- which path tqt_fake_quant takes (the two are compared bit for bit in test_properties.py) ----
+# ---- which path tqt_fake_quant takes (the two are compared bit for bit in test_quant_properties.py) ----
 
 
 def traced_op_types(log2_t, rounding, gradient):
