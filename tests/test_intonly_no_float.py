@@ -28,10 +28,13 @@ from integer_tf import export
 PRESETS = {"w8a8": dict(wbits=8, abits=8),
            "w4a8_per_row_embedding": dict(wbits=4, abits=8, per_row_embedding=True)}
 ENGINE_FILES = {os.path.abspath(m.__file__) for m in (intonly_engine, kernels, matmul_engine, decoding)}
-# the locals that hold the GEMM carrier's integer operands in float32 outside `accumulate`: the
-# cached keys and values (project_kv's heads, the decoder step's cache, attend's k and v), the
-# weights as accumulate's operand (imatmul's and logits' w), and start_decoding's empty cache
-CARRIER_FRAMES = {"accumulate", "_plan", "gemm"}
+# the carrier itself (frames not traced): accumulate, and _plan, which works out its chunks, dtype
+# and the scale 2^-(f_x + f_w) that the integer-only engine drops
+CARRIER_FRAMES = {"accumulate", "_plan"}
+# the locals that hold the carrier's operands outside it, each a float32 array (or a tuple of them) of
+# exact integers (checked): the keys and values (project_kv's heads, attend's k and v, the decoder's
+# self_kv / cross_kv, the cached step's k, v and kv, greedy dropping finished rows from the cache) and
+# the weights (imatmul's w, which record_matmul receives)
 CARRIER_LOCALS = {("attend", "k"), ("attend", "v"), ("imatmul", "w"), ("record_matmul", "w"),
                   ("project_kv", "heads"), ("project_kv", "<return>"), ("decode", "self_kv"),
                   ("decode", "cross_kv"), ("decoder_block", "self_kv"), ("decoder_block", "cross_kv"),

@@ -181,7 +181,7 @@ def test_softmax_score_bounds_both_ways(rounding):
         assert got.tolist() == [ref_softmax_row(row, [True] * len(row), 0, 8, rounding)]
     assert kernels.softmax(np.array([[low, 5]]), 0, None, 8, rounding).tolist() == [[0, 255]]
     for bad in (-(2**62), 2**62, -(2**63)):
-        with pytest.raises(ValueError, match="2\\^62"):
+        with pytest.raises(ValueError, match=r"^softmax takes scores \|q\| < 2\^62$"):
             kernels.softmax(np.array([[0, bad]]), 0, None, 8, rounding)
 
 
@@ -194,6 +194,8 @@ def longest_row(big_f: int, m: int) -> int:
 def test_softmax_exps_row_sum_width_at_its_bound(big_f, m):
     """softmax_exps (called directly by the engine) takes a row of L* = floor((2^62 - 1) / exp_max)
     keys and refuses L* + 1: each e at x = 0 is exp_max exactly, so L* of them is the widest sum."""
+    x = [0, -5, -(3 << 14)]  # the defaults: F = 15, m = 1
+    assert kernels.softmax_exps(np.array([x]), 0, None).tolist() == [[ref_exp_neg(v, 0) for v in x]]
     top = ref_exp_max(big_f, m)
     length = longest_row(big_f, m)
     assert length * top < 2**62 <= (length + 1) * top and length >= 2  # the bound itself is exercised
@@ -348,22 +350,25 @@ def test_exp_neg_input_grid_range_with_a_scale_divisor(m):
         x = deep_inputs(f, m)
         got = kernels.exp_neg(np.array(x, np.int64), f, F, m)
         assert got.tolist() == [ref_exp_neg(v, f, F, m) for v in x], f
-    for f in (lo - 1, hi + 1):
-        with pytest.raises(ValueError, match="input grid"):
+    for f in (lo - 1, hi + 1):  # the message states the range
+        message = rf"^the input grid f must be an integer in {lo}\.\.{hi}, got {f}$"
+        with pytest.raises(ValueError, match=message):
             kernels.exp_neg(np.array([0, -1]), f, F, m)
-        with pytest.raises(ValueError, match="input grid"):
+        with pytest.raises(ValueError, match=message):
             kernels.softmax_exps(np.array([[0, -1]]), f, None, F, m)
 
 
-@pytest.mark.parametrize("m", [1, 3, 1024, 2**20])
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 1024, 1025, 2**20])
 def test_internal_grid_range_with_a_scale_divisor(m):
-    """F up to the largest with 2F + 2 + bitlength(m - 1) <= 62 (and <= 30): accepted, F + 1 refused."""
+    """F up to the largest with 2F + 2 + bitlength(m - 1) <= 62 (and <= 30): accepted, F + 1 refused
+    (with bitlength(m - 1) odd, F + 1 gives 63: one past the bound)."""
     big_f = min(30, (60 - (m - 1).bit_length()) // 2)
     assert kernels.exp_constants(big_f, m) == ref_constants(big_f, m)
     x = [0, -1, -(1 << big_f), -(5 << big_f)]
     assert kernels.exp_neg(np.array(x), 0, big_f, m).tolist() == [ref_exp_neg(v, 0, big_f, m) for v in x]
-    with pytest.raises(ValueError, match="internal grid"):
-        kernels.exp_neg(np.array([0]), 0, big_f + 1, m)
+    for bad in (big_f + 1, None, "15", 15.0):
+        with pytest.raises(ValueError, match="internal grid"):
+            kernels.exp_neg(np.array([0]), 0, bad, m)
 
 
 # ---- LayerNorm ------------------------------------------------------------------------------------
