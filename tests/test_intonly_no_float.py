@@ -18,6 +18,7 @@ from __future__ import annotations
 import os
 import sys
 
+import no_float
 import numpy as np
 import pytest
 from test_int import calibrated_model, demo_spm, random_src
@@ -95,23 +96,11 @@ def record(what: str) -> None:
 
 
 def plain(x):
-    if isinstance(x, IntOnly):
-        return x.view(np.ndarray)
-    if isinstance(x, tuple | list):
-        return type(x)(plain(v) for v in x)
-    if isinstance(x, dict):
-        return {k: plain(v) for k, v in x.items()}
-    return x
+    return no_float.plain(x, IntOnly)
 
 
 def int_only(x):
-    if isinstance(x, tuple):
-        return tuple(int_only(v) for v in x)
-    if isinstance(x, np.ndarray):
-        return x.view(IntOnly)  # __array_finalize__ checks it
-    if isinstance(x, float | complex | np.inexact):
-        record(f"a {type(x).__name__} scalar")
-    return x
+    return no_float.traced(x, IntOnly, lambda v: record(f"a {type(v).__name__} scalar"))
 
 
 @pytest.fixture(scope="module")
