@@ -23,13 +23,16 @@ import logging
 import os
 import re
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import sentencepiece as spm
 
 from corpus import demo as demo_corpus
 from integer import atomic_files, decoding, token_ids
-from integer.matmul_engine import IntTransformer
+
+if TYPE_CHECKING:
+    from integer.matmul_engine import IntTransformer
 
 LOG = logging.getLogger(__name__)
 

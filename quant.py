@@ -8,7 +8,7 @@ Jain et al., "Trained Quantization Thresholds ..." (MLSys 2020). The equations, 
     backward:   dL/dx      = dy * 1[n <= x/s <= p]
                 dL/dlog2_t = sum(dy * s ln2 * (R(x/s) - x/s  inside,  n  below,  p  above))
 
-The grid, the roundings and [n, p] are defined once in `integer/`. `tqt_fake_quant_reference`
+The grid, the roundings and [n, p] are defined once in `integer/fixed_point.py`. `tqt_fake_quant_reference`
 computes the equations line for line; `tqt_fake_quant_fused` is the same op per tensor on TF's
 fused kernels (equal bit for bit, tested; docs/tqt.md "The fused path" names the two exceptions,
 a zero's sign and subnormal x/s); `tqt_fake_quant` picks the fused one where it exists.

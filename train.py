@@ -121,14 +121,22 @@ class Optimizers(tf.Module):
         super().__init__(name="optimizers")
         sites = quant.trained_threshold_sites(model.sites.sites.values())
         thresholds = {s.log2_t.ref() for s in sites}
-        set_untracked(self, "sites", sites)
         set_untracked(self, "weights", [v for v in model.trainable_variables if v.ref() not in thresholds])
-        set_untracked(self, "thresholds", [s.log2_t for s in sites])
         self.adam = Adam(self.weights, name="adam", fused=hp.fused_adam)
         set_untracked(self, "threshold_opt", quant.ThresholdOptimizer(sites, hp.th_lr, hp.th_decay_steps,
                                                                        fused=hp.fused_adam))
         self.th_adam = self.threshold_opt.adam  # tracked under this name: the checkpoints' layout
         set_untracked(self, "hp", hp)
+
+    @property
+    def sites(self) -> list[quant.QuantSite]:
+        """The sites whose thresholds train."""
+        return self.threshold_opt.sites
+
+    @property
+    def thresholds(self) -> list[tf.Variable]:
+        """Their log2_t, in the order of the gradients after the weights'."""
+        return self.threshold_opt.variables
 
     def lr(self) -> tf.Tensor:
         return noam_lr(self.adam.t + 1, self.hp.lr, self.hp.warmup_steps)

@@ -18,7 +18,7 @@ def greedy(engine: IntTransformer, src: np.ndarray) -> np.ndarray:
     """Batched greedy decoding with a key/value cache: token ids [B, T], PAD after EOS.
 
     Each step takes the first maximum of the logits.  TF's greedy (beam search with one
-    beam) ranks score + float_ops.log_softmax(logits) in float64, which orders the tokens as the
+    beam) ranks score + log_softmax(logits) in float64, which orders the tokens as the
     logits do; the two could part only if two logits were within float64 rounding of
     each other.  beam_search(engine, src, 1) computes it TF's way.  Finished sentences leave the
     batch (cache rows too) once they are an eighth of it: every op works row by row, so the
@@ -41,6 +41,7 @@ def greedy(engine: IntTransformer, src: np.ndarray) -> np.ndarray:
             cross_kv = [(k[going], v[going]) for k, v in cross_kv]
             going = going[going]
     return out
+
 
 def beam_search(engine: IntTransformer, src: np.ndarray, beam: int, alpha: float = 0.6) -> np.ndarray:
     """model.Transformer.beam_search_impl in NumPy: `beam` hypotheses per sentence ranked

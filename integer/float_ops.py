@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from integer import token_ids
-from integer.token_ids import PAD
+from integer.token_ids import NEG_INF, PAD
 
 # As in modules.in_float64, LayerNorm, softmax and the positions are computed in float64 and
 # rounded once to float32: NumPy and TF reduce in different orders, and in float32 a one-ULP
@@ -50,10 +49,10 @@ def layer_norm(x: np.ndarray, gamma: np.ndarray, beta: np.ndarray, eps: float,
 
 def padding_bias(ids: np.ndarray) -> np.ndarray:
     """[B, 1, 1, L]: -1e9 at padding keys, 0 elsewhere."""
-    return (ids == PAD).astype(np.float32)[:, None, None, :] * np.float32(token_ids.NEG_INF)
+    return (ids == PAD).astype(np.float32)[:, None, None, :] * np.float32(NEG_INF)
 
 
 def causal_bias(length: int) -> np.ndarray:
     """[1, 1, L, L]: query i sees keys j <= i."""
     future = 1.0 - np.tril(np.ones((length, length), np.float32))
-    return future[None, None] * np.float32(token_ids.NEG_INF)
+    return future[None, None] * np.float32(NEG_INF)

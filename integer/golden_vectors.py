@@ -9,10 +9,10 @@ import os
 
 import numpy as np
 
-from integer import accumulation, decoding, export_format, fixed_point, token_ids
+from integer import accumulation, decoding, export_format, fixed_point
 from integer.intonly_engine import IntOnlyTransformer, OpRecord
 from integer.matmul_engine import IntTransformer, MatmulRecord
-from integer.token_ids import BOS
+from integer.token_ids import BOS, pad_batch
 
 
 def teacher_forced_trace(engine: IntTransformer, src: np.ndarray
@@ -41,7 +41,7 @@ def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
     matmuls, every LayerNorm's and softmax's integer input and output (`<n>.<name>.in|out`;
     a softmax also its bool key mask `.visible`), in execution order. Returns the index.
     """
-    src = token_ids.pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
+    src = pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
     tgt_in, trace, ops = teacher_forced_trace(engine, src)
     os.makedirs(os.path.join(out_dir, "mem"), exist_ok=True)
     arrays = {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32)}

@@ -1,7 +1,7 @@
 """Export a TQT-quantized Transformer for hardware: python -m integer_tf.export --logdir DIR --out DIR.
 
 The export directory (written atomically: a temp directory beside it, renamed when complete;
-the format is defined in `integer/`, version `export_format.FORMAT_VERSION`):
+the format is defined in `integer/export_format.py`, version `export_format.FORMAT_VERSION`):
 
     model.npz      integer weights keyed by site name (`encoder/block_1/ffn/dense1/weight`,
                    `embedding/weight`), q = clip(R(w * 2^f), n, p) in the smallest signed type
