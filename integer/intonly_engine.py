@@ -50,11 +50,10 @@ class IntOnlyTransformer(IntTransformer):
         # export's data sheet and eval turn observing on, plain decoding does not pay for it
         self.observe = False
         self.max_positions = len(self.int64[f"{site_names.EMBEDDING_SUM}/positions"])
-        softmax_constants = list(kernels.exp_constants(kernels.EXP_F, self.d_k))
-        if list(self.config.get("softmax_constants", softmax_constants)) != softmax_constants:
-            raise export_format.ExportError(f"the export's softmax constants "
-                                            f"{self.config['softmax_constants']} "
-                                      f"are not kernels.exp_constants(F, d_k) = {softmax_constants}")
+        for key, value in kernels.intonly_constants(self.d_k).items():
+            if key in self.config and self.config[key] != value:
+                raise export_format.ExportError(f"the export's {key} {self.config[key]} is not this "
+                                                f"engine's kernels' {value} (integer/kernels.py)")
 
     # ---- integers in, integers out -----------------------------------------------------------
 
@@ -170,12 +169,12 @@ class IntOnlyTransformer(IntTransformer):
         self._edges[(site_names.matmul_of(names.query), f"{prefix}/softmax")] = (
             f_s - kernels.EXP_F, kernels.EXP_ROUNDING)
         mask = None if visible is None else np.broadcast_to(visible, scores.shape)
-        exps = kernels.softmax_exps(scores, f_s, mask, m=self.d_k)  # kernels.softmax in two steps
+        probs, sums = kernels.softmax_with_sums(scores, f_s, mask, probs_grid.bits, self.rounding,
+                                                m=self.d_k)
         self._bounds.setdefault(f"{prefix}/softmax_sum",
                                 self.max_positions * kernels.exp_max(kernels.EXP_F, self.d_k))
         if self.observe:
-            self._observe(f"{prefix}/softmax_sum", exps.sum(axis=-1), None)
-        probs = kernels.normalize(exps, probs_grid.bits, self.rounding)
+            self._observe(f"{prefix}/softmax_sum", sums, None)
         probs = self.emit(names.probs, "softmax", probs, scores=scores,
                           visible=np.broadcast_to(True, scores.shape) if mask is None else mask)
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)

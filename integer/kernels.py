@@ -266,8 +266,15 @@ def _check_softmax_widths(length, out_bits: int, F: int, m: int = 1) -> None:
 
 
 def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: int = 1) -> np.ndarray:
-    """softmax(x / sqrt(m)) over the last axis of int64 scores q on grid f (|q| < 2^62), as unsigned
-    integers on the probability grid 2^-out_bits (threshold 1), clipped to [0, 2^out_bits - 1]:
+    """softmax_with_sums' probabilities."""
+    return softmax_with_sums(q, f, mask, out_bits, rounding, F, m)[0]
+
+
+def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F,
+                      m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """(out, S): softmax(x / sqrt(m)) over the last axis of int64 scores q on grid f (|q| < 2^62),
+    as unsigned integers on the probability grid 2^-out_bits (threshold 1), clipped to
+    [0, 2^out_bits - 1], and the row sums S of its exps:
 
         top = max of q over the unmasked positions,  e = exp_neg(q - top, f, F, m) there and 0
         where masked,  S = sum(e) (int64: S <= row length * exp_max(F, m), 2.79 m 2^30 length at
@@ -279,7 +286,8 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: in
     down by a large negative number. A fully masked row has S = 0 and gives all zeros.
     Error vs the float64 softmax p: |out 2^-out_bits - p| <= p (1 - p) 5.6e-3 (<= 1.4e-3; 5.6e-3 is
     exp_neg's relative spread max/min - 1, which normalization does not cancel) + 1e-4 + one unit
-    of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py."""
+    of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py.
+    S (int64, q's shape without the last axis) is returned for the data sheet's observed widths."""
     q = _int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
     if np.any(q >= 1 << 62) or np.any(q <= -(1 << 62)):
@@ -291,7 +299,8 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: in
         raise TypeError(f"the softmax mask is a bool array (True = may attend), got {mask.dtype}")
     q, mask = np.broadcast_arrays(q, mask)
     _check_softmax_widths(q.shape[-1], out_bits, F, m)
-    return normalize(softmax_exps(q, f, mask, F, m), out_bits, rounding)
+    e = softmax_exps(q, f, mask, F, m)
+    return normalize(e, out_bits, rounding), np.sum(e, axis=-1)
 
 
 def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1) -> np.ndarray:
@@ -434,3 +443,15 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
     y *= gamma_q
     y += beta_q
     return requantize(y, out_shift, out_bits, True, rounding)
+
+
+# ---- what an export records ----
+
+
+def intonly_constants(d_k: int) -> dict:
+    """The kernels' static choices for a model with head size d_k, as its manifest records them:
+    the exporter writes this dict and the engine refuses an export whose record differs. A kernel
+    swapped for another (a LUT exp, a reciprocal-multiply normalization) changes its function here
+    and its twin in integer_tf/kernels_tf.py, and records what it needs in this dict."""
+    return {"softmax_F": EXP_F, "softmax_m": d_k, "softmax_constants": list(exp_constants(EXP_F, d_k)),
+            "layer_norm_K": LN_K, "layer_norm_F": LN_F}

@@ -135,9 +135,7 @@ def model_config(model: Transformer) -> dict:
               "layer_norm_eps": model.encoder[0].ln1.eps, "d_model": model.d_model,
               "vocab": model.vocab_size, "integer_only": bool(model.sites.config.integer_only)}
     if config["integer_only"]:
-        config.update(softmax_F=kernels.EXP_F, softmax_m=model.d_k,
-                      softmax_constants=list(kernels.exp_constants(kernels.EXP_F, model.d_k)),
-                      layer_norm_K=kernels.LN_K, layer_norm_F=kernels.LN_F)
+        config.update(kernels.intonly_constants(model.d_k))
     return config
 
 

@@ -5,8 +5,10 @@ export's data sheet; partial calibration from a matmul-only parent; surrogate gr
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -298,6 +300,8 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     assert manifest["model"]["integer_only"] is True
     d_k = hp.d_model // hp.num_heads
     assert manifest["model"]["softmax_constants"] == list(kernels.exp_constants(15, d_k))
+    recorded = kernels.intonly_constants(d_k)
+    assert {key: manifest["model"][key] for key in recorded} == recorded
     assert manifest["observed_on"].startswith("6 sentences")
 
     edges = manifest["edges"]
@@ -347,6 +351,23 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     too_long = random_src(small.vocab, 2, 13, seed=3)
     with pytest.raises(ValueError, match="--max_positions"):
         small.forward(too_long, fits)
+
+
+@pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
+@pytest.mark.parametrize("key", ["softmax_F", "softmax_m", "softmax_constants", "layer_norm_K",
+                                 "layer_norm_F"])
+def test_an_export_for_other_kernels_is_refused(trained, key, tmp_path):
+    """The engine runs its own kernels: an export whose recorded kernel constants differ (made for
+    another exp or LayerNorm) is an ExportError naming the entry, not a silently different model."""
+    out = trained[4]
+    copy = shutil.copytree(out, tmp_path / "export")
+    path = copy / export_format.MANIFEST
+    manifest = json.loads(path.read_text())
+    value = manifest["model"][key]
+    manifest["model"][key] = [value[0] + 1, *value[1:]] if isinstance(value, list) else value + 1
+    path.write_text(json.dumps(manifest))
+    with pytest.raises(export_format.ExportError, match=rf"the export's {key} .* is not this engine's"):
+        loader.load_engine(str(copy))
 
 
 # ---- 5. an integer-only model from a matmul-only checkpoint --------------------------------------

@@ -318,10 +318,12 @@ def test_softmax_with_a_large_scale_divisor_is_the_reference(m, rounding):
     with np.errstate(all="raise"):
         got = kernels.softmax(q, f, visible, out_bits, rounding, F, m)
         exps = kernels.softmax_exps(q, f, visible, F, m)
+        probs, sums = kernels.softmax_with_sums(q, f, visible, out_bits, rounding, F, m)
     expected = [ref_softmax_row(r.tolist(), v.tolist(), f, out_bits, rounding, F, m)
                 for r, v in zip(q, visible)]
-    assert got.tolist() == expected
+    assert got.tolist() == expected and probs.tolist() == expected
     assert exps[-1].tolist() == [0] * width
+    assert sums.tolist() == [sum(row) for row in exps.tolist()]  # the engine observes these
     top = [max(int(a) for a, b in zip(r, v) if b) if v.any() else 0 for r, v in zip(q, visible)]
     assert exps.tolist() == [[ref_exp_neg(int(a) - t, f, F, m) if b else 0 for a, b in zip(r, v)]
                              for r, v, t in zip(q, visible, top)]
