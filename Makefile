@@ -92,7 +92,7 @@ demo: $(STAMP) $(KERNEL)
 
 test: $(STAMP) $(KERNEL)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 mutation: $(STAMP) $(KERNEL)
 	rm -rf mutants

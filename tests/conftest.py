@@ -8,6 +8,7 @@ module touches it.
 """
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,65 +37,107 @@ def pytest_collectstart(collector: pytest.Collector) -> None:
         _tensorflow_ready = True
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
-def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """`make test` distributes whole groups to its processes (--dist loadgroup): one group per
-    file, so a file's module fixtures are built once, except that every test using the trained
-    runs below is in one group, so they are trained once."""
-    for item in items:
-        shared = TRAINED_RUNS & set(item.fixturenames)
-        group = "trained_runs" if shared else str(item.path.relative_to(TESTS))
-        item.add_marker(pytest.mark.xdist_group(group))
+# `make test` runs the suite in two processes (pytest-xdist, --dist loadfile: whole files, so a
+# file's module fixtures are built once). xdist hands out the files with the most tests first; the
+# longest ones go first instead, and the one that trains the shared runs below (test_train.py)
+# before the others that use them, so that the other process rarely waits for them.
+SLOWEST_FILES = ("tests/test_train.py", "tests/test_distributed.py", "tests/test_int_only.py",
+                 "tests/test_cli_errors.py")
+
+
+@pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook; tryfirst: before xdist's own
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SlowestFirst(LoadFileScheduling):
+        def _assign_work_unit(self, node) -> None:
+            for path in reversed(SLOWEST_FILES):
+                if path in self.workqueue:
+                    self.workqueue.move_to_end(path, last=False)
+            super()._assign_work_unit(node)
+
+    return SlowestFirst(config, log)
 
 
 # ---- tiny trained runs, shared by the tests of train.py, eval.py and scripts/ -------------------
-
-TRAINED_RUNS = {"float_run", "qat_runs"}
+#
+# The first process that needs one trains it, under a file lock in the folder both processes
+# share; the other waits for it and reuses it.
 
 
 @pytest.fixture(scope="session")
-def corpus(tmp_path_factory):
+def shared_tmp(tmp_path_factory, request) -> Path:
+    """A folder this session's test processes share: under pytest-xdist the workers' common
+    parent (created fresh for each session), else the session's own temporary folder."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if hasattr(request.config, "workerinput") else base
+
+
+def built_once(folder: Path, build) -> Path:
+    """`folder`, made by build(folder) in the first process that asks; the others wait for that
+    process's lock and reuse its result. A build that failed is retried by the next process."""
+    import fcntl
+
+    with open(f"{folder}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        done = folder / ".built"
+        if not done.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            build(folder)
+            done.touch()
+    return folder
+
+
+@pytest.fixture(scope="session")
+def corpus(shared_tmp):
     """240 demo-corpus pairs as files: 200 to train on, 20 for dev (and test)."""
     from helpers import write_pairs
 
     from corpus import demo as demo_corpus
 
-    folder = tmp_path_factory.mktemp("corpus")
-    pairs = demo_corpus.generate_pairs(240, seed=7)
-    train_de, train_en = write_pairs(folder, "train", pairs[:200])
-    dev_de, dev_en = write_pairs(folder, "dev", pairs[200:220])
-    return dict(folder=str(folder), train=(train_de, train_en), dev=(dev_de, dev_en),
+    def build(folder: Path) -> None:
+        pairs = demo_corpus.generate_pairs(240, seed=7)
+        write_pairs(folder, "train", pairs[:200])
+        write_pairs(folder, "dev", pairs[200:220])
+
+    folder = str(built_once(shared_tmp / "corpus", build))
+    train_de, train_en, dev_de, dev_en = [os.path.join(folder, f"{split}.{lang}")
+                                          for split in ("train", "dev") for lang in ("de", "en")]
+    return dict(folder=folder, train=(train_de, train_en), dev=(dev_de, dev_en),
                 flags=["--train_src", train_de, "--train_tgt", train_en, "--dev_src", dev_de,
                        "--dev_tgt", dev_en, "--test_src", dev_de, "--test_tgt", dev_en,
-                       "--spm_dir", str(folder)])
+                       "--spm_dir", folder])
 
 
 @pytest.fixture(scope="session")
-def float_run(corpus, tmp_path_factory):
+def float_run(corpus, shared_tmp):
     """A tiny float model trained to overfit the 200 training pairs."""
     from helpers import TINY
 
     import train
 
-    logdir = str(tmp_path_factory.mktemp("float") / "run")
-    train.main(["--logdir", logdir, *TINY, *corpus["flags"], "--d_model", "64", "--d_ff", "256",
-                "--num_blocks", "2", "--dropout_rate", "0", "--smoothing", "0", "--num_epochs", "70",
-                "--dev_max_sentences", "5"])
-    return logdir
+    def build(folder: Path) -> None:
+        train.main(["--logdir", str(folder / "run"), *TINY, *corpus["flags"], "--d_model", "64",
+                    "--d_ff", "256", "--num_blocks", "2", "--dropout_rate", "0", "--smoothing", "0",
+                    "--num_epochs", "70", "--dev_max_sentences", "5"])
+
+    return str(built_once(shared_tmp / "float", build) / "run")
 
 
 @pytest.fixture(scope="session")
-def qat_runs(float_run, tmp_path_factory):
+def qat_runs(float_run, shared_tmp):
     """W8A8 and W4A8 QAT fine-tuned from the float run (train.py exports each to <logdir>/export)."""
     import train
 
-    logdirs = {}
-    for preset in ("w8a8", "w4a8"):
-        logdirs[preset] = str(tmp_path_factory.mktemp(preset) / "run")
-        train.main(["--logdir", logdirs[preset], "--init_from", float_run, "--quant", preset,
+    def build(folder: Path) -> None:
+        train.main(["--logdir", str(folder / "run"), "--init_from", float_run, "--quant", folder.name,
                     "--num_epochs", "3", "--lr", "5e-4", "--warmup_steps", "10", "--dev_max_sentences", "5",
                     "--threshold_log_every", "5"])
-    return logdirs
+
+    return {preset: str(built_once(shared_tmp / preset, build) / "run") for preset in ("w8a8", "w4a8")}
 
 
 @pytest.fixture(scope="session")
