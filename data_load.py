@@ -22,6 +22,8 @@ import json
 import logging
 import os
 import re
+import sys
+import zlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -56,14 +58,17 @@ class DataError(ValueError):
 
 
 def _read_text(path: str) -> str:
-    """Whole file as text (gzip when the name ends in .gz), as UTF-8."""
+    """Whole file as text (gzip when the name ends in .gz; '-': standard input), as UTF-8."""
     try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            data = f.read()
+        if path == "-":
+            data = sys.stdin.buffer.read()
+        else:
+            opener = gzip.open if path.endswith(".gz") else open
+            with opener(path, "rb") as f:
+                data = f.read()
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:  # a corrupt .gz body is a zlib.error
         raise DataError(f"{path}: cannot read ({error})") from None
     try:
         return data.decode("utf-8")
@@ -146,6 +151,14 @@ def _read_aligned_segments(src_path: str, tgt_path: str) -> tuple[list[str], lis
             raise DataError(f"{tgt_path}: segment {index + 1} is {tgt_key!r} (docid:segid) "
                             f"but {src_path} has {src_key!r} there")
     return [text for _, text in src], [text for _, text in tgt]
+
+
+def read_source(path: str) -> list[str]:
+    """The sentences of one side to translate: .xml/.sgm segments, else one per line ('-':
+    standard input); none is a DataError."""
+    lines = [text for _, text in read_segments(path)] if _is_segmented(path) else read_lines(path)
+    _require_nonempty(lines, path)
+    return lines
 
 
 def read_parallel(src_path: str, tgt_path: str) -> tuple[list[str], list[str]]:
@@ -269,7 +282,8 @@ def _data_folder(data: str, demo_dir: str) -> str:
         except OSError as error:
             raise DataError(f"{demo_dir}: cannot write the demo corpus ({error})") from None
     if not os.path.isdir(data):
-        raise DataError(f"--data {data}: not a folder and not 'demo'")
+        raise DataError(f"--data {data}: no such folder; scripts/download_iwslt.sh 2016 {data} makes "
+                        f"it (README: Train on IWSLT), or --data demo for the embedded corpus")
     return data
 
 

@@ -1,7 +1,10 @@
-"""Every command-line flag, in one place (train.py and eval.py share the model and data flags).
+"""Every command-line flag, in one place (train.py, eval.py and integer_tf/export.py share the
+model, data and decoding flags).
 
 Defaults follow Kyubyong/transformer (IWSLT16 de->en) where it has one; `make demo` passes a
-smaller model for the embedded corpus.
+smaller model for the embedded corpus. Every number is range-checked as it is parsed, and this
+module loads no TensorFlow, so `--help` and a mistyped flag are answered at once
+(`check_command_line`, which the commands call before they import TensorFlow).
 """
 
 from __future__ import annotations
@@ -9,8 +12,11 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import os
 import sys
+from collections.abc import Callable
+from typing import NoReturn
 
 from integer import atomic_files, calibration, fixed_point
 
@@ -27,12 +33,91 @@ QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_cha
 FINE_TUNE_SCHEDULE = {"num_epochs": 2, "lr": 2e-4, "warmup_steps": 100}
 # what a run (or an export) saves of its flags, so eval.py can evaluate it on its own
 SAVED_FLAGS = MODEL_FLAGS + DATA_FLAGS + QUANT_FLAGS + ("decode_margin",)
+DEFAULT_MAX_POSITIONS = 512  # rows of an integer-only export's position table
+OBSERVE_SENTENCES = 50  # dev sentences an integer-only export's observed accumulators come from
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (`error: ...`, exit status 2) and the defaults in --help."""
+
+    def __init__(self, **kwargs):
+        super().__init__(formatter_class=HelpFormatter, **kwargs)
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"error: {message} ({self.prog} --help lists the flags)\n")
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a flag's default where it has one (not for None, an off switch or an empty list)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == []:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def integer(low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse type: an integer in low..high (high None: no upper bound)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bound = f">= {low}" if high is None else f"in {low}..{high}"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def number(low: float, high: float = math.inf, low_open: bool = False,
+           high_open: bool = False) -> Callable[[str], float]:
+    """An argparse type: a finite number in [low, high], each end open when told."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        above = value > low if low_open else value >= low
+        below = value < high if high_open else value <= high
+        if not (math.isfinite(value) and above and below):
+            if high == math.inf:
+                bound = f"{'>' if low_open else '>='} {low:g}"
+            else:
+                bound = f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+            raise argparse.ArgumentTypeError(f"must be a number {bound}, got {text}")
+        return value
+
+    return parse
+
+
+COUNT, POSITIVE = integer(0), integer(1)
+BITS = integer(fixed_point.MIN_BITS, fixed_point.MAX_BITS)
+RATE = number(0, low_open=True)  # a learning rate
+FRACTION = number(0, 1, high_open=True)  # dropout, label smoothing
+
+
+def check_command_line(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> None:
+    """Parse the flags once before the command loads TensorFlow: --help and a bad flag are
+    answered at once; then a missing TensorFlow is one line saying how to install it."""
+    parser.parse_args(sys.argv[1:] if argv is None else argv)
+    try:
+        import tensorflow  # noqa: F401  (the command imports it next anyway)
+    except ModuleNotFoundError as error:
+        if error.name != "tensorflow":
+            raise
+        raise SystemExit("error: TensorFlow is not installed in this environment: pip install -e '.[cpu]' "
+                         "(or '.[gpu]' for the CUDA build), or run make setup") from None
 
 
 def add_data_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", default="demo",
-                   help="'demo' (the embedded synthetic corpus) or an IWSLT raw-layout folder")
+                   help="'demo' (the embedded synthetic corpus) or an IWSLT raw-layout folder "
+                        "(scripts/download_iwslt.sh makes one)")
     g.add_argument("--demo_dir", default="data/demo", help="where the demo corpus is written")
     g.add_argument("--dev_set", default="tst2013", help="IWSLT dev set name (e.g. tst2013, dev2010)")
     g.add_argument("--test_set", default="tst2014", help="IWSLT test set name")
@@ -41,21 +126,23 @@ def add_data_flags(p: argparse.ArgumentParser) -> None:
             g.add_argument(f"--{split}_{side}", default=None,
                            help=f"{split} {lang} file: plain text (.gz ok), or IWSLT .xml / WMT .sgm")
     g.add_argument("--spm_dir", default=None,
-                   help="SentencePiece cache folder (default: beside the training data if writable, "
-                        "else <logdir>)")
+                   help="SentencePiece cache folder; unset: beside the training data if writable, "
+                        "else <logdir>")
 
 
 def add_model_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
-    g.add_argument("--vocab_size", type=int, default=32000, help="joint BPE vocabulary size")
-    g.add_argument("--d_model", type=int, default=512, help="hidden size")
-    g.add_argument("--d_ff", type=int, default=2048, help="feed-forward inner size")
-    g.add_argument("--num_blocks", type=int, default=6, help="encoder and decoder blocks (each)")
-    g.add_argument("--num_heads", type=int, default=8, help="attention heads")
-    g.add_argument("--maxlen1", type=int, default=100, help="max source pieces in training")
-    g.add_argument("--maxlen2", type=int, default=100, help="max target pieces in training")
-    g.add_argument("--dropout_rate", type=float, default=0.3)
-    g.add_argument("--smoothing", type=float, default=0.1, help="label smoothing")
+    g.add_argument("--vocab_size", type=POSITIVE, default=32000, help="joint BPE vocabulary size")
+    g.add_argument("--d_model", type=POSITIVE, default=512,
+                   help="hidden size (even, a multiple of --num_heads)")
+    g.add_argument("--d_ff", type=POSITIVE, default=2048, help="feed-forward inner size")
+    g.add_argument("--num_blocks", type=POSITIVE, default=6, help="encoder and decoder blocks (each)")
+    g.add_argument("--num_heads", type=POSITIVE, default=8, help="attention heads")
+    g.add_argument("--maxlen1", type=POSITIVE, default=100, help="max source pieces in training")
+    g.add_argument("--maxlen2", type=POSITIVE, default=100, help="max target pieces in training")
+    g.add_argument("--dropout_rate", type=FRACTION, default=0.3,
+                   help="dropout on the embeddings, each sublayer's output and the attention weights")
+    g.add_argument("--smoothing", type=FRACTION, default=0.1, help="label smoothing")
 
 
 def add_require_gpu(g) -> None:
@@ -66,19 +153,20 @@ def add_require_gpu(g) -> None:
 
 def add_decode_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding")
-    g.add_argument("--beam", type=int, default=1, help="beam size (1 = greedy with cache)")
-    g.add_argument("--alpha", type=float, default=0.6, help="beam length penalty ((5+len)/6)^alpha")
-    g.add_argument("--decode_margin", type=int, default=50,
+    g.add_argument("--beam", type=POSITIVE, default=1,
+                   help="beam size of the test translation (1 = greedy with cache)")
+    g.add_argument("--alpha", type=number(0), default=0.6, help="beam length penalty ((5+len)/6)^alpha")
+    g.add_argument("--decode_margin", type=COUNT, default=50,
                    help="max output length = source length + this")
-    g.add_argument("--eval_batch_size", type=int, default=64, help="sentences per decoding batch")
+    g.add_argument("--eval_batch_size", type=POSITIVE, default=64, help="sentences per decoding batch")
 
 
 def add_quant_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("quantization (TQT)")
     g.add_argument("--quant", default="none", choices=list(fixed_point.PRESETS),
                    help="bit-width preset for weights / activations")
-    g.add_argument("--wbits", type=int, default=None, help="weight bits (overrides the preset)")
-    g.add_argument("--abits", type=int, default=None, help="activation bits (overrides the preset)")
+    g.add_argument("--wbits", type=BITS, default=None, help="weight bits (overrides the preset)")
+    g.add_argument("--abits", type=BITS, default=None, help="activation bits (overrides the preset)")
     g.add_argument("--quant_override", action="append", default=[], metavar="PATTERN=BITS",
                    help="bits for the sites whose name matches a glob, e.g. '*/softmax_output=8' "
                         "(repeatable; the last match wins)")
@@ -86,8 +174,8 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                    help="rounding of x/s (the integer engine uses the same)")
     g.add_argument("--integer_only", action="store_true",
                    help="integer-only inference: LayerNorm, softmax, residual adds and scalings on "
-                        "integer grids too (docs/integer_only.md; in progress)")
-    g.add_argument("--residual_bits", type=int, default=16,
+                        "integer grids too (docs/integer_only.md)")
+    g.add_argument("--residual_bits", type=BITS, default=16,
                    help="bits of the residual stream and LayerNorm sites with --integer_only")
     g.add_argument("--per_channel", action="store_true",
                    help="one power-of-two threshold per output channel for dense weights")
@@ -97,32 +185,36 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
 
 
 def train_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train a (quantized) Transformer de->en.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python train.py", description="Train a (quantized) Transformer de->en.")
     p.add_argument("--logdir", required=True, help="checkpoints, hparams.json, summaries, hypotheses")
     add_data_flags(p)
     add_model_flags(p)
     g = p.add_argument_group("training")
-    g.add_argument("--lr", type=float, default=3e-4, help="peak learning rate of the Noam schedule")
-    g.add_argument("--warmup_steps", type=int, default=4000)
-    g.add_argument("--num_epochs", type=int, default=20)
-    g.add_argument("--batch_tokens", type=int, default=4096, help="tokens per batch (source or target)")
-    g.add_argument("--max_steps", type=int, default=0, help="stop after this many steps (0: no limit)")
-    g.add_argument("--max_minutes", type=float, default=0,
+    g.add_argument("--lr", type=RATE, default=3e-4, help="peak learning rate of the Noam schedule")
+    g.add_argument("--warmup_steps", type=POSITIVE, default=4000,
+                   help="steps of the Noam schedule's linear warm-up to --lr")
+    g.add_argument("--num_epochs", type=POSITIVE, default=20, help="passes over the training data")
+    g.add_argument("--batch_tokens", type=POSITIVE, default=4096, help="tokens per batch (source or target)")
+    g.add_argument("--max_steps", type=COUNT, default=0, help="stop after this many steps (0: no limit)")
+    g.add_argument("--max_minutes", type=number(0), default=0,
                    help="stop after this much training wall-clock time in this run (0: no limit)")
-    g.add_argument("--ckpt_every", type=int, default=1000, help="checkpoint every N steps")
-    g.add_argument("--threshold_log_every", type=int, default=100,
+    g.add_argument("--ckpt_every", type=POSITIVE, default=1000, help="checkpoint every N steps")
+    g.add_argument("--threshold_log_every", type=POSITIVE, default=100,
                    help="write every site's log2_t to the summaries every N steps (and at the start)")
-    g.add_argument("--keep_checkpoints", type=int, default=3,
+    g.add_argument("--keep_checkpoints", type=POSITIVE, default=3,
                    help="latest checkpoints kept in <logdir>/ckpt (what a re-run resumes from)")
-    g.add_argument("--keep_best", type=int, default=1,
+    g.add_argument("--keep_best", type=COUNT, default=1,
                    help="keep the N checkpoints with the highest dev BLEU in <logdir>/best (scored "
                         "after every epoch; 0: none); eval.py and --init_from read the best")
-    g.add_argument("--patience", type=int, default=0,
+    g.add_argument("--patience", type=COUNT, default=0,
                    help="stop when dev BLEU has not improved for N epochs (0: train every epoch)")
-    g.add_argument("--dev_max_sentences", type=int, default=0,
+    g.add_argument("--dev_max_sentences", type=COUNT, default=0,
                    help="score dev BLEU on the first N dev sentences (0: all)")
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--dev_beam", type=POSITIVE, default=1,
+                   help="beam size of each epoch's dev BLEU, which --keep_best and --patience follow "
+                        "(1 = greedy, fast; --beam is for the test BLEU at the end)")
+    g.add_argument("--seed", type=COUNT, default=1234,
+                   help="seed of the initial weights, dropout and the batch order")
     g.add_argument("--strategy", default="none", choices=["none", "mirrored", "multiworker"],
                    help="'mirrored': tf.distribute.MirroredStrategy over the local GPUs; "
                         "'multiworker': MultiWorkerMirroredStrategy over the cluster in TF_CONFIG "
@@ -140,15 +232,16 @@ def train_parser() -> argparse.ArgumentParser:
     add_decode_flags(p)
     add_quant_flags(p)
     g = p.add_argument_group("quantization-aware training")
+    schedule = " ".join(f"--{k} {v:g}" for k, v in FINE_TUNE_SCHEDULE.items())
     g.add_argument("--init_from", default=None, metavar="LOGDIR",
                    help="start from this run's best checkpoint (else its latest; its model flags, data "
                         "flags and SentencePiece model are taken over), e.g. a float run to fine-tune "
-                        "with --quant")
+                        f"with --quant; the schedule becomes {schedule} unless typed")
     add_calib_flags(g)
-    g.add_argument("--th_lr", type=float, default=1e-2, help="Adam learning rate of the thresholds")
-    g.add_argument("--th_decay_steps", type=int, default=1000,
+    g.add_argument("--th_lr", type=RATE, default=1e-2, help="Adam learning rate of the thresholds")
+    g.add_argument("--th_decay_steps", type=POSITIVE, default=1000,
                    help="halve the threshold learning rate every N steps")
-    g.add_argument("--freeze_thresholds_after", type=int, default=0,
+    g.add_argument("--freeze_thresholds_after", type=COUNT, default=0,
                    help="stop training thresholds after N steps (0: never)")
     return p
 
@@ -156,15 +249,16 @@ def train_parser() -> argparse.ArgumentParser:
 def add_calib_flags(g) -> None:
     g.add_argument("--calib", default="kl", choices=calibration.METHODS,
                    help="activation calibration (kl: symmetric KL-J as in TQT)")
-    g.add_argument("--calib_batches", type=int, default=8, help="training batches to calibrate on")
+    g.add_argument("--calib_batches", type=POSITIVE, default=8, help="training batches to calibrate on")
     g.add_argument("--weight_init", default="max", choices=calibration.WEIGHT_INITS,
                    help="weight thresholds from max|w|, |mean| + 3 std, or the power of two of least "
                         "squared quantization error (per tensor, channel or row)")
 
 
 def eval_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Translate a test set and report sacreBLEU.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python eval.py", description="Translate with a trained run (--logdir) or an export "
+               "(--engine int --export DIR): the run's test set, scored by sacreBLEU, or --src FILE "
+               "(with --ref FILE: scored; without: translated only).")
     p.add_argument("--logdir", default=None,
                    help="a train.py --logdir (checkpoint + hparams.json); optional with --engine int")
     p.add_argument("--engine", default="tf", choices=["tf", "int"],
@@ -173,19 +267,24 @@ def eval_parser() -> argparse.ArgumentParser:
                    help="the export directory (eval.py --export_to) that --engine int evaluates")
     p.add_argument("--export_to", default=None, metavar="DIR",
                    help="with --engine tf: write the (quantized) model's integers here after evaluating")
-    p.add_argument("--dump_vectors", type=int, default=0, metavar="N",
+    p.add_argument("--dump_vectors", type=COUNT, default=0, metavar="N",
                    help="write every site's integer inputs/outputs for N test sentences to --out")
     p.add_argument("--out", default=None, help="folder for --dump_vectors")
     p.add_argument("--agree_with", default=None, metavar="HYP_FILE",
                    help="report the %% of sentences whose output equals these hypotheses")
-    p.add_argument("--src", default=None, help="German file to translate (instead of the test set)")
-    p.add_argument("--ref", default=None, help="English reference for --src")
+    p.add_argument("--src", default=None, metavar="FILE",
+                   help="German text to translate instead of the test set, one sentence per line "
+                        "('-': standard input)")
+    p.add_argument("--ref", default=None, metavar="FILE",
+                   help="English references of --src: score BLEU (without it, --src is only translated)")
     p.add_argument("--json", default=None, help="write the result as JSON here")
-    p.add_argument("--hyp_out", default=None,
-                   help="hypotheses file (default <logdir or export>/test_hyp_<engine>.txt)")
+    p.add_argument("--hyp_out", default=None, metavar="FILE",
+                   help="where the translations go ('-': standard output); unset: "
+                        "<logdir>/test_hyp_<engine>.txt with --logdir, standard output when --src "
+                        "has no --ref, else nowhere (nothing is ever written into an export)")
     p.add_argument("--checkpoint", default=None,
                    help="best, latest, averaged (scripts/average_checkpoints.py) or a checkpoint "
-                        "prefix (default: best when the run kept one, else latest)")
+                        "prefix; unset: best when the run kept one, else latest")
     p.add_argument("--summary", default=None,
                    help="add this result to a JSON summary file (e.g. runs/demo/summary.json)")
     p.add_argument("--summary_key", default="float", help="the entry's name in --summary")
@@ -195,8 +294,23 @@ def eval_parser() -> argparse.ArgumentParser:
     add_decode_flags(p)
     add_quant_flags(p)
     add_calib_flags(p.add_argument_group("post-training quantization (a float --logdir with --quant)"))
-    p.add_argument("--batch_tokens", type=int, default=4096, help="tokens per calibration batch")
-    p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--batch_tokens", type=POSITIVE, default=4096, help="tokens per calibration batch")
+    p.add_argument("--seed", type=COUNT, default=1234, help="seed of the calibration batches' order")
+    return p
+
+
+def export_parser() -> argparse.ArgumentParser:
+    p = Parser(prog="python -m integer_tf.export", description="Export a quantized run's integers "
+               "for the NumPy engines and hardware (docs/integer_only.md).")
+    p.add_argument("--logdir", required=True, help="a train.py --logdir of a quantized run")
+    p.add_argument("--out", required=True, help="export directory (replaced atomically)")
+    p.add_argument("--checkpoint", default=None,
+                   help="best, latest, averaged or a checkpoint prefix; unset: best when the run "
+                        "kept one, else latest")
+    p.add_argument("--max_positions", type=POSITIVE, default=DEFAULT_MAX_POSITIONS,
+                   help="integer-only: rows of the exported position table (the longest sequence)")
+    p.add_argument("--observe_sentences", type=COUNT, default=OBSERVE_SENTENCES,
+                   help="integer-only: dev sentences the data sheet's observed accumulators come from")
     return p
 
 
@@ -228,13 +342,15 @@ def update_json(path: str, key: str, entry: dict) -> None:
     write_json(path, data)
 
 
-def load_hparams(logdir: str) -> dict:
+def load_hparams(logdir: str, flag: str = "--logdir") -> dict:
+    """<logdir>/hparams.json; a missing or broken one is a one-line error naming `flag`."""
     path = os.path.join(logdir, "hparams.json")
     try:
         with open(path) as f:
             return json.load(f)
     except FileNotFoundError:
-        raise SystemExit(f"error: {path} not found: is --logdir a train.py log directory?") from None
+        what = "no such folder" if not os.path.isdir(logdir) else f"{path} not found"
+        raise SystemExit(f"error: {flag} {logdir}: {what}; it must be a train.py --logdir") from None
     except json.JSONDecodeError as e:
         raise SystemExit(f"error: {path} is not valid JSON ({e})") from None
 

@@ -93,7 +93,8 @@ def best_prefix(logdir: str, entry: dict) -> str:
 
 def resolve_checkpoint(logdir: str, which: str | None = None) -> str:
     """The checkpoint prefix `which` names in a run: best (the highest dev BLEU), latest,
-    averaged, or a path; None: best when the run kept one, else latest."""
+    averaged, or a checkpoint prefix (or a folder of checkpoints: its latest); None: best when the
+    run kept one, else latest. FileNotFoundError, naming the choices, when there is none."""
     if which in (None, BEST):
         best = kept_best(logdir)
         if best:
@@ -104,10 +105,35 @@ def resolve_checkpoint(logdir: str, which: str | None = None) -> str:
     if which in (None, LATEST, AVERAGED):
         folder = os.path.join(logdir, AVERAGED if which == AVERAGED else "ckpt")
         path = tf.train.latest_checkpoint(folder)
-        if not path:
-            raise FileNotFoundError(f"no checkpoint in {folder}")
-        return path
-    return which
+        if path:
+            return path
+        if which == AVERAGED:
+            raise FileNotFoundError(f"--checkpoint averaged: no checkpoint in {folder} yet: python "
+                                    f"scripts/average_checkpoints.py --logdir {logdir} makes it")
+        raise FileNotFoundError(f"no checkpoint in {folder}")
+    if os.path.isfile(f"{which}.index"):
+        return which
+    if os.path.isdir(which) and tf.train.latest_checkpoint(which):
+        return tf.train.latest_checkpoint(which)
+    kept = kept_checkpoints(logdir)
+    raise FileNotFoundError(f"--checkpoint {which}: not {BEST}, {LATEST}, {AVERAGED} or a checkpoint prefix; "
+                            f"{logdir} keeps {', '.join(kept) if kept else 'no checkpoint'}")
+
+
+def kept_checkpoints(logdir: str) -> list[str]:
+    """Every checkpoint prefix a run keeps: its best, its latest few and its average."""
+    prefixes = [best_prefix(logdir, entry) for entry in kept_best(logdir)]
+    for folder in ("ckpt", AVERAGED):
+        state = tf.train.get_checkpoint_state(os.path.join(logdir, folder))
+        prefixes += list(state.all_model_checkpoint_paths) if state else []
+    return prefixes
+
+
+def checkpoint_kind(logdir: str, which: str | None) -> str:
+    """What eval.py's --checkpoint `which` picks: best, latest, averaged, or given (a prefix)."""
+    if which is None:
+        return BEST if kept_best(logdir) else LATEST
+    return which if which in (BEST, LATEST, AVERAGED) else "given"
 
 
 def average_weights(model: Transformer, paths: list[str]) -> None:
@@ -173,6 +199,10 @@ def load_quantized(logdir: str, checkpoint: str | None = None
     matmul-only run read as integer-only) is a ValueError: those grids would be uncalibrated."""
     argv = ["--logdir", logdir] + (["--checkpoint", checkpoint] if checkpoint else [])
     hp = restore_hparams(hparams.eval_parser(), argv)
+    if hp.quant == "none":
+        raise ValueError(f"--logdir {logdir} is a float run (--quant none): export a QAT run, or "
+                         f"quantize this one after training with eval.py --logdir {logdir} --quant "
+                         f"w8a8 --export_to DIR")
     model, _, path, missing = load_model(hp)
     if missing:
         raise ValueError(f"checkpoint {path} has no thresholds for {len(missing)} sites (e.g. "
@@ -197,13 +227,13 @@ def first_train_batches(hp: argparse.Namespace, sp: spm.SentencePieceProcessor,
 
 
 def test_pairs(hp: argparse.Namespace, src: str | None = None, ref: str | None = None
-               ) -> tuple[list[str], list[str], str]:
-    """(German lines, English references, a name for them): --src/--ref when given, else the
-    run's test set."""
-    if src or ref:
-        if not (src and ref):
-            raise ValueError("--src and --ref go together")
-        return (*data_load.read_parallel(src, ref), src)
+               ) -> tuple[list[str], list[str] | None, str]:
+    """(German lines, English references, a name for them): --src (and --ref) when given (None
+    for the references of a --src without --ref), else the run's test set."""
+    if src:
+        if ref:
+            return (*data_load.read_parallel(src, ref), src)
+        return data_load.read_source(src), None, "standard input" if src == "-" else src
     name = hp.test_src or f"{hp.data}:{hp.test_set}"
     return (*load_corpus(hp)["test"], name)
 

@@ -10,6 +10,11 @@ weights and thresholds together (thresholds with their own Adam).
 
 from __future__ import annotations
 
+import hparams
+
+if __name__ == "__main__":  # --help and a mistyped flag are answered before TensorFlow loads
+    hparams.check_command_line(hparams.train_parser())
+
 import argparse
 import glob
 import json
@@ -25,7 +30,6 @@ import tensorflow as tf
 from tqdm import tqdm
 
 import data_load
-import hparams
 import quant
 import runs
 from integer import atomic_files, calibration
@@ -35,12 +39,9 @@ from modules import Adam, noam_lr, set_untracked
 
 
 def check_flags(hp: argparse.Namespace) -> None:
+    """What the flags' own ranges (hparams) cannot say: how they go together."""
     if hp.d_model % hp.num_heads:
         raise ValueError(f"--d_model {hp.d_model} is not divisible by --num_heads {hp.num_heads}")
-    for flag in ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "batch_tokens",
-                 "maxlen1", "maxlen2", "num_epochs", "ckpt_every", "calib_batches", "th_decay_steps"):
-        if getattr(hp, flag) <= 0:
-            raise ValueError(f"--{flag} must be positive, got {getattr(hp, flag)}")
     if hp.d_model % 2:
         raise ValueError(f"--d_model {hp.d_model} must be even (sinusoidal positions)")
     if hp.mixed_precision != "none" and hp.quant != "none":
@@ -52,7 +53,7 @@ def check_flags(hp: argparse.Namespace) -> None:
 def inherit_from_parent(hp: argparse.Namespace, explicit: set[str]) -> str:
     """--init_from: take the parent run's model and data flags; return its best checkpoint (its
     latest when it kept none)."""
-    parent = hparams.load_hparams(hp.init_from)
+    parent = hparams.load_hparams(hp.init_from, "--init_from")
     for key in hparams.MODEL_FLAGS:
         if key in explicit and getattr(hp, key) != parent.get(key, getattr(hp, key)):
             raise ValueError(f"--{key} {getattr(hp, key)} differs from {parent[key]} of --init_from "
@@ -299,7 +300,7 @@ def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
     de, en = splits["dev"]
     if hp.dev_max_sentences:
         de, en = de[: hp.dev_max_sentences], en[: hp.dev_max_sentences]
-    hyps = runs.translate(model, sp, de, hp)
+    hyps = runs.translate(model, sp, de, argparse.Namespace(**{**vars(hp), "beam": hp.dev_beam}))
     score, signature = runs.bleu_score(hyps, en)
     with open(os.path.join(hp.logdir, f"dev_hyp_epoch{epoch}.txt"), "w") as f:
         f.write("\n".join(hyps) + "\n")
@@ -544,8 +545,9 @@ def train(hp: argparse.Namespace, strategy: tf.distribute.Strategy, run_dir: str
     minutes = (time.time() - start) / 60  # training (and dev scoring) only: tokens/s below
     stopped_early = patience_exhausted() and int(epoch.numpy()) < hp.num_epochs
     if stopped_early:
-        print(f"early stop after epoch {int(epoch.numpy())}: dev BLEU has not improved for {hp.patience} "
-              f"epochs (--patience)")
+        epochs = "1 epoch" if hp.patience == 1 else f"{hp.patience} epochs"
+        print(f"early stop after epoch {int(epoch.numpy())}: dev BLEU has not improved for {epochs} "
+              f"(--patience)")
     test = score_test(model, sp, splits, hp)  # the model now holds the checkpoint it scored
     if sites:
         print(threshold_report(model, sites, data_load.train_batches(

@@ -24,6 +24,11 @@ the format is defined in `integer/export_format.py`, version `export_format.FORM
 
 from __future__ import annotations
 
+import hparams
+
+if __name__ == "__main__":  # --help and a mistyped flag are answered before TensorFlow loads
+    hparams.check_command_line(hparams.export_parser())
+
 import argparse
 import contextlib
 import json
@@ -37,7 +42,6 @@ import sentencepiece as spm
 import tensorflow as tf
 
 import data_load
-import hparams
 import quant
 import runs
 from integer import (
@@ -52,9 +56,6 @@ from integer import (
 from integer_tf import intonly_layers
 from model import Transformer
 from modules import Dense, LayerNorm, positional_encoding
-
-DEFAULT_MAX_POSITIONS = 512  # rows of an integer-only export's position table
-OBSERVE_SENTENCES = 50  # dev sentences an integer-only export's observed accumulators come from
 
 # --------------------------------------------------------------------------------------------
 # Integers, as the training graph computes them
@@ -101,7 +102,7 @@ def quantized_arrays(module: tf.Module) -> dict[str, np.ndarray]:
     return arrays
 
 
-def model_arrays(model: Transformer, max_positions: int = DEFAULT_MAX_POSITIONS
+def model_arrays(model: Transformer, max_positions: int = hparams.DEFAULT_MAX_POSITIONS
                  ) -> dict[str, np.ndarray]:
     """Everything model.npz holds: quantized_arrays, the integer embedding table, and every
     LayerNorm's `<name>/gamma` and `<name>/beta` (float32); integer-only: gamma on its site,
@@ -225,7 +226,7 @@ def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: lis
 
 
 def observed_sources(model: Transformer, hp: argparse.Namespace, spm_path: str,
-                     n: int = OBSERVE_SENTENCES) -> list[list[int]] | None:
+                     n: int = hparams.OBSERVE_SENTENCES) -> list[list[int]] | None:
     """The first `n` dev sentences as token ids: what an integer-only export's data sheet observes
     (None for a matmul-only model, or n = 0)."""
     if not model.sites.config.integer_only or n == 0:
@@ -234,8 +235,14 @@ def observed_sources(model: Transformer, hp: argparse.Namespace, spm_path: str,
     return data_load.encode_source(sp, runs.load_corpus(hp)["dev"][0][:n])
 
 
+def portable(value):
+    """A flag's value as an export records it: an absolute path becomes relative to the working
+    folder (the run's corpus is provenance: the engines read nothing outside the export)."""
+    return os.path.relpath(value) if isinstance(value, str) and os.path.isabs(value) else value
+
+
 def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_dir: str,
-                 sources: list[list[int]] | None = None, max_positions: int = DEFAULT_MAX_POSITIONS
+                 sources: list[list[int]] | None = None, max_positions: int = hparams.DEFAULT_MAX_POSITIONS
                  ) -> dict:
     """Write the export of a quantized `model` into `out_dir` atomically; returns the manifest.
     Integer-only: `max_positions` rows of positions, and the data sheet (edges, accumulators)
@@ -252,11 +259,11 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
         write_mem_files(os.path.join(tmp, export_format.MEM_DIR), arrays, export_format.grids_of(arrays))
         manifest = {
             "format_version": export_format.FORMAT_VERSION,
-            "hparams": {key: getattr(hp, key, None) for key in hparams.SAVED_FLAGS},
+            "hparams": {key: portable(getattr(hp, key, None)) for key in hparams.SAVED_FLAGS},
             "model": config,
             "npz": {"path": export_format.NPZ,
                     "sha256": export_format.sha256_file(os.path.join(tmp, export_format.NPZ))},
-            "spm": {"path": export_format.SPM, "source": os.path.abspath(spm_path),
+            "spm": {"path": export_format.SPM,
                     "sha256": export_format.sha256_file(os.path.join(tmp, export_format.SPM))},
             "mem": {"dir": export_format.MEM_DIR, "format": "$readmemh, two's complement, ceil(bits/4) hex "
                                                       "digits, row-major over the stored shape"},
@@ -275,19 +282,7 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
 
 
 def main(argv: list[str]) -> None:
-    p = argparse.ArgumentParser(description="Export a quantized model for the integer engine.")
-    p.add_argument("--logdir", required=True, help="a train.py --logdir of a quantized run")
-    p.add_argument("--out", required=True, help="export directory (replaced atomically)")
-    p.add_argument("--checkpoint", default=None,
-                   help="best, latest, averaged or a checkpoint prefix (default: best when the run "
-                        "kept one, else latest)")
-    p.add_argument("--max_positions", type=int, default=DEFAULT_MAX_POSITIONS,
-                   help="integer-only: rows of the exported position table (the longest sequence)")
-    p.add_argument("--observe_sentences", type=int, default=OBSERVE_SENTENCES,
-                   help="integer-only: dev sentences the data sheet's observed accumulators come from")
-    args = p.parse_args(argv)
-    if args.max_positions < 1 or args.observe_sentences < 0:
-        raise ValueError("--max_positions must be positive and --observe_sentences >= 0")
+    args = hparams.export_parser().parse_args(argv)
     model, hp, spm_path = runs.load_quantized(args.logdir, args.checkpoint)
     sources = observed_sources(model, hp, spm_path, args.observe_sentences)
     manifest = export_model(model, hp, spm_path, args.out, sources, args.max_positions)

@@ -44,8 +44,8 @@ def main(argv: list[str]) -> None:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--logdir", required=True, help="a train.py log directory")
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--last", type=int, default=0, help="average the N latest checkpoints")
-    which.add_argument("--best", type=int, default=0, help="average the N best checkpoints")
+    which.add_argument("--last", type=hparams.COUNT, default=0, help="average the N latest checkpoints")
+    which.add_argument("--best", type=hparams.COUNT, default=0, help="average the N best checkpoints")
     args = p.parse_args(argv)
     if max(args.last, args.best) < 1:
         raise ValueError("--last / --best must be at least 1")

@@ -74,10 +74,12 @@ def decode_speed(logdir: str, max_sentences: int) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--corpus", choices=["multi30k", "iwslt16"], default="multi30k")
-    p.add_argument("--minutes", type=float, default=30.0, help="training wall-clock budget")
+    p.add_argument("--minutes", type=hparams.number(0, low_open=True), default=30.0,
+                   help="training wall-clock budget")
     p.add_argument("--logdir", default=None, help="default runs/bench/float_<corpus>")
     p.add_argument("--out", default=None, help="JSON result (default bench/float/float_<corpus>.json)")
-    p.add_argument("--speed_sentences", type=int, default=300, help="test sentences for decode speed")
+    p.add_argument("--speed_sentences", type=hparams.POSITIVE, default=300,
+                   help="test sentences for decode speed")
     p.add_argument("--eval_only", action="store_true",
                    help="do not train: evaluate the run already in --logdir (its train_summary.json)")
     args = p.parse_args()

@@ -174,12 +174,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs.add_parent_flags(p)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "intonly"))
-    p.add_argument("--steps", type=int, default=300, help="fine-tuning steps of every run")
-    p.add_argument("--op_sentences", type=int, default=100, help="test sentences of the per-op errors")
+    p.add_argument("--steps", type=hparams.POSITIVE, default=300, help="fine-tuning steps of every run")
+    p.add_argument("--op_sentences", type=hparams.POSITIVE, default=100,
+                   help="test sentences of the per-op errors")
     p.add_argument("--residual_sweep", default="8,12",
                    help="demo corpus only: also integer-only W8A8 with these --residual_bits")
     p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
-    p.add_argument("--speed_repeats", type=int, default=3,
+    p.add_argument("--speed_repeats", type=hparams.POSITIVE, default=3,
                    help="greedy speeds are the median of this many timings of the test set")
     p.add_argument("--reuse_runs", action="store_true",
                    help="measure finished runs in --workdir again instead of retraining them")

@@ -347,14 +347,14 @@ def main() -> None:
     p.add_argument("--recipe", action="append", default=[], type=recipe, metavar="NAME=FLAGS",
                    help="add the rows qat_NAME and ptq_NAME: train.py flags (with --quant) "
                         "beside the presets, e.g. 'w4a8_3sd=--quant w4a8 --weight_init 3sd'")
-    p.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
-    p.add_argument("--qat_steps", type=int, default=300,
+    p.add_argument("--seeds", nargs="+", type=hparams.COUNT, default=[1, 2, 3])
+    p.add_argument("--qat_steps", type=hparams.POSITIVE, default=300,
                    help="fine-tuning steps of every row, the float control's included")
-    p.add_argument("--lr", type=float, default=2e-4, help="peak learning rate of every row")
+    p.add_argument("--lr", type=hparams.RATE, default=2e-4, help="peak learning rate of every row")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "quant"))
     p.add_argument("--reuse_runs", action="store_true",
                    help="keep the runs (and PTQ scores) in --workdir that an earlier invocation finished")
-    p.add_argument("--timing_steps", type=int, default=30)
+    p.add_argument("--timing_steps", type=hparams.POSITIVE, default=30)
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "frontier", "quant.json"),
                    help="JSON result; an existing one keeps the parts this run does not measure")
     p.add_argument("--timing_only", action="store_true", help="measure the train-step times only")

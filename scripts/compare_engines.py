@@ -96,7 +96,7 @@ def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--logdir", required=True, help="the quantized train.py run")
     p.add_argument("--export", required=True, help="its export directory (eval.py --export_to)")
-    p.add_argument("--n", type=int, default=8, help="test sentences in the batch")
+    p.add_argument("--n", type=hparams.POSITIVE, default=8, help="test sentences in the batch")
     args = p.parse_args(argv)
     model, hp, spm_path = runs.load_quantized(args.logdir)
     engine = loader.load_engine(args.export)

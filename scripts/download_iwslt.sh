@@ -3,7 +3,8 @@
 # `--data DEST` reads: train.tags.de-en.{de,en} and IWSLT1x.TED.<set>.de-en.{de,en}.xml.
 #
 # Usage: scripts/download_iwslt.sh 2016|2017 DEST
-# Environment overrides: IWSLT_URL (download address), EXPECTED_SHA256 (archive checksum),
+# Environment overrides: IWSLT_URL (download address; file:///path/to/archive takes an archive
+# fetched elsewhere), EXPECTED_SHA256 (archive checksum),
 # EXPECTED_GIT_BLOB (git's blob hash of the archive, what `git hash-object FILE` prints).
 #
 # Sources (the wit3.fbk.eu links used by Kyubyong/transformer are dead):
@@ -45,8 +46,21 @@ command -v curl >/dev/null || die "curl is needed"
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 
+by_hand() {  # how to go on when this machine cannot download the archive
+  local check=${expected:+SHA-256 $expected}${expected_blob:+git blob hash $expected_blob}
+  cat >&2 <<EOF
+download_iwslt: download failed: $url
+  Without network here: fetch that archive on another machine, copy it here, and run
+    IWSLT_URL=file:///full/path/to/the/archive $0 $year $dest
+  which checks it (${check:-no known hash}) and unpacks it. Or place the files by hand:
+  $dest/train.tags.de-en.de and .en, and $dest/IWSLT${year#20}.TED.<set>.de-en.de.xml and .en.xml
+  for the dev and test sets (tst2013, tst2014, ...). README.md "Train on IWSLT" says more.
+EOF
+  exit 1
+}
+
 echo "downloading IWSLT $year de-en from $url"
-curl -fL --retry 3 --progress-bar -o "$work/archive" "$url" || die "download failed: $url"
+curl -fsSL --retry 2 -o "$work/archive" "$url" || by_hand
 
 digest() {  # digest sha1|sha256: of standard input
   if command -v "${1}sum" >/dev/null; then "${1}sum" | cut -d' ' -f1

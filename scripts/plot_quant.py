@@ -173,7 +173,7 @@ def main(argv: list[str]) -> None:
     h = sub.add_parser("histogram", help="one site's values with its calibrated and trained threshold")
     h.add_argument("--logdir", required=True)
     h.add_argument("--site", required=True)
-    h.add_argument("--batches", type=int, default=4)
+    h.add_argument("--batches", type=hparams.POSITIVE, default=4)
     for q in (t, b, h):
         q.add_argument("--out", required=True, help="PNG file to write")
     args = p.parse_args(argv)

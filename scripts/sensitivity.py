@@ -160,19 +160,21 @@ def main(argv: list[str]) -> None:
     p.add_argument("--weight_init", choices=calibration.WEIGHT_INITS,
                    help="how the thresholds of lowered weights are calibrated (default: the run's "
                         "own); the allocation's flags keep it")
-    p.add_argument("--bits", nargs="+", type=int,
+    p.add_argument("--bits", nargs="+", type=hparams.BITS,
                    help="widths each site is set to (above the preset's too, e.g. 8 on a w4a8 model; "
                         "default 4 3 2); with --table, the widths the allocation may choose (default: "
                         "the table's)")
-    p.add_argument("--dev_sentences", type=int, default=200, help="dev pairs the loss is measured on")
-    p.add_argument("--bleu_sentences", type=int, default=100,
+    p.add_argument("--dev_sentences", type=hparams.POSITIVE, default=200,
+                   help="dev pairs the loss is measured on")
+    p.add_argument("--bleu_sentences", type=hparams.COUNT, default=100,
                    help="the first N of them also translated for dev BLEU (0: loss only)")
     p.add_argument("--no_families", action="store_true", help="one row per site only")
     p.add_argument("--sites", nargs="+", metavar="GLOB",
                    help="only the sites (and families) these globs name, e.g. '*/weight'")
     p.add_argument("--out", help="write the table here (JSON)")
     p.add_argument("--table", help="read a table written by --out instead of measuring")
-    p.add_argument("--budget", type=float, help="mean weight bits the allocation must not exceed")
+    p.add_argument("--budget", type=hparams.number(0, low_open=True),
+                   help="mean weight bits the allocation must not exceed")
     p.add_argument("--allocation_out", help="write the allocation here (JSON)")
     p.add_argument("--allocation_name", help="its name, the bench row's suffix (default mean<budget>)")
     args = p.parse_args(argv)

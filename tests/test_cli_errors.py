@@ -1,5 +1,6 @@
 """The commands' errors: one line naming the file or flag, a non-zero exit, no traceback."""
 
+import gzip
 import os
 
 import pytest
@@ -66,6 +67,11 @@ def bad_inputs(case, folder, corpus):
     if case == "corrupt_gz":
         (folder / "train.de.gz").write_bytes(b"not gzip data\n")
         return ["--train_src", str(folder / "train.de.gz")], ["train.de.gz", "cannot read"]
+    if case == "corrupt_gz_body":  # a good header, then deflate data that is not
+        data = bytearray(gzip.compress(b"ein Satz\n" * 200))
+        data[14:24] = bytes(b ^ 0xFF for b in data[14:24])
+        (folder / "train.de.gz").write_bytes(bytes(data))
+        return ["--train_src", str(folder / "train.de.gz")], ["train.de.gz", "cannot read"]
     if case == "line_counts":
         (folder / "short.en").write_text("one\ntwo\n")
         return ["--train_tgt", str(folder / "short.en")], [corpus["train"][0], "short.en", "line-aligned"]
@@ -81,7 +87,7 @@ def bad_inputs(case, folder, corpus):
             ["empty.de", "empty corpus"])
 
 
-@pytest.mark.parametrize("case", ["corrupt_gz", "line_counts", "xml_segments", "empty"])
+@pytest.mark.parametrize("case", ["corrupt_gz", "corrupt_gz_body", "line_counts", "xml_segments", "empty"])
 def test_error_bad_corpus_cli(case, corpus, tmp_path):
     """Each bad input ends train.py with one line naming the file, exit status 1, no traceback."""
     flags, words = bad_inputs(case, tmp_path, corpus)
@@ -103,3 +109,15 @@ def test_error_vocab_larger_than_corpus(tmp_path, corpus):
     proc = run_cli("train.py", "--logdir", str(tmp_path / "run"), *TINY, *corpus["flags"],
                    "--vocab_size", "50000", "--spm_dir", str(tmp_path))
     assert_one_line_error(proc, "--vocab_size")
+
+
+def test_error_init_from_not_a_run(tmp_path):
+    proc = run_cli("train.py", "--logdir", str(tmp_path / "run"), "--init_from", str(tmp_path / "nothere"))
+    assert_one_line_error(proc, f"--init_from {tmp_path / 'nothere'}: no such folder", "train.py --logdir")
+    assert "error: --logdir" not in proc.stderr
+
+
+def test_error_data_folder_missing_points_to_the_download(tmp_path):
+    proc = run_cli("train.py", "--logdir", str(tmp_path / "run"), "--data", str(tmp_path / "iwslt16"))
+    assert_one_line_error(proc, f"--data {tmp_path / 'iwslt16'}: no such folder",
+                          f"scripts/download_iwslt.sh 2016 {tmp_path / 'iwslt16'}", "Train on IWSLT")

@@ -442,3 +442,33 @@ def test_download_script_checks_the_git_blob_hash(tmp_path):
     proc = run(tmp_path / "bad", "0" * 40)
     assert proc.returncode == 1 and "git blob hash mismatch" in proc.stderr
     assert not (tmp_path / "bad").exists()
+
+
+@pytest.mark.skipif(not shutil.which("curl"), reason="needs curl")
+@pytest.mark.parametrize("year, check", [("2016", "SHA-256 425a3688e0faff00"),
+                                         ("2017", "git blob hash cca21523")])
+def test_download_script_without_network_says_how_to_go_on(tmp_path, year, check):
+    """A download that fails (here a file:// address that does not exist, as a machine without
+    network fails) names the address, how to bring the archive by hand (IWSLT_URL=file://...),
+    the hash it will be checked against, and which files --data reads."""
+    script = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "download_iwslt.sh")
+    dest = tmp_path / "iwslt"
+    env = dict(os.environ, IWSLT_URL=(tmp_path / "missing.tgz").as_uri())
+    proc = subprocess.run(["bash", script, year, str(dest)], env=env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 1 and not dest.exists()
+    for words in (f"download failed: {(tmp_path / 'missing.tgz').as_uri()}", "IWSLT_URL=file://", check,
+                  f"{dest}/train.tags.de-en.de", f"IWSLT{year[2:]}.TED.<set>.de-en.de.xml", "Train on IWSLT"):
+        assert words in proc.stderr, (words, proc.stderr)
+
+
+def test_a_corrupt_gzip_body_is_a_data_error(tmp_path):
+    """A .gz whose header is fine but whose compressed data is not: a DataError naming the file
+    (zlib.error is neither an OSError nor an EOFError)."""
+    data = bytearray(gzip.compress(b"ein Satz hier\n" * 200))
+    for i in range(14, 24):  # past the 10-byte header: the deflate stream
+        data[i] ^= 0xFF
+    path = tmp_path / "train.de.gz"
+    path.write_bytes(bytes(data))
+    with pytest.raises(data_load.DataError, match=rf"^{path}: cannot read \(Error -3 "):
+        data_load.read_lines(str(path))

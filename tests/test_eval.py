@@ -2,11 +2,14 @@
 
 import json
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import eval_main, npz_arrays
+from helpers import ROOT, assert_one_line_error, eval_main, npz_arrays, run_cli, run_module
 
 import data_load
 import hparams
@@ -85,3 +88,113 @@ def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, 
         assert exit_.value.code == 1 and captured.err.strip().splitlines() == [message], captured.err
         assert "BLEU" not in captured.out
     assert not os.path.exists(target) and not os.path.exists(tmp_path / "hyp.txt")
+
+
+# ---- eval.py as a user runs it --------------------------------------------------------------------
+
+
+def test_an_export_of_a_float_run_is_refused_before_decoding(float_run, tmp_path):
+    """eval.py --export_to and integer_tf.export on a float run: one line saying how to quantize
+    it, before a sentence is translated (no progress bar, no hypotheses), nothing written."""
+    target = str(tmp_path / "export")
+    proc = run_cli("eval.py", "--logdir", float_run, "--export_to", target)
+    assert_one_line_error(proc, "--export_to", "float run", "--quant w8a8")
+    assert "devices:" not in proc.stdout and "translate" not in proc.stderr  # before the model loads
+    assert not os.path.exists(target)
+    proc = run_module("integer_tf.export", "--logdir", float_run, "--out", target)
+    assert_one_line_error(proc, float_run, "float run", "--quant w8a8 --export_to")
+    assert not os.path.exists(target)
+
+
+def test_translate_a_file_or_standard_input_without_references(float_run, qat_runs, corpus, tmp_path):
+    """--src without --ref translates: to standard output (every other message on standard
+    error) or --hyp_out, with no BLEU; the same translations the scored run writes, for both
+    engines; standard input with --src -."""
+    src, ref = corpus["dev"]
+    scored = str(tmp_path / "scored.txt")
+    eval_main(["--logdir", float_run, "--src", src, "--ref", ref, "--hyp_out", scored])
+    expected = data_load.read_lines(scored)
+    proc = run_cli("eval.py", "--logdir", float_run, "--src", src)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.splitlines() == expected and "BLEU" not in proc.stdout + proc.stderr
+    with open(src) as stdin:
+        piped = subprocess.run([sys.executable, "eval.py", "--logdir", float_run, "--src", "-"], stdin=stdin,
+                               capture_output=True, text=True, cwd=ROOT, timeout=300,
+                               env=dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3"))
+    assert piped.returncode == 0 and piped.stdout.splitlines() == expected, piped.stderr[-2000:]
+    assert "standard input" in piped.stderr
+
+    export_dir = os.path.join(qat_runs["w8a8"], "export")
+    eval_main(["--logdir", qat_runs["w8a8"], "--src", src, "--ref", ref, "--hyp_out", scored])
+    out = str(tmp_path / "int.txt")
+    proc = run_cli("eval.py", "--engine", "int", "--export", export_dir, "--src", src, "--hyp_out", out)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"hypotheses in {out}" in proc.stdout and "BLEU" not in proc.stdout
+    assert data_load.read_lines(out) == data_load.read_lines(scored)
+
+
+def test_the_bleu_line_names_what_it_scored(float_run, qat_runs, corpus, capsys):
+    args = ["--src", corpus["dev"][0], "--ref", corpus["dev"][1], "--hyp_out", os.devnull]
+    eval_main(["--logdir", float_run, *args])
+    best = runs.best_prefix(float_run, runs.kept_best(float_run)[0])
+    bleu_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("BLEU = "))
+    assert bleu_line.endswith(f"(best checkpoint {best})"), bleu_line
+    latest = tf.train.latest_checkpoint(os.path.join(float_run, "ckpt"))
+    eval_main(["--logdir", float_run, "--checkpoint", "latest", *args])
+    assert f"(latest checkpoint {latest})" in capsys.readouterr().out
+    export_dir = os.path.join(qat_runs["w8a8"], "export")
+    eval_main(["--engine", "int", "--export", export_dir, *args])
+    assert f"(export {export_dir})" in capsys.readouterr().out
+
+
+def test_checkpoint_and_input_mistakes_are_named_before_any_work(qat_runs, corpus, tmp_path):
+    """A mistyped --checkpoint lists the names and the run's checkpoints; averaged before
+    averaging names the script; a missing --agree_with, --src or --ref is found before the model
+    loads (no progress bar)."""
+    logdir = qat_runs["w4a8"]
+    proc = run_cli("eval.py", "--logdir", logdir, "--checkpoint", "bset")
+    kept = runs.kept_checkpoints(logdir)
+    assert kept and kept[0] == runs.best_prefix(logdir, runs.kept_best(logdir)[0])
+    assert_one_line_error(proc, "--checkpoint bset", "best, latest, averaged", *kept)
+    proc = run_cli("eval.py", "--logdir", logdir, "--checkpoint", "averaged")
+    assert_one_line_error(proc, "--checkpoint averaged",
+                          f"python scripts/average_checkpoints.py --logdir {logdir}")
+    src, ref = corpus["dev"]
+    missing = str(tmp_path / "nothere.txt")
+    for flags, flag in (([*("--src", src, "--ref", ref), "--agree_with", missing], "--agree_with"),
+                        (["--src", missing], "--src"), (["--src", src, "--ref", missing], "--ref")):
+        proc = run_cli("eval.py", "--logdir", logdir, *flags)
+        assert_one_line_error(proc, f"{flag} {missing}: file not found")
+        assert "translate" not in proc.stderr
+    proc = run_cli("eval.py", "--logdir", logdir, "--ref", ref)
+    assert_one_line_error(proc, "--ref needs --src")
+
+
+def strings(value) -> list[str]:
+    if isinstance(value, dict):
+        return [s for v in value.values() for s in strings(v)]
+    if isinstance(value, list):
+        return [s for v in value for s in strings(v)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_an_export_travels(qat_runs, corpus, tmp_path):
+    """An export holds no absolute path; moved to another folder it still evaluates to the same
+    BLEU, and evaluating it writes nothing into it."""
+    original = os.path.join(qat_runs["w8a8"], "export")
+    manifest = export_format.read_manifest(original)
+    assert not [s for s in strings(manifest) if os.path.isabs(s)], strings(manifest)
+    assert manifest["spm"] == {"path": "spm.model", "sha256": manifest["spm"]["sha256"]}
+    moved = str(tmp_path / "elsewhere" / "export")
+    shutil.copytree(original, str(tmp_path / "copy"))
+    shutil.move(str(tmp_path / "copy"), moved)
+    before = sorted(os.listdir(moved))
+    results = []
+    for export_dir in (original, moved):
+        out = str(tmp_path / f"{len(results)}.json")
+        proc = run_cli("eval.py", "--engine", "int", "--export", export_dir, "--src", corpus["dev"][0],
+                       "--ref", corpus["dev"][1], "--json", out)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        results.append(json.load(open(out))["bleu"])
+    assert results[0] == results[1]
+    assert sorted(os.listdir(moved)) == before and "test_hyp_int.txt" not in os.listdir(original)

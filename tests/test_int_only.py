@@ -15,6 +15,7 @@ import pytest
 import tensorflow as tf
 from test_int import calibrated_model, demo_spm, random_src, tiny_hp
 
+import hparams
 import modules
 import runs
 import train
@@ -335,7 +336,7 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
         values = export_format.read_mem(os.path.join(mem, export_format.mem_file_name(key)), sum_grid.bits,
                                   sum_grid.signed)
         np.testing.assert_array_equal(values, npz[key].ravel())
-    assert npz[f"{site_names.EMBEDDING_SUM}/positions"].shape == (export.DEFAULT_MAX_POSITIONS, hp.d_model)
+    assert npz[f"{site_names.EMBEDDING_SUM}/positions"].shape == (hparams.DEFAULT_MAX_POSITIONS, hp.d_model)
     for norm in norm_prefixes():
         beta = export_format.read_mem(os.path.join(mem, export_format.mem_file_name(f"{norm}/beta")),
                                 kernels.LN_MAX_ABS_BETA.bit_length(), True)

@@ -127,7 +127,7 @@ def test_best_checkpoints_patience_and_the_test_bleu_line(corpus, tmp_path, monk
     assert runs.resolve_checkpoint(logdir, "latest").endswith(f"ckpt-{summary['steps']}")
     train.main(argv)  # the patience is spent: a re-run trains no further
     assert checkpoint_values(logdir)["optimizer/adam/t/.ATTRIBUTES/VARIABLE_VALUE"] == summary["steps"]
-    with pytest.raises(FileNotFoundError, match="no checkpoint in"):
+    with pytest.raises(FileNotFoundError, match="python scripts/average_checkpoints.py --logdir"):
         runs.resolve_checkpoint(logdir, "averaged")
 
 
@@ -304,3 +304,22 @@ def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path
     assert int_result["token_agreement"] == 100.0 and int_result["bleu"] == tf_result["bleu"]
     index = json.load(open(tmp_path / "vec" / "index.json"))
     assert {entry.get("op") for entry in index} >= {"layer_norm", "softmax"}
+
+
+def test_dev_bleu_is_greedy_unless_dev_beam(monkeypatch, tmp_path):
+    """--beam is the test translation's; each epoch's dev BLEU (which keep-best and patience
+    follow) decodes with --dev_beam, greedy by default."""
+    beams = []
+
+    def translate(model, sp, lines, hp, **_):
+        beams.append(hp.beam)
+        return list(lines)
+
+    monkeypatch.setattr(runs, "translate", translate)
+    writer = tf.summary.create_noop_writer()
+    splits = {"dev": (["ein Satz"], ["a sentence"])}
+    for dev_beam in (1, 3):
+        hp = hparams.train_parser().parse_args(["--logdir", str(tmp_path), "--beam", "4",
+                                                *(["--dev_beam", str(dev_beam)] if dev_beam > 1 else [])])
+        train.evaluate_dev(None, None, splits, hp, 1, writer, 1)
+    assert beams == [1, 3]

@@ -422,3 +422,15 @@ def test_layer_norm_eps_q_at_two_to_the_32():
         assert kernels.layer_norm(q, 3, 5 << 16, top, 0, 0, 8, "floor").tolist() == [[5] * 5] * 2
     with pytest.raises(ValueError, match=r"^layer_norm takes \|beta_q\| < 2\^48 and 0 <= eps_q <= 2\^32$"):
         kernels.layer_norm(q, 3, 5 << 16, top + 1, 0, 0, 8, "floor")
+
+
+@pytest.mark.parametrize("d_k", [1, 16, 64, 1000])
+def test_intonly_constants_are_what_an_export_records(d_k):
+    """The manifest records exactly these entries, in this order (the exporter writes the dict,
+    the engine compares each entry): exp's internal grid, its scale divisor d_k, its integer
+    constants at that grid and divisor, LayerNorm's K and F."""
+    recorded = kernels.intonly_constants(d_k)
+    assert list(recorded) == ["softmax_F", "softmax_m", "softmax_constants", "layer_norm_K", "layer_norm_F"]
+    assert recorded == {"softmax_F": 15, "softmax_m": d_k, "softmax_constants": list(ref_constants(15, d_k)),
+                        "layer_norm_K": 24, "layer_norm_F": 16}
+    assert type(recorded["softmax_constants"]) is list  # as JSON reads it back: the engine compares lists
