@@ -434,3 +434,13 @@ def test_intonly_constants_are_what_an_export_records(d_k):
     assert recorded == {"softmax_F": 15, "softmax_m": d_k, "softmax_constants": list(ref_constants(15, d_k)),
                         "layer_norm_K": 24, "layer_norm_F": 16}
     assert type(recorded["softmax_constants"]) is list  # as JSON reads it back: the engine compares lists
+
+
+def test_softmax_with_sums_defaults_are_softmaxs():
+    """The engine calls softmax_with_sums with the default internal grid F = 15 (and m given):
+    its defaults are softmax's, F = EXP_F and m = 1."""
+    q = np.array([[0, -700, -3000, 5], [9, 9, -(1 << 20), 0]], np.int64)
+    probs, sums = kernels.softmax_with_sums(q, 6, None, 8, "half_even")
+    rows = q.tolist()
+    assert probs.tolist() == [ref_softmax_row(row, [True] * 4, 6, 8, "half_even", 15, 1) for row in rows]
+    assert sums.tolist() == [sum(ref_exp_neg(v - max(row), 6, 15, 1) for v in row) for row in rows]
