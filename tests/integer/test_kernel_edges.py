@@ -444,3 +444,15 @@ def test_softmax_with_sums_defaults_are_softmaxs():
     rows = q.tolist()
     assert probs.tolist() == [ref_softmax_row(row, [True] * 4, 6, 8, "half_even", 15, 1) for row in rows]
     assert sums.tolist() == [sum(ref_exp_neg(v - max(row), 6, 15, 1) for v in row) for row in rows]
+
+
+@pytest.mark.parametrize("rounding", ["floor", "half_even", "half_up"])
+def test_the_softmax_input_shift_is_half_up_whatever_the_runs_rounding(rounding):
+    """Scores on a grid finer than exp's (f = f_q + f_k = 17 > F = 15) are shifted onto F by a
+    fixed half-up rounding, part of the exp unit (docs/integer_only.md), never by the run's R: at
+    x = -6 (-1.5 units of F) half up gives -1 where floor and half-even give -2."""
+    q = np.array([[6, 0]], np.int64)  # x = q - top = [0, -6] on grid 17
+    assert kernels.softmax_exps(q, 17, None).tolist() == [[ref_exp_neg(0, 15), ref_exp_neg(-1, 15)]]
+    assert ref_exp_neg(-1, 15) != ref_exp_neg(-2, 15)
+    probs = kernels.softmax(q, 17, None, 8, rounding)
+    assert probs.tolist() == [ref_softmax_row([6, 0], [True, True], 17, 8, rounding)]
