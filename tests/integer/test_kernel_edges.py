@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from decimal import ROUND_HALF_UP, Decimal, localcontext
 from fractions import Fraction
 
@@ -456,3 +457,42 @@ def test_the_softmax_input_shift_is_half_up_whatever_the_runs_rounding(rounding)
     assert ref_exp_neg(-1, 15) != ref_exp_neg(-2, 15)
     probs = kernels.softmax(q, 17, None, 8, rounding)
     assert probs.tolist() == [ref_softmax_row([6, 0], [True, True], 17, 8, rounding)]
+
+
+def exactly(message: str) -> str:
+    """A pytest.raises pattern matching the whole message (a substring would let a garbled one pass)."""
+    return f"^{re.escape(message)}$"
+
+
+def test_every_kernel_error_message_exactly():
+    """The one-line errors the kernels raise, word for word (what a caller or an FPGA engineer
+    reading a failed check sees)."""
+    cases = [
+        (lambda: kernels.div_round(np.array([1]), np.array([0]), "floor"),
+         "div_round needs a positive divisor"),
+        (lambda: kernels.shift_round(np.array([1]), 1, "bogus"), "unknown rounding 'bogus'"),
+        (lambda: kernels.isqrt(np.array([-1])), "isqrt takes 0 <= n < 2^62"),
+        (lambda: kernels.exp_neg(np.array([1]), 0), "exp_neg takes x <= 0"),
+        (lambda: kernels.bit_length(np.array([-1])), "bit_length takes n >= 0"),
+        (lambda: kernels.check_layer_norm_args(0, 0, 8, "floor", 24, 16),
+         "layer_norm normalizes 1..4096 values, got d = 0"),
+        (lambda: kernels.check_layer_norm_args(4, 0, 8, "floor", 1, 16),
+         "layer_norm needs 2 <= K <= 31 and 0 <= F <= 24, got K = 1, F = 16"),
+        (lambda: kernels.check_layer_norm_args(4, 63, 8, "floor", 24, 16),
+         "layer_norm needs -13 <= f_gamma + F - f_out <= 62, got 63"),
+        (lambda: kernels.layer_norm(np.int64(3), 1, 0, 0, 0, 0, 8, "floor"),
+         "layer_norm needs an array with a last axis"),
+        (lambda: kernels.layer_norm(np.array([[1 << 16, 0]]), np.ones(2, np.int64), 0, 0, 0, 0, 8, "floor"),
+         "layer_norm takes |q| <= 2^15 and |gamma_q| <= 2^15"),
+    ]
+    for call, message in cases:
+        with pytest.raises(ValueError, match=exactly(message)):
+            call()
+
+
+def test_layer_norm_of_no_rows_is_no_rows():
+    """A batch with no rows (shape [0, d]) normalizes to no rows: the range check reads its
+    minimum and maximum with a neutral start, not from an empty array."""
+    out = kernels.layer_norm(np.zeros((0, 4), np.int64), np.ones(4, np.int64), np.zeros(4, np.int64), 0, 0, 0,
+                             8, "half_even")
+    assert out.shape == (0, 4) and out.dtype == np.int64
