@@ -42,7 +42,7 @@ def pytest_collectstart(collector: pytest.Collector) -> None:
 # longest ones go first instead, and the one that trains the shared runs below (test_train.py)
 # before the others that use them, so that the other process rarely waits for them.
 SLOWEST_FILES = ("tests/test_train.py", "tests/test_distributed.py", "tests/test_int_only.py",
-                 "tests/test_cli_errors.py")
+                 "tests/test_eval.py", "tests/test_cli_errors.py", "tests/test_scripts.py")
 
 
 @pytest.hookimpl(optionalhook=True, tryfirst=True)  # an xdist hook; tryfirst: before xdist's own

@@ -57,18 +57,9 @@ def npz_arrays(export_dir):
 
 def run_cli(script, *args):
     """python <script> args, from the repository, as a user runs it."""
-    return _run([os.path.join(ROOT, script), *args])
-
-
-def run_module(module, *args):
-    """python -m <module> args, from the repository."""
-    return _run(["-m", module, *args])
-
-
-def _run(argv):
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.run([sys.executable, *argv], capture_output=True, text=True, env=env, cwd=ROOT,
-                          timeout=300)
+    return subprocess.run([sys.executable, os.path.join(ROOT, script), *args], capture_output=True,
+                          text=True, env=env, cwd=ROOT, timeout=300)
 
 
 def assert_one_line_error(proc, *words):

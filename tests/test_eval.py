@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 import tensorflow as tf
-from helpers import ROOT, assert_one_line_error, eval_main, npz_arrays, run_cli, run_module
+from helpers import ROOT, assert_one_line_error, eval_main, npz_arrays, run_cli
 
 import data_load
 import hparams
@@ -20,6 +20,7 @@ from integer import (
     loader,
     token_ids,
 )
+from integer_tf import export
 
 
 @pytest.mark.parametrize("preset", ["w8a8", "w4a8"])
@@ -93,7 +94,7 @@ def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, 
 # ---- eval.py as a user runs it --------------------------------------------------------------------
 
 
-def test_an_export_of_a_float_run_is_refused_before_decoding(float_run, tmp_path):
+def test_an_export_of_a_float_run_is_refused_before_decoding(float_run, tmp_path, capsys):
     """eval.py --export_to and integer_tf.export on a float run: one line saying how to quantize
     it, before a sentence is translated (no progress bar, no hypotheses), nothing written."""
     target = str(tmp_path / "export")
@@ -101,12 +102,15 @@ def test_an_export_of_a_float_run_is_refused_before_decoding(float_run, tmp_path
     assert_one_line_error(proc, "--export_to", "float run", "--quant w8a8")
     assert "devices:" not in proc.stdout and "translate" not in proc.stderr  # before the model loads
     assert not os.path.exists(target)
-    proc = run_module("integer_tf.export", "--logdir", float_run, "--out", target)
-    assert_one_line_error(proc, float_run, "float run", "--quant w8a8 --export_to")
+    with pytest.raises(SystemExit):
+        hparams.run_cli(export.main, ["--logdir", float_run, "--out", target])
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: --logdir {float_run} is a float run") and "--quant w8a8 --export_to" in err
     assert not os.path.exists(target)
 
 
-def test_translate_a_file_or_standard_input_without_references(float_run, qat_runs, corpus, tmp_path):
+def test_translate_a_file_or_standard_input_without_references(float_run, qat_runs, corpus, tmp_path,
+                                                                capsys):
     """--src without --ref translates: to standard output (every other message on standard
     error) or --hyp_out, with no BLEU; the same translations the scored run writes, for both
     engines; standard input with --src -."""
@@ -127,9 +131,10 @@ def test_translate_a_file_or_standard_input_without_references(float_run, qat_ru
     export_dir = os.path.join(qat_runs["w8a8"], "export")
     eval_main(["--logdir", qat_runs["w8a8"], "--src", src, "--ref", ref, "--hyp_out", scored])
     out = str(tmp_path / "int.txt")
-    proc = run_cli("eval.py", "--engine", "int", "--export", export_dir, "--src", src, "--hyp_out", out)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert f"hypotheses in {out}" in proc.stdout and "BLEU" not in proc.stdout
+    capsys.readouterr()
+    eval_main(["--engine", "int", "--export", export_dir, "--src", src, "--hyp_out", out])
+    printed = capsys.readouterr().out
+    assert f"hypotheses in {out}" in printed and "BLEU" not in printed
     assert data_load.read_lines(out) == data_load.read_lines(scored)
 
 
@@ -147,27 +152,35 @@ def test_the_bleu_line_names_what_it_scored(float_run, qat_runs, corpus, capsys)
     assert f"(export {export_dir})" in capsys.readouterr().out
 
 
-def test_checkpoint_and_input_mistakes_are_named_before_any_work(qat_runs, corpus, tmp_path):
-    """A mistyped --checkpoint lists the names and the run's checkpoints; averaged before
-    averaging names the script; a missing --agree_with, --src or --ref is found before the model
-    loads (no progress bar)."""
+def eval_error(argv: list[str], capsys) -> tuple[str, str]:
+    """eval.py's error line (exit status 1) and its standard output, run in this process."""
+    with pytest.raises(SystemExit) as exit_:
+        hparams.run_cli(eval_main, argv)
+    captured = capsys.readouterr()
+    assert exit_.value.code == 1 and len(captured.err.strip().splitlines()) == 1, captured.err
+    return captured.err.strip(), captured.out
+
+
+def test_checkpoint_and_input_mistakes_are_named_before_any_work(qat_runs, corpus, tmp_path, capsys):
+    """A mistyped --checkpoint lists the names and the run's checkpoints (the command itself);
+    averaged before averaging names the script; a missing --agree_with, --src or --ref is found
+    before the model loads (no devices line)."""
     logdir = qat_runs["w4a8"]
     proc = run_cli("eval.py", "--logdir", logdir, "--checkpoint", "bset")
     kept = runs.kept_checkpoints(logdir)
     assert kept and kept[0] == runs.best_prefix(logdir, runs.kept_best(logdir)[0])
     assert_one_line_error(proc, "--checkpoint bset", "best, latest, averaged", *kept)
-    proc = run_cli("eval.py", "--logdir", logdir, "--checkpoint", "averaged")
-    assert_one_line_error(proc, "--checkpoint averaged",
-                          f"python scripts/average_checkpoints.py --logdir {logdir}")
+    err, _ = eval_error(["--logdir", logdir, "--checkpoint", "averaged"], capsys)
+    assert err.startswith("error: --checkpoint averaged: ")
+    assert f"python scripts/average_checkpoints.py --logdir {logdir}" in err
     src, ref = corpus["dev"]
     missing = str(tmp_path / "nothere.txt")
     for flags, flag in (([*("--src", src, "--ref", ref), "--agree_with", missing], "--agree_with"),
                         (["--src", missing], "--src"), (["--src", src, "--ref", missing], "--ref")):
-        proc = run_cli("eval.py", "--logdir", logdir, *flags)
-        assert_one_line_error(proc, f"{flag} {missing}: file not found")
-        assert "translate" not in proc.stderr
-    proc = run_cli("eval.py", "--logdir", logdir, "--ref", ref)
-    assert_one_line_error(proc, "--ref needs --src")
+        err, out = eval_error(["--logdir", logdir, *flags], capsys)
+        assert err == f"error: {flag} {missing}: file not found" and "devices:" not in out
+    assert eval_error(["--logdir", logdir, "--ref", ref], capsys)[0] == (
+        "error: --ref needs --src (the German side of the references)")
 
 
 def strings(value) -> list[str]:
@@ -192,9 +205,8 @@ def test_an_export_travels(qat_runs, corpus, tmp_path):
     results = []
     for export_dir in (original, moved):
         out = str(tmp_path / f"{len(results)}.json")
-        proc = run_cli("eval.py", "--engine", "int", "--export", export_dir, "--src", corpus["dev"][0],
-                       "--ref", corpus["dev"][1], "--json", out)
-        assert proc.returncode == 0, proc.stderr[-2000:]
+        eval_main(["--engine", "int", "--export", export_dir, "--src", corpus["dev"][0],
+                   "--ref", corpus["dev"][1], "--json", out])
         results.append(json.load(open(out))["bleu"])
     assert results[0] == results[1]
     assert sorted(os.listdir(moved)) == before and "test_hyp_int.txt" not in os.listdir(original)
