@@ -113,8 +113,9 @@ def resolve_checkpoint(logdir: str, which: str | None = None) -> str:
         raise FileNotFoundError(f"no checkpoint in {folder}")
     if os.path.isfile(f"{which}.index"):
         return which
-    if os.path.isdir(which) and tf.train.latest_checkpoint(which):
-        return tf.train.latest_checkpoint(which)
+    latest_in_folder = tf.train.latest_checkpoint(which) if os.path.isdir(which) else None
+    if latest_in_folder:
+        return latest_in_folder
     kept = kept_checkpoints(logdir)
     raise FileNotFoundError(f"--checkpoint {which}: not {BEST}, {LATEST}, {AVERAGED} or a checkpoint prefix; "
                             f"{logdir} keeps {', '.join(kept) if kept else 'no checkpoint'}")
@@ -240,9 +241,10 @@ def test_pairs(hp: argparse.Namespace, src: str | None = None, ref: str | None =
 
 def translate(model: Transformer, sp: spm.SentencePieceProcessor, lines: list[str],
               hp: argparse.Namespace, progress: bool = False,
-              decode: Callable[[tf.Tensor], tf.Tensor] | None = None) -> list[str]:
-    """Detokenized translations of `lines`, in order (greedy with cache, or beam search; or
-    `decode`, a function of the source ids)."""
+              decode: Callable[[tf.Tensor], tf.Tensor] | None = None, beam: int | None = None) -> list[str]:
+    """Detokenized translations of `lines`, in order (greedy with cache, or beam search with
+    `beam`, default --beam; or `decode`, a function of the source ids)."""
+    beam = hp.beam if beam is None else beam
     hyps: list[str] = [""] * len(lines)
     batches = data_load.eval_batches(data_load.encode_source(sp, lines), hp.eval_batch_size)
     for index, src in tqdm(batches, desc="translate", disable=not progress, dynamic_ncols=True):
@@ -250,7 +252,7 @@ def translate(model: Transformer, sp: spm.SentencePieceProcessor, lines: list[st
         if decode is not None:
             out = decode(src)
         else:
-            out = model.greedy(src) if hp.beam == 1 else model.beam_search(src, hp.beam, hp.alpha)
+            out = model.greedy(src) if beam == 1 else model.beam_search(src, beam, hp.alpha)
         for i, row in zip(index, out.numpy()):
             hyps[i] = data_load.decode_ids(sp, row)
     return hyps

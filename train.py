@@ -300,7 +300,7 @@ def evaluate_dev(model, sp, splits, hp, epoch: int, writer, step: int) -> float:
     de, en = splits["dev"]
     if hp.dev_max_sentences:
         de, en = de[: hp.dev_max_sentences], en[: hp.dev_max_sentences]
-    hyps = runs.translate(model, sp, de, argparse.Namespace(**{**vars(hp), "beam": hp.dev_beam}))
+    hyps = runs.translate(model, sp, de, hp, beam=hp.dev_beam)
     score, signature = runs.bleu_score(hyps, en)
     with open(os.path.join(hp.logdir, f"dev_hyp_epoch{epoch}.txt"), "w") as f:
         f.write("\n".join(hyps) + "\n")
@@ -348,8 +348,7 @@ def score_test(model: Transformer, sp, splits, hp: argparse.Namespace) -> dict:
         load_weights(model, runs.best_prefix(hp.logdir, best[0]))
         result.update(checkpoint="best", epoch=best[0]["epoch"], step=best[0]["step"])
     de, en = splits["test"]
-    greedy = argparse.Namespace(**{**vars(hp), "beam": 1})
-    result["greedy_bleu"] = round(runs.bleu_score(runs.translate(model, sp, de, greedy), en)[0], 2)
+    result["greedy_bleu"] = round(runs.bleu_score(runs.translate(model, sp, de, hp, beam=1), en)[0], 2)
     if hp.beam > 1:
         result["beam"] = hp.beam
         result["beam_bleu"] = round(runs.bleu_score(runs.translate(model, sp, de, hp), en)[0], 2)

@@ -300,7 +300,8 @@ def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EX
     q, mask = np.broadcast_arrays(q, mask)
     _check_softmax_widths(q.shape[-1], out_bits, F, m)
     e = softmax_exps(q, f, mask, F, m)
-    return normalize(e, out_bits, rounding), np.sum(e, axis=-1)
+    total = np.sum(e, axis=-1, keepdims=True)
+    return _normalize(e, total, out_bits, rounding), total[..., 0]
 
 
 def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1) -> np.ndarray:
@@ -319,7 +320,11 @@ def normalize(e, out_bits: int, rounding: str) -> np.ndarray:
     """clip(R((e << out_bits) / S)), S = sum(e) over the last axis (S = 0: all zeros); e from
     softmax_exps (within _check_softmax_widths)."""
     e = _int64(e)
-    total = np.sum(e, axis=-1, keepdims=True)
+    return _normalize(e, np.sum(e, axis=-1, keepdims=True), out_bits, rounding)
+
+
+def _normalize(e: np.ndarray, total: np.ndarray, out_bits: int, rounding: str) -> np.ndarray:
+    """normalize with the row sums S already summed (softmax_with_sums returns them too)."""
     probs = _div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
     return clip_to(probs, out_bits, signed=False)
 

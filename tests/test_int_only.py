@@ -225,7 +225,7 @@ def test_every_op_of_the_engine_is_integer(trained):
 @pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
 @pytest.mark.parametrize("kernel, message", [
     ("layer_norm", r"layer_norm encoder/block_1/ln1/output produced float64"),
-    ("normalize", r"softmax encoder/block_1/self_attention/softmax_output produced float64"),
+    ("_normalize", r"softmax encoder/block_1/self_attention/softmax_output produced float64"),
     ("clip_to", r"embedding_sum embedding_sum produced float64"),
 ])
 def test_a_float_kernel_is_refused(trained, monkeypatch, kernel, message):

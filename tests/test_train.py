@@ -311,8 +311,8 @@ def test_dev_bleu_is_greedy_unless_dev_beam(monkeypatch, tmp_path):
     follow) decodes with --dev_beam, greedy by default."""
     beams = []
 
-    def translate(model, sp, lines, hp, **_):
-        beams.append(hp.beam)
+    def translate(model, sp, lines, hp, beam=None, **_):
+        beams.append(hp.beam if beam is None else beam)
         return list(lines)
 
     monkeypatch.setattr(runs, "translate", translate)
