@@ -52,8 +52,9 @@ def translate_int(hp: argparse.Namespace, lines: list[str]) -> tuple[list[str], 
     if hp.dump_vectors:
         src_ids = data_load.encode_source(sp, lines[: hp.dump_vectors])
         index = golden_vectors.dump_vectors(engine, src_ids, hp.out)
-        print(f"golden vectors of {len(index)} calls (matmuls; integer-only: also LayerNorms and "
-              f"softmaxes) for {hp.dump_vectors} sentences in {hp.out}")
+        print(f"golden vectors of {golden_vectors.calls(index)} ops ({index['engine']}: "
+              f"{'every integer op' if index['engine'] == 'integer_only' else 'the matmuls'}) for "
+              f"{len(src_ids)} sentences in {hp.out}")
     return hyps, hp.export, "export"
 
 

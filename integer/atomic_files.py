@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 
 
 def write_atomic(path: str, data: bytes | str) -> None:
@@ -26,3 +29,34 @@ def write_atomic(path: str, data: bytes | str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str) -> Iterator[str]:
+    """Yield a fresh temp directory beside `out_dir`; when the block completes, it replaces
+    `out_dir` (an existing one is moved aside first and deleted after). On any exception the
+    temp directory is removed and `out_dir` is left as it was."""
+    out_dir = os.path.abspath(out_dir)
+    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        _replace_directory(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_directory(new: str, target: str) -> None:
+    if not os.path.exists(target):
+        os.rename(new, target)
+        return
+    old = new + "-old"
+    os.rename(target, old)
+    try:
+        os.rename(new, target)
+    except BaseException:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

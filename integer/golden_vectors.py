@@ -1,86 +1,185 @@
-"""Golden vectors for RTL test benches: every integer of a teacher-forced forward pass, as NumPy
-arrays and `$readmemh` files."""
+"""Golden vectors for RTL test benches: every integer of a sentence's forward pass, in execution order.
+
+For each source sentence (alone: nothing is padded) the engine greedy-decodes it, then runs the
+teacher-forced forward over [BOS] + its output up to and including EOS, which computes exactly the
+integers of the cached decoding steps (row by row), and records every op (the format:
+docs/integer_only.md, "Golden vectors"):
+
+    <out>/index.json                 the export it came from, and per sentence its source, its
+                                     output and its ops in execution order
+    <out>/sentence_<i>/vectors.npz   every tensor of sentence i by key
+    <out>/sentence_<i>/mem/<key>.mem the same as `$readmemh` files, each after a `//` header line
+                                     (key, shape, bits, signedness, f)
+
+Integer-only exports: every op between the ids and the argmax (embedding sum, requantizing edges,
+matmuls with their operands and accumulators, ReLU, residual adds, LayerNorm and softmax with their
+intermediates and the key mask, the argmax). Matmul-only exports: every matmul's integer operands
+and accumulator (the steps between them are float32: docs/integer_only.md, "Order of operations").
+"""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 
 import numpy as np
 
-from integer import accumulation, decoding, export_format, fixed_point
+from integer import accumulation, atomic_files, export_format, site_names
+from integer.decoding import greedy
 from integer.intonly_engine import IntOnlyTransformer, OpRecord
 from integer.matmul_engine import IntTransformer, MatmulRecord
-from integer.token_ids import BOS, pad_batch
+from integer.token_ids import BOS, EOS
+
+ARGMAX = "decoder/argmax"
+INDEX = "index.json"
 
 
-def teacher_forced_trace(engine: IntTransformer, src: np.ndarray
-                         ) -> tuple[np.ndarray, list[MatmulRecord], list[OpRecord]]:
-    """Greedy-decode `src`, then trace the teacher-forced forward over [BOS] + the output
-    (the decoder inputs that produced it). Returns (decoder inputs, matmul records, and the
-    integer-only engine's LayerNorm and softmax records: [] for the other engine)."""
-    out = decoding.greedy(engine, src)
-    tgt_in = np.concatenate([np.full((len(src), 1), BOS), out[:, :-1]], axis=1)
-    integer_only = isinstance(engine, IntOnlyTransformer)
-    ops_context = engine.tracing_ops() if integer_only else contextlib.nullcontext([])
-    with engine.tracing() as trace, ops_context as ops:
-        engine.forward(src, tgt_in)
-    return tgt_in, trace, [op for op in ops if op.kind in ("layer_norm", "softmax")]
+def sentence_pass(engine: IntTransformer, src: list[int]) -> tuple[np.ndarray, list[OpRecord]]:
+    """Greedy-decode one sentence, then trace the teacher-forced forward over [BOS] + the output up
+    to its EOS. Returns (the output ids, the ops in execution order). An integer-only engine records
+    every op and the argmax is appended; a matmul-only engine's matmuls are given as ops."""
+    src_row = np.asarray([src], np.int64)
+    out = greedy(engine, src_row)[0]
+    ends = np.flatnonzero(out == EOS)
+    out = out[: ends[0] + 1] if len(ends) else out  # no padding past the sentence's end
+    tgt_in = np.concatenate([[BOS], out[:-1]])[None]
+    if isinstance(engine, IntOnlyTransformer):
+        with engine.tracing_ops() as ops:
+            logits = engine.forward(src_row, tgt_in)
+        tokens = np.argmax(logits, axis=-1).astype(np.int32)  # the first maximum, as greedy takes it
+        ops.append(OpRecord(ARGMAX, "argmax", {"logits": logits}, tokens, {"logits": ops[-1].name},
+                            {"out": engine.token_format()}))
+        return out, list(ops)
+    with engine.tracing() as trace:
+        engine.forward(src_row, tgt_in)
+    return out, [matmul_op(engine, rec) for rec in trace]
 
 
-def dump_vectors(engine: IntTransformer, src_ids, out_dir: str) -> list[dict]:
-    """Golden vectors: every matmul of a teacher-forced forward over the greedy output.
+def matmul_op(engine: IntTransformer, rec: MatmulRecord) -> OpRecord:
+    """A matmul-only engine's traced matmul as an op: operands on their sites' grids and the
+    accumulator (bias included) on f_x + f_w with its proven width (K max|x| max|w| + max|bias|)."""
+    gx, gw = engine.grids[rec.x_site], engine.grids[rec.w_site]
+    weight = rec.w_site in engine.ints and rec.w is engine.ints[rec.w_site]
+    bias_key = site_names.dense(rec.name).bias if f"{rec.name}/bias" in engine.ints else None
+    bias = 0 if bias_key is None else int(np.abs(engine.ints[bias_key].astype(np.int64)).max(initial=0))
+    bound = accumulation.accumulator_bound(rec.x.shape[-1], gx, gw) + bias
+    inputs = {"x": rec.x.astype(np.int64)}
+    if not weight:
+        inputs["w"] = rec.w.astype(np.int64)
+    params = {"x_site": rec.x_site, "w_site": rec.w_site, "weight": rec.w_site if weight else None,
+              "bias": bias_key, "transpose_w": rec.transpose_w,
+              "out": {"bits": accumulation.signed_bits(bound), "signed": True,
+                      "f": (gx.f + gw.output_f).tolist(), "proven_max_abs": bound}}
+    return OpRecord(rec.name, "matmul", inputs, rec.acc.astype(np.int64), {}, params)
 
-    For the n-th matmul call, `vectors.npz` holds `<n>.<name>.x` (the activation site's
-    integers), `<n>.<name>.w` (the other operand when it is an activation, e.g. K or V; a
-    weight operand is the export's `mem/<site>.mem`) and `<n>.<name>.acc` (the accumulator,
-    int64, bias included); `mem/` the same as `$readmemh` files (`write_mem`; accumulators 32
-    bits, or 64 when they need more). `index.json` lists the calls in execution order with
-    shapes, sites, bits and f. Also `src` and `tgt_in`. An integer-only export adds, after the
-    matmuls, every LayerNorm's and softmax's integer input and output (`<n>.<name>.in|out`;
-    a softmax also its bool key mask `.visible`), in execution order. Returns the index.
-    """
-    src = pad_batch(list(src_ids)) if isinstance(src_ids, list) else np.asarray(src_ids)
-    tgt_in, trace, ops = teacher_forced_trace(engine, src)
-    os.makedirs(os.path.join(out_dir, "mem"), exist_ok=True)
-    arrays = {"src": src.astype(np.int32), "tgt_in": tgt_in.astype(np.int32)}
-    index = []
-    for n, rec in enumerate(trace):
-        entry = {"call": n, "matmul": rec.name, "acc_shape": list(rec.acc.shape)}
-        operands = [("x", rec.x_site, rec.x)]
-        if rec.w_site.endswith("/weight"):
-            entry["w"] = {"site": rec.w_site, "mem": export_format.mem_file_name(rec.w_site)}
-        else:
-            operands.append(("w", rec.w_site, rec.w))
-        for tag, site, q in operands:
-            grid = engine.grids[site]
-            key = f"{n:04d}.{rec.name.replace('/', '.')}.{tag}"
-            arrays[key] = q.astype(fixed_point.int_dtype(grid.bits, grid.signed))
-            export_format.write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, grid.bits, grid.signed)
-            entry[tag] = {"site": site, "key": key, "shape": list(q.shape), "bits": grid.bits,
-                          "signed": grid.signed, "f": grid.f.tolist()}
-        key = f"{n:04d}.{rec.name.replace('/', '.')}.acc"
-        wide = accumulation.signed_bits(int(np.abs(rec.acc).max(initial=0))) > fixed_point.BIAS_BITS
-        bits = 64 if wide else fixed_point.BIAS_BITS
-        arrays[key] = rec.acc.astype(np.int64)
-        export_format.write_mem(os.path.join(out_dir, "mem", key + ".mem"), rec.acc, bits, True)
-        entry["acc"] = {"key": key, "bits": bits}
-        index.append(entry)
-    for n, op in enumerate(ops, start=len(trace)):
-        (tag, q_in), *_ = op.inputs.items()  # layer_norm: input, softmax: scores
-        entry = {"call": n, "op": op.kind, "name": op.name}
-        for suffix, q in (("in", q_in), ("out", op.output)):
-            key = f"{n:04d}.{op.name.replace('/', '.')}.{suffix}"
-            arrays[key] = q.astype(np.int64)
-            width = 64 if accumulation.signed_bits(int(np.abs(q).max(initial=0))) > 32 else 32
-            export_format.write_mem(os.path.join(out_dir, "mem", key + ".mem"), q, width, True)
-            entry[suffix] = {"key": key, "shape": list(q.shape), "bits": width,
-                             "tensor": tag if suffix == "in" else "output"}
-        if "visible" in op.inputs:
-            arrays[f"{n:04d}.{op.name.replace('/', '.')}.visible"] = np.asarray(op.inputs["visible"])
-        index.append(entry)
-    np.savez(os.path.join(out_dir, "vectors.npz"), **arrays)
-    with open(os.path.join(out_dir, "index.json"), "w") as f:
-        json.dump(index, f, indent=1)
+
+def layout(source_shape: tuple, shape: tuple) -> str | None:
+    """How an input is laid out from its producer's output: None (as it is), `split_heads`
+    ([1, L, d] -> [1, h, L, d/h], head j = columns j d/h .. (j+1) d/h - 1) or `join_heads` (back)."""
+    if len(source_shape) == 3 and len(shape) == 4:
+        return "split_heads"
+    if len(source_shape) == 4 and len(shape) == 3:
+        return "join_heads"
+    return None
+
+
+def tensor_format(q: np.ndarray, fmt: dict | None) -> dict:
+    """bits, signed, f of a stored tensor: its declared format, else (ids, masks) the narrowest
+    that holds it."""
+    if fmt is not None:
+        return {k: fmt[k] for k in ("bits", "signed", "f", "proven_max_abs") if k in fmt}
+    if q.dtype == np.bool_:
+        return {"bits": 1, "signed": False, "f": 0}
+    return {"bits": accumulation.signed_bits(int(np.abs(q).max(initial=0))), "signed": True, "f": 0}
+
+
+STEP_FORMATS = {  # the kernels' intermediates: signedness and grid (None: not a power-of-two grid)
+    "layer_norm": {"s": (True, "f_in"), "c": (True, "f_in"), "W": (False, "2 f_in"), "k": (True, 0),
+                   "D": (False, None), "n": (True, "F"), "y": (True, "f_gamma + F")},
+    "softmax": {"x": (True, "f"), "x_F": (True, "F"), "z": (False, 0), "L": (False, None),
+                "e": (False, None), "S": (False, None)},
+}
+
+
+def step_format(op: OpRecord, step: str) -> dict:
+    """bits (from the kernel's proven bound), signedness and f of a kernel intermediate."""
+    signed, grid = STEP_FORMATS[op.kind][step]
+    bound = op.params["proven_max_abs"][step]
+    bits = accumulation.signed_bits(bound) - (0 if signed else 1)
+    values = {"f_in": op.params.get("f_in"), "2 f_in": 2 * op.params.get("f_in", 0), "F": op.params.get("F"),
+              "f_gamma + F": op.params.get("f_gamma", 0) + op.params.get("F", 0), "f": op.params.get("f")}
+    return {"bits": bits, "signed": signed, "f": values.get(grid, grid), "proven_max_abs": bound}
+
+
+class _Writer:
+    """Stores one sentence's tensors: vectors.npz and a mem file each."""
+
+    def __init__(self, folder: str):
+        self.folder, self.arrays = folder, {}
+        os.makedirs(os.path.join(folder, export_format.MEM_DIR))
+
+    def put(self, key: str, q: np.ndarray, fmt: dict) -> dict:
+        q = np.asarray(q)
+        self.arrays[key] = q.astype(np.uint8) if q.dtype == np.bool_ else q.astype(np.int64)
+        f = fmt["f"] if np.ndim(fmt["f"]) == 0 else "per channel (index.json)"
+        kind = f"{'int' if fmt['signed'] else 'uint'}{fmt['bits']}"
+        header = f"{key} shape {list(q.shape)} {kind} f {f} row-major"
+        path = os.path.join(self.folder, export_format.MEM_DIR, key + ".mem")
+        export_format.write_mem(path, self.arrays[key], fmt["bits"], fmt["signed"], header)
+        return {"key": key, "shape": list(q.shape), **fmt}
+
+    def close(self) -> None:
+        np.savez(os.path.join(self.folder, "vectors.npz"), **self.arrays)
+
+
+def describe(ops: list[OpRecord], writer: _Writer) -> list[dict]:
+    """Each op's index entry, its tensors written: inputs (with the call that produced each and the
+    layout), params, output and kernel intermediates."""
+    produced: dict[str, tuple[int, dict, tuple]] = {}  # op name -> (call, output format, shape)
+    entries = []
+    for call, op in enumerate(ops):
+        stem = f"{call:04d}.{op.name.replace('/', '.')}"
+        entry: dict = {"call": call, "op": op.kind, "name": op.name, "inputs": {}}
+        for tag, q in op.inputs.items():
+            source = op.sources.get(tag)
+            declared = op.params.get("input_formats", {}).get(tag)  # the token ids
+            call_from, fmt, shape = produced.get(source, (None, declared, None))
+            item = writer.put(f"{stem}.{tag}", q, tensor_format(np.asarray(q), fmt))
+            if source is not None:
+                item.update({"source": source, "from": call_from, "layout": layout(shape, np.shape(q))})
+            entry["inputs"][tag] = item
+        params = {k: v for k, v in op.params.items() if k not in ("out", "proven_max_abs", "input_formats")}
+        entry["params"] = params
+        entry["output"] = writer.put(f"{stem}.out", op.output, tensor_format(op.output, op.params.get("out")))
+        if op.steps:
+            entry["steps"] = {step: writer.put(f"{stem}.{step}", q, step_format(op, step))
+                              for step, q in op.steps.items()}
+        produced[op.name] = (call, op.params.get("out"), np.shape(op.output))
+        entries.append(entry)
+    return entries
+
+
+def dump_vectors(engine: IntTransformer, src_ids: list[list[int]], out_dir: str) -> dict:
+    """Golden vectors of each sentence in `src_ids` (token ids, EOS included) into `out_dir`,
+    written atomically (a complete folder or the old one). Returns the index."""
+    manifest = engine.manifest or {}
+    index = {"format": "golden vectors 2 (docs/integer_only.md)",
+             "engine": "integer_only" if isinstance(engine, IntOnlyTransformer) else "matmul_only",
+             "export": {"npz_sha256": manifest.get("npz", {}).get("sha256"),
+                        "rounding": engine.rounding},
+             "sentences": []}
+    with atomic_files.atomic_directory(out_dir) as tmp:
+        for i, src in enumerate(src_ids):
+            output, ops = sentence_pass(engine, list(src))
+            writer = _Writer(os.path.join(tmp, f"sentence_{i}"))
+            entries = describe(ops, writer)
+            writer.close()
+            index["sentences"].append({"dir": f"sentence_{i}", "src": [int(t) for t in src],
+                                       "output": output.tolist(), "ops": entries})
+        atomic_files.write_atomic(os.path.join(tmp, INDEX), json.dumps(index, indent=1))
     return index
+
+
+def calls(index: dict) -> int:
+    """How many ops the index holds over all its sentences."""
+    return sum(len(s["ops"]) for s in index["sentences"])

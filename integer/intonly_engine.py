@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -16,13 +16,20 @@ from integer.token_ids import PAD
 
 @dataclass
 class OpRecord:
-    """One integer op of the integer-only path while tracing: its name (the site or matmul it
-    produces, or `<ln>/layer_norm`, `<attn>/softmax`), its kind and its integer inputs and output."""
+    """One integer op of the integer-only path while tracing, in execution order: its name (the
+    site it writes, or the matmul, or `<dense1>/relu`; unique within one forward pass), its kind,
+    its integer inputs and output, `sources` (input tag -> the name of the op that produced it;
+    absent for the token ids, the mask and the export's own arrays), `params` (the static
+    arguments that reproduce it: grids, shifts, rounding, the export arrays it reads, and `out`,
+    the output's bits, signedness and f) and `steps` (a kernel's intermediates)."""
 
     name: str
     kind: str
     inputs: dict[str, np.ndarray]
     output: np.ndarray
+    sources: dict[str, str] = field(default_factory=dict)
+    params: dict = field(default_factory=dict)
+    steps: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 class IntOnlyTransformer(IntTransformer):
@@ -57,13 +64,34 @@ class IntOnlyTransformer(IntTransformer):
 
     # ---- integers in, integers out -----------------------------------------------------------
 
-    def emit(self, name: str, kind: str, out: np.ndarray, **inputs: np.ndarray) -> np.ndarray:
-        """Every op's result passes here: an integer array, or TypeError (a float on the path)."""
-        if out.dtype.kind not in "iub":
-            raise TypeError(f"{kind} {name} produced {out.dtype} on the integer-only path")
+    def emit(self, name: str, kind: str, result: np.ndarray, inputs: dict[str, np.ndarray] | None = None,
+             sources: dict[str, str] | None = None, steps: dict | None = None, **params) -> np.ndarray:
+        """Every op's result passes here: an integer array, or TypeError (a float on the path).
+        While tracing, the op is recorded (OpRecord) with its inputs, sources, params and steps."""
+        if result.dtype.kind not in "iub":
+            raise TypeError(f"{kind} {name} produced {result.dtype} on the integer-only path")
         if self.ops is not None:
-            self.ops.append(OpRecord(name, kind, inputs, out))
-        return out
+            self.ops.append(OpRecord(name, kind, inputs or {}, result, sources or {}, params, steps or {}))
+        return result
+
+    def steps(self) -> dict | None:
+        """A dict for a kernel's intermediates while tracing, else None (the kernels skip them)."""
+        return {} if self.ops is not None else None
+
+    def token_format(self) -> dict:
+        """bits, signed and f of a token id (unsigned, enough bits for the vocabulary)."""
+        return {"bits": max(int(self.vocab - 1).bit_length(), 1), "signed": False, "f": 0}
+
+    def site_format(self, site: str) -> dict:
+        """bits, signed and f of a site's grid, as an op record's `out` names its output."""
+        grid = self.grids[site]
+        return {"bits": grid.bits, "signed": grid.signed, "f": grid.f.tolist()}
+
+    def accumulator_format(self, name: str, f, signed: bool = True) -> dict:
+        """bits (proven), signedness and f of an accumulator (or a reduction) `name`."""
+        bits = accumulation.signed_bits(self._bounds[name]) - (0 if signed else 1)
+        return {"bits": bits, "signed": signed, "f": np.asarray(f).tolist(),
+                "proven_max_abs": self._bounds[name]}
 
     def f(self, site: str) -> np.ndarray:
         return self.grids[site].f
@@ -73,16 +101,18 @@ class IntOnlyTransformer(IntTransformer):
         grid = self.grids[site]
         shift = np.asarray(f_from) - grid.f
         self._edges[(source, site)] = (shift, self.rounding)
-        return self.emit(site, "requantize", kernels.requantize(q, shift, grid.bits, grid.signed,
-                                                                self.rounding))
+        out = kernels.requantize(q, shift, grid.bits, grid.signed, self.rounding)
+        return self.emit(site, "requantize", out, {"q": q}, {"q": source}, shift=shift.tolist(),
+                         rounding=self.rounding, out=self.site_format(site))
 
     def imatmul(self, x_site: str, x: np.ndarray, w_site: str, w: np.ndarray,
-                bias: np.ndarray | None = None, transpose_w: bool = False,
+                bias_key: str | None = None, transpose_w: bool = False,
                 k_max: int | None = None) -> np.ndarray:
-        """acc = x @ w (+ bias) on the grid f_x + f_w, int32 when its proven bound
-        K max|x| max|w| + max|b| (K = k_max, the longest sequence, or the contracted length) is
-        below 2^30 (a 32-bit lane, kernels.shift_round keeps it), else int64."""
+        """acc = x @ w (+ the bias `bias_key`, if the export has it) on the grid f_x + f_w, int32
+        when its proven bound K max|x| max|w| + max|b| (K = k_max, the longest sequence, or the
+        contracted length) is below 2^30 (a 32-bit lane, kernels.shift_round keeps it), else int64."""
         name = site_names.matmul_of(x_site)
+        bias = self.int64.get(bias_key) if bias_key else None
         if name not in self._bounds:
             largest_bias = 0 if bias is None else int(np.abs(bias).max(initial=0))
             k = k_max or x.shape[-1]
@@ -93,13 +123,22 @@ class IntOnlyTransformer(IntTransformer):
         if bias is not None:
             acc += bias.astype(lane)  # exact: the bound includes the bias
         self.record_matmul(x_site, x, w_site, w, acc, transpose_w)
-        return self.emit(name, "matmul", acc)
+        if self.ops is None:
+            return self.emit(name, "matmul", acc)
+        weight = w_site in self.ints and w is self.ints[w_site]  # an export array, not an activation
+        inputs, sources = {"x": x}, {"x": x_site}
+        if not weight:
+            inputs["w"], sources["w"] = w.astype(np.int64), w_site
+        f_acc = self.f(x_site) + self.grids[w_site].output_f
+        return self.emit(name, "matmul", acc, inputs, sources, x_site=x_site, w_site=w_site,
+                         weight=w_site if weight else None, bias=bias_key if bias is not None else None,
+                         transpose_w=transpose_w, out=self.accumulator_format(name, f_acc))
 
     def dense(self, prefix: str, x: np.ndarray, f_x, source: str) -> tuple[np.ndarray, np.ndarray]:
         """(acc, f_acc): acc = Q(x) W_q + b_q on the grid f_acc = f_x + f_w."""
         names = site_names.dense(prefix)
         q = self.requantize(x, f_x, source, names.input)
-        acc = self.imatmul(names.input, q, names.weight, self.ints[names.weight], self.int64.get(names.bias))
+        acc = self.imatmul(names.input, q, names.weight, self.ints[names.weight], names.bias)
         return acc, self.f(names.input) + self.f(names.weight)
 
     # ---- layers -----------------------------------------------------------------------------
@@ -114,7 +153,11 @@ class IntOnlyTransformer(IntTransformer):
         total = self.int64[f"{site_names.EMBEDDING_SUM}/lookup"][ids] + positions[offset:end]
         grid = self.grids[site_names.EMBEDDING_SUM]
         total = kernels.clip_to(total, grid.bits, grid.signed)
-        return self.emit(site_names.EMBEDDING_SUM, "embedding_sum", total)
+        return self.emit(site_names.EMBEDDING_SUM, "embedding_sum", total, {"ids": ids}, offset=offset,
+                         input_formats={"ids": self.token_format()},
+                         lookup=f"{site_names.EMBEDDING_SUM}/lookup",
+                         positions=f"{site_names.EMBEDDING_SUM}/positions",
+                         out=self.site_format(site_names.EMBEDDING_SUM))
 
     def add_norm(self, prefix: str, x: np.ndarray, x_source: str, a: np.ndarray, f_a, a_source: str
                  ) -> np.ndarray:
@@ -135,16 +178,27 @@ class IntOnlyTransformer(IntTransformer):
         self._edges[(x_source, names.input)] = (f_x - grid.f, self.rounding)
         self._edges[(a_source, names.input)] = (np.asarray(f_a) - grid.f, self.rounding)
         r = kernels.requantize(total, g - grid.f, grid.bits, grid.signed, self.rounding)
-        r = self.emit(names.input, "residual", r, x=x, a=a)
+        r = self.emit(names.input, "residual", r, {"x": x, "a": a}, {"x": x_source, "a": a_source},
+                      x_shift=(g - f_x).tolist(), a_shift=(g - np.asarray(f_a)).tolist(),
+                      shift=(g - grid.f).tolist(), rounding=self.rounding, out=self.site_format(names.input),
+                      sum=self.accumulator_format(f"{prefix}/residual_sum", g))
         out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
         beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
         d = r.shape[-1]
         self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
         if self.observe:
             self._observe(f"{prefix}/variance", kernels.layer_norm_moments(r, eps_q)[1], None)
+        steps = self.steps()
         out = kernels.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
-                                out_grid.bits, self.rounding)
-        return self.emit(names.output, "layer_norm", out, input=r)
+                                 out_grid.bits, self.rounding, steps=steps)
+        if steps is None:
+            return self.emit(names.output, "layer_norm", out, {"input": r})
+        bounds = kernels.layer_norm_bounds(d, grid.bits, self.grids[names.gamma].max_abs,
+                                           int(np.abs(beta).max(initial=0)), int(eps_q), out_grid.bits)
+        return self.emit(names.output, "layer_norm", out, {"input": r}, {"input": names.input}, steps,
+                         gamma=names.gamma, beta=names.beta, eps_q=f"{prefix}/eps_q", f_gamma=f_gamma,
+                         f_in=int(grid.f), K=kernels.LN_K, F=kernels.LN_F, rounding=self.rounding,
+                         out=self.site_format(names.output), proven_max_abs=bounds)
 
     def project_kv(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
         """K and V heads on the key/value grids, held in float32 as GEMM operands (exact)."""
@@ -169,14 +223,25 @@ class IntOnlyTransformer(IntTransformer):
         self._edges[(site_names.matmul_of(names.query), f"{prefix}/softmax")] = (
             f_s - kernels.EXP_F, kernels.EXP_ROUNDING)
         mask = None if visible is None else np.broadcast_to(visible, scores.shape)
+        steps = self.steps()
         probs, sums = kernels.softmax_with_sums(scores, f_s, mask, probs_grid.bits, self.rounding,
-                                                m=self.d_k)
+                                                m=self.d_k, steps=steps)
         self._bounds.setdefault(f"{prefix}/softmax_sum",
                                 self.max_positions * kernels.exp_max(kernels.EXP_F, self.d_k))
         if self.observe:
             self._observe(f"{prefix}/softmax_sum", sums, None)
-        probs = self.emit(names.probs, "softmax", probs, scores=scores,
-                          visible=np.broadcast_to(True, scores.shape) if mask is None else mask)
+        inputs = {"scores": scores, "visible": np.broadcast_to(True, scores.shape) if mask is None else mask}
+        if steps is None:
+            probs = self.emit(names.probs, "softmax", probs, inputs)
+        else:
+            bounds = kernels.softmax_bounds(self._bounds[names.scores], f_s, self.max_positions,
+                                            probs_grid.bits, m=self.d_k)
+            constants = list(kernels.exp_constants(kernels.EXP_F, self.d_k))
+            probs = self.emit(names.probs, "softmax", probs, inputs, {"scores": names.scores}, steps, f=f_s,
+                              m=self.d_k, F=kernels.EXP_F, constants=constants,
+                              clamp=kernels.exp_clamp(f_s, self.d_k), exp_rounding=kernels.EXP_ROUNDING,
+                              rounding=self.rounding, out=self.site_format(names.probs),
+                              proven_max_abs=bounds)
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
         b, _, lq, _ = heads.shape
         concat = heads.transpose(0, 2, 1, 3).reshape(b, lq, -1)
@@ -186,8 +251,10 @@ class IntOnlyTransformer(IntTransformer):
     def ffn(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
         names = site_names.feed_forward(prefix)
         acc, f_acc = self.dense(names.dense1, x, self.f(source), source)
-        relu = self.emit(names.dense1, "relu", np.maximum(acc, 0))
-        return self.dense(names.dense2, relu, f_acc, names.dense1)
+        out = self.accumulator_format(names.dense1, f_acc, signed=False) if self.ops is not None else None
+        relu = self.emit(f"{names.dense1}/relu", "relu", np.maximum(acc, 0), {"acc": acc},
+                         {"acc": names.dense1}, out=out)
+        return self.dense(names.dense2, relu, f_acc, f"{names.dense1}/relu")
 
     def logits(self, y: np.ndarray, source: str) -> np.ndarray:
         """Integer logits Q(y) E_q^T on one grid, f_y + max(f_E) (`logit_frac_bits`), so that
@@ -199,7 +266,12 @@ class IntOnlyTransformer(IntTransformer):
         f_e = self.grids[site_names.EMBEDDING].output_f
         if f_e.ndim == 0:
             return acc
-        return acc.astype(np.int64) << (f_e.max() - f_e)
+        shift = f_e.max() - f_e
+        return self.emit(site_names.LOGITS, "align", acc.astype(np.int64) << shift, {"acc": acc},
+                         {"acc": site_names.OUTPUT_PROJECTION}, shift=(-shift).tolist(),
+                         out={"bits": accumulation.signed_bits(self._bounds[site_names.OUTPUT_PROJECTION]
+                                                               << int(shift.max())),
+                              "signed": True, "f": self.logit_frac_bits})
 
     @property
     def logit_frac_bits(self) -> int:

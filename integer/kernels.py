@@ -191,7 +191,7 @@ def _round_sqrt(num: int, den: int, bits: int) -> int:
 
 
 def _check_scale(m) -> int:
-    if not isinstance(m, int | np.integer) or not 1 <= m <= EXP_M_MAX:
+    if isinstance(m, bool | np.bool_) or not isinstance(m, int | np.integer) or not 1 <= m <= EXP_M_MAX:
         raise ValueError(f"the softmax scale divisor m (x / sqrt(m)) must be an integer in 1..{EXP_M_MAX}, "
                          f"got {m!r}")
     return int(m).bit_length() // 2  # h: 2^h >= sqrt(m) / sqrt(2), the clamp's extra range
@@ -223,8 +223,8 @@ def _check_exp_grids(f, F, m: int = 1) -> None:
     h = _check_scale(m)
     wide = 2 * F + 2 + (int(m) - 1).bit_length() > 62 if isinstance(F, int | np.integer) else True
     if not isinstance(F, int | np.integer) or not 1 <= F <= EXP_F_MAX or wide:
-        raise ValueError(f"the internal grid F must be an integer in 1..{EXP_F_MAX} with m 2^(2F+2) < 2^62, "
-                         f"got F={F!r}, m={m}")
+        raise ValueError(f"the internal grid F must be an integer in 1..{EXP_F_MAX} with "
+                         f"2F + 2 + bit_length(m - 1) <= 62, got F={F!r}, m={m}")
     if not isinstance(f, int | np.integer) or not F - 62 <= f <= 62 - EXP_X_MIN_LOG2 - h:
         raise ValueError(f"the input grid f must be an integer in {F - 62}..{62 - EXP_X_MIN_LOG2 - h}, "
                          f"got {f!r}")
@@ -242,17 +242,25 @@ def exp_neg(x, f: int, F: int = EXP_F, m: int = 1) -> np.ndarray:
     return _exp_neg(x, f, F, m)
 
 
-def _exp_neg(x: np.ndarray, f: int, F: int, m: int) -> np.ndarray:
-    """exp_neg without the check on x (softmax's x - top <= 0 by construction)."""
+def exp_clamp(f: int, m: int = 1) -> int:
+    """The clamp of exp's input on grid f: x >= -2^max(6 + h + f, 0), the value -64 2^h (or -1)."""
+    return -(1 << max(EXP_X_MIN_LOG2 + _check_scale(m) + int(f), 0))
+
+
+def _exp_neg(x: np.ndarray, f: int, F: int, m: int, steps: dict | None = None) -> np.ndarray:
+    """exp_neg without the check on x (softmax's x - top <= 0 by construction); `steps` (a dict)
+    receives the intermediates x_F, z and L."""
     _check_exp_grids(f, F, m)
     q_ln2, q_b, q_c = exp_constants(F, m)
-    h = _check_scale(m)
-    x = np.maximum(x, -(1 << max(EXP_X_MIN_LOG2 + h + int(f), 0)))  # value >= -64 2^h (or x >= -1)
+    x = np.maximum(x, exp_clamp(f, m))  # value >= -64 2^h (or x >= -1)
     x = shift_round(x, int(f) - F, EXP_ROUNDING)  # onto grid F: |x| <= 2^(F+6+h) (or 2^62)
     z = (-x) // q_ln2
     p = x + z * q_ln2  # in (-q_ln2, 0]
     s = p + q_b  # in (q_b - q_ln2, q_b]: positive
-    return np.right_shift(s * s + q_c, np.minimum(z, EXP_SHIFT_CAP))
+    big = s * s + q_c  # L
+    if steps is not None:
+        steps.update(x_F=x, z=z, L=big)
+    return np.right_shift(big, np.minimum(z, EXP_SHIFT_CAP))
 
 
 def _check_softmax_widths(length, out_bits: int, F: int, m: int = 1) -> None:
@@ -271,7 +279,7 @@ def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: in
 
 
 def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F,
-                      m: int = 1) -> tuple[np.ndarray, np.ndarray]:
+                      m: int = 1, steps: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(out, S): softmax(x / sqrt(m)) over the last axis of int64 scores q on grid f (|q| < 2^62),
     as unsigned integers on the probability grid 2^-out_bits (threshold 1), clipped to
     [0, 2^out_bits - 1], and the row sums S of its exps:
@@ -287,7 +295,9 @@ def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EX
     Error vs the float64 softmax p: |out 2^-out_bits - p| <= p (1 - p) 5.6e-3 (<= 1.4e-3; 5.6e-3 is
     exp_neg's relative spread max/min - 1, which normalization does not cancel) + 1e-4 + one unit
     of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py.
-    S (int64, q's shape without the last axis) is returned for the data sheet's observed widths."""
+    S (int64, q's shape without the last axis) is returned for the data sheet's observed widths.
+    `steps` (a dict) receives the intermediates for golden vectors: x = q - top, x_F, z, L, e (0
+    where masked) and S (softmax_bounds gives their proven widths)."""
     q = _int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
     if np.any(q >= 1 << 62) or np.any(q <= -(1 << 62)):
@@ -299,21 +309,35 @@ def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EX
         raise TypeError(f"the softmax mask is a bool array (True = may attend), got {mask.dtype}")
     q, mask = np.broadcast_arrays(q, mask)
     _check_softmax_widths(q.shape[-1], out_bits, F, m)
-    e = softmax_exps(q, f, mask, F, m)
+    e = softmax_exps(q, f, mask, F, m, steps)
     total = np.sum(e, axis=-1, keepdims=True)
+    if steps is not None:
+        steps["S"] = total
     return _normalize(e, total, out_bits, rounding), total[..., 0]
 
 
-def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1) -> np.ndarray:
+def softmax_exps(q, f: int, mask, F: int = EXP_F, m: int = 1, steps: dict | None = None) -> np.ndarray:
     """softmax's numerators: e = exp_neg(q - top) where mask is True (bool, q's shape; None: every
-    position), 0 elsewhere; top = the largest unmasked q of the row."""
+    position), 0 elsewhere; top = the largest unmasked q of the row. `steps` (a dict) receives x,
+    x_F, z, L and e, each 0 where masked."""
     _check_softmax_widths(q.shape[-1], 0, F, m)
     q = _int64(q)
     if mask is None:
-        return _exp_neg(q - np.max(q, axis=-1, keepdims=True), f, F, m)
-    top = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
-    x = np.where(mask, q, top) - top  # <= 0; 0 where masked (and everywhere in a fully masked row)
-    return np.where(mask, _exp_neg(x, f, F, m), 0)
+        x = q - np.max(q, axis=-1, keepdims=True)
+    else:
+        top = np.max(np.where(mask, q, np.iinfo(np.int64).min), axis=-1, keepdims=True)
+        x = np.where(mask, q, top) - top  # <= 0; 0 where masked (and everywhere in a fully masked row)
+    if steps is not None:
+        steps["x"] = x
+    e = _exp_neg(x, f, F, m, steps)
+    if mask is not None:
+        e = np.where(mask, e, 0)
+    if steps is not None:
+        steps["e"] = e
+        if mask is not None:
+            for key in ("x_F", "z", "L"):  # computed at masked positions too, then not used
+                steps[key] = np.where(mask, steps[key], 0)
+    return e
 
 
 def normalize(e, out_bits: int, rounding: str) -> np.ndarray:
@@ -327,6 +351,20 @@ def _normalize(e: np.ndarray, total: np.ndarray, out_bits: int, rounding: str) -
     """normalize with the row sums S already summed (softmax_with_sums returns them too)."""
     probs = _div_round(np.left_shift(e, out_bits), np.maximum(total, 1), rounding)  # S = 0: e = 0
     return clip_to(probs, out_bits, signed=False)
+
+
+def softmax_bounds(score_max_abs: int, f: int, length: int, out_bits: int, F: int = EXP_F,
+                   m: int = 1) -> dict[str, int]:
+    """The proven largest |value| of each softmax intermediate for scores |q| <= score_max_abs on
+    grid f in rows of `length` keys: x = q - top (2 score_max_abs), x_F (the clamp shifted onto F:
+    shift_round is monotone, so the clamp's image bounds it), z = |x_F| // q_ln2, L and e (exp_max),
+    S (length exp_max), the division's numerator e << out_bits, and the output."""
+    q_ln2 = exp_constants(F, m)[0]
+    x_max = 2 * int(score_max_abs)
+    x_f = -int(shift_round(np.int64(max(-x_max, exp_clamp(f, m))), int(f) - F, EXP_ROUNDING))
+    top = exp_max(F, m)
+    return {"x": x_max, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
+            "numerator": top << out_bits, "output": (1 << out_bits) - 1}
 
 
 # ---- LayerNorm ----
@@ -357,6 +395,8 @@ def _bit_length(n: np.ndarray) -> np.ndarray:
 def layer_norm_eps_q(eps: float, f_in: int) -> int:
     """Export time, not inference: the float LayerNorm's eps on the input grid squared, the integer
     eps_q = round_half_even(eps * 2^(2 f_in)) (the scaling by 2^(2 f_in) is exact; 0 is allowed)."""
+    if not np.isfinite(eps):
+        raise ValueError(f"the LayerNorm eps must be finite, got {eps!r}")
     eps_q = int(np.rint(np.ldexp(np.float64(eps), 2 * f_in)))
     if not 0 <= eps_q <= LN_MAX_EPS_Q:
         raise ValueError(f"eps * 2^(2 f_in) rounds to {eps_q}, outside 0..2^32")
@@ -386,7 +426,7 @@ def layer_norm_moments(q, eps_q) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: int, rounding: str,
-               K: int = LN_K, F: int = LN_F) -> np.ndarray:
+               K: int = LN_K, F: int = LN_F, steps: dict | None = None) -> np.ndarray:
     """Integer LayerNorm over the last axis: gamma (x - mean) / sqrt(var + eps) + beta, exact but for
     the floor of one square root per row and two roundings R, on power-of-two grids, in int64 only.
 
@@ -412,7 +452,9 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
         y  = gamma_q n + beta_q          on grid f_gamma + F, |y| < 2^49
         out = clip(R(y 2^-(f_gamma + F - f_out)), out_bits)     the output site's shift
     A constant row (W = 0 only when eps_q = 0, then c = 0) gives n = 0, out = R(beta): the limit
-    of the float LayerNorm for eps -> 0; never a division by zero.
+    of the float LayerNorm for eps -> 0; never a division by zero. `steps` (a dict) receives the
+    intermediates s, c, W, k, D (each row's, last axis kept), n and y for golden vectors
+    (layer_norm_bounds gives their proven widths).
 
     Error bound. With u = 1/2 (half_even, half_up) or 1 (floor): D <= 2^k sqrt(W) < D + 1 and
     D >= 2^(K-1) give n = c 2^(k+F)/D within |n*| 2^(1-K) 2^F of the exact n* 2^F = c 2^F / sqrt(W),
@@ -442,12 +484,41 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
     # floor(W 2^2k): a left shift, or (W >= 2^2K, k < 0) a floor right shift
     root = np.maximum(_isqrt(np.right_shift(np.left_shift(w, np.maximum(2 * k, 0)),
                                             np.maximum(-2 * k, 0))), 1)
+    if steps is not None:
+        steps.update(s=s, c=c.copy(), W=w, k=k, D=root)
     up = k + F
     np.left_shift(c, np.maximum(up, 0), out=c)
     y = _div_round(c, np.left_shift(root, np.maximum(-up, 0)), rounding)  # n, then in place:
+    if steps is not None:
+        steps["n"] = y.copy()
     y *= gamma_q
     y += beta_q
+    if steps is not None:
+        steps["y"] = y.copy()
     return requantize(y, out_shift, out_bits, True, rounding)
+
+
+def layer_norm_bounds(d: int, in_bits: int, gamma_max_abs: int, beta_max_abs: int, eps_q: int,
+                      out_bits: int, K: int = LN_K, F: int = LN_F) -> dict[str, int]:
+    """The proven largest |value| of each layer_norm intermediate for a row of d values on a signed
+    in_bits grid (q in [-2^(b-1), 2^(b-1) - 1]):
+        s <= d 2^(b-1);  c = d q_i - s = (d - 1) q_i - (the others) <= (d - 1)(2^b - 1);
+        W <= d^2 (2^(2b-2) + eps_q) (the bound layer_norm's checks assume);  k in [k_min, K];
+        D < 2^K;  numerator |c 2^(k+F)| < sqrt(d - 1) 2^(K+F), because c_i^2 <= (d - 1) W
+        (c sums to 0 over the row and sum c^2 = d S2) and W 2^2k < 2^2K (or |c| when k + F < 0);
+        |n| < sqrt(d - 1) 2^F (1 + 2^(1-K)) + 1 (D >= 2^(K-1) and 2^k sqrt(W) < D + 1);
+        |y| <= max|gamma_q| |n| + max|beta_q|."""
+    q_max = 1 << (in_bits - 1)
+    w_max = d * d * (q_max * q_max + int(eps_q))
+    c_max = (d - 1) * ((1 << in_bits) - 1)
+    k_min = (2 * K - w_max.bit_length()) >> 1
+    numerator = math.isqrt((d - 1) << (2 * (K + F))) + 1
+    if k_min + F < 0:
+        numerator = max(numerator, c_max)
+    n_max = (math.isqrt((d - 1) * (((1 << (K - 1)) + 1) << F) ** 2) >> (K - 1)) + 2
+    return {"s": d * q_max, "c": c_max, "W": w_max, "k": max(K, -k_min), "D": (1 << K) - 1,
+            "numerator": numerator, "n": n_max, "y": int(gamma_max_abs) * n_max + int(beta_max_abs),
+            "output": 1 << (out_bits - 1)}
 
 
 # ---- what an export records ----

@@ -29,8 +29,9 @@ from integer.token_ids import PAD
 @dataclass
 class MatmulRecord:
     """One integer matmul while tracing: its operands (as the sites produced them, before any
-    transpose) and the accumulator acc = x @ w (+ bias); `abs_bound` = max(|x| @ |w|), which
-    bounds every partial sum whatever the order (float32 is exact while it is < 2^24)."""
+    transpose) and the accumulator acc = x @ w (+ bias), w transposed first when `transpose_w`;
+    `abs_bound` = max(|x| @ |w|), which bounds every partial sum whatever the order (float32 is
+    exact while it is < 2^24)."""
 
     name: str
     x_site: str
@@ -39,6 +40,7 @@ class MatmulRecord:
     w: np.ndarray
     acc: np.ndarray
     abs_bound: float
+    transpose_w: bool
 
 
 class IntTransformer:
@@ -116,7 +118,8 @@ class IntTransformer:
         if self.trace is not None:
             w_mat = np.swapaxes(w, -1, -2) if transpose_w else w
             bound = float(np.matmul(np.abs(x), np.abs(w_mat)).max(initial=0.0))
-            self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc.astype(np.float64), bound))
+            self.trace.append(MatmulRecord(name, x_site, x, w_site, w, acc.astype(np.float64), bound,
+                                           transpose_w))
 
     def _plan(self, x_site: str, w_site: str, k: int) -> tuple[int, type, np.ndarray, str]:
         """How a K-term matmul of these sites runs, worked out once: float32 BLAS is exact while

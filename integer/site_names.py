@@ -9,6 +9,7 @@ EMBEDDING = "embedding/weight"  # the shared table: embedding lookup and output 
 OUTPUT_INPUT = "decoder/output_input"  # the decoder output before the projection
 EMBEDDING_SUM = "embedding_sum"  # integer-only: E[ids] sqrt(d) + PE, both sides (residual grid)
 OUTPUT_PROJECTION = "decoder/output_projection"  # the matmul Q(y) Q(E)^T
+LOGITS = "decoder/logits"  # integer-only, per-row table grids: the logits aligned onto one grid
 
 
 def block(side: str, index: int) -> str:

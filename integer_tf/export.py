@@ -30,12 +30,9 @@ if __name__ == "__main__":  # --help and a mistyped flag are answered before Ten
     hparams.check_command_line(hparams.export_parser())
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
-import tempfile
-from collections.abc import Iterator
 
 import numpy as np
 import sentencepiece as spm
@@ -45,6 +42,7 @@ import data_load
 import quant
 import runs
 from integer import (
+    atomic_files,
     decoding,
     export_format,
     fixed_point,
@@ -157,37 +155,6 @@ def site_table(model: Transformer, arrays: dict[str, np.ndarray]) -> list[dict]:
 # --------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def atomic_directory(out_dir: str) -> Iterator[str]:
-    """Yield a fresh temp directory beside `out_dir`; when the block completes, it replaces
-    `out_dir` (an existing one is moved aside first and deleted after). On any exception the
-    temp directory is removed and `out_dir` is left as it was."""
-    out_dir = os.path.abspath(out_dir)
-    os.makedirs(os.path.dirname(out_dir), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=os.path.dirname(out_dir))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        _replace_directory(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def _replace_directory(new: str, target: str) -> None:
-    if not os.path.exists(target):
-        os.rename(new, target)
-        return
-    old = new + "-old"
-    os.rename(target, old)
-    try:
-        os.rename(new, target)
-    except BaseException:
-        os.rename(old, target)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str, fixed_point.Grid]) -> None:
     """mem/<key>.mem for every integer weight (its site's bits), bias (32 bits) and integer-only
     constant: LayerNorm beta (48 bits) and eps_q (64), the embedding sum's lookup and position
@@ -253,7 +220,7 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
         raise ValueError("export needs a quantized model (--quant ...)")
     arrays = model_arrays(model, max_positions)
     config = model_config(model)
-    with atomic_directory(out_dir) as tmp:
+    with atomic_files.atomic_directory(out_dir) as tmp:
         shutil.copyfile(spm_path, os.path.join(tmp, export_format.SPM))
         np.savez(os.path.join(tmp, export_format.NPZ), **arrays)
         write_mem_files(os.path.join(tmp, export_format.MEM_DIR), arrays, export_format.grids_of(arrays))

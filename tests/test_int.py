@@ -10,6 +10,7 @@ import sys
 import types
 import zipfile
 
+import golden_replay
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -237,26 +238,27 @@ def test_translate_lines_matches_runs_translate(exported, spm_file):
 
 
 def test_dump_vectors(exported, tmp_path):
+    """A matmul-only export's golden vectors: each matmul's integer operands and accumulator in
+    execution order, one unpadded sentence each, replayed from the vectors and the export's arrays
+    alone (tests/golden_replay.py); a weight operand is named, not copied."""
     _, _, out, _ = exported
     engine = loader.load_engine(out)
-    index = golden_vectors.dump_vectors(engine, [[5, 6, 7, 3], [8, 9, 3]], str(tmp_path))
-    vectors = np.load(tmp_path / "vectors.npz")
-    first = index[0]  # the first block's W^K: x @ W + b
+    sentences = [[5, 6, 7, 3], [8, 9, 3]]
+    index = golden_vectors.dump_vectors(engine, sentences, str(tmp_path))
+    assert index["engine"] == "matmul_only" and len(index["sentences"]) == 2
+    blocks = engine.config["num_blocks"]
+    assert golden_replay.replay(str(tmp_path), out) == {"matmul": 2 * (22 * blocks + 1)}
+    ops = index["sentences"][0]["ops"]
     wk = site_names.dense(site_names.attention(site_names.block_names("encoder", 0).self_attention).wk)
-    assert first["matmul"] == site_names.matmul_of(wk.input) and first["x"]["site"] == wk.input
-    assert first["w"] == {"site": wk.weight, "mem": export_format.mem_file_name(wk.weight)}
-    assert os.path.isfile(os.path.join(out, "mem", first["w"]["mem"]))
-    x = vectors[first["x"]["key"]].astype(np.int64)
-    npz = np.load(os.path.join(out, "model.npz"))
-    expected = x @ npz[wk.weight].astype(np.int64) + npz[wk.bias]
-    np.testing.assert_array_equal(vectors[first["acc"]["key"]], expected)
+    first = ops[0]  # the first block's W^K: x @ W + b
+    assert first["name"] == site_names.matmul_of(wk.input) and first["params"]["x_site"] == wk.input
+    assert first["params"]["weight"] == wk.weight and first["params"]["bias"] == wk.bias
+    assert first["inputs"]["x"]["shape"] == [1, 4, engine.d_model] and "w" not in first["inputs"]
     attention = site_names.attention(site_names.block_names("encoder", 0).self_attention)
-    scores = next(e for e in index if e["matmul"] == attention.scores)  # Q K^T: K is an activation
-    assert scores["x"]["site"] == attention.query and scores["w"]["site"] == attention.key
-    mem_path = str(tmp_path / "mem" / f"{scores['w']['key']}.mem")
-    mem = export_format.read_mem(mem_path, scores["w"]["bits"], True)
-    np.testing.assert_array_equal(mem, vectors[scores["w"]["key"]].ravel())
-    assert index[-1]["matmul"] == site_names.OUTPUT_PROJECTION
+    scores = next(op for op in ops if op["name"] == attention.scores)  # Q K^T: K is an activation
+    assert scores["params"]["w_site"] == attention.key and scores["params"]["transpose_w"]
+    assert scores["inputs"]["w"]["bits"] == engine.grids[attention.key].bits
+    assert ops[-1]["name"] == site_names.OUTPUT_PROJECTION
 
 
 @pytest.mark.parametrize("x_signed", [True, False])

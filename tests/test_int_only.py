@@ -10,6 +10,7 @@ import math
 import os
 import shutil
 
+import golden_replay
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -23,6 +24,7 @@ from integer import (
     calibration,
     decoding,
     export_format,
+    golden_vectors,
     intonly_engine,
     kernels,
     loader,
@@ -352,6 +354,43 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     too_long = random_src(small.vocab, 2, 13, seed=3)
     with pytest.raises(ValueError, match="--max_positions"):
         small.forward(too_long, fits)
+
+
+def test_golden_vectors_replay_through_the_kernels_alone(trained, tmp_path):
+    """--dump_vectors: every op of each sentence in execution order, replayed by
+    tests/golden_replay.py from the vectors, the index's params and the export's arrays through
+    integer/kernels.py alone (no engine): each input is its producer's output, each output and
+    kernel intermediate is reproduced, every tensor fits its declared bits and proven bound, the
+    mem files hold the same values, and the argmax is the decoded sentence, unpadded."""
+    model, hp, engine, _, out, _ = trained
+    sentences = [[5, 6, 7, 8, token_ids.EOS], [9, 10, token_ids.EOS]]
+    index = golden_vectors.dump_vectors(engine, sentences, str(tmp_path / "vectors"))
+    counts = golden_replay.replay(str(tmp_path / "vectors"), out)
+    blocks = hp.num_blocks
+    per_sentence = {"embedding_sum": 2, "argmax": 1, "layer_norm": 5 * blocks, "residual": 5 * blocks,
+                    "softmax": 3 * blocks, "relu": 2 * blocks,
+                    "matmul": 22 * blocks + 1}  # encoder 6 attention + 2 FFN, decoder 2 x 6 + 2; logits
+    if engine.grids[site_names.EMBEDDING].f.ndim:
+        per_sentence["align"] = 1  # a threshold per table row: the logits shifted onto one grid
+    assert counts == {kind: n * len(sentences) for kind, n in per_sentence.items()} | {
+        "requantize": counts["requantize"]}
+    for sentence, src in zip(index["sentences"], sentences):
+        assert sentence["src"] == src
+        ops = sentence["ops"]
+        assert [op["call"] for op in ops] == list(range(len(ops)))
+        assert ops[0]["op"] == "embedding_sum" and ops[0]["inputs"]["ids"]["shape"] == [1, len(src)]
+        decoder_ids = next(op for op in ops[1:] if op["op"] == "embedding_sum")["inputs"]["ids"]
+        assert decoder_ids["shape"] == [1, len(sentence["output"])]  # [BOS] + output[:-1]: no padding
+        assert ops[-1]["op"] == "argmax"
+        for op in ops:
+            for item in op["inputs"].values():
+                assert item.get("from") is None or item["from"] < op["call"]
+    softmax = next(op for op in index["sentences"][0]["ops"] if op["op"] == "softmax")
+    assert list(softmax["steps"]) == ["x", "x_F", "z", "L", "e", "S"]
+    norm = next(op for op in index["sentences"][0]["ops"] if op["op"] == "layer_norm")
+    assert list(norm["steps"]) == ["s", "c", "W", "k", "D", "n", "y"]
+    with open(os.path.join(tmp_path, "vectors", "sentence_0", "mem", norm["output"]["key"] + ".mem")) as f:
+        assert f.readline().startswith(f"// {norm['output']['key']} shape ")
 
 
 @pytest.mark.parametrize("trained", ["w8a8"], indirect=True)

@@ -137,8 +137,8 @@ def traced(engine, monkeypatch):
         calls.append((caller, np.dtype(dtype).name, acc.dtype.name, exact))
         return acc
 
-    def emit(name, kind, out, **inputs):
-        return real_emit(name, kind, out, **inputs).view(IntOnly)
+    def emit(name, kind, result, *args, **params):
+        return real_emit(name, kind, result, *args, **params).view(IntOnly)
 
     monkeypatch.setattr(accumulation, "gemm", carrier)
     monkeypatch.setattr(kernels, "_int64", lambda a: real_int64(a).view(IntOnly))

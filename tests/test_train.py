@@ -303,7 +303,9 @@ def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path
     int_result = json.load(open(tmp_path / "int.json"))
     assert int_result["token_agreement"] == 100.0 and int_result["bleu"] == tf_result["bleu"]
     index = json.load(open(tmp_path / "vec" / "index.json"))
-    assert {entry.get("op") for entry in index} >= {"layer_norm", "softmax"}
+    assert len(index["sentences"]) == 2 and index["engine"] == "integer_only"
+    kinds = {op["op"] for op in index["sentences"][0]["ops"]}
+    assert kinds >= {"layer_norm", "softmax", "residual", "argmax"}
 
 
 def test_dev_bleu_is_greedy_unless_dev_beam(monkeypatch, tmp_path):
