@@ -57,7 +57,8 @@ def sentence_pass(engine: IntTransformer, src: list[int]) -> tuple[np.ndarray, l
 
 def matmul_op(engine: IntTransformer, rec: MatmulRecord) -> OpRecord:
     """A matmul-only engine's traced matmul as an op: operands on their sites' grids and the
-    accumulator (bias included) on f_x + f_w with its proven width (K max|x| max|w| + max|bias|)."""
+    accumulator (bias included) on f_x + f_w with its proven width (K max|x| max|w| + max|bias|;
+    K of this pass: the context matmul's grows with the number of keys)."""
     gx, gw = engine.grids[rec.x_site], engine.grids[rec.w_site]
     weight = rec.w_site in engine.ints and rec.w is engine.ints[rec.w_site]
     bias_key = site_names.dense(rec.name).bias if f"{rec.name}/bias" in engine.ints else None
@@ -66,7 +67,8 @@ def matmul_op(engine: IntTransformer, rec: MatmulRecord) -> OpRecord:
     inputs = {"x": rec.x.astype(np.int64)}
     if not weight:
         inputs["w"] = rec.w.astype(np.int64)
-    params = {"x_site": rec.x_site, "w_site": rec.w_site, "weight": rec.w_site if weight else None,
+    params = {"input_formats": {"x": engine.site_format(rec.x_site), "w": engine.site_format(rec.w_site)},
+              "x_site": rec.x_site, "w_site": rec.w_site, "weight": rec.w_site if weight else None,
               "bias": bias_key, "transpose_w": rec.transpose_w,
               "out": {"bits": accumulation.signed_bits(bound), "signed": True,
                       "f": (gx.f + gw.output_f).tolist(), "proven_max_abs": bound}}
@@ -132,9 +134,18 @@ class _Writer:
         np.savez(os.path.join(self.folder, "vectors.npz"), **self.arrays)
 
 
-def describe(ops: list[OpRecord], writer: _Writer) -> list[dict]:
-    """Each op's index entry, its tensors written: inputs (with the call that produced each and the
-    layout), params, output and kernel intermediates."""
+_NOT_PARAMS = ("out", "proven_max_abs", "input_formats")  # formats, given with the tensors
+
+
+def describe(ops: list[OpRecord], writer: _Writer | None = None) -> list[dict]:
+    """Each op's entry: inputs (with the call that produced each and the layout), params, output and
+    kernel intermediates, each with its bits, signedness, f and proven bound; with a writer the
+    tensors are written too and the entries name their keys and shapes (the index), without one
+    the entries are the export's op table (the manifest's `ops`, the data sheet's rows)."""
+
+    def put(key: str, q: np.ndarray, fmt: dict) -> dict:
+        return writer.put(key, q, fmt) if writer else fmt
+
     produced: dict[str, tuple[int, dict, tuple]] = {}  # op name -> (call, output format, shape)
     entries = []
     for call, op in enumerate(ops):
@@ -144,16 +155,16 @@ def describe(ops: list[OpRecord], writer: _Writer) -> list[dict]:
             source = op.sources.get(tag)
             declared = op.params.get("input_formats", {}).get(tag)  # the token ids
             call_from, fmt, shape = produced.get(source, (None, declared, None))
-            item = writer.put(f"{stem}.{tag}", q, tensor_format(np.asarray(q), fmt))
+            item = put(f"{stem}.{tag}", q, tensor_format(np.asarray(q), fmt))
             if source is not None:
                 item.update({"source": source, "from": call_from, "layout": layout(shape, np.shape(q))})
             entry["inputs"][tag] = item
-        params = {k: v for k, v in op.params.items() if k not in ("out", "proven_max_abs", "input_formats")}
-        entry["params"] = params
-        entry["output"] = writer.put(f"{stem}.out", op.output, tensor_format(op.output, op.params.get("out")))
+        entry["params"] = {k: v for k, v in op.params.items() if k not in _NOT_PARAMS}
+        entry["output"] = put(f"{stem}.out", op.output, tensor_format(op.output, op.params.get("out")))
         if op.steps:
-            entry["steps"] = {step: writer.put(f"{stem}.{step}", q, step_format(op, step))
+            entry["steps"] = {step: put(f"{stem}.{step}", q, step_format(op, step))
                               for step, q in op.steps.items()}
+            entry["proven_max_abs"] = op.params["proven_max_abs"]  # the steps' and the division's
         produced[op.name] = (call, op.params.get("out"), np.shape(op.output))
         entries.append(entry)
     return entries
@@ -178,6 +189,12 @@ def dump_vectors(engine: IntTransformer, src_ids: list[list[int]], out_dir: str)
                                        "output": output.tolist(), "ops": entries})
         atomic_files.write_atomic(os.path.join(tmp, INDEX), json.dumps(index, indent=1))
     return index
+
+
+def op_table(engine: IntTransformer, src: list[int]) -> list[dict]:
+    """The export's ops in execution order, as the data sheet lists them: `describe` of one
+    sentence's pass (formats, params, proven bounds; no tensors)."""
+    return describe(sentence_pass(engine, src)[1])
 
 
 def calls(index: dict) -> int:

@@ -78,15 +78,6 @@ class IntOnlyTransformer(IntTransformer):
         """A dict for a kernel's intermediates while tracing, else None (the kernels skip them)."""
         return {} if self.ops is not None else None
 
-    def token_format(self) -> dict:
-        """bits, signed and f of a token id (unsigned, enough bits for the vocabulary)."""
-        return {"bits": max(int(self.vocab - 1).bit_length(), 1), "signed": False, "f": 0}
-
-    def site_format(self, site: str) -> dict:
-        """bits, signed and f of a site's grid, as an op record's `out` names its output."""
-        grid = self.grids[site]
-        return {"bits": grid.bits, "signed": grid.signed, "f": grid.f.tolist()}
-
     def accumulator_format(self, name: str, f, signed: bool = True) -> dict:
         """bits (proven), signedness and f of an accumulator (or a reduction) `name`."""
         bits = accumulation.signed_bits(self._bounds[name]) - (0 if signed else 1)

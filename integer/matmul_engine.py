@@ -75,6 +75,16 @@ class IntTransformer:
                 scale = self._scale(site_names.EMBEDDING).astype(np.float32)
                 self.table = self.ints[site_names.EMBEDDING] * scale
 
+    def token_format(self) -> dict:
+        """bits, signed and f of a token id (unsigned, enough bits for the vocabulary)."""
+        return {"bits": max(int(self.vocab - 1).bit_length(), 1), "signed": False, "f": 0}
+
+    def site_format(self, site: str) -> dict:
+        """bits, signed and f of a site's grid (how golden vectors and the data sheet name a tensor's
+        format)."""
+        grid = self.grids[site]
+        return {"bits": grid.bits, "signed": grid.signed, "f": grid.f.tolist()}
+
     def _scale(self, site: str) -> np.ndarray:
         return np.exp2(-self.grids[site].f.astype(np.float64))
 

@@ -43,11 +43,14 @@ import quant
 import runs
 from integer import (
     atomic_files,
+    datasheet,
     decoding,
     export_format,
     fixed_point,
+    golden_vectors,
     intonly_engine,
     kernels,
+    matmul_engine,
     site_names,
     token_ids,
 )
@@ -179,17 +182,26 @@ def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str
                           comment)
 
 
-def integer_only_sheet(arrays: dict[str, np.ndarray], config: dict, sources: list[np.ndarray]) -> dict:
-    """The manifest's data sheet of an integer-only export, found by running the NumPy engine on
-    the model itself (greedy decoding) over `sources` (token id rows): every edge
-    between two grids (the shift and rounding that requantize it) and, per matmul and reduction,
-    the proven worst-case accumulator beside the largest one observed."""
-    engine = intonly_engine.IntOnlyTransformer(arrays, config)
+def data_sheet(arrays: dict[str, np.ndarray], config: dict, sources: list[list[int]]) -> dict:
+    """The manifest's data sheet, found by running the NumPy engine on the model itself: `ops`,
+    every op of the first source's pass in execution order with its grids, shifts and proven widths
+    (golden_vectors.op_table); integer-only also `edges`, every grid change (shift and rounding),
+    and `accumulators`, per matmul and reduction the proven bound (the design value) beside the
+    largest value observed while greedy-decoding `sources` (token id rows)."""
+    integer_only = config["integer_only"]
+    engine_class = intonly_engine.IntOnlyTransformer if integer_only else matmul_engine.IntTransformer
+    engine = engine_class(arrays, config)
+    sheet = {"ops": golden_vectors.op_table(engine, sources[0])}
+    if not integer_only:
+        return sheet
     engine.observe = True
     for start in range(0, len(sources), 16):
         decoding.greedy(engine, token_ids.pad_batch(sources[start:start + 16]))
-    return {"observed_on": f"{len(sources)} sentences, greedy decoding",
-            "edges": engine.edges(), "accumulators": engine.accumulator_stats()}
+    accumulators = {name: {"proven_max_abs": e["proven_max_abs"], "proven_bits": e["proven_bits"],
+                           "observed_max_abs": e["max_abs"], "observed_bits": e["bits"]}
+                    for name, e in engine.accumulator_stats().items()}
+    return {**sheet, "observed_on": f"greedy decoding of {len(sources)} sentences", "edges": engine.edges(),
+            "accumulators": accumulators}
 
 
 def observed_sources(model: Transformer, hp: argparse.Namespace, spm_path: str,
@@ -212,8 +224,9 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
                  sources: list[list[int]] | None = None, max_positions: int = hparams.DEFAULT_MAX_POSITIONS
                  ) -> dict:
     """Write the export of a quantized `model` into `out_dir` atomically; returns the manifest.
-    Integer-only: `max_positions` rows of positions, and the data sheet (edges, accumulators)
-    observed on `sources` (token ids; default: one short dummy sentence).
+    The data sheet (`data_sheet`; `datasheet.md` renders it) traces the first of `sources` (token
+    ids; default: one short dummy sentence); integer-only: `max_positions` rows of positions, and
+    the edges and accumulators observed on `sources`.
 
     Raises ValueError for a float model (modules.FloatSites)."""
     if not isinstance(model.sites, quant.TQTSites):
@@ -236,10 +249,11 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
                                                       "digits, row-major over the stored shape"},
             "sites": site_table(model, arrays),
         }
-        if config["integer_only"]:
-            manifest.update(integer_only_sheet(arrays, config, sources or [[4, 5, 6]]))
+        manifest.update(data_sheet(arrays, config, sources or [[4, 5, 6, token_ids.EOS]]))
         with open(os.path.join(tmp, export_format.MANIFEST), "w") as f:
             json.dump(manifest, f, indent=1)
+        title = os.path.basename(os.path.abspath(out_dir))
+        datasheet.write(manifest, os.path.join(tmp, datasheet.DATASHEET), title)
     return manifest
 
 

@@ -22,6 +22,7 @@ import runs
 from corpus import demo as demo_corpus
 from integer import (
     calibration,
+    datasheet,
     decoding,
     export_format,
     fixed_point,
@@ -169,6 +170,18 @@ def test_export_round_trip(exported):
     assert "rounding" not in manifest and "quantized" not in manifest
     assert json.load(open(os.path.join(out, "manifest.json"))) == manifest
     assert not [f for f in os.listdir(os.path.dirname(out)) if f.startswith(".")]  # no temp left
+    # the data sheet: the matmuls in execution order (operand grids, bias, proven accumulator width),
+    # after what stays float
+    sheet = open(os.path.join(out, "datasheet.md")).read()
+    assert "## What stays float (matmul-only)" in sheet
+    ops = manifest["ops"]
+    assert [op["op"] for op in ops] == ["matmul"] * (22 * hp.num_blocks + 1)
+    dense1_op = next(op for op in ops if op["name"] == site_names.matmul_of(dense1.input))
+    assert dense1_op["params"]["bias"] == dense1.bias and dense1_op["inputs"]["x"]["f"] == int(
+        grids[dense1.input].f)
+    np.testing.assert_array_equal(dense1_op["output"]["f"], grids[dense1.input].f + grids[dense1.weight].f)
+    row = next(line for line in sheet.splitlines() if f"| `{dense1_op['name']}` |" in line)
+    assert row.endswith(f"| {datasheet.fmt(dense1_op['output'])} |")
 
 
 # ---- layers: identical values in both engines ---------------------------------------------

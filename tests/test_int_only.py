@@ -22,6 +22,7 @@ import runs
 import train
 from integer import (
     calibration,
+    datasheet,
     decoding,
     export_format,
     golden_vectors,
@@ -305,7 +306,7 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     assert manifest["model"]["softmax_constants"] == list(kernels.exp_constants(15, d_k))
     recorded = kernels.intonly_constants(d_k)
     assert {key: manifest["model"][key] for key in recorded} == recorded
-    assert manifest["observed_on"].startswith("6 sentences")
+    assert manifest["observed_on"] == "greedy decoding of 6 sentences"
 
     edges = manifest["edges"]
     assert edges and all({"from", "to", "shift", "rounding"} <= set(e) for e in edges)
@@ -328,8 +329,28 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     for name in norm_prefixes():
         assert {f"{name}/residual_sum", f"{name}/variance"} <= set(accumulators)
     for name, entry in accumulators.items():
-        assert 0 < entry["max_abs"] <= entry["proven_max_abs"], (name, entry)
+        assert 0 < entry["observed_max_abs"] <= entry["proven_max_abs"], (name, entry)
         assert entry["proven_bits"] == int(entry["proven_max_abs"]).bit_length() + 1
+        assert entry["observed_bits"] == int(entry["observed_max_abs"]).bit_length() + 1
+
+    # the data sheet: every op of one pass in execution order, rendered from the manifest
+    ops = manifest["ops"]
+    assert [op["call"] for op in ops] == list(range(len(ops))) and ops[-1]["op"] == "argmax"
+    sheet = open(os.path.join(out, "datasheet.md")).read()
+    order = sheet.split("## Order of operations")[1].split("\n## ")[0]
+    rows = [line for line in order.splitlines() if line.split(" | ")[0][2:].isdigit()]
+    assert len(rows) == len(ops)
+    for row, op in zip(rows, ops):
+        assert row.startswith(f"| {op['call']} | {op['op']} | `{op['name']}` |"), row
+        assert row.endswith(f"| {datasheet.fmt(op['output'])} |"), row
+    first = next(op for op in ops if op["op"] == "requantize")  # the embedding sum onto W^K's input
+    assert first["inputs"]["q"]["source"] == site_names.EMBEDDING_SUM
+    assert first["params"]["shift"] == int(engine.f(site_names.EMBEDDING_SUM) - engine.f(first["name"]))
+    q_ln2, q_b, q_c = manifest["model"]["softmax_constants"]
+    assert f"| 15 | {d_k} | {q_ln2} | {q_b} | {q_c} | half_up | 24 | 16 |" in sheet
+    for name, entry in accumulators.items():
+        assert (f"| `{name}` | {entry['proven_max_abs']} | {entry['proven_bits']} | "
+                f"{entry['observed_max_abs']} | {entry['observed_bits']} |") in sheet
 
     npz = np.load(os.path.join(out, "model.npz"))
     mem = os.path.join(out, "mem")
