@@ -179,6 +179,9 @@ class IntOnlyTransformer(IntTransformer):
         self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
         if self.observe:
             self._observe(f"{prefix}/variance", kernels.layer_norm_moments(r, eps_q)[1], None)
+        # the output shift: from gamma n + beta on f_gamma + F onto the output site
+        out_shift = f_gamma + kernels.LN_F - out_grid.f
+        self._edges[(f"{prefix}/layer_norm", names.output)] = (out_shift, self.rounding)
         steps = self.steps()
         out = kernels.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
                                  out_grid.bits, self.rounding, steps=steps)

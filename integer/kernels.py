@@ -361,7 +361,7 @@ def softmax_bounds(score_max_abs: int, f: int, length: int, out_bits: int, F: in
     S (length exp_max), the division's numerator e << out_bits, and the output."""
     q_ln2 = exp_constants(F, m)[0]
     x_max = 2 * int(score_max_abs)
-    x_f = -int(shift_round(np.int64(max(-x_max, exp_clamp(f, m))), int(f) - F, EXP_ROUNDING))
+    x_f = -int(shift_round(np.array([max(-x_max, exp_clamp(f, m))]), int(f) - F, EXP_ROUNDING)[0])
     top = exp_max(F, m)
     return {"x": x_max, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
             "numerator": top << out_bits, "output": (1 << out_bits) - 1}

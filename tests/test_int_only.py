@@ -322,6 +322,10 @@ def test_integer_only_manifest(trained, spm_file, tmp_path):
     f_skip, f_in = int(engine.f(site_names.EMBEDDING_SUM)), int(engine.f(ln1))
     f_branch = int(engine.f(wo.input) + engine.f(wo.weight))
     assert edge["shift"] == max(f_skip, f_branch) - f_in and edge["rounding"] == hp.rounding
+    ln1_names = site_names.layer_norm(site_names.block_names("encoder", 0).norms[0])
+    (out_edge,) = [e for e in edges if e["to"] == ln1_names.output]  # gamma n + beta onto the output
+    f_gamma, f_out = int(engine.f(ln1_names.gamma)), int(engine.f(ln1_names.output))
+    assert out_edge["shift"] == f_gamma + kernels.LN_F - f_out
 
     accumulators = manifest["accumulators"]
     matmuls = [name for name in accumulators if name.endswith(("/scores", "/context", "/wq", "/dense1"))]
