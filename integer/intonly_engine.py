@@ -53,6 +53,7 @@ class IntOnlyTransformer(IntTransformer):
         self.ops: list[OpRecord] | None = None  # while tracing
         self._edges: dict[tuple[str, str], tuple[object, str]] = {}
         self._bounds: dict[str, int] = {}  # proven max |value| of each matmul and reduction
+        self._kernel_bounds: dict[str, dict[str, int]] = {}  # per LayerNorm and attention: the kernel's
         # the reductions (LayerNorm variance, softmax and residual sums) are observed too; the
         # export's data sheet and eval turn observing on, plain decoding does not pay for it
         self.observe = False
@@ -176,7 +177,11 @@ class IntOnlyTransformer(IntTransformer):
         out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
         beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
         d = r.shape[-1]
-        self._bounds.setdefault(f"{prefix}/variance", d * d * (grid.max_abs ** 2 + int(eps_q)))
+        if prefix not in self._kernel_bounds:  # the proven widths of its intermediates, once
+            self._kernel_bounds[prefix] = kernels.layer_norm_bounds(
+                d, grid.bits, self.grids[names.gamma].max_abs, int(np.abs(beta).max(initial=0)), int(eps_q),
+                out_grid.bits)
+            self._bounds[f"{prefix}/variance"] = self._kernel_bounds[prefix]["W"]
         if self.observe:
             self._observe(f"{prefix}/variance", kernels.layer_norm_moments(r, eps_q)[1], None)
         # the output shift: from gamma n + beta on f_gamma + F onto the output site
@@ -187,12 +192,10 @@ class IntOnlyTransformer(IntTransformer):
                                  out_grid.bits, self.rounding, steps=steps)
         if steps is None:
             return self.emit(names.output, "layer_norm", out, {"input": r})
-        bounds = kernels.layer_norm_bounds(d, grid.bits, self.grids[names.gamma].max_abs,
-                                           int(np.abs(beta).max(initial=0)), int(eps_q), out_grid.bits)
         return self.emit(names.output, "layer_norm", out, {"input": r}, {"input": names.input}, steps,
                          gamma=names.gamma, beta=names.beta, eps_q=f"{prefix}/eps_q", f_gamma=f_gamma,
                          f_in=int(grid.f), K=kernels.LN_K, F=kernels.LN_F, rounding=self.rounding,
-                         out=self.site_format(names.output), proven_max_abs=bounds)
+                         out=self.site_format(names.output), proven_max_abs=self._kernel_bounds[prefix])
 
     def project_kv(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
         """K and V heads on the key/value grids, held in float32 as GEMM operands (exact)."""
@@ -220,22 +223,22 @@ class IntOnlyTransformer(IntTransformer):
         steps = self.steps()
         probs, sums = kernels.softmax_with_sums(scores, f_s, mask, probs_grid.bits, self.rounding,
                                                 m=self.d_k, steps=steps)
-        self._bounds.setdefault(f"{prefix}/softmax_sum",
-                                self.max_positions * kernels.exp_max(kernels.EXP_F, self.d_k))
+        if prefix not in self._kernel_bounds:
+            self._kernel_bounds[prefix] = kernels.softmax_bounds(
+                self._bounds[names.scores], f_s, self.max_positions, probs_grid.bits, m=self.d_k)
+            self._bounds[f"{prefix}/softmax_sum"] = self._kernel_bounds[prefix]["S"]
         if self.observe:
             self._observe(f"{prefix}/softmax_sum", sums, None)
         inputs = {"scores": scores, "visible": np.broadcast_to(True, scores.shape) if mask is None else mask}
         if steps is None:
             probs = self.emit(names.probs, "softmax", probs, inputs)
         else:
-            bounds = kernels.softmax_bounds(self._bounds[names.scores], f_s, self.max_positions,
-                                            probs_grid.bits, m=self.d_k)
             constants = list(kernels.exp_constants(kernels.EXP_F, self.d_k))
             probs = self.emit(names.probs, "softmax", probs, inputs, {"scores": names.scores}, steps, f=f_s,
                               m=self.d_k, F=kernels.EXP_F, constants=constants,
                               clamp=kernels.exp_clamp(f_s, self.d_k), exp_rounding=kernels.EXP_ROUNDING,
                               rounding=self.rounding, out=self.site_format(names.probs),
-                              proven_max_abs=bounds)
+                              proven_max_abs=self._kernel_bounds[prefix])
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
         b, _, lq, _ = heads.shape
         concat = heads.transpose(0, 2, 1, 3).reshape(b, lq, -1)

@@ -160,26 +160,30 @@ def site_table(model: Transformer, arrays: dict[str, np.ndarray]) -> list[dict]:
 
 def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str, fixed_point.Grid]) -> None:
     """mem/<key>.mem for every integer weight (its site's bits), bias (32 bits) and integer-only
-    constant: LayerNorm beta (48 bits) and eps_q (64), the embedding sum's lookup and position
-    tables (its site's bits)."""
+    constant: LayerNorm beta (49 bits) and eps_q (64), the embedding sum's lookup and position
+    tables (its site's bits); each header names the grid f (a bias on f_x + f_w, beta on
+    f_gamma + LN_F, eps_q on 2 f_in)."""
     os.makedirs(mem_dir)
     for key, values in arrays.items():
         table = key.rsplit("/", 1)[0]
         if key in grids:
-            bits, signed = grids[key].bits, grids[key].signed
+            bits, signed, f = grids[key].bits, grids[key].signed, grids[key].f
         elif key.endswith("/bias"):
-            bits, signed = fixed_point.BIAS_BITS, True
+            names = site_names.dense(table)
+            bits, signed, f = fixed_point.BIAS_BITS, True, grids[names.input].f + grids[names.weight].f
         elif key.endswith("/beta") and values.dtype.kind == "i":
             bits, signed = kernels.LN_MAX_ABS_BETA.bit_length(), True
+            f = grids[site_names.layer_norm(table).gamma].f + kernels.LN_F
         elif key.endswith("/eps_q"):
-            bits, signed = 64, True
+            bits, signed, f = 64, True, 2 * grids[site_names.layer_norm(table).input].f
         elif table == site_names.EMBEDDING_SUM and table in grids:
-            bits, signed = grids[table].bits, grids[table].signed
+            bits, signed, f = grids[table].bits, grids[table].signed, grids[table].f
         else:
             continue
-        comment = f"{key} shape {list(values.shape)} int{bits} row-major"
+        grid = f"f {int(f)}" if np.ndim(f) == 0 else "f per channel (manifest sites)"
+        comment = f"{key} shape {list(values.shape)} {'int' if signed else 'uint'}{bits} {grid} row-major"
         export_format.write_mem(os.path.join(mem_dir, export_format.mem_file_name(key)), values, bits, signed,
-                          comment)
+                                comment)
 
 
 def data_sheet(arrays: dict[str, np.ndarray], config: dict, sources: list[list[int]]) -> dict:
