@@ -268,7 +268,8 @@ def eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--export_to", default=None, metavar="DIR",
                    help="with --engine tf: write the (quantized) model's integers here after evaluating")
     p.add_argument("--dump_vectors", type=COUNT, default=0, metavar="N",
-                   help="write every site's integer inputs/outputs for N test sentences to --out")
+                   help="golden vectors: every integer op of the first N sentences' passes, in execution "
+                        "order, to --out (docs/integer_only.md)")
     p.add_argument("--out", default=None, help="folder for --dump_vectors")
     p.add_argument("--agree_with", default=None, metavar="HYP_FILE",
                    help="report the %% of sentences whose output equals these hypotheses")
