@@ -40,8 +40,8 @@ def _params(op: dict) -> str:
     if kind == "requantize":
         return f"shift right {_shift(p['shift'])}, {p['rounding']}, clip"
     if kind == "residual":
-        return (f"sum = x << {_shift(p['x_shift'])} + a << {_shift(p['a_shift'])}, exact, {fmt(p['sum'])}; "
-                f"shift right {_shift(p['shift'])}, {p['rounding']}, clip")
+        total = f"(x << {_shift(p['x_shift'])}) + (a << {_shift(p['a_shift'])})"
+        return f"sum = {total}, exact, {fmt(p['sum'])}; then " + _params({**op, "op": "requantize"})
     if kind == "matmul":
         w = f"`{p['weight']}`" if p["weight"] else "the activation w"
         return f"x @ {w}{'^T' if p['transpose_w'] else ''}" + (f" + `{p['bias']}`" if p["bias"] else "")
@@ -57,19 +57,19 @@ def _params(op: dict) -> str:
     if kind == "relu":
         return "max(acc, 0)"
     if kind == "align":
-        return f"shift left {_shift([-s for s in np.ravel(p['shift'])])} (per table row)"
+        return f"shift left {_shift([-s for s in np.ravel(p['shift'])])}"
     return "first maximum" if kind == "argmax" else ""
 
 
 def _shift(shift) -> str:
     flat = np.ravel(shift)
-    return str(int(flat[0])) if len(set(flat.tolist())) == 1 else f"{flat.min()}..{flat.max()} (per channel)"
+    return str(int(flat[0])) if len(set(flat.tolist())) == 1 else f"{flat.min()}..{flat.max()} (a vector)"
 
 
 def _reads(op: dict) -> str:
     parts = []
     for tag, item in op["inputs"].items():
-        where = f"#{item['from']}" if item.get("from") is not None else "input"
+        where = f"#{item['from']}" if item.get("from") is not None else "pass input"
         layout = f", {item['layout']}" if item.get("layout") else ""
         parts.append(f"{tag}: {where}{layout}, {fmt(item)}")
     return "; ".join(parts)
@@ -84,7 +84,9 @@ def render(manifest: dict, title: str = "export") -> str:
              "Generated from `manifest.json` by `integer/datasheet.py`; the algorithms of each op are in "
              "docs/integer_only.md. An integer q on grid f stands for q 2^-f; `intN`/`uintN` are N-bit "
              "two's-complement / unsigned words; `(<= M)` is the proven bound on |value| (the design "
-             "value).", "",
+             "value); `f a..b` a grid that is a vector (per output channel or per table row: min..max, "
+             "each in the manifest's site table); `#n` the op that produced an input, `pass input` the "
+             "token ids or the mask.", "",
              f"- kind: {'integer-only' if integer_only else 'matmul-only'}, format version "
              f"{manifest['format_version']}, rounding R = `{model['rounding']}`",
              f"- d_model {d_model}, {heads} heads of d_k {d_model // heads}, {model['num_blocks']} encoder "

@@ -123,7 +123,7 @@ class _Writer:
     def put(self, key: str, q: np.ndarray, fmt: dict) -> dict:
         q = np.asarray(q)
         self.arrays[key] = q.astype(np.uint8) if q.dtype == np.bool_ else q.astype(np.int64)
-        f = fmt["f"] if np.ndim(fmt["f"]) == 0 else "per channel (index.json)"
+        f = "none" if fmt["f"] is None else fmt["f"] if np.ndim(fmt["f"]) == 0 else "vector"
         kind = f"{'int' if fmt['signed'] else 'uint'}{fmt['bits']}"
         header = f"{key} shape {list(q.shape)} {kind} f {f} row-major"
         path = os.path.join(self.folder, export_format.MEM_DIR, key + ".mem")

@@ -264,11 +264,12 @@ class IntOnlyTransformer(IntTransformer):
         if f_e.ndim == 0:
             return acc
         shift = f_e.max() - f_e
+        self._edges[(site_names.OUTPUT_PROJECTION, site_names.LOGITS)] = (-shift, self.rounding)  # exact
+        bound = self._bounds[site_names.OUTPUT_PROJECTION] << int(shift.max())
         return self.emit(site_names.LOGITS, "align", acc.astype(np.int64) << shift, {"acc": acc},
                          {"acc": site_names.OUTPUT_PROJECTION}, shift=(-shift).tolist(),
-                         out={"bits": accumulation.signed_bits(self._bounds[site_names.OUTPUT_PROJECTION]
-                                                               << int(shift.max())),
-                              "signed": True, "f": self.logit_frac_bits})
+                         out={"bits": accumulation.signed_bits(bound), "signed": True,
+                              "f": self.logit_frac_bits, "proven_max_abs": bound})
 
     @property
     def logit_frac_bits(self) -> int:

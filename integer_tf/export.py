@@ -180,7 +180,7 @@ def write_mem_files(mem_dir: str, arrays: dict[str, np.ndarray], grids: dict[str
             bits, signed, f = grids[table].bits, grids[table].signed, grids[table].f
         else:
             continue
-        grid = f"f {int(f)}" if np.ndim(f) == 0 else "f per channel (manifest sites)"
+        grid = f"f {int(f)}" if np.ndim(f) == 0 else "f vector"
         comment = f"{key} shape {list(values.shape)} {'int' if signed else 'uint'}{bits} {grid} row-major"
         export_format.write_mem(os.path.join(mem_dir, export_format.mem_file_name(key)), values, bits, signed,
                                 comment)
