@@ -92,6 +92,10 @@ def check_request(hp: argparse.Namespace) -> None:
         runs.resolve_checkpoint(hp.logdir, hp.checkpoint)
     if hp.dump_vectors and not hp.out:
         raise ValueError("--dump_vectors needs --out DIR")
+    if hp.dump_vectors:
+        atomic_files.check_replaceable(hp.out, golden_vectors.INDEX, "--out")
+    if hp.export_to:
+        atomic_files.check_replaceable(hp.export_to, export_format.MANIFEST, "--export_to")
     if hp.ref and not hp.src:
         raise ValueError("--ref needs --src (the German side of the references)")
     for flag in ("src", "ref", "agree_with"):

@@ -1,4 +1,5 @@
-"""Atomic file writes: a reader never sees half a file, and an interrupted write loses nothing."""
+"""Atomic writes of files and folders: a reader never sees half of one, and an interrupted write
+loses nothing."""
 
 from __future__ import annotations
 
@@ -29,6 +30,17 @@ def write_atomic(path: str, data: bytes | str) -> None:
         except FileNotFoundError:
             pass
         raise
+
+
+def check_replaceable(out_dir: str, marker: str, flag: str) -> None:
+    """ValueError unless `out_dir` is new, empty, or a folder this program wrote (it holds `marker`,
+    e.g. an export's manifest.json): atomic_directory replaces the whole folder, so a mistyped
+    --out must never name a run or a home folder."""
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not os.path.isfile(os.path.join(out_dir, marker)):
+        raise ValueError(f"{flag} {out_dir}: a folder with other files (no {marker}); it would be replaced "
+                         f"whole: name a new folder")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise ValueError(f"{flag} {out_dir}: a file, not a folder")
 
 
 @contextlib.contextmanager

@@ -268,6 +268,7 @@ def export_model(model: Transformer, hp: argparse.Namespace, spm_path: str, out_
 
 def main(argv: list[str]) -> None:
     args = hparams.export_parser().parse_args(argv)
+    atomic_files.check_replaceable(args.out, export_format.MANIFEST, "--out")
     model, hp, spm_path = runs.load_quantized(args.logdir, args.checkpoint)
     sources = observed_sources(model, hp, spm_path, args.observe_sentences)
     manifest = export_model(model, hp, spm_path, args.out, sources, args.max_positions)

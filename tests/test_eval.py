@@ -15,6 +15,7 @@ import data_load
 import hparams
 import runs
 from integer import (
+    atomic_files,
     decoding,
     export_format,
     loader,
@@ -89,6 +90,31 @@ def test_eval_export_with_the_tf_engine_is_an_error(qat_runs, corpus, tmp_path, 
         assert exit_.value.code == 1 and captured.err.strip().splitlines() == [message], captured.err
         assert "BLEU" not in captured.out
     assert not os.path.exists(target) and not os.path.exists(tmp_path / "hyp.txt")
+
+
+def test_an_out_folder_with_other_files_is_never_replaced(qat_runs, corpus, tmp_path, capsys):
+    """--export_to, --dump_vectors' --out and integer_tf.export's --out replace a whole folder: one
+    naming a folder that holds other files (a run, a home folder) is a one-line error before any
+    work, and the folder is untouched; an earlier export or vectors folder is replaced."""
+    precious = tmp_path / "precious"
+    precious.mkdir()
+    (precious / "notes.txt").write_text("mine")
+    base = ["--logdir", qat_runs["w8a8"], "--src", corpus["dev"][0], "--ref", corpus["dev"][1]]
+    exported = os.path.join(qat_runs["w8a8"], "export")  # train.py wrote it
+    for main, argv, flag in [(eval_main, [*base, "--export_to", str(precious)], "--export_to"),
+                             (eval_main, ["--engine", "int", "--export", exported, "--dump_vectors", "1",
+                                          "--out", str(precious), *base[2:]], "--out"),
+                             (export.main, ["--logdir", qat_runs["w8a8"], "--out", str(precious)], "--out")]:
+        with pytest.raises(SystemExit) as exit_:
+            hparams.run_cli(main, argv)
+        err = capsys.readouterr().err.strip()
+        marker = "index.json" if "--dump_vectors" in argv else "manifest.json"
+        assert exit_.value.code == 1, err
+        assert err == (f"error: {flag} {precious}: a folder with other files (no {marker}); it would be "
+                       "replaced whole: name a new folder"), err
+        assert os.listdir(precious) == ["notes.txt"]
+    atomic_files.check_replaceable(str(tmp_path / "new"), "manifest.json", "--out")  # new, or empty: fine
+    atomic_files.check_replaceable(str(precious), "notes.txt", "--out")  # a folder it wrote: replaced
 
 
 # ---- eval.py as a user runs it --------------------------------------------------------------------
