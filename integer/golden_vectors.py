@@ -1,9 +1,9 @@
 """Golden vectors for RTL test benches: every integer of a sentence's forward pass, in execution order.
 
-For each source sentence (alone: nothing is padded) the engine greedy-decodes it, then runs the
-teacher-forced forward over [BOS] + its output up to and including EOS, which computes exactly the
-integers of the cached decoding steps (row by row), and records every op (the format:
-docs/integer_only.md, "Golden vectors"):
+For each source sentence (alone: nothing is padded) the engine greedy-decodes it (up to and including
+EOS), then runs the teacher-forced forward with the decoder reading [BOS] + output[:-1], which
+computes exactly the integers of the cached decoding steps (row by row), and records every op (the
+format: docs/integer_only.md, "Golden vectors"):
 
     <out>/index.json                 the export it came from, and per sentence its source, its
                                      output and its ops in execution order
@@ -14,7 +14,7 @@ docs/integer_only.md, "Golden vectors"):
 Integer-only exports: every op between the ids and the argmax (embedding sum, requantizing edges,
 matmuls with their operands and accumulators, ReLU, residual adds, LayerNorm and softmax with their
 intermediates and the key mask, the argmax). Matmul-only exports: every matmul's integer operands
-and accumulator (the steps between them are float32: docs/integer_only.md, "Order of operations").
+and accumulator (the steps between them are float32: docs/integer_only.md, "The matmul-only export").
 """
 
 from __future__ import annotations
@@ -85,14 +85,12 @@ def layout(source_shape: tuple, shape: tuple) -> str | None:
     return None
 
 
-def tensor_format(q: np.ndarray, fmt: dict | None) -> dict:
-    """bits, signed, f of a stored tensor: its declared format, else (ids, masks) the narrowest
-    that holds it."""
-    if fmt is not None:
-        return {k: fmt[k] for k in ("bits", "signed", "f", "proven_max_abs") if k in fmt}
-    if q.dtype == np.bool_:
+def tensor_format(fmt: dict | None) -> dict:
+    """bits, signed, f (and the proven bound) of a stored tensor: its declared format; None only
+    for the softmax's bool mask, the one input without a producer or a declared format."""
+    if fmt is None:
         return {"bits": 1, "signed": False, "f": 0}
-    return {"bits": accumulation.signed_bits(int(np.abs(q).max(initial=0))), "signed": True, "f": 0}
+    return {k: fmt[k] for k in ("bits", "signed", "f", "proven_max_abs") if k in fmt}
 
 
 STEP_FORMATS = {  # the kernels' intermediates: signedness and grid (None: not a power-of-two grid)
@@ -155,12 +153,12 @@ def describe(ops: list[OpRecord], writer: _Writer | None = None) -> list[dict]:
             source = op.sources.get(tag)
             declared = op.params.get("input_formats", {}).get(tag)  # the token ids
             call_from, fmt, shape = produced.get(source, (None, declared, None))
-            item = put(f"{stem}.{tag}", q, tensor_format(np.asarray(q), fmt))
+            item = put(f"{stem}.{tag}", q, tensor_format(fmt))
             if source is not None:
                 item.update({"source": source, "from": call_from, "layout": layout(shape, np.shape(q))})
             entry["inputs"][tag] = item
         entry["params"] = {k: v for k, v in op.params.items() if k not in _NOT_PARAMS}
-        entry["output"] = put(f"{stem}.out", op.output, tensor_format(op.output, op.params.get("out")))
+        entry["output"] = put(f"{stem}.out", op.output, tensor_format(op.params.get("out")))
         if op.steps:
             entry["steps"] = {step: put(f"{stem}.{step}", q, step_format(op, step))
                               for step, q in op.steps.items()}
