@@ -4,7 +4,11 @@ the bounds that are tight are reached."""
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
+
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -113,3 +117,54 @@ def test_softmax_steps_are_the_documented_ones():
     np.testing.assert_array_equal(probs, np.minimum(((e << out_bits) // np.maximum(expected["S"], 1)),
                                                     (1 << out_bits) - 1))
     assert not probs[1].any() and steps["S"][1, 0] == 0
+
+
+# ---- the bounds are the documented formulas (docs/integer_only.md, "Widths") ------------------------
+
+
+def _ceil_sqrt_times(n: int, scale: Fraction) -> int:
+    """floor(sqrt(n) * scale) by exact rationals: the largest r with r^2 <= n scale^2."""
+    target = n * scale * scale
+    r = math.isqrt(math.floor(target))
+    while (r + 1) ** 2 <= target:
+        r += 1
+    return r
+
+
+@pytest.mark.parametrize("d,in_bits,gamma,beta,eps_q,out_bits,K,F", [
+    (512, 16, 1 << 15, 0, 0, 16, 24, 16), (128, 16, 1 << 14, 12345, 7, 12, 24, 16),
+    (1, 8, 3, 2, 1 << 32, 8, 24, 16), (4096, 16, 1 << 15, (1 << 48) - 1, 1 << 32, 16, 24, 16),
+    (300, 12, 100, 5, 0, 10, 2, 0)])
+def test_layer_norm_bounds_are_the_documented_formulas(d, in_bits, gamma, beta, eps_q, out_bits, K, F):
+    bounds = kernels.layer_norm_bounds(d, in_bits, gamma, beta, eps_q, out_bits, K, F)
+    w = d * d * (2 ** (2 * in_bits - 2) + eps_q)
+    k_min = (2 * K - w.bit_length()) // 2
+    c = (d - 1) * (2**in_bits - 1)
+    numerator = _ceil_sqrt_times(d - 1, Fraction(2 ** (K + F))) + 1
+    n = _ceil_sqrt_times(d - 1, Fraction(2**F) * (1 + Fraction(2, 2**K))) + 2
+    assert bounds == {"s": d * 2 ** (in_bits - 1), "c": c, "W": w, "k": max(K, -k_min), "D": 2**K - 1,
+                      "numerator": max(numerator, c) if k_min + F < 0 else numerator, "n": n,
+                      "y": gamma * n + beta, "output": 2 ** (out_bits - 1)}
+
+
+@pytest.mark.parametrize("score,f,length,out_bits,m", [
+    (1 << 20, 8, 512, 8, 64), (1 << 20, 16, 512, 8, 64), (1000, 20, 7, 4, 1), (1 << 30, -3, 100, 16, 2),
+    (5, 30, 1, 2, 1000)])
+def test_softmax_bounds_are_the_documented_formulas(score, f, length, out_bits, m):
+    bounds = kernels.softmax_bounds(score, f, length, out_bits, m=m)
+    clamped = min(2 * score, 2 ** max(6 + m.bit_length() // 2 + f, 0))  # |x| after the clamp, on grid f
+    x_f = clamped * 2 ** (15 - f) if f <= 15 else math.ceil(Fraction(clamped, 2 ** (f - 15)) - Fraction(1, 2))
+    q_ln2, q_b, q_c = kernels.exp_constants(15, m)
+    top = q_b * q_b + q_c
+    assert bounds == {"x": 2 * score, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
+                      "numerator": top * 2**out_bits, "output": 2**out_bits - 1}
+    default_m = kernels.softmax_bounds(score, f, length, out_bits)
+    assert default_m == kernels.softmax_bounds(score, f, length, out_bits, m=1)
+
+
+def test_exp_clamp_and_eps_q_edges():
+    assert kernels.exp_clamp(3) == -(1 << 9) and kernels.exp_clamp(3, 16) == -(1 << 11)
+    assert kernels.exp_clamp(-6) == -1 and kernels.exp_clamp(-20, 4) == -1  # value >= -2^-f: one unit
+    for eps in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=r"^the LayerNorm eps must be finite, got (inf|nan)$"):
+            kernels.layer_norm_eps_q(eps, 10)
