@@ -10,7 +10,7 @@ stays below 2^24 integer units; the engine accumulates exactly (integer/matmul_e
 baseline-size FFN's second layer (K = 2048, unsigned 8-bit x signed 8-bit) may reach 66.8M in
 the worst case. On the first --n sentences (default: the run's test set) this measures
 
-  * site by site (scripts/compare_engines.py's site_differences, teacher-forced over the
+  * site by site (integer_tf/compare.py's site_differences, teacher-forced over the
     references, --compare_n sentences in batches of --batch): the matmul calls whose actual
     bound max(|x| @ |w|) reaches 2^24, the operands whose integers differ between TF and the
     engine (and by how much), the logits, and per matmul the largest actual bound beside the
@@ -48,8 +48,8 @@ import hparams  # noqa: E402
 import runs  # noqa: E402
 from integer import accumulation, decoding, export_format, loader, token_ids  # noqa: E402
 from integer.matmul_engine import IntTransformer, MatmulRecord  # noqa: E402
+from integer_tf.compare import first_test_batch, site_differences  # noqa: E402
 from model import Transformer  # noqa: E402
-from scripts.compare_engines import first_test_batch, site_differences  # noqa: E402
 
 EXACT = accumulation.FLOAT32_EXACT
 
@@ -132,7 +132,8 @@ def compare_sites(model: Transformer, engine: IntTransformer, src_all: np.ndarra
                 first = {"sentence_batch_start": start, **{k: r[k] for k in ("site", "call", "matmul",
                                                                               "max_diff", "n_diff")}}
         real = tgt_in != token_ids.PAD
-        logit_max_diff = max(logit_max_diff, float(np.abs(tf_logits - int_logits)[real].max()))
+        values = engine.logit_values(int_logits)  # integer-only: integers on the logits' grid
+        logit_max_diff = max(logit_max_diff, float(np.abs(tf_logits - values)[real].max()))
         argmax_same += int((tf_logits.argmax(-1) == int_logits.argmax(-1))[real].sum())
         positions += int(real.sum())
     over = {name: b for name, b in bounds.items() if b["worst_case_bound"] >= EXACT}
@@ -231,6 +232,7 @@ def main(argv: list[str]) -> None:
     p.add_argument("--batch", type=hparams.POSITIVE, default=16,
                    help="sentences per teacher-forced comparison batch (TF records every site's integers)")
     p.add_argument("--out", default=os.path.join("bench", "engine", "full_size_w8a8.json"))
+    p.add_argument("--machine_note", default="", help="recorded beside the CPU (e.g. other jobs running)")
     args = p.parse_args(argv)
     if bool(args.src) != bool(args.ref):
         raise ValueError("--src and --ref go together")
@@ -271,8 +273,9 @@ def main(argv: list[str]) -> None:
     widest = max(engine.accumulator_stats().items(), key=lambda kv: kv[1]["bits"])
     result = {
         "command": command,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "gpu": "none",
-                    "note": "shared with another job (a test suite) part of the time"},
+        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+                    "gpus": len(tf.config.list_physical_devices("GPU")),
+                    **({"note": args.machine_note} if args.machine_note else {})},
         "model": {"d_model": hp.d_model, "d_ff": hp.d_ff, "num_blocks": hp.num_blocks,
                   "num_heads": hp.num_heads, "vocab": sp.get_piece_size(), "parameters": params,
                   "quant": hp.quant, "integer_only": bool(hp.integer_only),

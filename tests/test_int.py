@@ -33,9 +33,9 @@ from integer import (
     token_ids,
 )
 from integer_tf import export
+from integer_tf.compare import site_differences
 from model import Transformer
 from modules import Dense, MultiHeadAttention, padding_bias
-from scripts.compare_engines import site_differences
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
