@@ -94,6 +94,8 @@ class IntOnlyTransformer(IntTransformer):
         shift = np.asarray(f_from) - grid.f
         self._edges[(source, site)] = (shift, self.rounding)
         out = kernels.requantize(q, shift, grid.bits, grid.signed, self.rounding)
+        if self.ops is None:  # decoding: no record to describe
+            return self.emit(site, "requantize", out)
         return self.emit(site, "requantize", out, {"q": q}, {"q": source}, shift=shift.tolist(),
                          rounding=self.rounding, out=self.site_format(site))
 
@@ -145,6 +147,8 @@ class IntOnlyTransformer(IntTransformer):
         total = self.int64[f"{site_names.EMBEDDING_SUM}/lookup"][ids] + positions[offset:end]
         grid = self.grids[site_names.EMBEDDING_SUM]
         total = kernels.clip_to(total, grid.bits, grid.signed)
+        if self.ops is None:
+            return self.emit(site_names.EMBEDDING_SUM, "embedding_sum", total)
         return self.emit(site_names.EMBEDDING_SUM, "embedding_sum", total, {"ids": ids}, offset=offset,
                          input_formats={"ids": self.token_format()},
                          lookup=f"{site_names.EMBEDDING_SUM}/lookup",
@@ -170,10 +174,14 @@ class IntOnlyTransformer(IntTransformer):
         self._edges[(x_source, names.input)] = (f_x - grid.f, self.rounding)
         self._edges[(a_source, names.input)] = (np.asarray(f_a) - grid.f, self.rounding)
         r = kernels.requantize(total, g - grid.f, grid.bits, grid.signed, self.rounding)
-        r = self.emit(names.input, "residual", r, {"x": x, "a": a}, {"x": x_source, "a": a_source},
-                      x_shift=(g - f_x).tolist(), a_shift=(g - np.asarray(f_a)).tolist(),
-                      shift=(g - grid.f).tolist(), rounding=self.rounding, out=self.site_format(names.input),
-                      sum=self.accumulator_format(f"{prefix}/residual_sum", g))
+        if self.ops is None:
+            r = self.emit(names.input, "residual", r)
+        else:
+            r = self.emit(names.input, "residual", r, {"x": x, "a": a}, {"x": x_source, "a": a_source},
+                          x_shift=(g - f_x).tolist(), a_shift=(g - np.asarray(f_a)).tolist(),
+                          shift=(g - grid.f).tolist(), rounding=self.rounding,
+                          out=self.site_format(names.input),
+                          sum=self.accumulator_format(f"{prefix}/residual_sum", g))
         out_grid, f_gamma = self.grids[names.output], int(self.f(names.gamma))
         beta, eps_q = self.int64[names.beta], self.int64[f"{prefix}/eps_q"]
         d = r.shape[-1]
