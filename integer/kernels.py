@@ -99,10 +99,11 @@ def _shift_by(q: np.ndarray, k: int, rounding: str) -> np.ndarray:
         return np.left_shift(q, -k)
     if rounding == "floor":
         return np.right_shift(q, k)
+    out = np.empty_like(q)  # an array also for a 0-d q (a ufunc without out= gives a scalar there)
     if rounding == "half_up":
-        out = q + (1 << (k - 1))
+        np.add(q, 1 << (k - 1), out=out)
     else:  # in place: one temporary instead of four (these are the engine's most frequent passes)
-        out = np.right_shift(q, k)
+        np.right_shift(q, k, out=out)
         np.bitwise_and(out, 1, out=out)  # a tie rounds up only from an odd floor
         out += q
         out += (1 << (k - 1)) - 1
@@ -361,7 +362,7 @@ def softmax_bounds(score_max_abs: int, f: int, length: int, out_bits: int, F: in
     S (length exp_max), the division's numerator e << out_bits, and the output."""
     q_ln2 = exp_constants(F, m)[0]
     x_max = 2 * int(score_max_abs)
-    x_f = -int(shift_round(np.array([max(-x_max, exp_clamp(f, m))]), int(f) - F, EXP_ROUNDING)[0])
+    x_f = -int(shift_round(max(-x_max, exp_clamp(f, m)), int(f) - F, EXP_ROUNDING))
     top = exp_max(F, m)
     return {"x": x_max, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
             "numerator": top << out_bits, "output": (1 << out_bits) - 1}

@@ -496,3 +496,13 @@ def test_layer_norm_of_no_rows_is_no_rows():
     out = kernels.layer_norm(np.zeros((0, 4), np.int64), np.ones(4, np.int64), np.zeros(4, np.int64), 0, 0, 0,
                              8, "half_even")
     assert out.shape == (0, 4) and out.dtype == np.int64
+
+
+def test_shift_round_of_a_scalar_is_that_of_a_one_element_array():
+    """A 0-d q (a Python int or a NumPy scalar) goes through the same in-place shift as an array."""
+    for rounding in ("floor", "half_up", "half_even"):
+        for q in (-6, -5, 5, 6, 7, -(1 << 40) - 3):
+            for k in (-3, 0, 1, 2, 5):
+                expected = kernels.shift_round(np.array([q]), k, rounding)[0]
+                assert kernels.shift_round(q, k, rounding) == expected, (rounding, q, k)
+                assert kernels.shift_round(np.int64(q), k, rounding) == expected, (rounding, q, k)
