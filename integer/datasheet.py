@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from integer import kernels
+
 DATASHEET = "datasheet.md"
 
 # What a matmul-only export computes in float32 before each matmul's x operand (by the matmul's
@@ -98,8 +100,8 @@ def render(manifest: dict, title: str = "export") -> str:
         lines += ["## Kernel constants", "",
                   "| softmax F | m = d_k | q_ln2 | q_b | q_c | shift onto F | LayerNorm K | LayerNorm F |",
                   "|---|---|---|---|---|---|---|---|",
-                  f"| {model['softmax_F']} | {model['softmax_m']} | {q_ln2} | {q_b} | {q_c} | half_up | "
-                  f"{model['layer_norm_K']} | {model['layer_norm_F']} |", ""]
+                  f"| {model['softmax_F']} | {model['softmax_m']} | {q_ln2} | {q_b} | {q_c} | "
+                  f"{kernels.EXP_ROUNDING} | {model['layer_norm_K']} | {model['layer_norm_F']} |", ""]
     else:
         lines += _float_steps()
     lines += ["## Order of operations", "",
@@ -107,11 +109,11 @@ def render(manifest: dict, title: str = "export") -> str:
     for op in ops:
         lines.append(f"| {op['call']} | {op['op']} | `{op['name']}` | {_reads(op)} | {_params(op)} | "
                      f"{fmt(op['output'])} |")
-    kernels = [op for op in ops if op.get("steps")]
-    if kernels:
+    traced = [op for op in ops if op.get("steps")]  # LayerNorms and softmaxes
+    if traced:
         lines += ["", "## Kernel intermediates (proven widths)", ""]
         for kind in ("layer_norm", "softmax"):
-            rows = [op for op in kernels if op["op"] == kind]
+            rows = [op for op in traced if op["op"] == kind]
             if not rows:
                 continue
             steps = list(rows[0]["proven_max_abs"])

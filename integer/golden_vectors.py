@@ -61,7 +61,8 @@ def matmul_op(engine: IntTransformer, rec: MatmulRecord) -> OpRecord:
     K of this pass: the context matmul's grows with the number of keys)."""
     gx, gw = engine.grids[rec.x_site], engine.grids[rec.w_site]
     weight = rec.w_site in engine.ints and rec.w is engine.ints[rec.w_site]
-    bias_key = site_names.dense(rec.name).bias if f"{rec.name}/bias" in engine.ints else None
+    bias_key = site_names.dense(rec.name).bias
+    bias_key = bias_key if bias_key in engine.ints else None
     bias = 0 if bias_key is None else int(np.abs(engine.ints[bias_key].astype(np.int64)).max(initial=0))
     bound = accumulation.accumulator_bound(rec.x.shape[-1], gx, gw) + bias
     inputs = {"x": rec.x.astype(np.int64)}
@@ -93,11 +94,21 @@ def tensor_format(fmt: dict | None) -> dict:
     return {k: fmt[k] for k in ("bits", "signed", "f", "proven_max_abs") if k in fmt}
 
 
-STEP_FORMATS = {  # the kernels' intermediates: signedness and grid (None: not a power-of-two grid)
-    "layer_norm": {"s": (True, "f_in"), "c": (True, "f_in"), "W": (False, "2 f_in"), "k": (True, 0),
-                   "D": (False, None), "n": (True, "F"), "y": (True, "f_gamma + F")},
-    "softmax": {"x": (True, "f"), "x_F": (True, "F"), "z": (False, 0), "L": (False, None),
-                "e": (False, None), "S": (False, None)},
+def _no_grid(_: dict) -> None:
+    return None  # a value not on a power-of-two grid
+
+
+def _integer(_: dict) -> int:
+    return 0
+
+
+# the kernels' intermediates: signedness and grid f, a function of the op's params
+STEP_FORMATS = {
+    "layer_norm": {"s": (True, lambda p: p["f_in"]), "c": (True, lambda p: p["f_in"]),
+                   "W": (False, lambda p: 2 * p["f_in"]), "k": (True, _integer), "D": (False, _no_grid),
+                   "n": (True, lambda p: p["F"]), "y": (True, lambda p: p["f_gamma"] + p["F"])},
+    "softmax": {"x": (True, lambda p: p["f"]), "x_F": (True, lambda p: p["F"]), "z": (False, _integer),
+                "L": (False, _no_grid), "e": (False, _no_grid), "S": (False, _no_grid)},
 }
 
 
@@ -106,9 +117,7 @@ def step_format(op: OpRecord, step: str) -> dict:
     signed, grid = STEP_FORMATS[op.kind][step]
     bound = op.params["proven_max_abs"][step]
     bits = accumulation.signed_bits(bound) - (0 if signed else 1)
-    values = {"f_in": op.params.get("f_in"), "2 f_in": 2 * op.params.get("f_in", 0), "F": op.params.get("F"),
-              "f_gamma + F": op.params.get("f_gamma", 0) + op.params.get("F", 0), "f": op.params.get("f")}
-    return {"bits": bits, "signed": signed, "f": values.get(grid, grid), "proven_max_abs": bound}
+    return {"bits": bits, "signed": signed, "f": grid(op.params), "proven_max_abs": bound}
 
 
 class _Writer:

@@ -273,8 +273,11 @@ class IntOnlyTransformer(IntTransformer):
             return acc
         shift = f_e.max() - f_e
         self._edges[(site_names.OUTPUT_PROJECTION, site_names.LOGITS)] = (-shift, self.rounding)  # exact
+        aligned = acc.astype(np.int64) << shift
+        if self.ops is None:
+            return self.emit(site_names.LOGITS, "align", aligned)
         bound = self._bounds[site_names.OUTPUT_PROJECTION] << int(shift.max())
-        return self.emit(site_names.LOGITS, "align", acc.astype(np.int64) << shift, {"acc": acc},
+        return self.emit(site_names.LOGITS, "align", aligned, {"acc": acc},
                          {"acc": site_names.OUTPUT_PROJECTION}, shift=(-shift).tolist(),
                          out={"bits": accumulation.signed_bits(bound), "signed": True,
                               "f": self.logit_frac_bits, "proven_max_abs": bound})
