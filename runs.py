@@ -13,6 +13,7 @@ import argparse
 import importlib.metadata
 import json
 import os
+import platform
 import shutil
 import sys
 from collections.abc import Callable
@@ -66,6 +67,24 @@ def setup_devices(require_gpu: bool) -> str:
     names = [tf.config.experimental.get_device_details(g).get("device_name", g.name) for g in gpus]
     return (f"devices: {len(gpus)} GPU ({', '.join(names)}), memory growth on; {build}" if gpus else
             f"devices: CPU only ({build})")
+
+
+def cpu_name() -> str:
+    """The CPU's model name and its widest vector units: the step-time ratios depend on them
+    (matmuls gain from AVX-512 and AMX, the memory-bound quantizer passes do not)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+    except OSError:
+        return platform.processor() or "unknown"
+    fields: dict[str, str] = {}  # the first core's "key : value" lines
+    for line in info.splitlines():
+        key, colon, value = line.partition(":")
+        if colon:
+            fields.setdefault(key.strip(), value.strip())
+    flags = set(fields.get("flags", "").split())
+    units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
+    return f"{fields.get('model name', 'unknown')} ({', '.join(units) or 'no AVX2'})"
 
 
 def _installed(distribution: str) -> bool:

@@ -20,7 +20,7 @@ the worst case. On the first --n sentences (default: the run's test set) this me
     over the longer output of each pair).
 
 Works for matmul-only and integer-only (--integer_only) runs alike. Writes JSON with relative
-paths only, the command as typed, the CPU (lscpu's model name) and the wall times.
+paths only, the command as typed, the CPU (runs.cpu_name) and the wall times.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import contextlib
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from collections import Counter, defaultdict
@@ -52,16 +51,6 @@ from integer_tf.compare import first_test_batch, site_differences  # noqa: E402
 from model import Transformer  # noqa: E402
 
 EXACT = accumulation.FLOAT32_EXACT
-
-
-def cpu_name() -> str:
-    """lscpu's 'Model name' (the machine description the bench files record)."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=True).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    names = [line.split(":", 1)[1].strip() for line in out.splitlines() if line.startswith("Model name")]
-    return names[0] if names else "unknown"
 
 
 @contextlib.contextmanager
@@ -273,7 +262,7 @@ def main(argv: list[str]) -> None:
     widest = max(engine.accumulator_stats().items(), key=lambda kv: kv[1]["bits"])
     result = {
         "command": command,
-        "machine": {"cpu": cpu_name(), "cores": os.cpu_count(),
+        "machine": {"cpu": runs.cpu_name(), "cores": os.cpu_count(),
                     "gpus": len(tf.config.list_physical_devices("GPU")),
                     **({"note": args.machine_note} if args.machine_note else {})},
         "model": {"d_model": hp.d_model, "d_ff": hp.d_ff, "num_blocks": hp.num_blocks,

@@ -39,7 +39,6 @@ import copy
 import io
 import json
 import os
-import platform
 import re
 import shlex
 import statistics
@@ -120,26 +119,8 @@ def step_time_ratio(parent: str, n_steps: int) -> dict:
     loops = loop_step_seconds(steps["float"], batches[2: n_steps // 3 + 2])
     return {**timing, **ratios, "step_time_ratio": round(med["w8a8"] / med["float"], 3),
             "grad_kernel": quant.GRAD_KERNEL is not None, **loops,
-            "steps": len(times["float"]), "batch_tokens": hp.batch_tokens, "cpu": cpu_name(),
+            "steps": len(times["float"]), "batch_tokens": hp.batch_tokens, "cpu": runs.cpu_name(),
             "model": {k: getattr(hp, k) for k in hparams.MODEL_FLAGS}}
-
-
-def cpu_name() -> str:
-    """The CPU's model name and its widest vector units: the step-time ratios depend on them
-    (matmuls gain from AVX-512 and AMX, the memory-bound quantizer passes do not)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-    except OSError:
-        return platform.processor() or "unknown"
-    fields: dict[str, str] = {}  # the first core's "key : value" lines
-    for line in info.splitlines():
-        key, colon, value = line.partition(":")
-        if colon:
-            fields.setdefault(key.strip(), value.strip())
-    flags = set(fields.get("flags", "").split())
-    units = [unit for unit in ("avx2", "avx512f", "amx_tile") if unit in flags]
-    return f"{fields.get('model name', 'unknown')} ({', '.join(units) or 'no AVX2'})"
 
 
 def loop_step_seconds(step, batches: list, blocks: int = 7) -> dict:
