@@ -8,7 +8,7 @@ import os
 
 import numpy as np
 
-from integer import export_format, kernels
+from integer import export_format, fixed_point, kernels
 
 
 def arrange(q: np.ndarray, layout: str | None, heads: int) -> np.ndarray:
@@ -106,8 +106,7 @@ def replay(vectors_dir: str, export_dir: str) -> dict[str, int]:
 
 def check_format(q: np.ndarray, item: dict, name: str) -> None:
     """q fits its declared bits and signedness, and its proven bound where one is given."""
-    lo, hi = (-(1 << (item["bits"] - 1)), (1 << (item["bits"] - 1)) - 1) if item["signed"] else (
-        0, (1 << item["bits"]) - 1)
+    lo, hi = fixed_point.integer_range(item["bits"], item["signed"])
     q = q.astype(np.int64)
     assert lo <= q.min(initial=0) and q.max(initial=0) <= hi, (name, item["key"], item["bits"])
     if "proven_max_abs" in item:
