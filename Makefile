@@ -4,6 +4,8 @@
 # `make kernel`: build csrc/quant_grad.cc, the one-pass QAT backward (skipped, with a note, without a C++
 # compiler: training then takes TF's slower kernels, with the same results).
 # `make mutation`: mutation testing of the integer core (slow; not part of `make test`).
+# `make hw-tools`: install Icarus Verilog, Verilator and yosys from Debian where missing (as root;
+# elsewhere one line says how). `make hw`: the RTL benches and their cost on the demo's export.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 # the TensorFlow build: cpu (tensorflow-cpu, the default) or gpu (tensorflow[and-cuda]); switching
 # uninstalls the other one, so the two never sit side by side
@@ -52,7 +54,7 @@ MUTANTS ?= 'integer.fixed_point.x_check_bits_and_rounding*' 'integer.fixed_point
 	'integer.matmul_engine.xǁIntTransformerǁ_plan*' 'integer.matmul_engine.xǁIntTransformerǁaccumulate*' \
 	'integer.kernels.x*'
 
-.PHONY: setup kernel demo test lint mutation clean
+.PHONY: setup kernel demo test lint mutation clean hw-tools hw
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -90,9 +92,37 @@ demo: $(STAMP) $(KERNEL)
 		--summary_key intonly_w8a8
 	$(BIN)/python scripts/summary_table.py $(DEMO)/summary.json
 
-test: $(STAMP) $(KERNEL)
+HW_TOOLS := iverilog verilator yosys
+HW_DEBS := iverilog verilator yosys
+
+# as root (CI) a missing simulator is installed, and the RTL tests then fail rather than skip without
+# one (TQT_REQUIRE_HW=1); elsewhere they skip, and this says how to install them
+hw-tools:
+	@missing=$$(for t in $(HW_TOOLS); do command -v $$t >/dev/null || echo $$t; done); \
+	if [ -n "$$missing" ]; then \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			echo "installing $(HW_DEBS) from Debian"; \
+			apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+				--no-install-recommends $(HW_DEBS) >/dev/null; \
+		else echo "note:" $$missing "not found: the RTL benches skip (as root: make hw-tools, or" \
+			"apt-get install --no-install-recommends $(HW_DEBS))"; fi; \
+	fi
+
+REQUIRE_HW := $(shell [ "$$(id -u)" = 0 ] && echo 1)
+
+test: $(STAMP) $(KERNEL) hw-tools
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	TQT_REQUIRE_HW=$(REQUIRE_HW) $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+
+HW_EXPORT ?= $(DEMO)/export_intonly_w8a8
+HW_VECTORS ?= $(DEMO)/vectors_intonly_w8a8
+# the demo export's golden vectors through the RTL units (run `make demo` first), and the units' cost
+hw: $(STAMP) hw-tools
+	@test -f $(HW_EXPORT)/manifest.json || { echo "no export in $(HW_EXPORT): run make demo first"; exit 1; }
+	$(BIN)/python eval.py --engine int --export $(HW_EXPORT) --dump_vectors 3 --out $(HW_VECTORS)
+	$(BIN)/python -m hw.golden --export $(HW_EXPORT) --vectors $(HW_VECTORS) --work $(DEMO)/hw_work \
+		--json bench/hw/demo_golden.json
+	$(BIN)/python scripts/bench_hw.py --export $(HW_EXPORT) --json bench/hw/cost.json
 
 mutation: $(STAMP) $(KERNEL)
 	rm -rf mutants

@@ -1,10 +1,10 @@
 """Shared test setup.
 
-tests/integer/ holds the tests of the NumPy package (integer/): they never import TensorFlow, so
-`pytest tests/integer` runs without it. Every other test file may use TensorFlow; before the first
-of them is imported, the CPU is split into two logical devices (for tf.distribute.MirroredStrategy
-tests): TensorFlow fixes its devices when it first initializes, so this must come before any test
-module touches it.
+tests/integer/ and tests/hw/ hold the tests of the NumPy packages (integer/, hw/): they never import
+TensorFlow, so `pytest tests/integer tests/hw` runs without it. Every other test file may use
+TensorFlow; before the first of them is imported, the CPU is split into two logical devices (for
+tf.distribute.MirroredStrategy tests): TensorFlow fixes its devices when it first initializes, so this
+must come before any test module touches it.
 """
 
 import os
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 TESTS = Path(__file__).resolve().parent
-NUMPY_TESTS = TESTS / "integer"
+NUMPY_TESTS = (TESTS / "integer", TESTS / "hw")
 _tensorflow_ready = False
 
 
@@ -29,10 +29,10 @@ def _split_cpu_into_two_logical_devices() -> None:
 
 
 def pytest_collectstart(collector: pytest.Collector) -> None:
-    """Before the first test module outside tests/integer/ is imported: the device split."""
+    """Before the first test module outside tests/integer/ and tests/hw/ is imported: the device split."""
     global _tensorflow_ready
     if (not _tensorflow_ready and isinstance(collector, pytest.Module)
-            and NUMPY_TESTS not in collector.path.resolve().parents):
+            and not set(NUMPY_TESTS) & set(collector.path.resolve().parents)):
         _split_cpu_into_two_logical_devices()
         _tensorflow_ready = True
 
@@ -138,6 +138,42 @@ def qat_runs(float_run, shared_tmp):
                     "--threshold_log_every", "5"])
 
     return {preset: str(built_once(shared_tmp / preset, build) / "run") for preset in ("w8a8", "w4a8")}
+
+
+@pytest.fixture(scope="session")
+def intonly_run(qat_runs, shared_tmp):
+    """Integer-only W8A8 fine-tuned one epoch from the W8A8 run (its export in <run>/export); what
+    train.py printed is in <run>/../train.log."""
+    import contextlib
+
+    import train
+
+    def build(folder: Path) -> None:
+        with open(folder / "train.log", "w") as log, contextlib.redirect_stdout(log):
+            train.main(["--logdir", str(folder / "run"), "--init_from", qat_runs["w8a8"], "--quant", "w8a8",
+                        "--integer_only", "--num_epochs", "1", "--lr", "2e-4", "--warmup_steps", "10",
+                        "--dev_max_sentences", "5"])
+
+    return str(built_once(shared_tmp / "intonly", build) / "run")
+
+
+@pytest.fixture(scope="session")
+def hw_tools() -> None:
+    """Skips where Icarus Verilog, Verilator, yosys or cocotb is missing, with one line saying how to
+    install them; fails instead where TQT_REQUIRE_HW=1 (`make test` as root, which installs them, as
+    on CI), so that CI never skips the RTL benches silently."""
+    from hw import sim
+
+    missing = sim.missing_tools()
+    try:
+        import cocotb_tools.runner  # noqa: F401
+    except ImportError:
+        missing.append("cocotb (pip)")
+    if missing:
+        message = f"{', '.join(missing)} not found: {sim.INSTALL}"
+        if os.environ.get("TQT_REQUIRE_HW") == "1":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
 
 
 @pytest.fixture(scope="session")

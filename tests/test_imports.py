@@ -1,5 +1,5 @@
 """The import structure of the project modules (the repository root's *.py, the packages corpus/,
-integer/ and integer_tf/, and scripts/).
+integer/, integer_tf/ and hw/, and scripts/).
 
 - static: every import statement anywhere in a module (module level and inside functions) names
   the project modules it depends on; that graph has no cycle, nothing but the benchmarks imports
@@ -38,6 +38,7 @@ REQUIRED = ("integer.fixed_point", "integer.kernels", "integer.matmul_engine", "
             "integer.calibration", "integer_tf.export", "integer_tf.intonly_layers", "quant", "model",
             "train", "eval", "runs", "data_load", "hparams", "modules", "corpus.demo")
 NUMPY_PACKAGE = "integer"
+HW_PACKAGE = "hw"  # the RTL's Python side: NumPy and integer/ only
 COMMANDS = ("eval", "train")  # importable only by scripts/bench_*.py
 TIMEOUT = 300
 
@@ -48,7 +49,7 @@ TIMEOUT = 300
 def project_modules() -> dict[str, Path]:
     """Dotted name -> file of every project module: ROOT/*.py, corpus/*.py, scripts/*.py (the
     scripts are named scripts.<name>; a package's __init__.py is the package)."""
-    paths = sorted(ROOT.glob("*.py")) + [path for package in ("corpus", "integer", "integer_tf")
+    paths = sorted(ROOT.glob("*.py")) + [path for package in ("corpus", "integer", "integer_tf", HW_PACKAGE)
                                          for path in sorted((ROOT / package).glob("*.py"))]
     paths += sorted(SCRIPTS.glob("*.py"))
     modules = {}
@@ -62,7 +63,7 @@ def project_modules() -> dict[str, Path]:
 
 MODULES = project_modules()
 # the NumPy side: never loads TensorFlow
-TF_FREE = tuple(sorted(name for name in MODULES if name.partition(".")[0] == NUMPY_PACKAGE)) + \
+TF_FREE = tuple(sorted(name for name in MODULES if name.partition(".")[0] in (NUMPY_PACKAGE, HW_PACKAGE))) + \
     ("data_load", "hparams", "corpus.demo")
 
 
@@ -249,6 +250,15 @@ def test_the_numpy_package_imports_nothing_outside_itself():
     assert not bad, "integer/ imports a module outside it:\n" + "\n".join(bad)
 
 
+def test_the_hw_package_imports_only_itself_and_the_numpy_package():
+    """hw/ (parameters, benches, cost of the RTL) builds on integer/ alone: no TensorFlow side."""
+    graph = import_graph()
+    bad = [where(importer, imported, graph) for importer, edges in sorted(graph.items())
+           if importer.partition(".")[0] == HW_PACKAGE
+           for imported in edges if imported.partition(".")[0] not in (HW_PACKAGE, NUMPY_PACKAGE)]
+    assert not bad, "hw/ imports a module outside hw/ and integer/:\n" + "\n".join(bad)
+
+
 def test_no_script_imports_another_script():
     graph = import_graph()
     bad = [where(importer, imported, graph) for importer, edges in sorted(graph.items())
@@ -411,20 +421,21 @@ import sys
 class NoTensorFlow:
     def find_spec(self, fullname, path=None, target=None):
         if fullname.partition(".")[0] == "tensorflow":
-            raise ImportError("tensorflow is blocked: tests/integer/ must run without it")
+            raise ImportError("tensorflow is blocked: tests/integer/ and tests/hw/ must run without it")
 sys.meta_path.insert(0, NoTensorFlow())
 """
 
 
 def test_the_numpy_tests_collect_without_tensorflow(tmp_path):
-    """tests/integer/ (the NumPy package's tests) and their conftest import no TensorFlow."""
+    """tests/integer/ and tests/hw/ (the NumPy packages' tests) and their conftest import no TensorFlow."""
     (tmp_path / "sitecustomize.py").write_text(BLOCK_TENSORFLOW)
     env = dict(child_env(), PYTHONPATH=os.pathsep.join([str(tmp_path), str(ROOT)]))
     proc = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
-                           "-p", "no:xdist", "tests/integer"], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=TIMEOUT)
-    counts = re.findall(r"^tests/integer/test_\w+\.py: (\d+)$", proc.stdout, re.M)  # -qq's per-file counts
-    assert proc.returncode == 0 and sum(map(int, counts)) > 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+                           "-p", "no:xdist", "tests/integer", "tests/hw"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=TIMEOUT)
+    counts = dict(re.findall(r"^tests/(integer|hw)/test_\w+\.py: (\d+)$", proc.stdout, re.M))  # per file
+    output = proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.returncode == 0 and set(counts) == {"integer", "hw"}, output
     blocked = subprocess.run([sys.executable, "-c", "import tensorflow"], env=env, capture_output=True)
     assert blocked.returncode != 0  # the block itself works
 

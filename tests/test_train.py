@@ -276,15 +276,14 @@ def test_interrupted_atomic_writes_keep_the_old_file(corpus, tmp_path, monkeypat
     assert os.stat(logdir / "spm.model").st_mode & 0o777 == 0o666 & ~umask  # as open() creates it
 
 
-def test_integer_only_fine_tuning_from_a_w8a8_run_cli(qat_runs, corpus, tmp_path, capsys):
-    """--integer_only --init_from a W8A8 run: only the new sites are calibrated, the model stays
-    close to its parent on the training set, and its export (format 3) runs in the integer-only
-    engine token for token like the TF model, with LayerNorm and softmax golden vectors."""
-    logdir = str(tmp_path / "intonly")
-    train.main(["--logdir", logdir, "--init_from", qat_runs["w8a8"], "--quant", "w8a8", "--integer_only",
-                "--num_epochs", "1", "--lr", "2e-4", "--warmup_steps", "10", "--dev_max_sentences", "5"])
+def test_integer_only_fine_tuning_from_a_w8a8_run_cli(intonly_run, qat_runs, corpus, tmp_path):
+    """--integer_only --init_from a W8A8 run (conftest's intonly_run): only the new sites are
+    calibrated, the model stays close to its parent on the training set, and its export runs in the
+    integer-only engine token for token like the TF model, with LayerNorm and softmax golden vectors."""
+    logdir = intonly_run
     # 2+2 blocks: 4 + 6 LayerNorms, each with an input, gamma and output site, and the embedding sum
-    assert "calibrated 31 of 115 sites" in capsys.readouterr().out  # 6 fixed softmax sites aside
+    with open(os.path.join(os.path.dirname(logdir), "train.log")) as log:
+        assert "calibrated 31 of 115 sites" in log.read()  # 6 fixed softmax sites aside
     # the first 60 training pairs: the integer-only TF graph decodes slowly
     for lang, path in zip(("de", "en"), corpus["train"]):
         (tmp_path / f"sample.{lang}").write_text("\n".join(data_load.read_lines(path)[:60]) + "\n")
