@@ -22,8 +22,11 @@ import time
 
 import numpy as np
 
-from hw import cost, params, sim
-from integer import accumulation, kernels
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from hw import cost, params, sim  # noqa: E402
+from integer import accumulation, kernels  # noqa: E402
 
 MAC_LANES = 16  # the MAC row's lanes: 16 outputs of a matmul per K cycles
 
@@ -92,8 +95,9 @@ def cycles(profile: dict, work: str) -> dict:
         scores = rng.integers(-(1 << 10), 1 << 10, (1, length))
         visible = np.ones((1, length), bool)
         f = kernels.EXP_F - sm["MAX_LEFT"]
+        steps = {}
         out, _ = kernels.softmax_with_sums(scores, f, visible, sm["B_P"], "half_even", kernels.EXP_F,
-                                           _m_of(sm), steps := {})
+                                           _m_of(sm), steps)
         group = {"scores": scores, "visible": visible.astype(np.uint8), "shift": f - kernels.EXP_F,
                  "clamp": params.clamp_setting(kernels.exp_clamp(f, _m_of(sm)), sm["X_W"]), "expect_out": out,
                  **{f"expect_{k}": v for k, v in steps.items()}}

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from eval import main as eval_main
-from hw import golden, params
+from hw import block, golden, params
 
 pytestmark = pytest.mark.usefixtures("hw_tools")
 
@@ -81,3 +81,26 @@ def test_the_parameters_come_from_the_export(vectors):
         assert setting["out_shift"] == op["params"]["f_gamma"] + op["params"]["F"] - op["output"]["f"]
     for op in softmaxes:
         assert hw["ops"][op["name"]]["shift"] == op["params"]["f"] - op["params"]["F"]
+
+
+def test_an_encoder_block_in_rtl(vectors, monkeypatch):
+    """hw/block.py: encoder block 1 as a program on tqt_block_engine (the units composed, on Verilator),
+    from the block's input in the golden vectors: every op's output, the block's output (ln2) included,
+    equals the engine's. With one LayerNorm's output shift off by one the comparison fails."""
+    export_dir, vec, folder = vectors
+    result = block.run_block(vec, export_dir, str(folder / "block"))
+    assert [op["name"] for op in result["ops"]][-1] == "encoder/block_1/ln2/output"
+    assert result["output_equal"] and result["failed"] == 0 and result["passed"] == len(result["ops"]) == 23
+    assert result["cycles"] > 0
+
+    export_params = block.hw_params.export_params
+
+    def shifted(export_dir):
+        found = export_params(export_dir)
+        found["ops"]["encoder/block_1/ln2/output"]["out_shift"] += 1
+        return found
+
+    monkeypatch.setattr(block.hw_params, "export_params", shifted)
+    wrong = block.run_block(vec, export_dir, str(folder / "block"))
+    assert not wrong["output_equal"] and [op["name"] for op in wrong["ops"] if not op["equal"]] == [
+        "encoder/block_1/ln2/output"]
