@@ -122,6 +122,8 @@ hw: $(STAMP) hw-tools
 	$(BIN)/python eval.py --engine int --export $(HW_EXPORT) --dump_vectors 3 --out $(HW_VECTORS)
 	$(BIN)/python -m hw.golden --export $(HW_EXPORT) --vectors $(HW_VECTORS) --work $(DEMO)/hw_work \
 		--json bench/hw/demo_golden.json
+	$(BIN)/python -m hw.block --export $(HW_EXPORT) --vectors $(HW_VECTORS) --block encoder/block_1 \
+		--block encoder/block_2 --work $(DEMO)/hw_work/block --json bench/hw/demo_block.json
 	$(BIN)/python scripts/bench_hw.py --export $(HW_EXPORT) --json bench/hw/cost.json
 
 mutation: $(STAMP) $(KERNEL)

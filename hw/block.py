@@ -3,7 +3,7 @@ hw/rtl/tqt_block_engine.sv (the units composed with a sequencer), the export's a
 input a scratchpad image; after the run every op's output in the scratchpad is compared with the
 golden vectors, the block's output (its last LayerNorm) included. NumPy only.
 
-    python -m hw.block --export DIR --vectors VEC [--block encoder/block_1] [--sentence 0] [--work DIR]
+    python -m hw.block --export DIR --vectors VEC [--block encoder/block_1 ...] [--sentence 0] [--json F]
 """
 
 from __future__ import annotations
@@ -242,7 +242,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--export", required=True, help="the integer-only export folder")
     parser.add_argument("--vectors", required=True, help="its golden vectors (eval.py --dump_vectors)")
-    parser.add_argument("--block", default="encoder/block_1", help="the block (default: encoder/block_1)")
+    parser.add_argument("--block", action="append",
+                        help="a block to run, repeatable (default: encoder/block_1)")
     parser.add_argument("--sentence", type=int, default=0, help="which sentence of the vectors (default 0)")
     parser.add_argument("--work", default="hw_work/block", help="build folder")
     parser.add_argument("--json", help="write the results here")
@@ -253,18 +254,22 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(f"{flag} {path}: no {name} there")
     if sim.missing_tools(("verilator",)):
         sys.exit(f"verilator not found: {sim.INSTALL}")
-    try:
-        result = run_block(args.vectors, args.export, args.work, args.block, args.sentence)
-    except (ValueError, IndexError) as e:
-        sys.exit(str(e))
-    for op in result["ops"]:
-        print(f"{op['call']:4d} {op['op']:11s} {op['name']:50s} {'equal' if op['equal'] else 'DIFFERS'}")
-    print(f"{result['passed']} passed, {result['failed']} failed; {result['output']} "
-          f"{'equal' if result['output_equal'] else 'DIFFERS'}; {result['cycles']} cycles")
+    results = []
+    for name in args.block or ["encoder/block_1"]:
+        try:
+            work = os.path.join(args.work, name.replace("/", "_"))
+            result = run_block(args.vectors, args.export, work, name, args.sentence)
+        except (ValueError, IndexError) as e:
+            sys.exit(f"--block {name}: {e}")
+        for op in result["ops"]:
+            print(f"{op['call']:4d} {op['op']:11s} {op['name']:50s} {'equal' if op['equal'] else 'DIFFERS'}")
+        print(f"{result['passed']} passed, {result['failed']} failed; {result['output']} "
+              f"{'equal' if result['output_equal'] else 'DIFFERS'}; {result['cycles']} cycles")
+        results.append(result)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    sys.exit(0 if result["failed"] == 0 else 1)
+            json.dump({"export": args.export, "vectors": args.vectors, "blocks": results}, f, indent=1)
+    sys.exit(0 if all(r["failed"] == 0 for r in results) else 1)
 
 
 if __name__ == "__main__":

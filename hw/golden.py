@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
             failed += counts["failed"]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(results, f, indent=1)
+            json.dump({"export": args.export, "vectors": args.vectors, **results}, f, indent=1)
     sys.exit(1 if failed else 0)
 
 

@@ -91,6 +91,45 @@ def test_relu_residual_and_embedding_sum(tmp_path):
     assert result["passed"] == lookup.size
 
 
+# ---- the divider and the square root ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rounding", ROUNDINGS)
+def test_div_round_and_its_ties(rounding, tmp_path):
+    """R(a / b) for both signs of a: random cases, every exact tie (2r = b: a = (2t + 1) b / 2 for even
+    b), remainders 0 and b - 1, and |a| at the quotient bound (|a| < b 2^Q_W)."""
+    rng = np.random.default_rng(8)
+    q_w, den_w = 10, 12
+    b = rng.integers(1, 1 << den_w, 300)
+    a = rng.integers(-(1 << q_w), 1 << q_w, 300) * b + rng.integers(0, 1 << den_w, 300) % b
+    even = 2 * rng.integers(1, 1 << (den_w - 1), 100)
+    ties = (2 * rng.integers(-(1 << (q_w - 1)), 1 << (q_w - 1), 100) + 1) * (even // 2)
+    top = (1 << den_w) - 1
+    edges_a = np.array([0, 1, -1, top * (1 << q_w) - 1, -(top * (1 << q_w) - 1), 5 * top, -5 * top, top - 1])
+    a = np.concatenate([a, ties, edges_a])
+    b = np.concatenate([b, even, np.full(edges_a.size, top)])
+    assert np.all(np.abs(a) < b << q_w)
+    group = {"in_a": a, "in_b": b, "expect_out": kernels.div_round(a, b, rounding), "out_port": "quotient",
+             "out_signed": 1}
+    result = run("tqt_div_round", "sequential_cocotb", {"NUM_W": q_w + den_w + 1, "DEN_W": den_w, "Q_W": q_w,
+                                                        "ROUNDING": params.ROUNDING_CODES[rounding]},
+                 [group], tmp_path)
+    assert result["passed"] == a.size
+
+
+def test_isqrt_is_the_floor_of_the_square_root(tmp_path):
+    """floor(sqrt(n)) over the 2K-bit range: 0, 1, squares and their neighbours, the top, random n."""
+    rng = np.random.default_rng(9)
+    root_w = 24
+    squares = rng.integers(0, 1 << root_w, 100) ** 2
+    n = np.concatenate([[0, 1, 2, 3, 4, (1 << (2 * root_w)) - 1, 1 << (2 * root_w - 2)], squares, squares - 1,
+                        squares + 1, rng.integers(0, 1 << (2 * root_w), 200)])
+    n = np.clip(n, 0, (1 << (2 * root_w)) - 1)
+    group = {"in_n": n, "expect_out": kernels.isqrt(n), "out_port": "root", "out_signed": 0}
+    result = run("tqt_isqrt", "sequential_cocotb", {"ROOT_W": root_w}, [group], tmp_path)
+    assert result["passed"] == n.size
+
+
 # ---- the MAC row and argmax -------------------------------------------------------------------------
 
 
