@@ -32,7 +32,8 @@ def unsigned_bits(magnitude: int) -> int:
 
 
 def layer_norm_params(d: int, in_bits: int, gamma_bits: int, beta_max_abs: int, eps_q_max: int,
-                      out_bits: int, rounding: str, K: int = kernels.LN_K, F: int = kernels.LN_F) -> dict:
+                      out_bits: int, rounding: str, K: int = kernels.LN_K, F: int = kernels.LN_F,
+                      normalization: str = "exact") -> dict:
     """tqt_layer_norm_row's parameters for rows of d values on a signed in_bits grid, gammas of
     gamma_bits, |beta| <= beta_max_abs (y's width; beta's word is the export's 49 bits) and
     eps_q <= eps_q_max. ValueError where the unit's shortcut
@@ -51,7 +52,8 @@ def layer_norm_params(d: int, in_bits: int, gamma_bits: int, beta_max_abs: int, 
             "S_W": accumulation.signed_bits(bounds["s"]), "SQ_W": unsigned_bits(d * q_max * q_max),
             "W_W": unsigned_bits(bounds["W"]), "C_W": accumulation.signed_bits(bounds["c"]),
             "NUM_W": accumulation.signed_bits(bounds["numerator"]), "N_Q_W": unsigned_bits(bounds["n"]),
-            "Y_W": accumulation.signed_bits(bounds["y"]), "SHIFT_W": SHIFT_W}
+            "Y_W": accumulation.signed_bits(bounds["y"]), "SHIFT_W": SHIFT_W,
+            "RECIPROCAL": int(normalization == "reciprocal"), "G": kernels.LN_RECIPROCAL_G}
 
 
 def division_by_constant(divisor: int, n_bits: int) -> tuple[int, int]:
@@ -68,7 +70,8 @@ def division_by_constant(divisor: int, n_bits: int) -> tuple[int, int]:
 
 
 def softmax_params(score_max_abs: int, score_bits: int, f_values: list[int], length_max: int,
-                   out_bits: int, rounding: str, F: int = kernels.EXP_F, m: int = 1) -> dict:
+                   out_bits: int, rounding: str, F: int = kernels.EXP_F, m: int = 1,
+                   normalization: str = "exact") -> dict:
     """tqt_softmax_row's parameters for rows of up to length_max scores (|q| <= score_max_abs in
     score_bits) on the grids f_values (one unit serves them all: widths are the largest any needs)."""
     bounds = [kernels.softmax_bounds(score_max_abs, f, length_max, out_bits, F, m) for f in f_values]
@@ -83,7 +86,7 @@ def softmax_params(score_max_abs: int, score_bits: int, f_values: list[int], len
             "S_W": unsigned_bits(max(b["S"] for b in bounds)), "B_P": out_bits,
             "ROUNDING": ROUNDING_CODES[rounding], "SHIFT_W": SHIFT_W,
             "MAX_LEFT": max(max(F - f for f in f_values), 0), "Q_LN2": q_ln2, "Q_B": q_b, "Q_C": q_c,
-            "MAGIC": magic, "MAGIC_S": magic_shift}
+            "MAGIC": magic, "MAGIC_S": magic_shift, "RECIPROCAL": int(normalization == "reciprocal")}
 
 
 def clamp_setting(clamp: int, x_bits: int) -> int:

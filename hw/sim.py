@@ -46,7 +46,7 @@ def run_cocotb(toplevel: str, test_module: str, parameters: dict, groups: list[d
     first mismatches, and (row benches) the cycles of each row."""
     from cocotb_tools.runner import get_runner
 
-    work = Path(work_dir)
+    work = Path(work_dir).resolve()  # the simulator runs in hw/bench/: every path it gets is absolute
     work.mkdir(parents=True, exist_ok=True)
     cases, results, memories = work / "cases.npz", work / "results.json", work / "memories"
     memories.mkdir(exist_ok=True)

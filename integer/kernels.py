@@ -11,6 +11,10 @@ grids (fixed_point.Grid): an integer q on grid f stands for q * 2^-f. Equations:
     softmax(q, f, mask, b)  masked keys by selection, one integer division, unsigned b-bit output;
                             m folds a 1/sqrt(m) scaling into exp's constants
     layer_norm(q, ...)      exact mean and variance, one isqrt per row, one division per element
+
+Both normalizations come in two variants (NORMALIZATIONS): "exact" divides each element, "reciprocal"
+divides once per row and multiplies each element by the reciprocal (normalize_reciprocal,
+layer_norm(..., normalization="reciprocal")): cheaper in hardware, within one output unit of "exact".
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import numpy as np
 from integer import fixed_point
 
 ISQRT_MAX = 1 << 62  # isqrt's domain: n < 2^62 (the root < 2^31)
+NORMALIZATIONS = ("exact", "reciprocal")  # a division per element, or one reciprocal per row
 ISQRT_STEPS = 6  # Newton steps that reach floor(sqrt(n)) from 2^ceil(bits/2) for every n < 2^62
 
 
@@ -354,6 +359,42 @@ def _normalize(e: np.ndarray, total: np.ndarray, out_bits: int, rounding: str) -
     return clip_to(probs, out_bits, signed=False)
 
 
+RECIPROCAL_GUARD = 8  # the softmax reciprocal's bits beyond the output's: RK = RG = out_bits + 8
+
+
+def normalize_reciprocal(e, out_bits: int, rounding: str, steps: dict | None = None) -> np.ndarray:
+    """softmax's normalization by one division per row: S = sum(e) over the last axis, then with
+    RK = RG = out_bits + RECIPROCAL_GUARD
+
+        t   = bitlength(S) - RK                       S_n = S 2^-t in [2^(RK-1), 2^RK) (floor shift;
+        S_n = shift_round(S, t, floor)                a left shift, exact, when t < 0)
+        r   = div_round(2^(RK+RG), S_n, R)            the row's reciprocal, in (2^RG, 2^(RG+1)]; 0 if S = 0
+        P   = clip(shift_round((e 2^-t floored) r, RK + RG - out_bits, R), 0, 2^out_bits - 1)
+
+    so each element costs a shift, an (RK x RG+2)-bit multiply and a rounding shift. Error: with
+    E = e 2^-t, e_n its floor, and 0 <= e <= S, |e_n / S_n - e / S| <= 1 / S_n <= 2^(1-RK) and
+    |r - 2^(RK+RG) / S_n| <= 1 adds below 2^-RG, so before the rounding R the value differs from the
+    exact e 2^b / S by less than 2^(b+1-RK) + 2^(b-RG) = 2^-7 + 2^-8 output units: P equals the
+    exact normalization's R(e 2^b / S) except where that lies within 0.012 units of a rounding
+    boundary, and never differs from it by more than one unit. `steps` receives t and r (one per row)."""
+    e = _int64(e)
+    fixed_point.check_bits_and_rounding(out_bits, rounding)
+    return _normalize_reciprocal(e, np.sum(e, axis=-1, keepdims=True), out_bits, rounding, steps)
+
+
+def _normalize_reciprocal(e: np.ndarray, total: np.ndarray, out_bits: int, rounding: str,
+                          steps: dict | None = None) -> np.ndarray:
+    """normalize_reciprocal with the row sums S already summed."""
+    width = out_bits + RECIPROCAL_GUARD  # RK = RG
+    t = _bit_length(total) - width
+    scaled = shift_round(total, t, "floor")
+    r = np.where(total > 0, _div_round(np.int64(1) << (2 * width), np.maximum(scaled, 1), rounding), 0)
+    if steps is not None:
+        steps.update(t=t, r=r)
+    probs = shift_round(shift_round(e, t, "floor") * r, 2 * width - out_bits, rounding)
+    return clip_to(probs, out_bits, signed=False)
+
+
 def softmax_bounds(score_max_abs: int, f: int, length: int, out_bits: int, F: int = EXP_F,
                    m: int = 1) -> dict[str, int]:
     """The proven largest |value| of each softmax intermediate for scores |q| <= score_max_abs on
@@ -376,6 +417,7 @@ LN_MAX_ABS_GAMMA = 1 << 15  # |gamma_q| <= 2^15: a 16-bit gamma
 LN_MAX_ABS_BETA = 1 << 48  # |beta_q| < 2^48 on the product grid f_gamma + F
 LN_MAX_EPS_Q = 1 << 32  # 0 <= eps_q <= 2^32
 LN_K, LN_F = 24, 16  # defaults: the divisor D has K bits, the normalized value F fractional bits
+LN_RECIPROCAL_G = 24  # the reciprocal variant's r = R(2^(K+G) / D): G - F >= log2 sqrt(4095) + 2
 _POWERS_OF_TWO = np.left_shift(np.int64(1), np.arange(63, dtype=np.int64))  # 2^0 .. 2^62
 
 
@@ -427,7 +469,8 @@ def layer_norm_moments(q, eps_q) -> tuple[np.ndarray, np.ndarray]:
 
 
 def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: int, rounding: str,
-               K: int = LN_K, F: int = LN_F, steps: dict | None = None) -> np.ndarray:
+               K: int = LN_K, F: int = LN_F, steps: dict | None = None,
+               normalization: str = "exact") -> np.ndarray:
     """Integer LayerNorm over the last axis: gamma (x - mean) / sqrt(var + eps) + beta, exact but for
     the floor of one square root per row and two roundings R, on power-of-two grids, in int64 only.
 
@@ -453,9 +496,18 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
         y  = gamma_q n + beta_q          on grid f_gamma + F, |y| < 2^49
         out = clip(R(y 2^-(f_gamma + F - f_out)), out_bits)     the output site's shift
     A constant row (W = 0 only when eps_q = 0, then c = 0) gives n = 0, out = R(beta): the limit
-    of the float LayerNorm for eps -> 0; never a division by zero. `steps` (a dict) receives the
-    intermediates s, c, W, k, D (each row's, last axis kept), n and y for golden vectors
-    (layer_norm_bounds gives their proven widths).
+    of the float LayerNorm for eps -> 0; never a division by zero.
+
+    normalization="reciprocal" replaces the division per element by one per row (G = LN_RECIPROCAL_G):
+        r  = R(2^(K+G) / D)  (0 when W = 0)      in (2^G, 2^(G+1)]: G + 1 bits (G + 2 to hold 2^(G+1))
+        n  = R(c r 2^-(K+G-k-F))                 a multiply and a rounding shift per element
+    |r - 2^(K+G) / D| <= 1 moves c r 2^-(K+G-k-F) from c 2^(k+F) / D by at most |c 2^(k+F)| 2^-(K+G) <
+    sqrt(d - 1) 2^(F-G) <= 2^-2 (d <= 4096), so n is within one unit of the exact variant's, and the
+    error bound below gains sqrt(d - 1) 2^-G in the parenthesis: E <= 2^15 (2^6 2^-23 + 2^6 2^-24 +
+    2^-16) = 7/8 < 1 with the defaults, the same one-unit guarantee.
+
+    `steps` (a dict) receives the intermediates s, c, W, k, D (each row's, last axis kept), n and y for
+    golden vectors (layer_norm_bounds gives their proven widths), and r for the reciprocal variant.
 
     Error bound. With u = 1/2 (half_even, half_up) or 1 (floor): D <= 2^k sqrt(W) < D + 1 and
     D >= 2^(K-1) give n = c 2^(k+F)/D within |n*| 2^(1-K) 2^F of the exact n* 2^F = c 2^F / sqrt(W),
@@ -471,6 +523,8 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
     q, gamma_q, beta_q, eps_q = _int64(q), _int64(gamma_q), _int64(beta_q), _int64(eps_q)
     if q.ndim == 0:
         raise ValueError("layer_norm needs an array with a last axis")
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
     d, out_shift = q.shape[-1], f_gamma + F - f_out
     check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
     if q.min(initial=0) < -LN_MAX_ABS_Q or q.max(initial=0) > LN_MAX_ABS_Q or np.any(
@@ -487,9 +541,16 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
                                             np.maximum(-2 * k, 0))), 1)
     if steps is not None:
         steps.update(s=s, c=c.copy(), W=w, k=k, D=root)
-    up = k + F
-    np.left_shift(c, np.maximum(up, 0), out=c)
-    y = _div_round(c, np.left_shift(root, np.maximum(-up, 0)), rounding)  # n, then in place:
+    if normalization == "reciprocal":
+        G = LN_RECIPROCAL_G
+        r = np.where(w > 0, _div_round(np.int64(1) << (K + G), root, rounding), 0)
+        if steps is not None:
+            steps["r"] = r
+        y = shift_round(c * r, K + G - k - F, rounding)  # n, then in place:
+    else:
+        up = k + F
+        np.left_shift(c, np.maximum(up, 0), out=c)
+        y = _div_round(c, np.left_shift(root, np.maximum(-up, 0)), rounding)  # n, then in place:
     if steps is not None:
         steps["n"] = y.copy()
     y *= gamma_q

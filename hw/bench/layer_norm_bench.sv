@@ -21,7 +21,9 @@ module layer_norm_bench #(
     parameter int NUM_W = 44,
     parameter int N_Q_W = 20,
     parameter int Y_W = 40,
-    parameter int SHIFT_W = 8
+    parameter int SHIFT_W = 8,
+    parameter bit RECIPROCAL = 0,
+    parameter int G = 24
 ) (
     input  logic                      clk,
     input  logic                      rst,
@@ -40,7 +42,7 @@ module layer_norm_bench #(
   logic [BETA_H-1:0] mem_beta [D];
   logic [OUT_H-1:0] mem_out [ROWS*D];
   logic signed [63:0] mem_c [ROWS*D], mem_n [ROWS*D], mem_y [ROWS*D];
-  logic signed [63:0] mem_s [ROWS], mem_w [ROWS], mem_k [ROWS], mem_root [ROWS];
+  logic signed [63:0] mem_s [ROWS], mem_w [ROWS], mem_k [ROWS], mem_root [ROWS], mem_r [ROWS];
 
   logic [ADDR_W-1:0] rd_addr, out_addr;
   logic signed [IN_W-1:0] rd_q;
@@ -52,6 +54,7 @@ module layer_norm_bench #(
   logic [W_W-1:0] row_w;
   logic signed [7:0] row_k;
   logic [K-1:0] row_root;
+  logic [G+1:0] row_r;
   logic signed [C_W-1:0] out_c;
   logic signed [N_Q_W+1:0] out_n;
   logic signed [Y_W-1:0] out_y;
@@ -73,6 +76,7 @@ module layer_norm_bench #(
       mem_w[row] <= 64'(row_w);
       mem_k[row] <= 64'(row_k);
       mem_root[row] <= 64'(row_root);
+      mem_r[row] <= 64'(row_r);
     end
   end
   assign done = unit_done;
@@ -94,14 +98,15 @@ module layer_norm_bench #(
     $writememh({mem_dir, "/mem_w.out.hex"}, mem_w);
     $writememh({mem_dir, "/mem_k.out.hex"}, mem_k);
     $writememh({mem_dir, "/mem_root.out.hex"}, mem_root);
+    $writememh({mem_dir, "/mem_r.out.hex"}, mem_r);
   end
 
   tqt_layer_norm_row #(.D(D), .ADDR_W(ADDR_W), .IN_W(IN_W), .GAMMA_W(GAMMA_W), .BETA_W(BETA_W),
                        .EPS_W(EPS_W), .OUT_W(OUT_W), .K(K), .F(F), .ROUNDING(ROUNDING), .S_W(S_W),
                        .SQ_W(SQ_W), .W_W(W_W), .C_W(C_W), .NUM_W(NUM_W), .N_Q_W(N_Q_W), .Y_W(Y_W),
-                       .SHIFT_W(SHIFT_W))
+                       .SHIFT_W(SHIFT_W), .RECIPROCAL(RECIPROCAL), .G(G))
       unit (.clk(clk), .rst(rst), .start(start), .eps_q(eps_q), .out_shift(out_shift), .rd_addr(rd_addr),
             .rd_q(rd_q), .rd_gamma(rd_gamma), .rd_beta(rd_beta), .out_valid(out_valid), .out_addr(out_addr),
             .out_q(out_q), .done(unit_done), .row_s(row_s), .row_w(row_w), .row_k(row_k),
-            .row_root(row_root), .out_c(out_c), .out_n(out_n), .out_y(out_y));
+            .row_root(row_root), .row_r(row_r), .out_c(out_c), .out_n(out_n), .out_y(out_y));
 endmodule

@@ -20,7 +20,8 @@ module softmax_bench #(
     parameter longint Q_B = 64'd354684,
     parameter longint Q_C = 64'd66012017480,
     parameter longint MAGIC = 0,
-    parameter int MAGIC_S = 0
+    parameter int MAGIC_S = 0,
+    parameter bit RECIPROCAL = 0
 ) (
     input  logic                      clk,
     input  logic                      rst,
@@ -39,13 +40,15 @@ module softmax_bench #(
   logic [P_H-1:0] mem_p [ROWS*L_MAX];
   logic signed [63:0] mem_x [ROWS*L_MAX], mem_x_f [ROWS*L_MAX], mem_z [ROWS*L_MAX], mem_l [ROWS*L_MAX],
                       mem_e [ROWS*L_MAX];
-  logic signed [63:0] mem_s [ROWS];
+  logic signed [63:0] mem_s [ROWS], mem_t [ROWS], mem_r [ROWS];
 
   logic [LEN_W-1:0] rd_addr, out_addr;
   logic signed [SC_W-1:0] rd_score;
   logic rd_visible, out_valid, unit_done;
   logic [B_P-1:0] out_p;
   logic [S_W-1:0] row_sum;
+  logic signed [7:0] row_t;
+  logic [B_P+9:0] row_r;
   logic signed [X_W-1:0] out_x;
   logic signed [XF_W-1:0] out_x_f;
   logic [Z_W-1:0] out_z;
@@ -64,7 +67,11 @@ module softmax_bench #(
       mem_l[base + int'(out_addr)] <= 64'(out_l);
       mem_e[base + int'(out_addr)] <= 64'(out_e);
     end
-    if (unit_done) mem_s[row] <= 64'(row_sum);
+    if (unit_done) begin
+      mem_s[row] <= 64'(row_sum);
+      mem_t[row] <= 64'(row_t);
+      mem_r[row] <= 64'(row_r);
+    end
   end
   assign done = unit_done;
 
@@ -83,14 +90,16 @@ module softmax_bench #(
     $writememh({mem_dir, "/mem_l.out.hex"}, mem_l);
     $writememh({mem_dir, "/mem_e.out.hex"}, mem_e);
     $writememh({mem_dir, "/mem_s.out.hex"}, mem_s);
+    $writememh({mem_dir, "/mem_t.out.hex"}, mem_t);
+    $writememh({mem_dir, "/mem_r.out.hex"}, mem_r);
   end
 
   tqt_softmax_row #(.LEN_W(LEN_W), .SC_W(SC_W), .X_W(X_W), .XF_W(XF_W), .Z_IN_W(Z_IN_W), .Z_W(Z_W),
                     .L_W(L_W), .S_W(S_W), .B_P(B_P), .ROUNDING(ROUNDING), .SHIFT_W(SHIFT_W),
                     .MAX_LEFT(MAX_LEFT), .Q_LN2(Q_LN2), .Q_B(Q_B), .Q_C(Q_C), .MAGIC(MAGIC),
-                    .MAGIC_S(MAGIC_S))
+                    .MAGIC_S(MAGIC_S), .RECIPROCAL(RECIPROCAL))
       unit (.clk(clk), .rst(rst), .start(start), .len(len), .clamp(clamp), .shift(shift), .rd_addr(rd_addr),
             .rd_score(rd_score), .rd_visible(rd_visible), .out_valid(out_valid), .out_addr(out_addr),
-            .out_p(out_p), .done(unit_done), .row_sum(row_sum), .out_x(out_x), .out_x_f(out_x_f),
+            .out_p(out_p), .done(unit_done), .row_sum(row_sum), .row_t(row_t), .row_r(row_r), .out_x(out_x), .out_x_f(out_x_f),
             .out_z(out_z), .out_l(out_l), .out_e(out_e));
 endmodule

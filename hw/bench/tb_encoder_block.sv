@@ -13,11 +13,12 @@ module tb_encoder_block #(
     parameter int LN_BETA_W = 49, parameter int LN_EPS_W = 33, parameter int LN_K = 24, parameter int LN_F = 16,
     parameter int LN_S_W = 23, parameter int LN_SQ_W = 37, parameter int LN_W_W = 43, parameter int LN_C_W = 23,
     parameter int LN_NUM_W = 44, parameter int LN_N_Q_W = 20, parameter int LN_Y_W = 40,
+    parameter bit LN_RECIPROCAL = 0, parameter int LN_G = 24,
     parameter int SM_LEN_W = 8, parameter int SM_SC_W = 22, parameter int SM_X_W = 24, parameter int SM_XF_W = 27,
     parameter int SM_Z_IN_W = 26, parameter int SM_Z_W = 9, parameter int SM_L_W = 38, parameter int SM_S_W = 47,
     parameter int SM_B_P = 8, parameter int SM_MAX_LEFT = 0, parameter longint SM_Q_LN2 = 64'd181704,
     parameter longint SM_Q_B = 64'd354684, parameter longint SM_Q_C = 64'd66012017480,
-    parameter longint SM_MAGIC = 0, parameter int SM_MAGIC_S = 0
+    parameter longint SM_MAGIC = 0, parameter int SM_MAGIC_S = 0, parameter bit SM_RECIPROCAL = 0
 );
   logic clk = 0, rst = 1, start = 0, done;
   logic signed [63:0] scratch [WORDS];
@@ -36,10 +37,10 @@ module tb_encoder_block #(
                      .RES_W(RES_W), .SUM_W(SUM_W), .LN_D(LN_D), .LN_ADDR_W(LN_ADDR_W), .LN_GAMMA_W(LN_GAMMA_W),
                      .LN_BETA_W(LN_BETA_W), .LN_EPS_W(LN_EPS_W), .LN_K(LN_K), .LN_F(LN_F), .LN_S_W(LN_S_W),
                      .LN_SQ_W(LN_SQ_W), .LN_W_W(LN_W_W), .LN_C_W(LN_C_W), .LN_NUM_W(LN_NUM_W),
-                     .LN_N_Q_W(LN_N_Q_W), .LN_Y_W(LN_Y_W), .SM_LEN_W(SM_LEN_W), .SM_SC_W(SM_SC_W), .SM_X_W(SM_X_W),
+                     .LN_N_Q_W(LN_N_Q_W), .LN_Y_W(LN_Y_W), .LN_RECIPROCAL(LN_RECIPROCAL), .LN_G(LN_G), .SM_LEN_W(SM_LEN_W), .SM_SC_W(SM_SC_W), .SM_X_W(SM_X_W),
                      .SM_XF_W(SM_XF_W), .SM_Z_IN_W(SM_Z_IN_W), .SM_Z_W(SM_Z_W), .SM_L_W(SM_L_W), .SM_S_W(SM_S_W),
                      .SM_B_P(SM_B_P), .SM_MAX_LEFT(SM_MAX_LEFT), .SM_Q_LN2(SM_Q_LN2), .SM_Q_B(SM_Q_B),
-                     .SM_Q_C(SM_Q_C), .SM_MAGIC(SM_MAGIC), .SM_MAGIC_S(SM_MAGIC_S))
+                     .SM_Q_C(SM_Q_C), .SM_MAGIC(SM_MAGIC), .SM_MAGIC_S(SM_MAGIC_S), .SM_RECIPROCAL(SM_RECIPROCAL))
       engine (.clk(clk), .rst(rst), .start(start), .pc(pc), .instruction(instruction), .rd_a_addr(rd_a_addr),
               .rd_a(rd_a), .rd_b_addr(rd_b_addr), .rd_b(rd_b), .rd_c_addr(rd_c_addr), .rd_c(rd_c), .wr_en(wr_en),
               .wr_addr(wr_addr), .wr_data(wr_data), .done(done));

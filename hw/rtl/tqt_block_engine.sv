@@ -32,12 +32,13 @@ module tqt_block_engine #(
     parameter int LN_BETA_W = 49, parameter int LN_EPS_W = 33, parameter int LN_K = 24, parameter int LN_F = 16,
     parameter int LN_S_W = 23, parameter int LN_SQ_W = 37, parameter int LN_W_W = 43, parameter int LN_C_W = 23,
     parameter int LN_NUM_W = 44, parameter int LN_N_Q_W = 20, parameter int LN_Y_W = 40,
+    parameter bit LN_RECIPROCAL = 0, parameter int LN_G = 24,
     // the softmax unit (hw/params.py)
     parameter int SM_LEN_W = 8, parameter int SM_SC_W = 22, parameter int SM_X_W = 24, parameter int SM_XF_W = 27,
     parameter int SM_Z_IN_W = 26, parameter int SM_Z_W = 9, parameter int SM_L_W = 38, parameter int SM_S_W = 47,
     parameter int SM_B_P = 8, parameter int SM_MAX_LEFT = 0, parameter longint SM_Q_LN2 = 64'd181704,
     parameter longint SM_Q_B = 64'd354684, parameter longint SM_Q_C = 64'd66012017480,
-    parameter longint SM_MAGIC = 0, parameter int SM_MAGIC_S = 0
+    parameter longint SM_MAGIC = 0, parameter int SM_MAGIC_S = 0, parameter bit SM_RECIPROCAL = 0
 ) (
     input  logic                      clk,
     input  logic                      rst,
@@ -118,20 +119,21 @@ module tqt_block_engine #(
   tqt_layer_norm_row #(.D(LN_D), .ADDR_W(LN_ADDR_W), .IN_W(RES_W), .GAMMA_W(LN_GAMMA_W), .BETA_W(LN_BETA_W),
                        .EPS_W(LN_EPS_W), .OUT_W(RES_W), .K(LN_K), .F(LN_F), .ROUNDING(ROUNDING), .S_W(LN_S_W),
                        .SQ_W(LN_SQ_W), .W_W(LN_W_W), .C_W(LN_C_W), .NUM_W(LN_NUM_W), .N_Q_W(LN_N_Q_W),
-                       .Y_W(LN_Y_W), .SHIFT_W(SHIFT_W))
+                       .Y_W(LN_Y_W), .SHIFT_W(SHIFT_W), .RECIPROCAL(LN_RECIPROCAL), .G(LN_G))
       layer_norm (.clk(clk), .rst(rst), .start(ln_start), .eps_q(extra[LN_EPS_W-1:0]), .out_shift(shift),
                   .rd_addr(ln_addr), .rd_q(rd_a[RES_W-1:0]), .rd_gamma(rd_b[LN_GAMMA_W-1:0]),
                   .rd_beta(rd_c[LN_BETA_W-1:0]), .out_valid(ln_valid), .out_addr(ln_out_addr), .out_q(ln_out),
-                  .done(ln_done), .row_s(), .row_w(), .row_k(), .row_root(), .out_c(), .out_n(), .out_y());
+                  .done(ln_done), .row_s(), .row_w(), .row_k(), .row_root(), .row_r(), .out_c(), .out_n(),
+                  .out_y());
   logic [SM_LEN_W-1:0] sm_addr, sm_out_addr;
   logic [SM_B_P-1:0] sm_out;
   tqt_softmax_row #(.LEN_W(SM_LEN_W), .SC_W(SM_SC_W), .X_W(SM_X_W), .XF_W(SM_XF_W), .Z_IN_W(SM_Z_IN_W),
                     .Z_W(SM_Z_W), .L_W(SM_L_W), .S_W(SM_S_W), .B_P(SM_B_P), .ROUNDING(ROUNDING), .SHIFT_W(SHIFT_W),
                     .MAX_LEFT(SM_MAX_LEFT), .Q_LN2(SM_Q_LN2), .Q_B(SM_Q_B), .Q_C(SM_Q_C), .MAGIC(SM_MAGIC),
-                    .MAGIC_S(SM_MAGIC_S))
+                    .MAGIC_S(SM_MAGIC_S), .RECIPROCAL(SM_RECIPROCAL))
       softmax (.clk(clk), .rst(rst), .start(sm_start), .len(depth[SM_LEN_W-1:0]), .clamp(extra[SM_X_W-1:0]),
                .shift(shift), .rd_addr(sm_addr), .rd_score(rd_a[SM_SC_W-1:0]), .rd_visible(1'b1),
-               .out_valid(sm_valid), .out_addr(sm_out_addr), .out_p(sm_out), .done(sm_done), .row_sum(),
+               .out_valid(sm_valid), .out_addr(sm_out_addr), .out_p(sm_out), .done(sm_done), .row_sum(), .row_t(), .row_r(),
                .out_x(), .out_x_f(), .out_z(), .out_l(), .out_e());
 
   // ---- the sequencer ----

@@ -6,6 +6,9 @@
 //                out = clip(shift_round(y, out_shift, R))          (pass 2: N_Q_W + 4 cycles each)
 // The export's generator (hw/params.py) proves k + F >= 0 (so the shift is on the numerator),
 // |c << (k + F)| < 2^(NUM_W-1) and |n| < 2^N_Q_W for its widths.
+// RECIPROCAL = 1 is the cheaper variant (kernels.layer_norm(..., normalization="reciprocal")): one
+// division per row, r = R(2^(K+G) / D_root) (0 when W = 0), then per element n = R(c r 2^-(K+G-k-F)),
+// a multiply and a rounding shift (2 cycles per element instead of N_Q_W + 5).
 module tqt_layer_norm_row #(
     parameter int D = 64,          // the row length
     parameter int ADDR_W = 6,
@@ -24,7 +27,9 @@ module tqt_layer_norm_row #(
     parameter int NUM_W = 44,      // c << (k + F): signed
     parameter int N_Q_W = 20,      // |n| < 2^N_Q_W
     parameter int Y_W = 40,        // y: signed
-    parameter int SHIFT_W = 8      // out_shift: signed, >= -13
+    parameter int SHIFT_W = 8,     // out_shift: signed, >= -13
+    parameter bit RECIPROCAL = 0,
+    parameter int G = 24           // the reciprocal's bits beyond K (kernels.LN_RECIPROCAL_G)
 ) (
     input  logic                      clk,
     input  logic                      rst,
@@ -44,11 +49,12 @@ module tqt_layer_norm_row #(
     output logic [W_W-1:0]            row_w,
     output logic signed [7:0]         row_k,
     output logic [K-1:0]              row_root,
+    output logic [G+1:0]              row_r,     // the reciprocal (RECIPROCAL = 1)
     output logic signed [C_W-1:0]     out_c,
     output logic signed [N_Q_W+1:0]   out_n,
     output logic signed [Y_W-1:0]     out_y
 );
-  typedef enum logic [2:0] {IDLE, SUM, MOMENTS, ROOT, FETCH, DIVIDE, EMIT} state_t;
+  typedef enum logic [3:0] {IDLE, SUM, MOMENTS, ROOT, RECIPROCAL_START, RECIPROCAL_WAIT, FETCH, DIVIDE, EMIT} state_t;
   state_t state;
 
   logic [ADDR_W:0] count;  // pass 1: addresses issued; pass 2: the element
@@ -95,9 +101,32 @@ module tqt_layer_norm_row #(
   assign c_wide = c;  // sign-extended
   assign up = k + 8'(F);  // >= 0 (the generator's proof)
   assign numerator = c_wide <<< up;
-  tqt_div_round #(.NUM_W(NUM_W), .DEN_W(K), .Q_W(N_Q_W), .ROUNDING(ROUNDING))
-      divide (.clk(clk), .rst(rst), .start(div_start), .a(numerator), .b(root), .done(div_done),
-              .quotient(n));
+  // the divider: each element's c << (k + F) / D_root, or (RECIPROCAL) once per row 2^(K+G) / D_root
+  localparam int DIV_NUM_W = RECIPROCAL ? K + G + 2 : NUM_W;
+  localparam int DIV_Q_W = RECIPROCAL ? G + 2 : N_Q_W;  // r <= 2^(G+1) since D_root >= 2^(K-1)
+  localparam logic signed [DIV_NUM_W-1:0] RECIPROCAL_NUMERATOR = 1 <<< (K + G);
+  logic signed [DIV_NUM_W-1:0] div_a;
+  /* verilator lint_off UNUSEDSIGNAL */
+  logic signed [DIV_Q_W+1:0] quotient;  // its sign bits are unused where it is r (>= 0)
+  /* verilator lint_on UNUSEDSIGNAL */
+  assign div_a = RECIPROCAL ? RECIPROCAL_NUMERATOR : numerator;
+  tqt_div_round #(.NUM_W(DIV_NUM_W), .DEN_W(K), .Q_W(DIV_Q_W), .ROUNDING(ROUNDING))
+      divide (.clk(clk), .rst(rst), .start(div_start), .a(div_a), .b(root), .done(div_done),
+              .quotient(quotient));
+  // the reciprocal variant's n = R(c r 2^-(K+G-k-F))
+  logic [G+1:0] r;
+  logic signed [G+2:0] r_signed;
+  logic signed [C_W+G+2:0] product;
+  logic [7:0] reciprocal_shift;
+  logic [N_Q_W+1:0] n_reciprocal;
+  assign r_signed = r;  // zero-extended
+  assign product = c * r_signed;
+  assign reciprocal_shift = 8'(K + G + 0) - up;  // K + G - k - F >= G - F > 0
+  tqt_shift_round #(.IN_W(C_W + G + 3), .OUT_W(N_Q_W + 2), .OUT_SIGNED(1), .ROUNDING(ROUNDING), .SHIFT_W(8))
+      normalize (.q(product), .shift(reciprocal_shift), .out(n_reciprocal));
+  logic [G+1:0] quotient_r;
+  assign quotient_r = quotient;  // RECIPROCAL: the quotient is r, G + 2 bits
+  assign n = RECIPROCAL ? n_reciprocal : quotient[N_Q_W+1:0];
   assign y = rd_gamma * n + rd_beta;  // all signed: extended to Y_W first
   logic [OUT_W-1:0] rounded;
   tqt_shift_round #(.IN_W(Y_W), .OUT_W(OUT_W), .OUT_SIGNED(1), .ROUNDING(ROUNDING), .SHIFT_W(SHIFT_W),
@@ -109,6 +138,7 @@ module tqt_layer_norm_row #(
   assign row_w = w;
   assign row_k = k;
   assign row_root = root;
+  assign row_r = r;
 
   always_ff @(posedge clk) begin
     done <= 0;
@@ -144,12 +174,20 @@ module tqt_layer_norm_row #(
           k <= k_next;
           if (sqrt_done) begin
             root <= sqrt_root == 0 ? K'(1) : sqrt_root;
-            state <= FETCH;
+            state <= RECIPROCAL ? RECIPROCAL_START : FETCH;
           end
         end
-        FETCH: begin  // the element's q, gamma and beta arrive in this cycle's data
+        RECIPROCAL_START: begin
           div_start <= 1;
-          state <= DIVIDE;
+          state <= RECIPROCAL_WAIT;
+        end
+        RECIPROCAL_WAIT: if (div_done) begin
+          r <= w == 0 ? '0 : quotient_r;
+          state <= FETCH;
+        end
+        FETCH: begin  // the element's q, gamma and beta arrive in this cycle's data
+          div_start <= !RECIPROCAL;
+          state <= RECIPROCAL ? EMIT : DIVIDE;
         end
         DIVIDE: if (div_done) state <= EMIT;
         EMIT: begin

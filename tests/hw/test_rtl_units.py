@@ -175,18 +175,22 @@ def test_argmax_takes_the_first_maximum(tmp_path):
 # ---- LayerNorm -------------------------------------------------------------------------------------
 
 
-def layer_norm_group(q, gamma, beta, eps_q, f_gamma, f_out, out_bits, rounding) -> dict:
+def layer_norm_group(q, gamma, beta, eps_q, f_gamma, f_out, out_bits, rounding,
+                     normalization="exact") -> dict:
     steps: dict = {}
-    out = kernels.layer_norm(q, gamma, beta, eps_q, f_gamma, f_out, out_bits, rounding, steps=steps)
+    out = kernels.layer_norm(q, gamma, beta, eps_q, f_gamma, f_out, out_bits, rounding, steps=steps,
+                             normalization=normalization)
     return {"q": q, "gamma": gamma, "beta": beta, "eps_q": eps_q, "out_shift": f_gamma + kernels.LN_F - f_out,
             "out_bits": out_bits, "expect_out": out, **{f"expect_{k}": v for k, v in steps.items()}}
 
 
-@pytest.mark.parametrize("rounding", ROUNDINGS)
-def test_layer_norm_rows(rounding, tmp_path):
+@pytest.mark.parametrize("rounding,normalization", [(r, "exact") for r in ROUNDINGS]
+                         + [(r, "reciprocal") for r in ROUNDINGS])
+def test_layer_norm_rows(rounding, normalization, tmp_path):
     """Random rows and the edges: a constant row with eps_q = 0 (W = 0: D = 1, out = R(beta)) and
     with eps_q > 0, the largest W (alternating extremes), one outlier, and output shifts of both
-    signs (a left shift onto a finer output grid)."""
+    signs (a left shift onto a finer output grid); both normalizations (the reciprocal's r compared
+    too)."""
     rng = np.random.default_rng(5)
     d, bits = 48, 16
     top = 1 << (bits - 1)
@@ -200,27 +204,30 @@ def test_layer_norm_rows(rounding, tmp_path):
     gamma[0] = -(1 << 15)
     beta = rng.integers(-(1 << 40), 1 << 40, d)
     constant = q[1:2]
-    groups = [layer_norm_group(q, gamma, beta, 3, 14, 12, bits, rounding),
-              layer_norm_group(constant, gamma, beta, 0, 14, 12, bits, rounding),  # W = 0
-              layer_norm_group(q[:3], gamma, beta, 1 << 32, 14, 31, bits, rounding),  # eps_q at its bound
-              layer_norm_group(q[:3], gamma, beta, 3, 12, 41, bits, rounding)]  # out_shift -13: a left shift
+    groups = [layer_norm_group(q, gamma, beta, 3, 14, 12, bits, rounding, normalization),
+              layer_norm_group(constant, gamma, beta, 0, 14, 12, bits, rounding, normalization),  # W = 0
+              layer_norm_group(q[:3], gamma, beta, 1 << 32, 14, 31, bits, rounding,
+                               normalization),  # eps_q 2^32
+              layer_norm_group(q[:3], gamma, beta, 3, 12, 41, bits, rounding, normalization)]  # a left shift
     assert groups[1]["expect_W"].max() == 0 and groups[2]["out_shift"] < 0 and groups[3]["out_shift"] < 0
-    hw = params.layer_norm_params(d, bits, 16, 1 << 40, 1 << 32, bits, rounding)
+    assert ("expect_r" in groups[0]) == (normalization == "reciprocal")
+    hw = params.layer_norm_params(d, bits, 16, 1 << 40, 1 << 32, bits, rounding, normalization=normalization)
     result = run("layer_norm_bench", "layer_norm_cocotb", {**hw, "ROWS": 8}, groups, tmp_path)
     assert result["passed"] == 8 + 1 + 3 + 3
     assert len(set(result["cycles"])) == 1  # every row of d values takes the same cycles
 
 
-def test_layer_norm_with_a_negative_k(tmp_path):
+@pytest.mark.parametrize("normalization", ["exact", "reciprocal"])
+def test_layer_norm_with_a_negative_k(normalization, tmp_path):
     """d = 1024 alternating extremes: W >= 2^2K, so k < 0 (W shifted right before the isqrt)."""
     d, top = 1024, 1 << 15
     q = np.where(np.arange(d) % 2, top - 1, -top)[None].repeat(2, 0)
     q[1, :10] = 0
     gamma = np.full(d, 1 << 14)
     beta = np.arange(d) << 20
-    group = layer_norm_group(q, gamma, beta, 7, 14, 12, 16, "half_even")
+    group = layer_norm_group(q, gamma, beta, 7, 14, 12, 16, "half_even", normalization)
     assert group["expect_k"].min() < 0
-    hw = params.layer_norm_params(d, 16, 16, int(beta.max()), 7, 16, "half_even")
+    hw = params.layer_norm_params(d, 16, 16, int(beta.max()), 7, 16, "half_even", normalization=normalization)
     result = run("layer_norm_bench", "layer_norm_cocotb", {**hw, "ROWS": 2}, [group], tmp_path)
     assert result["passed"] == 2
 
@@ -228,16 +235,21 @@ def test_layer_norm_with_a_negative_k(tmp_path):
 # ---- softmax ---------------------------------------------------------------------------------------
 
 
-def softmax_group(scores, visible, f, out_bits, rounding, m, x_bits) -> dict:
+def softmax_group(scores, visible, f, out_bits, rounding, m, x_bits, normalization="exact") -> dict:
     steps: dict = {}
     out, _ = kernels.softmax_with_sums(scores, f, visible, out_bits, rounding, kernels.EXP_F, m, steps)
+    if normalization == "reciprocal":
+        out = kernels.normalize_reciprocal(steps["e"], out_bits, rounding, steps)
     return {"scores": scores, "visible": visible.astype(np.uint8), "shift": f - kernels.EXP_F,
             "clamp": params.clamp_setting(kernels.exp_clamp(f, m), x_bits), "expect_out": out,
             **{f"expect_{k}": v for k, v in steps.items()}}
 
 
-@pytest.mark.parametrize("rounding,m", [("half_even", 8), ("half_up", 64), ("floor", 1)])
-def test_softmax_rows(rounding, m, tmp_path):
+@pytest.mark.parametrize("rounding,m,normalization", [("half_even", 8, "exact"), ("half_up", 64, "exact"),
+                                                      ("floor", 1, "exact"), ("half_even", 8, "reciprocal"),
+                                                      ("half_up", 64, "reciprocal"), ("floor", 1,
+                                                                                      "reciprocal")])
+def test_softmax_rows(rounding, m, normalization, tmp_path):
     """Random rows and the edges: a fully masked row (all zeros), one visible key (p = 1, clipped to
     2^b - 1), equal scores, scores far below the top (clamped, z > 62: e = 0), and the three kinds of
     input grid: f < F (a left shift), f = F, f > F (the half-up shift, with ties)."""
@@ -255,8 +267,8 @@ def test_softmax_rows(rounding, m, tmp_path):
     scores[4, 5:] = -score_max
     scores[5] = (rng.integers(-200, 1, length) << 4) | 8  # half-way points once shifted by 4 (f = F + 4)
     hw = params.softmax_params(score_max, bits, [4, kernels.EXP_F, kernels.EXP_F + 4], 32, out_bits, rounding,
-                               kernels.EXP_F, m)
-    groups = [softmax_group(scores, visible, f, out_bits, rounding, m, hw["X_W"])
+                               kernels.EXP_F, m, normalization)
+    groups = [softmax_group(scores, visible, f, out_bits, rounding, m, hw["X_W"], normalization)
               for f in (4, kernels.EXP_F, kernels.EXP_F + 4)]
     assert groups[0]["expect_z"].max() > 62 and groups[1]["expect_out"][1].max() == 0
     result = run("softmax_bench", "softmax_cocotb", {**hw, "ROWS": 7, "L_MAX": 32}, groups, tmp_path)
@@ -286,3 +298,12 @@ def test_a_wrong_integer_fails_the_bench(tmp_path):
                             [elementwise({"q": q, "shift": np.full(50, 3)}, expect, 8,
                                          True)], tmp_path / "rq")
     assert (result["passed"], result["failed"]) == (49, 1)
+
+
+def test_a_relative_work_folder(tmp_path, monkeypatch):
+    """The simulator runs in hw/bench/: a work folder given relative to the caller still works."""
+    monkeypatch.chdir(tmp_path)
+    acc = np.arange(-5, 6)
+    result = run("tqt_relu", "elementwise_cocotb", {"W": 8},
+                 [elementwise({"acc": acc}, np.maximum(acc, 0), 9, True)], "relative/work")
+    assert result["passed"] == acc.size and (tmp_path / "relative" / "work" / "results.json").exists()
