@@ -18,7 +18,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from integer import atomic_files, calibration, fixed_point
+from integer import atomic_files, calibration, fixed_point, kernels
 
 # flags that describe the model and its vocabulary: restored from <logdir>/hparams.json
 MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxlen1", "maxlen2",
@@ -27,7 +27,7 @@ MODEL_FLAGS = ("d_model", "d_ff", "num_blocks", "num_heads", "vocab_size", "maxl
 DATA_FLAGS = ("data", "demo_dir", "dev_set", "test_set", "train_src", "train_tgt", "dev_src",
               "dev_tgt", "test_src", "test_tgt")
 QUANT_FLAGS = ("quant", "wbits", "abits", "quant_override", "rounding", "per_channel", "per_row_embedding",
-               "integer_only", "residual_bits")
+               "integer_only", "residual_bits", "normalization")
 # --init_from fine-tunes: these replace the from-scratch schedule unless typed (a short run at a
 # low rate with a short warm-up, as the QAT benchmarks and `make demo` use)
 FINE_TUNE_SCHEDULE = {"num_epochs": 2, "lr": 2e-4, "warmup_steps": 100}
@@ -177,6 +177,10 @@ def add_quant_flags(p: argparse.ArgumentParser) -> None:
                         "integer grids too (docs/integer_only.md)")
     g.add_argument("--residual_bits", type=BITS, default=16,
                    help="bits of the residual stream and LayerNorm sites with --integer_only")
+    g.add_argument("--normalization", default="exact", choices=kernels.NORMALIZATIONS,
+                   help="with --integer_only: LayerNorm and softmax divide each element (exact) or "
+                        "multiply it by one reciprocal per row (cheaper in hardware, within one output "
+                        "unit: docs/hardware.md)")
     g.add_argument("--per_channel", action="store_true",
                    help="one power-of-two threshold per output channel for dense weights")
     g.add_argument("--per_row_embedding", action="store_true",

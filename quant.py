@@ -403,6 +403,7 @@ class QuantConfig:
     integer_only: bool = False
     residual_bits: int = 16
     per_row_embedding: bool = False
+    normalization: str = "exact"  # integer-only LayerNorm and softmax (integer/kernels.NORMALIZATIONS)
 
     def __post_init__(self):
         for bits in (self.wbits, self.abits, self.residual_bits):
@@ -420,12 +421,16 @@ class QuantConfig:
         integer_only: bool = False,
         residual_bits: int = 16,
         per_row_embedding: bool = False,
+        normalization: str = "exact",
     ) -> QuantConfig | None:
         """Build from command-line flags; None for --quant none. `wbits`/`abits` replace the
         preset's widths when given."""
         if quant not in fixed_point.PRESETS:
             raise ValueError(f"--quant must be one of {list(fixed_point.PRESETS)}, got {quant!r}")
         preset = fixed_point.PRESETS[quant]
+        if normalization != "exact" and not integer_only:
+            raise ValueError(f"--normalization {normalization} needs --integer_only (the float and "
+                             "matmul-only models normalize in float)")
         if preset is None:
             if integer_only:
                 raise ValueError("--integer_only needs a --quant preset (it quantizes every tensor)")
@@ -439,6 +444,7 @@ class QuantConfig:
             integer_only=integer_only,
             residual_bits=residual_bits,
             per_row_embedding=per_row_embedding,
+            normalization=normalization,
         )
 
     def bits_for(self, site_name: str, role: str, default: int | None = None) -> int:

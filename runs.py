@@ -187,7 +187,7 @@ def quant_config(hp: argparse.Namespace) -> quant.QuantConfig | None:
     overrides); None for --quant none."""
     return quant.QuantConfig.from_flags(hp.quant, hp.wbits, hp.abits, hp.rounding, hp.per_channel,
                                         hp.quant_override, hp.integer_only, hp.residual_bits,
-                                        hp.per_row_embedding)
+                                        hp.per_row_embedding, hp.normalization)
 
 
 def sites_from_flags(hp: argparse.Namespace) -> SiteFactory:

@@ -30,6 +30,7 @@ UNITS = {
     "softmax": ("tqt_softmax_row", ["tqt_shift_round.sv", "tqt_exp.sv", "tqt_div_round.sv",
                                     "tqt_softmax_row.sv"]),
 }
+UNITS |= {f"{unit}_reciprocal": UNITS[unit] for unit in ("layer_norm", "softmax")}  # RECIPROCAL = 1
 KINDS = {"adders": ("$add", "$sub", "$neg", "$alu"), "multipliers": ("$mul", "$macc"),
          "dividers": ("$div", "$mod", "$divfloor", "$modfloor"),
          "comparators": ("$lt", "$le", "$gt", "$ge", "$eq", "$ne", "$eqx", "$nex"),

@@ -22,9 +22,6 @@ import numpy as np
 from hw import params as hw_params
 from hw import sim
 
-LN_STEPS = ("s", "c", "W", "k", "D", "n", "y")
-SOFTMAX_STEPS = ("x", "x_F", "z", "L", "e", "S")
-
 
 def _input_bits(item: dict) -> int:
     """A stored input's register width as a signed RTL port (an unsigned word gets a zero sign bit)."""
@@ -90,8 +87,8 @@ class _Plan:
                      "beta": self.arrays[p["beta"]], "eps_q": int(self.arrays[p["eps_q"]]),
                      "out_shift": self.hw["ops"][name]["out_shift"], "out_bits": out["bits"],
                      "expect_out": expect.reshape(-1, d)}
-            group |= {f"expect_{s}": vectors[op["steps"][s]["key"]].reshape(group["q"].shape[0], -1)
-                      for s in LN_STEPS}
+            group |= {f"expect_{s}": vectors[item["key"]].reshape(group["q"].shape[0], -1)
+                      for s, item in op["steps"].items()}
             self.groups["layer_norm"].append(group)
             self.widen("layer_norm", ROWS=group["q"].shape[0])
             self.verilator.append(("layer_norm", op, mem))
@@ -102,8 +99,8 @@ class _Plan:
                                                                                                     length),
                      "clamp": setting["clamp"], "shift": setting["shift"], "expect_out": expect.reshape(-1,
                                                                                                         length)}
-            group |= {f"expect_{s}": vectors[op["steps"][s]["key"]].reshape(group["scores"].shape[0], -1)
-                      for s in SOFTMAX_STEPS}
+            group |= {f"expect_{s}": vectors[item["key"]].reshape(group["scores"].shape[0], -1)
+                      for s, item in op["steps"].items()}
             self.groups["softmax"].append(group)
             self.widen("softmax", ROWS=group["scores"].shape[0], L_MAX=length)
             self.verilator.append(("softmax", op, mem))

@@ -109,6 +109,7 @@ def export_params(export_dir: str) -> dict:
         raise ValueError(f"{export_dir}: not an integer-only export (its manifest lists no LayerNorm "
                          "or softmax op)")
     rounding = manifest["model"]["rounding"]
+    normalization = manifest["model"].get("normalization", "exact")
     settings: dict[str, dict] = {}
     for op in norms:
         p = op["params"]
@@ -120,13 +121,14 @@ def export_params(export_dir: str) -> dict:
         max(int(arrays[op["params"]["gamma"] + ".bits"]) for op in norms),
         max(int(np.abs(arrays[op["params"]["beta"]]).max()) for op in norms),
         max(int(arrays[op["params"]["eps_q"]]) for op in norms),
-        max(op["output"]["bits"] for op in norms), rounding, ln["K"], ln["F"])
+        max(op["output"]["bits"] for op in norms), rounding, ln["K"], ln["F"], normalization)
     scores = [op["inputs"]["scores"] for op in softmaxes]
     sm = softmaxes[0]["params"]
     softmax = softmax_params(max(s["proven_max_abs"] for s in scores), max(s["bits"] for s in scores),
                              sorted({op["params"]["f"] for op in softmaxes}),
                              arrays["embedding_sum/positions"].shape[0],  # max_positions: the longest row
-                             max(op["output"]["bits"] for op in softmaxes), rounding, sm["F"], sm["m"])
+                             max(op["output"]["bits"] for op in softmaxes), rounding, sm["F"], sm["m"],
+                             normalization)
     for op in softmaxes:
         p = op["params"]
         settings[op["name"]] = {"unit": "softmax", "shift": p["f"] - p["F"],

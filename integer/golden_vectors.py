@@ -106,9 +106,11 @@ def _integer(_: dict) -> int:
 STEP_FORMATS = {
     "layer_norm": {"s": (True, lambda p: p["f_in"]), "c": (True, lambda p: p["f_in"]),
                    "W": (False, lambda p: 2 * p["f_in"]), "k": (True, _integer), "D": (False, _no_grid),
-                   "n": (True, lambda p: p["F"]), "y": (True, lambda p: p["f_gamma"] + p["F"])},
+                   "r": (False, _no_grid), "n": (True, lambda p: p["F"]),
+                   "y": (True, lambda p: p["f_gamma"] + p["F"])},
     "softmax": {"x": (True, lambda p: p["f"]), "x_F": (True, lambda p: p["F"]), "z": (False, _integer),
-                "L": (False, _no_grid), "e": (False, _no_grid), "S": (False, _no_grid)},
+                "L": (False, _no_grid), "e": (False, _no_grid), "S": (False, _no_grid), "t": (True, _integer),
+                "r": (False, _no_grid)},
 }
 
 

@@ -58,7 +58,12 @@ class IntOnlyTransformer(IntTransformer):
         # export's data sheet and eval turn observing on, plain decoding does not pay for it
         self.observe = False
         self.max_positions = len(self.int64[f"{site_names.EMBEDDING_SUM}/positions"])
-        for key, value in kernels.intonly_constants(self.d_k).items():
+        self.normalization = self.config.get("normalization", "exact")
+        if self.normalization not in kernels.NORMALIZATIONS:
+            known = ", ".join(kernels.NORMALIZATIONS)
+            raise export_format.ExportError(f"the export's normalization {self.normalization!r} is not this "
+                                            f"engine's (integer/kernels.py: {known})")
+        for key, value in kernels.intonly_constants(self.d_k, self.normalization).items():
             if key in self.config and self.config[key] != value:
                 raise export_format.ExportError(f"the export's {key} {self.config[key]} is not this "
                                                 f"engine's kernels' {value} (integer/kernels.py)")
@@ -188,7 +193,7 @@ class IntOnlyTransformer(IntTransformer):
         if prefix not in self._kernel_bounds:  # the proven widths of its intermediates, once
             self._kernel_bounds[prefix] = kernels.layer_norm_bounds(
                 d, grid.bits, self.grids[names.gamma].max_abs, int(np.abs(beta).max(initial=0)), int(eps_q),
-                out_grid.bits)
+                out_grid.bits, normalization=self.normalization)
             self._bounds[f"{prefix}/variance"] = self._kernel_bounds[prefix]["W"]
         if self.observe:
             self._observe(f"{prefix}/variance", kernels.layer_norm_moments(r, eps_q)[1], None)
@@ -197,13 +202,14 @@ class IntOnlyTransformer(IntTransformer):
         self._edges[(f"{prefix}/layer_norm", names.output)] = (out_shift, self.rounding)
         steps = self.steps()
         out = kernels.layer_norm(r, self.int64[names.gamma], beta, eps_q, f_gamma, int(out_grid.f),
-                                 out_grid.bits, self.rounding, steps=steps)
+                                 out_grid.bits, self.rounding, steps=steps, normalization=self.normalization)
         if steps is None:
             return self.emit(names.output, "layer_norm", out, {"input": r})
         return self.emit(names.output, "layer_norm", out, {"input": r}, {"input": names.input}, steps,
                          gamma=names.gamma, beta=names.beta, eps_q=f"{prefix}/eps_q", f_gamma=f_gamma,
                          f_in=int(grid.f), K=kernels.LN_K, F=kernels.LN_F, rounding=self.rounding,
-                         out=self.site_format(names.output), proven_max_abs=self._kernel_bounds[prefix])
+                         normalization=self.normalization, out=self.site_format(names.output),
+                         proven_max_abs=self._kernel_bounds[prefix])
 
     def project_kv(self, prefix: str, x: np.ndarray, source: str) -> tuple[np.ndarray, np.ndarray]:
         """K and V heads on the key/value grids, held in float32 as GEMM operands (exact)."""
@@ -230,10 +236,11 @@ class IntOnlyTransformer(IntTransformer):
         mask = None if visible is None else np.broadcast_to(visible, scores.shape)
         steps = self.steps()
         probs, sums = kernels.softmax_with_sums(scores, f_s, mask, probs_grid.bits, self.rounding,
-                                                m=self.d_k, steps=steps)
+                                                m=self.d_k, steps=steps, normalization=self.normalization)
         if prefix not in self._kernel_bounds:
             self._kernel_bounds[prefix] = kernels.softmax_bounds(
-                self._bounds[names.scores], f_s, self.max_positions, probs_grid.bits, m=self.d_k)
+                self._bounds[names.scores], f_s, self.max_positions, probs_grid.bits, m=self.d_k,
+                normalization=self.normalization)
             self._bounds[f"{prefix}/softmax_sum"] = self._kernel_bounds[prefix]["S"]
         if self.observe:
             self._observe(f"{prefix}/softmax_sum", sums, None)
@@ -245,7 +252,8 @@ class IntOnlyTransformer(IntTransformer):
             probs = self.emit(names.probs, "softmax", probs, inputs, {"scores": names.scores}, steps, f=f_s,
                               m=self.d_k, F=kernels.EXP_F, constants=constants,
                               clamp=kernels.exp_clamp(f_s, self.d_k), exp_rounding=kernels.EXP_ROUNDING,
-                              rounding=self.rounding, out=self.site_format(names.probs),
+                              rounding=self.rounding, normalization=self.normalization,
+                              out=self.site_format(names.probs),
                               proven_max_abs=self._kernel_bounds[prefix])
         heads = self.imatmul(names.probs, probs, names.value, v, k_max=self.max_positions)
         b, _, lq, _ = heads.shape

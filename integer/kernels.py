@@ -279,13 +279,20 @@ def _check_softmax_widths(length, out_bits: int, F: int, m: int = 1) -> None:
         raise ValueError(f"out_bits={out_bits} with F={F} overflows the int64 division")
 
 
-def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: int = 1) -> np.ndarray:
+def softmax(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: int = 1,
+            normalization: str = "exact") -> np.ndarray:
     """softmax_with_sums' probabilities."""
-    return softmax_with_sums(q, f, mask, out_bits, rounding, F, m)[0]
+    return softmax_with_sums(q, f, mask, out_bits, rounding, F, m, normalization=normalization)[0]
 
 
-def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F,
-                      m: int = 1, steps: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+def check_normalization(normalization: str) -> None:
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
+
+
+def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EXP_F, m: int = 1,
+                      steps: dict | None = None, normalization: str = "exact"
+                      ) -> tuple[np.ndarray, np.ndarray]:
     """(out, S): softmax(x / sqrt(m)) over the last axis of int64 scores q on grid f (|q| < 2^62),
     as unsigned integers on the probability grid 2^-out_bits (threshold 1), clipped to
     [0, 2^out_bits - 1], and the row sums S of its exps:
@@ -303,9 +310,11 @@ def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EX
     of 2^-out_bits (the rounding R, or the clip at p ~ 1): measured in tests/test_int_softmax.py.
     S (int64, q's shape without the last axis) is returned for the data sheet's observed widths.
     `steps` (a dict) receives the intermediates for golden vectors: x = q - top, x_F, z, L, e (0
-    where masked) and S (softmax_bounds gives their proven widths)."""
+    where masked) and S (softmax_bounds gives their proven widths). normalization="reciprocal"
+    normalizes by normalize_reciprocal (one division per row; steps also t and r)."""
     q = _int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
+    check_normalization(normalization)
     if np.any(q >= 1 << 62) or np.any(q <= -(1 << 62)):
         raise ValueError("softmax takes scores |q| < 2^62")
     if mask is None:
@@ -319,6 +328,8 @@ def softmax_with_sums(q, f: int, mask, out_bits: int, rounding: str, F: int = EX
     total = np.sum(e, axis=-1, keepdims=True)
     if steps is not None:
         steps["S"] = total
+    if normalization == "reciprocal":
+        return _normalize_reciprocal(e, total, out_bits, rounding, steps), total[..., 0]
     return _normalize(e, total, out_bits, rounding), total[..., 0]
 
 
@@ -396,17 +407,25 @@ def _normalize_reciprocal(e: np.ndarray, total: np.ndarray, out_bits: int, round
 
 
 def softmax_bounds(score_max_abs: int, f: int, length: int, out_bits: int, F: int = EXP_F,
-                   m: int = 1) -> dict[str, int]:
+                   m: int = 1, normalization: str = "exact") -> dict[str, int]:
     """The proven largest |value| of each softmax intermediate for scores |q| <= score_max_abs on
     grid f in rows of `length` keys: x = q - top (2 score_max_abs), x_F (the clamp shifted onto F:
     shift_round is monotone, so the clamp's image bounds it), z = |x_F| // q_ln2, L and e (exp_max),
-    S (length exp_max), the division's numerator e << out_bits, and the output."""
+    S (length exp_max), the division's numerator e << out_bits, and the output. The reciprocal
+    variant: |t| (S's shift: from 1 - RK at S = 1 up to bitlength(S) - RK), r <= 2^(RK+1), the
+    division's numerator 2^(2 RK) and the product (e 2^-t) r < 2^RK 2^(RK+1)."""
+    check_normalization(normalization)
     q_ln2 = exp_constants(F, m)[0]
     x_max = 2 * int(score_max_abs)
     x_f = -int(shift_round(max(-x_max, exp_clamp(f, m)), int(f) - F, EXP_ROUNDING))
     top = exp_max(F, m)
-    return {"x": x_max, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
-            "numerator": top << out_bits, "output": (1 << out_bits) - 1}
+    bounds = {"x": x_max, "x_F": x_f, "z": x_f // q_ln2, "L": top, "e": top, "S": length * top,
+              "numerator": top << out_bits, "output": (1 << out_bits) - 1}
+    if normalization == "reciprocal":
+        width = out_bits + RECIPROCAL_GUARD
+        bounds |= {"t": max(width - 1, (length * top).bit_length() - width), "r": 1 << (width + 1),
+                   "numerator": 1 << (2 * width), "product": (1 << (2 * width + 1)) - 1}
+    return bounds
 
 
 # ---- LayerNorm ----
@@ -523,8 +542,7 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
     q, gamma_q, beta_q, eps_q = _int64(q), _int64(gamma_q), _int64(beta_q), _int64(eps_q)
     if q.ndim == 0:
         raise ValueError("layer_norm needs an array with a last axis")
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"unknown normalization {normalization!r}: one of {', '.join(NORMALIZATIONS)}")
+    check_normalization(normalization)
     d, out_shift = q.shape[-1], f_gamma + F - f_out
     check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
     if q.min(initial=0) < -LN_MAX_ABS_Q or q.max(initial=0) > LN_MAX_ABS_Q or np.any(
@@ -561,7 +579,8 @@ def layer_norm(q, gamma_q, beta_q, eps_q, f_gamma: int, f_out: int, out_bits: in
 
 
 def layer_norm_bounds(d: int, in_bits: int, gamma_max_abs: int, beta_max_abs: int, eps_q: int,
-                      out_bits: int, K: int = LN_K, F: int = LN_F) -> dict[str, int]:
+                      out_bits: int, K: int = LN_K, F: int = LN_F,
+                      normalization: str = "exact") -> dict[str, int]:
     """The proven largest |value| of each layer_norm intermediate for a row of d values on a signed
     in_bits grid (q in [-2^(b-1), 2^(b-1) - 1]):
         s <= d 2^(b-1);  c = d q_i - s = (d - 1) q_i - (the others) <= (d - 1)(2^b - 1);
@@ -569,7 +588,11 @@ def layer_norm_bounds(d: int, in_bits: int, gamma_max_abs: int, beta_max_abs: in
         D < 2^K;  numerator |c 2^(k+F)| < sqrt(d - 1) 2^(K+F), because c_i^2 <= (d - 1) W
         (c sums to 0 over the row and sum c^2 = d S2) and W 2^2k < 2^2K (or |c| when k + F < 0);
         |n| < sqrt(d - 1) 2^F (1 + 2^(1-K)) + 1 (D >= 2^(K-1) and 2^k sqrt(W) < D + 1);
-        |y| <= max|gamma_q| |n| + max|beta_q|."""
+        |y| <= max|gamma_q| |n| + max|beta_q|.
+    The reciprocal variant: r <= 2^(G+1), the division's numerator 2^(K+G), the product
+    |c r| <= max|c| 2^(G+1); n stays within the same bound (it is within 1/4 + the rounding of the
+    exact quotient, and the bound has 2 of slack)."""
+    check_normalization(normalization)
     q_max = 1 << (in_bits - 1)
     w_max = d * d * (q_max * q_max + int(eps_q))
     c_max = (d - 1) * ((1 << in_bits) - 1)
@@ -578,18 +601,27 @@ def layer_norm_bounds(d: int, in_bits: int, gamma_max_abs: int, beta_max_abs: in
     if k_min + F < 0:
         numerator = max(numerator, c_max)
     n_max = (math.isqrt((d - 1) * (((1 << (K - 1)) + 1) << F) ** 2) >> (K - 1)) + 2
-    return {"s": d * q_max, "c": c_max, "W": w_max, "k": max(K, -k_min), "D": (1 << K) - 1,
-            "numerator": numerator, "n": n_max, "y": int(gamma_max_abs) * n_max + int(beta_max_abs),
-            "output": 1 << (out_bits - 1)}
+    bounds = {"s": d * q_max, "c": c_max, "W": w_max, "k": max(K, -k_min), "D": (1 << K) - 1,
+              "numerator": numerator, "n": n_max, "y": int(gamma_max_abs) * n_max + int(beta_max_abs),
+              "output": 1 << (out_bits - 1)}
+    if normalization == "reciprocal":
+        G = LN_RECIPROCAL_G
+        bounds |= {"r": 1 << (G + 1), "numerator": 1 << (K + G), "product": c_max << (G + 1)}
+    return bounds
 
 
 # ---- what an export records ----
 
 
-def intonly_constants(d_k: int) -> dict:
-    """The kernels' static choices for a model with head size d_k, as its manifest records them:
-    the exporter writes this dict and the engine refuses an export whose record differs. A kernel
-    swapped for another (a LUT exp, a reciprocal-multiply normalization) changes its function here
-    and its twin in integer_tf/kernels_tf.py, and records what it needs in this dict."""
-    return {"softmax_F": EXP_F, "softmax_m": d_k, "softmax_constants": list(exp_constants(EXP_F, d_k)),
-            "layer_norm_K": LN_K, "layer_norm_F": LN_F}
+def intonly_constants(d_k: int, normalization: str = "exact") -> dict:
+    """The kernels' static choices for a model with head size d_k and a normalization variant, as its
+    manifest records them: the exporter writes this dict and the engine refuses an export whose
+    record differs. A kernel swapped for another (a LUT exp, say) changes its function here and its
+    twin in integer_tf/kernels_tf.py, and records what it needs in this dict."""
+    check_normalization(normalization)
+    constants = {"softmax_F": EXP_F, "softmax_m": d_k, "softmax_constants": list(exp_constants(EXP_F, d_k)),
+                 "layer_norm_K": LN_K, "layer_norm_F": LN_F, "normalization": normalization}
+    if normalization == "reciprocal":
+        constants |= {"softmax_reciprocal_guard": RECIPROCAL_GUARD,
+                      "layer_norm_reciprocal_G": LN_RECIPROCAL_G}
+    return constants

@@ -137,7 +137,7 @@ def model_config(model: Transformer) -> dict:
               "layer_norm_eps": model.encoder[0].ln1.eps, "d_model": model.d_model,
               "vocab": model.vocab_size, "integer_only": bool(model.sites.config.integer_only)}
     if config["integer_only"]:
-        config.update(kernels.intonly_constants(model.d_k))
+        config.update(kernels.intonly_constants(model.d_k, model.sites.config.normalization))
     return config
 
 

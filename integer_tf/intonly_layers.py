@@ -190,7 +190,7 @@ class IntLayerNorm(LayerNorm):
         out = kernels_tf.layer_norm(  # gamma: the site's own output, read as integers
             r_q, to_int(gamma, site_f(self.gamma_site)), beta_q, self.eps_integer(),
             site_f(self.gamma_site), site_f(self.output_site), self.output_site.num_bits,
-            self.output_site.rounding)
+            self.output_site.rounding, normalization=self.recorder.config.normalization)
         self.recorder.record(self.input_site.site_name, r_q)
         self.recorder.record(self.output_site.site_name, out)
         return exact_forward(y, out, site_f(self.output_site))
@@ -218,7 +218,7 @@ class IntSoftmax(tf.Module):
         f = site_f(q_site) + site_f(k_site)
         visible = bias > token_ids.NEG_INF / 2
         probs = kernels_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
-                                  m=self.d_k)
+                                  m=self.d_k, normalization=self.recorder.config.normalization)
         self.recorder.record(p_site.site_name, probs)
         return exact_forward(y, probs, site_f(p_site))
 

@@ -99,10 +99,11 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
-            F: int = kernels.EXP_F, m: int = 1) -> tf.Tensor:
+            F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact") -> tf.Tensor:
     """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (kernels.softmax):
     `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
-    zeros."""
+    zeros. normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
+    kernels.check_normalization(normalization)
     q = _softmax_int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
     if mask is None:
@@ -116,10 +117,24 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
     kernels._check_softmax_widths(x.shape[-1], out_bits, F, m)
     e = tf.where(mask, exp_neg(x, f, F, m), tf.zeros_like(x))
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
-    shifted = tf.bitwise.left_shift(e, tf.fill(tf.shape(e), tf.constant(out_bits, tf.int64)))
-    probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)
+    if normalization == "reciprocal":
+        probs = _reciprocal_probs(e, total, out_bits, rounding)
+    else:
+        shifted = tf.bitwise.left_shift(e, tf.fill(tf.shape(e), tf.constant(out_bits, tf.int64)))
+        probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)
     n, p = fixed_point.integer_range(out_bits, False)
     return tf.clip_by_value(probs, tf.constant(n, tf.int64), tf.constant(p, tf.int64))
+
+
+def _reciprocal_probs(e: tf.Tensor, total: tf.Tensor, out_bits: int, rounding: str) -> tf.Tensor:
+    """kernels._normalize_reciprocal before the clip: t = bitlength(S) - RK, r = R(2^(2 RK) / (S 2^-t)),
+    R((e 2^-t) r 2^-(2 RK - out_bits))."""
+    width = out_bits + kernels.RECIPROCAL_GUARD
+    t = bit_length(total) - width
+    scaled = shift_round(total, t, "floor")
+    r = tf.where(total > 0, div_round(tf.bitwise.left_shift(tf.ones_like(total), 2 * width),
+                                      tf.maximum(scaled, 1), rounding), tf.zeros_like(total))
+    return shift_round(shift_round(e, t, "floor") * r, 2 * width - out_bits, rounding)
 
 
 # ---- LayerNorm ----
@@ -139,10 +154,12 @@ def bit_length(n: tf.Tensor) -> tf.Tensor:
 
 def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int,
                f_gamma: int | tf.Tensor, f_out: int | tf.Tensor, out_bits: int, rounding: str,
-               K: int = kernels.LN_K, F: int = kernels.LN_F) -> tf.Tensor:
+               K: int = kernels.LN_K, F: int = kernels.LN_F, normalization: str = "exact") -> tf.Tensor:
     """Integer LayerNorm over the last axis, the same integers as kernels.layer_norm (see there for
-    the algorithm, bounds and error bound). The static arguments are checked (ValueError); the
-    data bounds (|q|, |gamma_q| <= 2^15, |beta_q| < 2^48, 0 <= eps_q <= 2^32) are the caller's."""
+    the algorithm, both normalizations, bounds and error bound). The static arguments are checked
+    (ValueError); the data bounds (|q|, |gamma_q| <= 2^15, |beta_q| < 2^48, 0 <= eps_q <= 2^32) are the
+    caller's."""
+    kernels.check_normalization(normalization)
     q, gamma_q, beta_q = tf.cast(q, tf.int64), tf.cast(gamma_q, tf.int64), tf.cast(beta_q, tf.int64)
     eps_q = tf.cast(eps_q, tf.int64)
     d, out_shift = q.shape[-1], f_gamma + F - f_out
@@ -157,10 +174,16 @@ def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Te
     w = d * tf.reduce_sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q
     k = tf.bitwise.right_shift(2 * K - bit_length(w), tf.constant(1, tf.int64))  # floor division by 2
     root = tf.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
-    up = k + F
-    zero = tf.constant(0, tf.int64)
-    num = tf.bitwise.left_shift(c, tf.broadcast_to(tf.maximum(up, zero), tf.shape(c)))
-    n = div_round(num, tf.bitwise.left_shift(root, tf.maximum(-up, zero)), rounding)
+    if normalization == "reciprocal":
+        G = kernels.LN_RECIPROCAL_G
+        top = tf.bitwise.left_shift(tf.ones_like(root), K + G)
+        r = tf.where(w > 0, div_round(top, root, rounding), tf.zeros_like(root))
+        n = shift_round(c * r, K + G - k - F, rounding)
+    else:
+        up = k + F
+        zero = tf.constant(0, tf.int64)
+        num = tf.bitwise.left_shift(c, tf.broadcast_to(tf.maximum(up, zero), tf.shape(c)))
+        n = div_round(num, tf.bitwise.left_shift(root, tf.maximum(-up, zero)), rounding)
     y = gamma_q * n + beta_q
     n_out, p_out = fixed_point.integer_range(out_bits, signed=True)
     return tf.clip_by_value(shift_round(y, out_shift, rounding), n_out, p_out)

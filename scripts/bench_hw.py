@@ -39,10 +39,10 @@ def demo_profile(export_dir: str) -> dict:
     matmuls = {name: acc["proven_bits"] for name, acc in manifest["accumulators"].items()
                if not name.endswith(("/residual_sum", "/variance", "/softmax_sum"))}
     dense_bits = max(bits for name, bits in matmuls.items() if not name.endswith("output_projection"))
-    residual_bits = max(op["params"]["sum"]["bits"] for op in manifest["ops"] if op["op"] == "residual")
+    sum_bits = max(op["params"]["sum"]["bits"] for op in manifest["ops"] if op["op"] == "residual")
     d, vocab = manifest["model"]["d_model"], manifest["model"]["vocab"]
-    return {"d": d, "layer_norm": hw["layer_norm"], "softmax": hw["softmax"],
-            **shared_units(d, dense_bits, residual_bits, hw["layer_norm"]["IN_W"],
+    return {"d": d, **normalizations(hw["layer_norm"], hw["softmax"]),
+            **shared_units(dense_bits, sum_bits, hw["layer_norm"]["IN_W"],
                            matmuls["decoder/output_projection"],
                            vocab)}
 
@@ -50,19 +50,25 @@ def demo_profile(export_dir: str) -> dict:
 def baseline_profile() -> dict:
     d, d_ff, d_k, vocab, positions, residual = 512, 2048, 64, 32000, 512, 16
     dense_bits = accumulation.signed_bits(d_ff * 255 * 128 + (1 << 20))  # dense2: unsigned ReLU input
-    logits_bits = accumulation.signed_bits(d * 128 * 128)
-    eps_q = kernels.layer_norm_eps_q(1e-6, 12)
-    return {"d": d, "layer_norm": params.layer_norm_params(d, residual, 16, kernels.LN_MAX_ABS_BETA - 1,
-                                                           eps_q,
-                                                           residual, "half_even"),
-            "softmax": params.softmax_params(d_k * 128 * 128, accumulation.signed_bits(d_k * 128 * 128),
-                                             list(range(6,
-                                                        16)), positions, 8, "half_even", kernels.EXP_F, d_k),
-            **shared_units(d, dense_bits, dense_bits + 1, residual, logits_bits, vocab)}
+    score_max = d_k * 128 * 128
+    layer_norm = params.layer_norm_params(d, residual, 16, kernels.LN_MAX_ABS_BETA - 1,
+                                          kernels.layer_norm_eps_q(1e-6, 12), residual, "half_even")
+    softmax = params.softmax_params(score_max, accumulation.signed_bits(score_max), list(range(6, 16)),
+                                    positions,
+                                    8, "half_even", kernels.EXP_F, d_k)
+    return {"d": d, **normalizations(layer_norm, softmax),
+            **shared_units(dense_bits, dense_bits + 1, residual, accumulation.signed_bits(d * 128 * 128),
+                           vocab)}
 
 
-def shared_units(d: int, dense_bits: int, sum_bits: int, residual_bits: int, logits_bits: int,
-                 vocab: int) -> dict:
+def normalizations(layer_norm: dict, softmax: dict) -> dict:
+    """The LayerNorm and softmax units in both variants: a division per element, or one per row."""
+    return {"layer_norm": layer_norm | {"RECIPROCAL": 0}, "softmax": softmax | {"RECIPROCAL": 0},
+            "layer_norm_reciprocal": layer_norm | {"RECIPROCAL": 1},
+            "softmax_reciprocal": softmax | {"RECIPROCAL": 1}}
+
+
+def shared_units(dense_bits: int, sum_bits: int, residual_bits: int, logits_bits: int, vocab: int) -> dict:
     return {"mac_row": {"LANES": MAC_LANES, "X_W": 9, "W_W": 8, "ACC_W": dense_bits, "OUT_W": 8,
                         "ROUNDING": 2},
             "requantize": {"IN_W": dense_bits, "OUT_W": 8, "ROUNDING": 2},
@@ -73,44 +79,52 @@ def shared_units(d: int, dense_bits: int, sum_bits: int, residual_bits: int, log
             "argmax": {"W": logits_bits, "INDEX_W": params.unsigned_bits(vocab - 1)}}
 
 
-def cycles(profile: dict, work: str) -> dict:
-    """Cycles per row measured in simulation: a LayerNorm row of d values, softmax rows of 16, 64 and
-    the longest keys, and one MAC-row output of K = d pairs."""
-    rng = np.random.default_rng(0)
-    d, ln = profile["d"], profile["layer_norm"]
-    q = rng.integers(-(1 << 12), 1 << 12, (1, d))
+def layer_norm_cycles(unit: dict, d: int, rng, work: str) -> dict:
+    """One row of d values through the LayerNorm unit (checked against the kernel)."""
+    normalization = "reciprocal" if unit["RECIPROCAL"] else "exact"
+    q, gamma, beta = rng.integers(-(1 << 12), 1 << 12, (1, d)), np.full(d, 1 << 12), np.zeros(d, np.int64)
     steps: dict = {}
-    out = kernels.layer_norm(q, np.full(d, 1 << 12), np.zeros(d, np.int64), 1, 12, 12, ln["OUT_W"],
-                             "half_even",
-                             steps=steps)
-    group = {"q": q, "gamma": np.full(d, 1 << 12), "beta": np.zeros(d, np.int64), "eps_q": 1,
-             "out_shift": 12 + kernels.LN_F - 12, "out_bits": ln["OUT_W"], "expect_out": out,
+    out = kernels.layer_norm(q, gamma, beta, 1, 12, 12, unit["OUT_W"], "half_even", steps=steps,
+                             normalization=normalization)
+    group = {"q": q, "gamma": gamma, "beta": beta, "eps_q": 1, "out_shift": kernels.LN_F,
+             "out_bits": unit["OUT_W"],
+             "expect_out": out, **{f"expect_{k}": v for k, v in steps.items()}}
+    result = sim.run_cocotb("layer_norm_bench", "layer_norm_cocotb", {**unit, "ROWS": 1}, [group], work)
+    return {"d": d, "cycles": result["cycles"][0], "correct": result["failed"] == 0}
+
+
+def softmax_cycles(unit: dict, length: int, rng, work: str) -> dict:
+    """One row of `length` visible keys through the softmax unit (checked against the kernel)."""
+    m, f = _m_of(unit), kernels.EXP_F - unit["MAX_LEFT"]
+    scores, visible = rng.integers(-(1 << 10), 1 << 10, (1, length)), np.ones((1, length), bool)
+    steps: dict = {}
+    out, _ = kernels.softmax_with_sums(scores, f, visible, unit["B_P"], "half_even", kernels.EXP_F, m, steps)
+    if unit["RECIPROCAL"]:
+        out = kernels.normalize_reciprocal(steps["e"], unit["B_P"], "half_even", steps)
+    group = {"scores": scores, "visible": visible.astype(np.uint8), "shift": f - kernels.EXP_F,
+             "clamp": params.clamp_setting(kernels.exp_clamp(f, m), unit["X_W"]), "expect_out": out,
              **{f"expect_{k}": v for k, v in steps.items()}}
-    result = sim.run_cocotb("layer_norm_bench", "layer_norm_cocotb", {**ln, "ROWS": 1}, [group], f"{work}/ln")
-    found = {"layer_norm_row": {"d": d, "cycles": result["cycles"][0], "correct": result["failed"] == 0}}
-    sm = profile["softmax"]
-    longest = (1 << sm["LEN_W"]) - 1
-    rows = []
-    for length in (16, 64, min(longest, 512)):
-        scores = rng.integers(-(1 << 10), 1 << 10, (1, length))
-        visible = np.ones((1, length), bool)
-        f = kernels.EXP_F - sm["MAX_LEFT"]
-        steps = {}
-        out, _ = kernels.softmax_with_sums(scores, f, visible, sm["B_P"], "half_even", kernels.EXP_F,
-                                           _m_of(sm), steps)
-        group = {"scores": scores, "visible": visible.astype(np.uint8), "shift": f - kernels.EXP_F,
-                 "clamp": params.clamp_setting(kernels.exp_clamp(f, _m_of(sm)), sm["X_W"]), "expect_out": out,
-                 **{f"expect_{k}": v for k, v in steps.items()}}
-        result = sim.run_cocotb("softmax_bench", "softmax_cocotb", {**sm, "ROWS": 1, "L_MAX": length},
-                                [group],
-                                f"{work}/sm{length}")
-        rows.append({"keys": length, "cycles": result["cycles"][0], "correct": result["failed"] == 0})
-    found["softmax_row"] = rows
-    mac = profile["mac_row"]
+    result = sim.run_cocotb("softmax_bench", "softmax_cocotb", {**unit, "ROWS": 1, "L_MAX": length},
+                            [group], work)
+    return {"keys": length, "cycles": result["cycles"][0], "correct": result["failed"] == 0}
+
+
+def cycles(profile: dict, work: str) -> dict:
+    """Cycles per row measured in simulation, both normalizations: a LayerNorm row of d values, softmax
+    rows of 16, 64 and 512 keys; and one MAC-row group of outputs of K = d pairs."""
+    rng = np.random.default_rng(0)
+    d = profile["d"]
+    found = {}
+    for variant in ("", "_reciprocal"):
+        found[f"layer_norm{variant}_row"] = layer_norm_cycles(profile[f"layer_norm{variant}"], d, rng,
+                                                              f"{work}/ln{variant}")
+        unit = profile[f"softmax{variant}"]
+        found[f"softmax{variant}_row"] = [softmax_cycles(unit, n, rng, f"{work}/sm{variant}{n}")
+                                          for n in (16, 64, 512)]
     x, w = rng.integers(-128, 128, (1, d)), rng.integers(-128, 128, (d, 1))
-    result = sim.run_cocotb("mac_bench", "mac_cocotb", {**mac, "ROWS": 1, "K": d, "N": 1},
-                            [{"x": x, "w": w, "bias": np.zeros(1, np.int64),
-                              "expect_acc": x @ w}], f"{work}/mac")
+    group = {"x": x, "w": w, "bias": np.zeros(1, np.int64), "expect_acc": x @ w}
+    mac = {**profile["mac_row"], "ROWS": 1, "K": d, "N": 1}
+    result = sim.run_cocotb("mac_bench", "mac_cocotb", mac, [group], f"{work}/mac")
     found["mac_row_output"] = {"K": d, "cycles": result["cycles"][0], "correct": result["failed"] == 0}
     return found
 

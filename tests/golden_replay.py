@@ -51,11 +51,12 @@ def recompute(op: dict, ins: dict[str, np.ndarray], arrays: dict[str, np.ndarray
         return np.maximum(ins["acc"], 0), steps
     if kind == "layer_norm":
         y = kernels.layer_norm(ins["input"], arrays[p["gamma"]], arrays[p["beta"]], arrays[p["eps_q"]],
-                               p["f_gamma"], out["f"], out["bits"], p["rounding"], p["K"], p["F"], steps)
+                               p["f_gamma"], out["f"], out["bits"], p["rounding"], p["K"], p["F"], steps,
+                               p["normalization"])
         return y, steps
     if kind == "softmax":
         probs, _ = kernels.softmax_with_sums(ins["scores"], p["f"], ins["visible"].astype(bool), out["bits"],
-                                             p["rounding"], p["F"], p["m"], steps)
+                                             p["rounding"], p["F"], p["m"], steps, p["normalization"])
         return probs, steps
     if kind == "align":
         return kernels.shift_round(ins["acc"], np.asarray(p["shift"]), "floor"), steps

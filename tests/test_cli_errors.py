@@ -23,6 +23,11 @@ def test_error_missing_data_file(tmp_path, corpus):
     assert_one_line_error(proc, "nope.de")
 
 
+def test_error_reciprocal_normalization_without_integer_only(tmp_path):
+    proc = run_cli("train.py", "--logdir", str(tmp_path), "--quant", "w8a8", "--normalization", "reciprocal")
+    assert_one_line_error(proc, "--normalization reciprocal needs --integer_only")
+
+
 def test_error_heads_do_not_divide_d_model(tmp_path):
     proc = run_cli("train.py", "--logdir", str(tmp_path), "--d_model", "30", "--num_heads", "4")
     assert_one_line_error(proc, "--d_model", "--num_heads")

@@ -44,7 +44,8 @@ def tiny_hp(**kw):
     hp = dict(d_model=32, d_ff=64, num_blocks=2, num_heads=4, dropout_rate=0.0, smoothing=0.1,
               decode_margin=6, seed=1, vocab_size=120, quant="w8a8", wbits=None, abits=None,
               rounding="half_even", per_channel=False, per_row_embedding=False, quant_override=[],
-              integer_only=False, residual_bits=16, eval_batch_size=4, beam=1, alpha=0.6, fused_adam=False)
+              integer_only=False, residual_bits=16, normalization="exact", eval_batch_size=4, beam=1,
+              alpha=0.6, fused_adam=False)
     hp.update(kw)
     return types.SimpleNamespace(**hp)
 

@@ -20,6 +20,7 @@ import hparams
 import modules
 import runs
 import train
+from hw import golden, params
 from integer import (
     calibration,
     datasheet,
@@ -38,7 +39,8 @@ from model import Transformer, load_weights
 TRAIN_HP = dict(lr=1e-4, warmup_steps=4, th_lr=5e-2, th_decay_steps=1000)
 TRAIN_STEPS = 8
 PRESETS = {"w8a8": dict(wbits=8, abits=8),
-           "w4a8_per_row_embedding": dict(wbits=4, abits=8, per_row_embedding=True)}
+           "w4a8_per_row_embedding": dict(wbits=4, abits=8, per_row_embedding=True),
+           "w8a8_reciprocal": dict(wbits=8, abits=8, normalization="reciprocal")}
 
 
 @pytest.fixture(scope="module")
@@ -411,16 +413,31 @@ def test_golden_vectors_replay_through_the_kernels_alone(trained, tmp_path):
             for item in op["inputs"].values():
                 assert item.get("from") is None or item["from"] < op["call"]
     softmax = next(op for op in index["sentences"][0]["ops"] if op["op"] == "softmax")
-    assert list(softmax["steps"]) == ["x", "x_F", "z", "L", "e", "S"]
+    reciprocal = hp.normalization == "reciprocal"  # its reciprocal r (and the softmax's shift t) too
+    assert list(softmax["steps"]) == ["x", "x_F", "z", "L", "e", "S"] + ["t", "r"] * reciprocal
     norm = next(op for op in index["sentences"][0]["ops"] if op["op"] == "layer_norm")
-    assert list(norm["steps"]) == ["s", "c", "W", "k", "D", "n", "y"]
+    assert list(norm["steps"]) == ["s", "c", "W", "k", "D"] + ["r"] * reciprocal + ["n", "y"]
     with open(os.path.join(tmp_path, "vectors", "sentence_0", "mem", norm["output"]["key"] + ".mem")) as f:
         assert f.readline().startswith(f"// {norm['output']['key']} shape ")
 
 
+@pytest.mark.parametrize("trained", ["w8a8_reciprocal"], indirect=True)
+def test_the_rtl_reproduces_a_reciprocal_export(trained, hw_tools, tmp_path):
+    """--normalization reciprocal end to end in hardware: the export's golden vectors through the RTL
+    units (hw.golden, cocotb on Icarus), built with their RECIPROCAL variants from the manifest."""
+    _, _, engine, manifest, out, _ = trained
+    assert manifest["model"]["normalization"] == "reciprocal"
+    golden_vectors.dump_vectors(engine, [[5, 6, 7, token_ids.EOS]], str(tmp_path / "vectors"))
+    hw = params.export_params(out)
+    assert hw["layer_norm"]["RECIPROCAL"] == hw["softmax"]["RECIPROCAL"] == 1
+    results = golden.replay(str(tmp_path / "vectors"), out, str(tmp_path / "work"), verilator=False)
+    assert results["ops"]["layer_norm"] == 10 and results["ops"]["softmax"] == 6
+    assert all(counts["failed"] == 0 and counts["passed"] > 0 for counts in results["cocotb"].values())
+
+
 @pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
 @pytest.mark.parametrize("key", ["softmax_F", "softmax_m", "softmax_constants", "layer_norm_K",
-                                 "layer_norm_F"])
+                                 "layer_norm_F", "normalization"])
 def test_an_export_for_other_kernels_is_refused(trained, key, tmp_path):
     """The engine runs its own kernels: an export whose recorded kernel constants differ (made for
     another exp or LayerNorm) is an ExportError naming the entry, not a silently different model."""
@@ -429,7 +446,8 @@ def test_an_export_for_other_kernels_is_refused(trained, key, tmp_path):
     path = copy / export_format.MANIFEST
     manifest = json.loads(path.read_text())
     value = manifest["model"][key]
-    manifest["model"][key] = [value[0] + 1, *value[1:]] if isinstance(value, list) else value + 1
+    manifest["model"][key] = ("lut" if key == "normalization" else [value[0] + 1, *value[1:]]
+                              if isinstance(value, list) else value + 1)
     path.write_text(json.dumps(manifest))
     with pytest.raises(export_format.ExportError, match=rf"the export's {key} .* is not this engine's"):
         loader.load_engine(str(copy))

@@ -597,6 +597,10 @@ def test_integer_only_config_widths_and_the_residual_role():
     assert quant.QuantSite(names.input, "residual", 14).signed
     with pytest.raises(ValueError, match="--integer_only needs a --quant preset"):
         quant.QuantConfig.from_flags("none", integer_only=True)
+    with pytest.raises(ValueError, match="--normalization reciprocal needs --integer_only"):
+        quant.QuantConfig.from_flags("w8a8", normalization="reciprocal")
+    assert quant.QuantConfig.from_flags("w8a8", integer_only=True,
+                                        normalization="reciprocal").normalization == "reciprocal"
     with pytest.raises(ValueError, match="num_bits"):
         quant.QuantConfig(residual_bits=17)
 

@@ -429,12 +429,16 @@ def test_layer_norm_eps_q_at_two_to_the_32():
 def test_intonly_constants_are_what_an_export_records(d_k):
     """The manifest records exactly these entries, in this order (the exporter writes the dict,
     the engine compares each entry): exp's internal grid, its scale divisor d_k, its integer
-    constants at that grid and divisor, LayerNorm's K and F."""
+    constants at that grid and divisor, LayerNorm's K and F, the normalization variant (and the
+    reciprocal's widths where it is the reciprocal one)."""
     recorded = kernels.intonly_constants(d_k)
-    assert list(recorded) == ["softmax_F", "softmax_m", "softmax_constants", "layer_norm_K", "layer_norm_F"]
+    assert list(recorded) == ["softmax_F", "softmax_m", "softmax_constants", "layer_norm_K", "layer_norm_F",
+                              "normalization"]
     assert recorded == {"softmax_F": 15, "softmax_m": d_k, "softmax_constants": list(ref_constants(15, d_k)),
-                        "layer_norm_K": 24, "layer_norm_F": 16}
+                        "layer_norm_K": 24, "layer_norm_F": 16, "normalization": "exact"}
     assert type(recorded["softmax_constants"]) is list  # as JSON reads it back: the engine compares lists
+    assert kernels.intonly_constants(d_k, "reciprocal") == recorded | {
+        "normalization": "reciprocal", "softmax_reciprocal_guard": 8, "layer_norm_reciprocal_G": 24}
 
 
 def test_softmax_with_sums_defaults_are_softmaxs():
