@@ -113,20 +113,23 @@ module tqt_layer_norm_row #(
   tqt_div_round #(.NUM_W(DIV_NUM_W), .DEN_W(K), .Q_W(DIV_Q_W), .ROUNDING(ROUNDING))
       divide (.clk(clk), .rst(rst), .start(div_start), .a(div_a), .b(root), .done(div_done),
               .quotient(quotient));
-  // the reciprocal variant's n = R(c r 2^-(K+G-k-F))
-  logic [G+1:0] r;
-  logic signed [G+2:0] r_signed;
-  logic signed [C_W+G+2:0] product;
-  logic [7:0] reciprocal_shift;
-  logic [N_Q_W+1:0] n_reciprocal;
-  assign r_signed = r;  // zero-extended
-  assign product = c * r_signed;
-  assign reciprocal_shift = 8'(K + G + 0) - up;  // K + G - k - F >= G - F > 0
-  tqt_shift_round #(.IN_W(C_W + G + 3), .OUT_W(N_Q_W + 2), .OUT_SIGNED(1), .ROUNDING(ROUNDING), .SHIFT_W(8))
-      normalize (.q(product), .shift(reciprocal_shift), .out(n_reciprocal));
-  logic [G+1:0] quotient_r;
+  // the reciprocal variant's n = R(c r 2^-(K+G-k-F)); the exact unit has none of it
+  logic [G+1:0] r, quotient_r;
   assign quotient_r = quotient;  // RECIPROCAL: the quotient is r, G + 2 bits
-  assign n = RECIPROCAL ? n_reciprocal : quotient[N_Q_W+1:0];
+  if (RECIPROCAL) begin : reciprocal
+    logic signed [G+2:0] r_signed;
+    logic signed [C_W+G+2:0] product;
+    logic [7:0] reciprocal_shift;
+    logic [N_Q_W+1:0] n_reciprocal;
+    assign r_signed = r;  // zero-extended
+    assign product = c * r_signed;
+    assign reciprocal_shift = 8'(K + G) - up;  // K + G - k - F >= G - F > 0
+    tqt_shift_round #(.IN_W(C_W + G + 3), .OUT_W(N_Q_W + 2), .OUT_SIGNED(1), .ROUNDING(ROUNDING), .SHIFT_W(8))
+        normalize (.q(product), .shift(reciprocal_shift), .out(n_reciprocal));
+    assign n = n_reciprocal;
+  end else begin : exact
+    assign n = quotient[N_Q_W+1:0];
+  end
   assign y = rd_gamma * n + rd_beta;  // all signed: extended to Y_W first
   logic [OUT_W-1:0] rounded;
   tqt_shift_round #(.IN_W(Y_W), .OUT_W(OUT_W), .OUT_SIGNED(1), .ROUNDING(ROUNDING), .SHIFT_W(SHIFT_W),
@@ -182,7 +185,7 @@ module tqt_layer_norm_row #(
           state <= RECIPROCAL_WAIT;
         end
         RECIPROCAL_WAIT: if (div_done) begin
-          r <= w == 0 ? '0 : quotient_r;
+          r <= w == 0 || !RECIPROCAL ? '0 : quotient_r;
           state <= FETCH;
         end
         FETCH: begin  // the element's q, gamma and beta arrive in this cycle's data

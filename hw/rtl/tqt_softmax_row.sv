@@ -76,6 +76,10 @@ module tqt_softmax_row #(
   localparam int DIV_DEN_W = RECIPROCAL ? RK : S_W;
   localparam int DIV_Q_W = RECIPROCAL ? RK + 2 : B_P + 1;  // r <= 2^(RK+1) since S_n >= 2^(RK-1)
   localparam logic signed [DIV_NUM_W-1:0] RECIPROCAL_NUMERATOR = 1 <<< (2 * RK);
+  logic signed [7:0] t, t_next;  // the reciprocal variant's (below)
+  logic [RK-1:0] s_scaled;
+  logic [RK+1:0] r, quotient_r;
+  logic [B_P-1:0] p_reciprocal;
   logic div_start, div_done;
   /* verilator lint_off UNUSEDSIGNAL */
   logic signed [DIV_Q_W+1:0] quotient;  // where it is r (>= 0) its sign bits are unused
@@ -88,24 +92,28 @@ module tqt_softmax_row #(
       divide (.clk(clk), .rst(rst), .start(div_start), .a(numerator), .b(divisor), .done(div_done),
               .quotient(quotient));
 
-  // the reciprocal variant: t = bitlength(S) - RK, S_n = S 2^-t, e_n = e 2^-t (floor), P from e_n r
-  function automatic logic signed [7:0] bit_length(input logic [S_W-1:0] v);
-    bit_length = 0;
-    for (int j = 0; j < S_W; j++) if (v[j]) bit_length = 8'(j + 1);
-  endfunction
-  localparam logic signed [7:0] RK_8 = 8'(RK);
-  logic signed [7:0] t, t_next;
-  logic [RK-1:0] s_scaled, e_scaled;
-  logic [RK+1:0] r, quotient_r;
-  logic [2*RK+2:0] product;
-  logic [B_P-1:0] p_reciprocal;
-  assign t_next = bit_length(total) - RK_8;
-  assign s_scaled = t_next < 0 ? total << (-t_next) : total >> t_next;
-  assign e_scaled = t < 0 ? e_visible << (-t) : e_visible >> t;  // e <= S: fits RK bits
+  // the reciprocal variant: t = bitlength(S) - RK, S_n = S 2^-t, e_n = e 2^-t (floor), P from e_n r;
+  // the exact unit has none of it
   assign quotient_r = quotient;
-  assign product = e_scaled * r;
-  tqt_shift_round #(.IN_W(2 * RK + 3), .OUT_W(B_P), .OUT_SIGNED(0), .ROUNDING(ROUNDING), .SHIFT_W(8))
-      normalize (.q(product), .shift(8'(2 * RK - B_P)), .out(p_reciprocal));
+  if (RECIPROCAL) begin : reciprocal
+    function automatic logic signed [7:0] bit_length(input logic [S_W-1:0] v);
+      bit_length = 0;
+      for (int j = 0; j < S_W; j++) if (v[j]) bit_length = 8'(j + 1);
+    endfunction
+    localparam logic signed [7:0] RK_8 = 8'(RK);
+    logic [RK-1:0] e_scaled;
+    logic [2*RK+2:0] product;
+    assign t_next = bit_length(total) - RK_8;
+    assign s_scaled = t_next < 0 ? total << (-t_next) : total >> t_next;
+    assign e_scaled = t < 0 ? e_visible << (-t) : e_visible >> t;  // e <= S: fits RK bits
+    assign product = e_scaled * r;
+    tqt_shift_round #(.IN_W(2 * RK + 3), .OUT_W(B_P), .OUT_SIGNED(0), .ROUNDING(ROUNDING), .SHIFT_W(8))
+        normalize (.q(product), .shift(8'(2 * RK - B_P)), .out(p_reciprocal));
+  end else begin : exact
+    assign t_next = '0;
+    assign s_scaled = '0;
+    assign p_reciprocal = '0;
+  end
   assign row_t = t;
   assign row_r = r;
 
@@ -149,7 +157,7 @@ module tqt_softmax_row #(
           state <= RECIPROCAL_WAIT;
         end
         RECIPROCAL_WAIT: if (div_done) begin
-          r <= total == 0 ? '0 : quotient_r;
+          r <= total == 0 || !RECIPROCAL ? '0 : quotient_r;
           state <= FETCH;
         end
         FETCH: begin
