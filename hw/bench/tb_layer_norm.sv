@@ -8,7 +8,7 @@ module tb_layer_norm #(
     parameter int BETA_W = 49, parameter int EPS_W = 33, parameter int OUT_W = 16, parameter int K = 24,
     parameter int F = 16, parameter int ROUNDING = 2, parameter int S_W = 23, parameter int SQ_W = 37,
     parameter int W_W = 43, parameter int C_W = 23, parameter int NUM_W = 44, parameter int N_Q_W = 20,
-    parameter int Y_W = 40, parameter int SHIFT_W = 8
+    parameter int Y_W = 40, parameter int SHIFT_W = 8, parameter bit RECIPROCAL = 0, parameter int G = 24
 );
   localparam int OUT_H = 4 * ((OUT_W + 3) / 4);
   logic clk = 0, rst = 1, start = 0, done;
@@ -21,7 +21,8 @@ module tb_layer_norm #(
 
   layer_norm_bench #(.ROWS(ROWS), .D(D), .ADDR_W(ADDR_W), .IN_W(IN_W), .GAMMA_W(GAMMA_W), .BETA_W(BETA_W),
                      .EPS_W(EPS_W), .OUT_W(OUT_W), .K(K), .F(F), .ROUNDING(ROUNDING), .S_W(S_W), .SQ_W(SQ_W),
-                     .W_W(W_W), .C_W(C_W), .NUM_W(NUM_W), .N_Q_W(N_Q_W), .Y_W(Y_W), .SHIFT_W(SHIFT_W))
+                     .W_W(W_W), .C_W(C_W), .NUM_W(NUM_W), .N_Q_W(N_Q_W), .Y_W(Y_W), .SHIFT_W(SHIFT_W),
+                     .RECIPROCAL(RECIPROCAL), .G(G))
       bench (.clk(clk), .rst(rst), .start(start), .load(1'b0), .dump(1'b0), .row(row), .eps_q(eps_q), .out_shift(out_shift), .done(done));
 
   always #1 clk = ~clk;

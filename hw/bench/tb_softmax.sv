@@ -9,7 +9,8 @@ module tb_softmax #(
     parameter int Z_IN_W = 26, parameter int Z_W = 9, parameter int L_W = 38, parameter int S_W = 47,
     parameter int B_P = 8, parameter int ROUNDING = 2, parameter int SHIFT_W = 8, parameter int MAX_LEFT = 0,
     parameter longint Q_LN2 = 64'd181704, parameter longint Q_B = 64'd354684,
-    parameter longint Q_C = 64'd66012017480, parameter longint MAGIC = 0, parameter int MAGIC_S = 0
+    parameter longint Q_C = 64'd66012017480, parameter longint MAGIC = 0, parameter int MAGIC_S = 0,
+    parameter bit RECIPROCAL = 0
 );
   localparam int SC_H = 4 * ((SC_W + 3) / 4), P_H = 4 * ((B_P + 3) / 4);
   logic clk = 0, rst = 1, start = 0, done;
@@ -26,7 +27,7 @@ module tb_softmax #(
   softmax_bench #(.ROWS(ROWS), .L_MAX(L_MAX), .LEN_W(LEN_W), .SC_W(SC_W), .X_W(X_W), .XF_W(XF_W),
                   .Z_IN_W(Z_IN_W), .Z_W(Z_W), .L_W(L_W), .S_W(S_W), .B_P(B_P), .ROUNDING(ROUNDING),
                   .SHIFT_W(SHIFT_W), .MAX_LEFT(MAX_LEFT), .Q_LN2(Q_LN2), .Q_B(Q_B), .Q_C(Q_C), .MAGIC(MAGIC),
-                  .MAGIC_S(MAGIC_S))
+                  .MAGIC_S(MAGIC_S), .RECIPROCAL(RECIPROCAL))
       bench (.clk(clk), .rst(rst), .start(start), .load(1'b0), .dump(1'b0), .row(row), .len(len), .clamp(clamp), .shift(shift),
              .done(done));
 
