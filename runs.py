@@ -308,3 +308,28 @@ def add_parent_flags(p: argparse.ArgumentParser) -> None:
                    help="float parent on the embedded corpus (make demo trains it)")
     p.add_argument("--m30k_float", default=os.path.join(ROOT, "runs", "bench", "float_multi30k"),
                    help="float parent on Multi30k (scripts/bench_float.py trains it)")
+
+
+def fine_tune_parents(args: argparse.Namespace) -> dict[str, str]:
+    """{corpus: float parent} for --corpus (demo, multi30k or both), without those that have no
+    checkpoint (a note each); SystemExit when none is left."""
+    parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
+    if args.corpus != "both":
+        parents = {args.corpus: parents[args.corpus]}
+    for name, parent in list(parents.items()):
+        if not tf.train.latest_checkpoint(os.path.join(parent, "ckpt")):
+            print(f"note: no float checkpoint in {parent}: skipping {name}", file=sys.stderr)
+            del parents[name]
+    if not parents:
+        raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
+    return parents
+
+
+def earlier_corpora(out: str, schedule: str) -> dict:
+    """The corpora an earlier result file `out` measured with the same schedule (kept beside the new
+    ones), or {}."""
+    if not os.path.exists(out):
+        return {}
+    with open(out) as f:
+        earlier = json.load(f)
+    return earlier["corpora"] if earlier.get("schedule") == schedule else {}

@@ -173,13 +173,13 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs.add_parent_flags(p)
+    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "intonly"))
     p.add_argument("--steps", type=hparams.POSITIVE, default=300, help="fine-tuning steps of every run")
     p.add_argument("--op_sentences", type=hparams.POSITIVE, default=100,
                    help="test sentences of the per-op errors")
     p.add_argument("--residual_sweep", default="8,12",
                    help="demo corpus only: also integer-only W8A8 with these --residual_bits")
-    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
     p.add_argument("--speed_repeats", type=hparams.POSITIVE, default=3,
                    help="greedy speeds are the median of this many timings of the test set")
     p.add_argument("--reuse_runs", action="store_true",
@@ -188,23 +188,11 @@ def main() -> None:
                    help="JSON result; an existing one keeps the corpora this run does not measure")
     args = p.parse_args()
     sweep = [int(b) for b in args.residual_sweep.split(",") if b]
-    parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
-    if args.corpus != "both":
-        parents = {args.corpus: parents[args.corpus]}
-    for name, parent in list(parents.items()):
-        if not tf.train.latest_checkpoint(os.path.join(parent, "ckpt")):
-            print(f"note: no float checkpoint in {parent}: skipping {name}", file=sys.stderr)
-            del parents[name]
-    if not parents:
-        raise SystemExit("error: no float parent found (run make demo or scripts/bench_float.py)")
+    parents = runs.fine_tune_parents(args)
     flags = ["--max_steps", str(args.steps), "--num_epochs", "100", "--lr", "2e-4",
              "--warmup_steps", "100", "--dev_max_sentences", "200"]
     result = {"steps": args.steps, "schedule": " ".join(flags), "corpora": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            earlier = json.load(f)
-        if earlier.get("schedule") == result["schedule"]:
-            result["corpora"] = earlier["corpora"]
+    result["corpora"] = runs.earlier_corpora(args.out, result["schedule"])
     for name, parent in parents.items():
         result["corpora"][name] = bench_corpus(parent, os.path.join(args.workdir, name), flags,
                                                args.op_sentences, sweep if name == "demo" else [],

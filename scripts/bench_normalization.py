@@ -82,26 +82,17 @@ def bench_corpus(parent: str, workdir: str, flags: list[str]) -> dict:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     runs.add_parent_flags(p)
+    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "normalization"))
     p.add_argument("--steps", type=hparams.POSITIVE, default=200, help="fine-tuning steps of every run")
-    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "hw", "normalization.json"),
                    help="JSON result; an existing one keeps the corpora this run does not measure")
     args = p.parse_args()
-    parents = {"demo": args.demo_float, "multi30k": args.m30k_float}
-    if args.corpus != "both":
-        parents = {args.corpus: parents[args.corpus]}
-    for parent in parents.values():
-        if not tf.train.latest_checkpoint(os.path.join(parent, "ckpt")):
-            raise SystemExit(f"error: no float checkpoint in {parent} (make demo or scripts/bench_float.py)")
+    parents = runs.fine_tune_parents(args)
     flags = ["--max_steps", str(args.steps), "--num_epochs", "100", "--lr", "2e-4", "--warmup_steps", "100",
              "--dev_max_sentences", "200"]
     result = {"steps": args.steps, "schedule": " ".join(flags), "corpora": {}}
-    if os.path.exists(args.out):
-        with open(args.out) as f:
-            earlier = json.load(f)
-        if earlier.get("schedule") == result["schedule"]:
-            result["corpora"] = earlier["corpora"]
+    result["corpora"] = runs.earlier_corpora(args.out, result["schedule"])
     for name, parent in parents.items():
         result["corpora"][name] = bench_corpus(parent, os.path.join(args.workdir, name), flags)
         hparams.write_json(args.out, result)  # after each corpus: a partial result survives
