@@ -156,9 +156,11 @@ def _build(key: str, widths: dict, hw: dict, rounding: int) -> tuple[str, str, d
     raise KeyError(key)
 
 
-def replay(vectors_dir: str, export_dir: str, work_dir: str, verilator: bool = True) -> dict:
-    """Every op of the vectors through the RTL units (cocotb on Icarus; LayerNorm and softmax also
-    on Verilator). Returns {"cocotb": {build: counts}, "verilator": {unit: counts}, "ops": {kind: n}}."""
+def replay(vectors_dir: str, export_dir: str, work_dir: str, verilator: bool = True,
+           kinds: tuple[str, ...] | None = None) -> dict:
+    """Every op of the vectors (or only those of `kinds`) through the RTL units (cocotb on Icarus;
+    LayerNorm and softmax also on Verilator). Returns {"cocotb": {build: counts}, "verilator": {unit:
+    counts}, "ops": {kind: n}}."""
     with open(os.path.join(vectors_dir, "index.json")) as f:
         index = json.load(f)
     if index["engine"] != "integer_only":
@@ -170,7 +172,8 @@ def replay(vectors_dir: str, export_dir: str, work_dir: str, verilator: bool = T
         folder = Path(vectors_dir) / sentence["dir"]
         vectors = np.load(folder / "vectors.npz")
         for op in sentence["ops"]:
-            plan.add(op, vectors, folder / "mem")
+            if kinds is None or op["op"] in kinds:
+                plan.add(op, vectors, folder / "mem")
     rounding = hw_params.ROUNDING_CODES[index["export"]["rounding"]]
     work = Path(work_dir)
     results: dict = {"ops": dict(plan.ops), "cocotb": {}, "verilator": {}}
@@ -190,6 +193,8 @@ def _verilator(plan: _Plan, hw: dict, export_dir: str, work: Path) -> dict:
     for unit, top, parameters in (("layer_norm", "tb_layer_norm", hw["layer_norm"]),
                                   ("softmax", "tb_softmax", hw["softmax"])):
         ops = [(op, mem) for kind, op, mem in plan.verilator if kind == unit]
+        if not ops:
+            continue
         sizes = {k: v for k, v in plan.widths[unit].items() if k in ("ROWS", "L_MAX")}
         totals = {"ops": 0, "passed": 0, "failed": 0, "cycles": 0}
         binary = None
