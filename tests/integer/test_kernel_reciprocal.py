@@ -148,3 +148,56 @@ def test_an_unknown_normalization_is_refused():
     with pytest.raises(ValueError, match="unknown normalization 'approximate'"):
         kernels.layer_norm(np.ones((1, 4), np.int64), np.ones(4, np.int64), np.zeros(4, np.int64), 1, 0, 0, 8,
                            "floor", normalization="approximate")
+
+
+def test_normalize_reciprocal_works_row_by_row():
+    """Several rows at once give each row's own result (the sum, t and r are per row)."""
+    rng = np.random.default_rng(12)
+    q = rng.integers(-(1 << 12), 1 << 12, (5, 9))
+    e = kernels.softmax_exps(q, 6, rng.random((5, 9)) < 0.8, kernels.EXP_F, 8)
+    steps: dict = {}
+    together = kernels.normalize_reciprocal(e, 8, "half_even", steps)
+    assert steps["r"].shape == steps["t"].shape == (5, 1)
+    for row in range(5):
+        alone: dict = {}
+        assert np.array_equal(together[row], kernels.normalize_reciprocal(e[row:row + 1], 8, "half_even",
+                                                                          alone)[0])
+        assert steps["r"][row, 0] == alone["r"][0, 0] and steps["t"][row, 0] == alone["t"][0, 0]
+
+
+def test_the_reciprocal_bounds_are_the_stated_ones_and_hold():
+    """softmax_bounds and layer_norm_bounds of the reciprocal variant: the exact variant's bounds
+    (the division's numerator replaced) plus t, r and the product, each its documented formula, and
+    the steps of extreme rows stay within them."""
+    exact = kernels.softmax_bounds(1 << 18, 4, 64, 8, kernels.EXP_F, 8)
+    bounds = kernels.softmax_bounds(1 << 18, 4, 64, 8, kernels.EXP_F, 8, "reciprocal")
+    assert set(exact) == {"x", "x_F", "z", "L", "e", "S", "numerator", "output"}
+    assert set(bounds) == set(exact) | {"t", "r", "product"}
+    assert {k: v for k, v in bounds.items() if k in exact and k != "numerator"} == {
+        k: v for k, v in exact.items() if k != "numerator"}
+    width = 8 + kernels.RECIPROCAL_GUARD
+    top = 64 * kernels.exp_max(kernels.EXP_F, 8)
+    assert (bounds["t"], bounds["r"], bounds["numerator"], bounds["product"]) == (
+        max(width - 1,
+            top.bit_length() - width), 2 ** (width + 1), 2 ** (2 * width), 2 ** (2 * width + 1) - 1)
+    rng = np.random.default_rng(13)
+    scores = np.concatenate([rng.integers(-(1 << 18), 1 << 18, (6, 64)), np.zeros((1, 64), np.int64),
+                             np.where(np.arange(64) == 0, 1 << 18, -(1 << 18))[None]])
+    steps: dict = {}
+    kernels.softmax_with_sums(scores, 4, None, 8, "half_even", kernels.EXP_F, 8, steps, "reciprocal")
+    e_n = kernels.shift_round(steps["e"], steps["t"], "floor")
+    assert np.abs(steps["t"]).max() <= bounds["t"] and steps["r"].max() <= bounds["r"]
+    assert (e_n * steps["r"]).max() <= bounds["product"]
+
+    exact = kernels.layer_norm_bounds(512, 16, 1 << 15, 1 << 40, 17, 16)
+    bounds = kernels.layer_norm_bounds(512, 16, 1 << 15, 1 << 40, 17, 16, normalization="reciprocal")
+    assert set(bounds) == set(exact) | {"r", "product"}
+    assert {k: v for k, v in bounds.items() if k in exact and k != "numerator"} == {
+        k: v for k, v in exact.items() if k != "numerator"}
+    g = kernels.LN_RECIPROCAL_G
+    assert (bounds["r"], bounds["numerator"], bounds["product"]) == (
+        2 ** (g + 1), 2 ** (kernels.LN_K + g), exact["c"] * 2 ** (g + 1))
+    with pytest.raises(ValueError, match="unknown normalization"):
+        kernels.softmax_bounds(1, 4, 8, 8, normalization="lut")
+    with pytest.raises(ValueError, match="unknown normalization"):
+        kernels.layer_norm_bounds(8, 16, 1, 1, 1, 16, normalization="lut")
