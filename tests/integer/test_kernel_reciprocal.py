@@ -158,6 +158,7 @@ def test_normalize_reciprocal_works_row_by_row():
     steps: dict = {}
     together = kernels.normalize_reciprocal(e, 8, "half_even", steps)
     assert steps["r"].shape == steps["t"].shape == (5, 1)
+    assert np.array_equal(kernels.normalize_reciprocal(e[None], 8, "half_even")[0], together)  # 3-D
     for row in range(5):
         alone: dict = {}
         assert np.array_equal(together[row], kernels.normalize_reciprocal(e[row:row + 1], 8, "half_even",
@@ -180,10 +181,15 @@ def test_the_reciprocal_bounds_are_the_stated_ones_and_hold():
     assert (bounds["t"], bounds["r"], bounds["numerator"], bounds["product"]) == (
         max(width - 1,
             top.bit_length() - width), 2 ** (width + 1), 2 ** (2 * width), 2 ** (2 * width + 1) - 1)
+    # a small row sum: |t| is RK - 1 (S = 1 shifts left by RK - 1), reached
+    assert kernels.softmax_bounds(1, 0, 1, 8, 4, 1, "reciprocal")["t"] == width - 1
+    steps: dict = {}
+    kernels.normalize_reciprocal(np.array([[1, 0]]), 8, "floor", steps)
+    assert steps["t"][0, 0] == 1 - width
     rng = np.random.default_rng(13)
     scores = np.concatenate([rng.integers(-(1 << 18), 1 << 18, (6, 64)), np.zeros((1, 64), np.int64),
                              np.where(np.arange(64) == 0, 1 << 18, -(1 << 18))[None]])
-    steps: dict = {}
+    steps = {}
     kernels.softmax_with_sums(scores, 4, None, 8, "half_even", kernels.EXP_F, 8, steps, "reciprocal")
     e_n = kernels.shift_round(steps["e"], steps["t"], "floor")
     assert np.abs(steps["t"]).max() <= bounds["t"] and steps["r"].max() <= bounds["r"]
