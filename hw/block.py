@@ -18,6 +18,7 @@ import numpy as np
 
 from hw import params as hw_params
 from hw import sim
+from integer import export_format
 
 FIELDS = ("op", "dst", "a", "b", "c", "rows", "depth", "width", "a_row", "a_step", "b_step", "b_column",
           "dst_row", "dst_column", "shift", "extra")  # an instruction's 64-bit words (tqt_block_engine.sv)
@@ -201,7 +202,7 @@ def run_block(vectors_dir: str, export_dir: str, work_dir: str, block: str = "en
     top = sim.BENCH / "tb_encoder_block.sv"
     result = sim.run_verilator(top, parameters, {"image": work / "image.hex", "program": work / "program.hex",
                                                  "out": work / "out.hex"}, work / "build", counted=False)
-    scratch = _read_hex(work / "out.hex", image.size)
+    scratch = export_format.read_mem(str(work / "out.hex"), 64, signed=True)  # every word was initialized
     per_op = []
     for op in ops:
         base, shape = program.regions[op["call"]]
@@ -226,16 +227,6 @@ def _write_hex(path: Path, words: list[int], bits: int) -> None:
     digits = bits // 4
     with open(path, "w") as f:
         f.write("".join(f"{w & ((1 << bits) - 1):0{digits}x}\n" for w in words))
-
-
-def _read_hex(path: Path, count: int) -> np.ndarray:
-    out = np.zeros(count, np.int64)
-    with open(path) as f:
-        words = [line.strip() for line in f if line.strip() and not line.startswith("//")]
-    for i, word in enumerate(words[:count]):
-        value = int(word, 16) if "x" not in word.lower() else 0
-        out[i] = value - (1 << 64) if value >> 63 else value
-    return out
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -59,11 +59,34 @@ def read_words(name: str, bits: int, signed_words: bool = True) -> list[int | No
     return words
 
 
-class Bench:
+class Tally:
+    """The rows or elements passed and failed, the first mismatches, and the results file (HW_RESULTS)
+    with the `N passed, N failed` line every bench prints."""
+
+    def __init__(self):
+        self.passed, self.failed, self.mismatches = 0, 0, []
+
+    def count(self, ok: bool, mismatch: dict) -> None:
+        if ok:
+            self.passed += 1
+        else:
+            self.failed += 1
+            if len(self.mismatches) < 5:
+                self.mismatches.append(mismatch)
+
+    def finish(self, **extra) -> None:
+        with open(os.environ["HW_RESULTS"], "w") as f:
+            json.dump({"passed": self.passed, "failed": self.failed, "mismatches": self.mismatches, **extra},
+                      f)
+        print(f"{self.passed} passed, {self.failed} failed")
+
+
+class Bench(Tally):
     """The clock, the row handshake (row-start pulse, wait for done, count cycles) and the tally."""
 
     def __init__(self, dut):
-        self.dut, self.passed, self.failed, self.cycles, self.mismatches = dut, 0, 0, [], []
+        super().__init__()
+        self.dut, self.cycles = dut, []
         cocotb_clock = Clock(dut.clk, PERIOD, "step")
         cocotb_clock.start()
 
@@ -114,15 +137,7 @@ class Bench:
         wrong = [name for name, values in got.items()
                  if None in values or not np.array_equal(np.asarray(values, np.int64),
                                                          group[f"expect_{name}"][row].astype(np.int64).ravel())]
-        if wrong:
-            self.failed += 1
-            if len(self.mismatches) < 5:
-                self.mismatches.append({"row": row, "steps": wrong})
-        else:
-            self.passed += 1
+        self.count(not wrong, {"row": row, "steps": wrong})
 
     def finish(self) -> None:
-        with open(os.environ["HW_RESULTS"], "w") as f:
-            json.dump({"passed": self.passed, "failed": self.failed, "cycles": self.cycles,
-                       "mismatches": self.mismatches}, f)
-        print(f"{self.passed} passed, {self.failed} failed")
+        super().finish(cycles=self.cycles)

@@ -3,11 +3,8 @@ of each group in the cases file (HW_CASES), the group's `in_<port>` values go on
 pulsed, and at `done` the port named by `out_port` is compared with `expect_out` (read as a signed
 word unless `out_signed` is 0). Writes the counts to HW_RESULTS and prints `N passed, N failed`."""
 
-import json
-import os
-
 import cocotb
-from bench_io import PERIOD, groups, masked, signed
+from bench_io import PERIOD, Tally, groups, masked, signed
 from cocotb.clock import Clock
 from cocotb.triggers import RisingEdge
 
@@ -19,8 +16,7 @@ async def one_at_a_time(dut):
     dut.rst.value = 1
     await RisingEdge(dut.clk)
     dut.rst.value = 0
-    passed = failed = 0
-    mismatches = []
+    tally = Tally()
     for g in groups():
         port = str(g["out_port"])
         out = getattr(dut, port)
@@ -35,13 +31,6 @@ async def one_at_a_time(dut):
             await RisingEdge(dut.done)
             await RisingEdge(dut.clk)
             got = signed(out) if int(g["out_signed"]) else int(out.value)
-            if got == expected:
-                passed += 1
-            else:
-                failed += 1
-                if len(mismatches) < 5:
-                    mismatches.append({"case": i, "got": got, "expected": expected,
-                                       "inputs": {name: int(v[i]) for name, v in ports.items()}})
-    with open(os.environ["HW_RESULTS"], "w") as f:
-        json.dump({"passed": passed, "failed": failed, "mismatches": mismatches}, f)
-    print(f"{passed} passed, {failed} failed")
+            tally.count(got == expected, {"case": i, "got": got, "expected": expected,
+                                          "inputs": {name: int(v[i]) for name, v in ports.items()}})
+    tally.finish()
