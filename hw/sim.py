@@ -10,7 +10,7 @@ JSON.
 from __future__ import annotations
 
 import json
-import os
+import platform
 import re
 import shutil
 import subprocess
@@ -111,4 +111,4 @@ def environment() -> dict[str, str]:
         if shutil.which(tool):
             out = subprocess.run([tool, flag], capture_output=True, text=True).stdout
             versions[tool] = out.splitlines()[0] if out else "?"
-    return versions | {"python": os.sys.version.split()[0]}
+    return versions | {"python": platform.python_version()}
