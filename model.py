@@ -86,8 +86,8 @@ class EncoderBlock(Block):
         super().__init__("encoder", index, hp, sites, drop, input_site)
 
     def __call__(self, x: tf.Tensor, bias: tf.Tensor, training: bool) -> tf.Tensor:
-        x = self.ln1.add_norm(x, self.dropout(self.self_attention(x, x, bias), training))
-        return self.ln2.add_norm(x, self.dropout(self.ffn(x), training))
+        x = self.ln1.add_norm(x, self.dropout(self.self_attention(x, x, bias, training), training), training)
+        return self.ln2.add_norm(x, self.dropout(self.ffn(x), training), training)
 
 
 class DecoderBlock(Block):
@@ -97,11 +97,11 @@ class DecoderBlock(Block):
     def __call__(self, y: tf.Tensor, self_kv: tuple[tf.Tensor, tf.Tensor], self_bias: tf.Tensor,
                  cross_kv: tuple[tf.Tensor, tf.Tensor], src_bias: tf.Tensor, training: bool) -> tf.Tensor:
         """One block, given the projected self-attention keys/values (whole prefix or cache)."""
-        a = self.self_attention.attend(y, *self_kv, self_bias)
-        y = self.ln1.add_norm(y, self.dropout(a, training))
-        a = self.cross_attention.attend(y, *cross_kv, src_bias)
-        y = self.ln2.add_norm(y, self.dropout(a, training))
-        return self.ln3.add_norm(y, self.dropout(self.ffn(y), training))
+        a = self.self_attention.attend(y, *self_kv, self_bias, training)
+        y = self.ln1.add_norm(y, self.dropout(a, training), training)
+        a = self.cross_attention.attend(y, *cross_kv, src_bias, training)
+        y = self.ln2.add_norm(y, self.dropout(a, training), training)
+        return self.ln3.add_norm(y, self.dropout(self.ffn(y), training), training)
 
 
 class Transformer(tf.Module):
@@ -141,11 +141,12 @@ class Transformer(tf.Module):
         return pairs
 
     # ----------------------------------------------------------------------------- forward
-    def embed(self, ids: tf.Tensor, table: tf.Tensor, offset: tf.Tensor | int = 0) -> tf.Tensor:
+    def embed(self, ids: tf.Tensor, table: tf.Tensor, offset: tf.Tensor | int = 0,
+              training: bool = False) -> tf.Tensor:
         """x = Q(E)[ids] * sqrt(d) + PE[offset : offset + L] (modules.EmbeddingSum)."""
         length = tf.shape(ids)[1]
         pe = positional_encoding(offset + length, self.d_model)[offset:]
-        return self.embedding_sum(tf.gather(table, ids), pe)
+        return self.embedding_sum(tf.gather(table, ids), pe, training)
 
     def logits(self, y: tf.Tensor, table: tf.Tensor) -> tf.Tensor:
         """logits = Q(y) Q(E)^T."""
@@ -160,7 +161,7 @@ class Transformer(tf.Module):
         """Returns the memory [B, Ls, d] and the source padding bias [B, 1, 1, Ls]."""
         bias = padding_bias(src)
         table = self.table() if table is None else table
-        x = self.dropout(self.embed(src, table), training)
+        x = self.dropout(self.embed(src, table, training=training), training)
         for block in self.encoder:
             x = block(x, bias, training)
         return x, bias
@@ -169,7 +170,7 @@ class Transformer(tf.Module):
                training: bool = False, table: tf.Tensor | None = None) -> tf.Tensor:
         """Teacher-forced decoder over a whole target prefix: logits [B, Lt, V]."""
         table = self.table() if table is None else table
-        y = self.dropout(self.embed(tgt_in, table), training)
+        y = self.dropout(self.embed(tgt_in, table, training=training), training)
         # [B, 1, L, L]: future and padding keys.  Not the broadcast [1, 1, L, L]: oneDNN's fused
         # BatchMatMul+Mul+Add takes a much slower path when the added tensor broadcasts over the
         # batch (docs/results.md).  Real queries never see padding keys anyway.

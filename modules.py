@@ -187,8 +187,9 @@ class LayerNorm(tf.Module):
 
         return in_float64(norm, x) if self.float64 else norm(x)
 
-    def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
-        """LN(x + a): the residual add and the norm after it."""
+    def add_norm(self, x: tf.Tensor, a: tf.Tensor, training: bool = False) -> tf.Tensor:
+        """LN(x + a): the residual add and the norm after it. `training` matters to the integer-only
+        layers only (they build their gradient surrogates then)."""
         return self(x + a)
 
 
@@ -200,7 +201,7 @@ class EmbeddingSum:
     def __init__(self, d_model: int):
         self.d_model = d_model
 
-    def __call__(self, rows: tf.Tensor, pe: tf.Tensor) -> tf.Tensor:
+    def __call__(self, rows: tf.Tensor, pe: tf.Tensor, training: bool = False) -> tf.Tensor:
         return rows * math.sqrt(self.d_model) + pe
 
 
@@ -211,7 +212,7 @@ class Softmax:
     def __init__(self, d_k: int, float64: bool = True):
         self.d_k, self.float64 = d_k, float64
 
-    def __call__(self, logits: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    def __call__(self, logits: tf.Tensor, bias: tf.Tensor, training: bool = False) -> tf.Tensor:
         scaled = logits * (1.0 / math.sqrt(self.d_k)) + bias
         return in_float64(tf.nn.softmax, scaled) if self.float64 else tf.nn.softmax(scaled)
 
@@ -272,19 +273,20 @@ class MultiHeadAttention(tf.Module):
         """K = m W^K, V = m W^V split into heads (cacheable: cross-attention computes it once)."""
         return self.split_heads(self.wk(memory)), self.split_heads(self.wv(memory))
 
-    def attend(self, x: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    def attend(self, x: tf.Tensor, k: tf.Tensor, v: tf.Tensor, bias: tf.Tensor,
+               training: bool = False) -> tf.Tensor:
         """Attention of queries from x over already-projected heads k, v."""
         q = self.split_heads(self.wq(x))
         logits = self._matmul(self.q_site(q), self.k_site(k), transpose_b=True)
-        probs = self.softmax(logits, bias)
+        probs = self.softmax(logits, bias, training)
         heads = self._matmul(self.p_site(probs), self.v_site(v))  # [B, h, Lq, d_k]
         b, lq = tf.shape(heads)[0], tf.shape(heads)[2]
         concat = tf.reshape(tf.transpose(heads, [0, 2, 1, 3]), [b, lq, self.h * self.d_k])
         return self.wo(concat)
 
-    def __call__(self, x: tf.Tensor, memory: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    def __call__(self, x: tf.Tensor, memory: tf.Tensor, bias: tf.Tensor, training: bool = False) -> tf.Tensor:
         k, v = self.project_kv(memory)
-        return self.attend(x, k, v, bias)
+        return self.attend(x, k, v, bias, training)
 
 
 class FeedForward(tf.Module):

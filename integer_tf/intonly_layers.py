@@ -8,21 +8,27 @@ Between the matmuls, every tensor is an integer on a power-of-two grid (docs/int
     LayerNorm       y   = kernels.layer_norm(r, gamma_q, beta_q, eps_q)   onto the output site
     softmax         P   = kernels.softmax(scores, mask)   1/sqrt(d_k) folded into exp's constants
 
-Each layer computes its result twice: the integers (the forward value) and the float op through
-the same TQT sites (the gradient). `exact_forward` joins them, so training sees exactly the
-integer model and its gradients are the float model's ("surrogate" straight-through):
+Each layer's value is its integers q on grid f, q 2^-f. In training (`training=True`) it also
+computes the float op through the same TQT sites, for the gradient only: `exact_forward` joins the
+two, so training sees exactly the integer model and its gradients are the float model's
+("surrogate" straight-through):
 
     y = stop_gradient(integers * 2^-f) + (y_float - stop_gradient(y_float))
 
-While sites observe (calibration) the layers run the float op only, as the float model does.
+Without `training` (decoding, dev scoring) no gradient is taken, and the layers skip the float op:
+the value is the same q 2^-f. While sites observe (calibration) the layers run the float op only,
+as the float model does.
 """
 
 from __future__ import annotations
 
 import math
+import weakref
+from collections.abc import Callable, Hashable
 
 import numpy as np
 import tensorflow as tf
+from tensorflow.python.ops.control_flow_v2_func_graphs import ControlFlowFuncGraph
 
 import quant
 from integer import fixed_point, kernels, site_names, token_ids
@@ -40,8 +46,9 @@ def _pow2(f: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
 
 def to_int(v: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
     """q = v * 2^f as int64: exact for a value on grid f (v = q 2^-f); values off the grid (only
-    while training, after dropout) are rounded to it."""
-    return tf.cast(tf.round(tf.cast(v, tf.float64) * _pow2(f, tf.float64)), tf.int64)
+    while training, after dropout) are rounded to it, half to even. In v's own dtype: the product
+    by a power of two is exact there (no value here comes near the float32 range's ends)."""
+    return tf.cast(tf.round(v * _pow2(f, v.dtype)), tf.int64)
 
 
 def from_int(q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
@@ -50,14 +57,41 @@ def from_int(q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
 
 
 def exact_forward(y_float: tf.Tensor, q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
-    """The value q 2^-f with the gradient of y_float. Not y_float + stop_gradient(q 2^-f - y_float):
-    that float sum need not round back to q 2^-f; y - stop_gradient(y) is exactly 0."""
-    return tf.stop_gradient(from_int(q, f)) + (y_float - tf.stop_gradient(y_float))
+    """The value q 2^-f with the gradient of y_float (dL/dy_float = dL/dvalue). Not y_float +
+    stop_gradient(q 2^-f - y_float): that float sum need not round back to q 2^-f."""
+    return _straight_through(y_float, tf.stop_gradient(from_int(q, f)))
+
+
+@tf.custom_gradient
+def _straight_through(y_float: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
+    return tf.identity(value), lambda dy: (dy, None)
+
+
+# graph -> {key: tensor}: what graph_constant computed in each traced graph
+_GRAPH_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def graph_constant(key: Hashable, compute: Callable[[], tf.Tensor]):
+    """compute(): a value that depends on variables only (a grid f, gamma_q, beta_q, eps_q), once
+    per traced graph and key. Eagerly every call computes it (a variable may have changed since).
+    In a tf.function the first call's tensor serves the whole trace, and inside a while loop or a
+    cond branch (cached decoding) it is computed in the graph around them: once per decoded batch,
+    not once per token and use. No gradient flows through such a value."""
+    if tf.executing_eagerly():
+        return compute()
+    graph = tf.compat.v1.get_default_graph()
+    while isinstance(graph, ControlFlowFuncGraph):
+        graph = graph.outer_graph
+    values = _GRAPH_CONSTANTS.setdefault(graph, {})
+    if key not in values:
+        with graph.as_default():
+            values[key] = compute()
+    return values[key]
 
 
 def site_f(site: quant.QuantSite) -> tf.Tensor:
     """The site's fractional bits f as an int64 tensor (follows its trainable log2_t)."""
-    return tf.cast(site.frac_bits_tensor(), tf.int64)
+    return graph_constant((site, "f"), lambda: tf.cast(site.frac_bits_tensor(), tf.int64))
 
 
 def site_integers(site: quant.QuantSite, x: tf.Tensor) -> tf.Tensor:
@@ -115,13 +149,14 @@ class IntEmbeddingSum(tf.Module):
         """P for rows of the sinusoidal table (modules.positional_encoding)."""
         return site_integers(self.site, pe)
 
-    def __call__(self, rows: tf.Tensor, pe: tf.Tensor) -> tf.Tensor:
-        y = self.site(rows * math.sqrt(self.d_model) + pe)
+    def __call__(self, rows: tf.Tensor, pe: tf.Tensor, training: bool = False) -> tf.Tensor:
         if _observing(self.site):
-            return y
+            return self.site(rows * math.sqrt(self.d_model) + pe)
         q = clip_to(self.lookup_integers(rows) + self.position_integers(pe), self.site)
         self.recorder.record(self.site.site_name, q)
-        return exact_forward(y, q, site_f(self.site))
+        if not training:
+            return from_int(q, site_f(self.site))
+        return exact_forward(self.site(rows * math.sqrt(self.d_model) + pe), q, site_f(self.site))
 
 
 class IntLayerNorm(LayerNorm):
@@ -147,52 +182,68 @@ class IntLayerNorm(LayerNorm):
         set_untracked(self, "branch", branch)
         set_untracked(self, "recorder", sites)
 
+    # the layer's integer constants, each once per traced graph (graph_constant)
     def branch_f(self) -> tf.Tensor:
         """The grid of the branch accumulator: f_x + f_w (a vector for per-channel weights)."""
-        return site_f(self.branch.x_site) + site_f(self.branch.w_site)
+        x_site, w_site = self.branch.x_site, self.branch.w_site
+        return graph_constant((self, "branch_f"), lambda: site_f(x_site) + site_f(w_site))
 
     def gamma_integers(self) -> tf.Tensor:
-        return site_integers(self.gamma_site, self.gamma)
+        return graph_constant((self, "gamma_q"), lambda: site_integers(self.gamma_site, self.gamma))
 
     def beta_integers(self) -> tf.Tensor:
         """beta_q = clip(round_half_even(beta 2^(f_gamma + F)), |.| < 2^48): like a bias on the
-        accumulator grid of gamma_q n (float64: every float32 beta scales exactly)."""
-        f = site_f(self.gamma_site) + kernels.LN_F
-        q = to_int(self.beta, f)
-        top = tf.constant(kernels.LN_MAX_ABS_BETA - 1, tf.int64)
-        return tf.clip_by_value(q, -top, top)
+        accumulator grid of gamma_q n (every float32 beta scales exactly)."""
+        def beta_q():
+            q = to_int(self.beta, site_f(self.gamma_site) + kernels.LN_F)
+            top = tf.constant(kernels.LN_MAX_ABS_BETA - 1, tf.int64)
+            return tf.clip_by_value(q, -top, top)
+        return graph_constant((self, "beta_q"), beta_q)
 
     def eps_integer(self) -> tf.Tensor:
         """eps_q = round_half_even(eps 2^(2 f_r)) (kernels.layer_norm_eps_q)."""
-        return to_int(tf.constant(self.eps, tf.float64), 2 * site_f(self.input_site))
+        return graph_constant((self, "eps_q"),
+                              lambda: to_int(tf.constant(self.eps, tf.float64), 2 * site_f(self.input_site)))
+
+    def residual_shifts(self) -> tuple[tf.Tensor, tf.Tensor, tf.Tensor]:
+        """g - f_x, g - f_a and g - f_r for g = max(f_x, f_a, f_r) (residual_integers)."""
+        def shifts():
+            f_x, f_a, f_r = site_f(self.skip), self.branch_f(), site_f(self.input_site)
+            g = tf.maximum(tf.maximum(f_x, f_a), f_r)
+            return g - f_x, g - f_a, g - f_r
+        return graph_constant((self, "residual_shifts"), shifts)
 
     def residual_integers(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
-        f_x, f_a, f_r = site_f(self.skip), self.branch_f(), site_f(self.input_site)
-        g = tf.maximum(f_x, f_a)
-        total = (kernels_tf.shift_round(to_int(x, f_x), f_x - g, "floor")
-                 + kernels_tf.shift_round(to_int(a, f_a), f_a - g, "floor"))  # left shifts: exact
-        return clip_to(kernels_tf.shift_round(total, g - f_r, self.input_site.rounding), self.input_site)
+        """(x << (g - f_x)) + (a << (g - f_a)), exact, then R(. 2^-(g - f_r)), with g = max(f_x, f_a,
+        f_r): the integers of the spec's g = max(f_x, f_a), for g at least f_r makes the
+        requantization a right shift (or none), and a finer f_r than both grids shifts the sum up
+        exactly either way."""
+        up_x, up_a, down = self.residual_shifts()
+        total = (tf.bitwise.left_shift(to_int(x, site_f(self.skip)), up_x)
+                 + tf.bitwise.left_shift(to_int(a, self.branch_f()), up_a))
+        return clip_to(kernels_tf.shift_right_round(total, down, self.input_site.rounding), self.input_site)
 
-    def add_norm(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
-        sites = (self.input_site, self.gamma_site, self.output_site)
-        r = self.input_site(x + a)
-        if not _observing(*sites):
-            r_q = self.residual_integers(x, a)
-            r = exact_forward(r, r_q, site_f(self.input_site))
-        gamma = self.gamma_site(self.gamma)
-        beta_q = self.beta_integers()
-        beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + kernels.LN_F, tf.float32))
-        beta = self.beta + tf.stop_gradient(beta - self.beta)  # straight-through to beta
+    def float_add_norm(self, r: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
+        """The float LayerNorm of the residual sum r onto the output site (the gradient's path)."""
         mean, var = tf.nn.moments(r, axes=[-1], keepdims=True)
-        y = self.output_site(gamma * (r - mean) * tf.math.rsqrt(var + self.eps) + beta)
-        if _observing(*sites):
-            return y
-        out = kernels_tf.layer_norm(  # gamma: the site's own output, read as integers
-            r_q, to_int(gamma, site_f(self.gamma_site)), beta_q, self.eps_integer(),
+        return self.output_site(gamma * (r - mean) * tf.math.rsqrt(var + self.eps) + beta)
+
+    def add_norm(self, x: tf.Tensor, a: tf.Tensor, training: bool = False) -> tf.Tensor:
+        if _observing(self.input_site, self.gamma_site, self.output_site):
+            return self.float_add_norm(self.input_site(x + a), self.gamma_site(self.gamma), self.beta)
+        r_q, beta_q = self.residual_integers(x, a), self.beta_integers()
+        out = kernels_tf.layer_norm(
+            r_q, self.gamma_integers(), beta_q, self.eps_integer(),
             site_f(self.gamma_site), site_f(self.output_site), self.output_site.num_bits,
             self.output_site.rounding, normalization=self.recorder.config.normalization)
         self.recorder.record(self.input_site.site_name, r_q)
         self.recorder.record(self.output_site.site_name, out)
+        if not training:
+            return from_int(out, site_f(self.output_site))
+        r = exact_forward(self.input_site(x + a), r_q, site_f(self.input_site))
+        beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + kernels.LN_F, tf.float32))
+        beta = self.beta + tf.stop_gradient(beta - self.beta)  # straight-through to beta
+        y = self.float_add_norm(r, self.gamma_site(self.gamma), beta)
         return exact_forward(y, out, site_f(self.output_site))
 
 
@@ -210,16 +261,18 @@ class IntSoftmax(tf.Module):
         set_untracked(self, "sites", (q_site, k_site, p_site))
         set_untracked(self, "recorder", recorder)
 
-    def __call__(self, logits: tf.Tensor, bias: tf.Tensor) -> tf.Tensor:
+    def __call__(self, logits: tf.Tensor, bias: tf.Tensor, training: bool = False) -> tf.Tensor:
         q_site, k_site, p_site = self.sites
-        y = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
         if _observing(q_site, k_site):
-            return y
-        f = site_f(q_site) + site_f(k_site)
+            return tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
+        f = graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))  # the scores' grid
         visible = bias > token_ids.NEG_INF / 2
         probs = kernels_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
                                   m=self.d_k, normalization=self.recorder.config.normalization)
         self.recorder.record(p_site.site_name, probs)
+        if not training:
+            return from_int(probs, site_f(p_site))
+        y = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
         return exact_forward(y, probs, site_f(p_site))
 
 

@@ -11,54 +11,71 @@ or surrogate estimator (docs/integer_only.md).
 
 from __future__ import annotations
 
+import numpy as np
 import tensorflow as tf
 
 from integer import fixed_point, kernels
 
 
 def div_round(a: tf.Tensor, b: tf.Tensor, rounding: str) -> tf.Tensor:
-    """R(a / b) for int64 a and b > 0 (kernels.div_round)."""
+    """R(a / b) for int64 a and 0 < b <= 2^62 (kernels.div_round): from a = q b + r, 0 <= r < b,
+    up when 2r + t > b, t = 1 for half_up (the tie goes up), t = q & 1 for half_even."""
     a, b = tf.cast(a, tf.int64), tf.cast(b, tf.int64)
     if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
     q = tf.math.floordiv(a, b)
     if rounding == "floor":
         return q
-    r = a - q * b  # 0 <= r < b
-    tie_up = tf.ones_like(q, tf.bool) if rounding == "half_up" else tf.math.floormod(q, 2) == 1
-    return q + tf.cast((2 * r > b) | ((2 * r == b) & tie_up), tf.int64)
+    twice_r = tf.bitwise.left_shift(a - q * b, tf.constant(1, tf.int64))
+    t = tf.constant(1, tf.int64) if rounding == "half_up" else tf.bitwise.bitwise_and(q, 1)
+    return q + tf.cast(twice_r + t > b, tf.int64)
 
 
 def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
-    """R(q * 2^-k), -62 <= k <= 62: the arithmetic right shift rounded by the bits shifted out
-    (kernels.shift_round)."""
-    q, k = tf.cast(q, tf.int64), tf.cast(k, tf.int64)
+    """R(q * 2^-k) for |q| <= 2^62, -62 <= k <= 62 (kernels.shift_round): k > 0 is
+    shift_right_round, k <= 0 the exact left shift q << -k. A Python int k picks its branch here; a
+    tensor k (a scalar, or per channel along the last axis) takes both, each shifting by 0 where
+    it is not the one."""
+    if isinstance(k, (int, np.integer)):
+        if k <= 0:
+            return tf.bitwise.left_shift(tf.cast(q, tf.int64), tf.constant(-int(k), tf.int64))
+        return shift_right_round(q, int(k), rounding)
+    k = tf.cast(k, tf.int64)
+    return tf.bitwise.left_shift(shift_right_round(q, tf.maximum(k, 0), rounding), tf.maximum(-k, 0))
+
+
+def shift_right_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
+    """R(q * 2^-k) for |q| <= 2^62 and 0 <= k <= 62, by an add before the arithmetic right shift:
+    floor(q 2^-k + 1/2) is half_up; half_even adds 1/2 - 2^-k instead, and the bit q >> k, so that
+    only an even tie stays down. The added constants have k's shape: k = 0 adds nothing."""
+    q = tf.cast(q, tf.int64)
     if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
-    one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-    # k broadcasts against q (a scalar, or per channel along the last axis): q's shape, static
-    # dimensions included, is the result's
-    right = tf.broadcast_to(tf.maximum(k, zero), tf.shape(q))
-    shifted = tf.bitwise.right_shift(q, right)
+    if isinstance(k, (int, np.integer)):
+        k, rounds = int(k), int(k > 0)
+        half = rounds << max(k - 1, 0)
+    else:
+        k = tf.cast(k, tf.int64)
+        rounds = tf.minimum(k, 1)  # 1 where k > 0
+        half = tf.bitwise.left_shift(rounds, tf.maximum(k - 1, 0))  # 2^(k-1), or 0
     if rounding != "floor":
-        half = tf.bitwise.left_shift(one, tf.maximum(right - 1, zero))
-        rest = tf.bitwise.bitwise_and(q, tf.bitwise.left_shift(one, right) - 1)
-        tie_up = (tf.ones_like(shifted, tf.bool) if rounding == "half_up"
-                  else tf.bitwise.bitwise_and(shifted, one) == one)
-        up = (right > 0) & ((rest > half) | ((rest == half) & tie_up))
-        shifted = shifted + tf.cast(up, tf.int64)
-    left = tf.bitwise.left_shift(q, tf.broadcast_to(tf.maximum(-k, zero), tf.shape(q)))
-    return tf.where(k > 0, shifted, left)
+        if rounding == "half_up":
+            q = q + half
+        else:
+            q = q + (half - rounds) + tf.bitwise.bitwise_and(tf.bitwise.right_shift(q, k), rounds)
+    return tf.bitwise.right_shift(q, tf.cast(k, tf.int64))
 
 
 def isqrt(n: tf.Tensor) -> tf.Tensor:
-    """floor(sqrt(n)) for int64 0 <= n < 2^62: the same 6 Newton steps (kernels.isqrt)."""
+    """floor(sqrt(n)) for int64 0 <= n < 2^62 (kernels.isqrt's integer), by the float64 root and one
+    correction instead of Newton steps. With r = floor(sqrt(n)) < 2^31, x = floor(fl(sqrt(fl(n)))):
+    - x >= r: fl and sqrt are monotonic and fl(r^2) is within 2^-53 of r^2 relative, so sqrt(fl(r^2))
+      lies less than r 2^-54, under half an ulp of r, from the float r, and rounds to it;
+    - x <= r + 1: the float root is within 2^-52 relative, below 2^-21 absolute, of sqrt(n);
+    so one step down where x^2 > n makes it exact."""
     n = tf.cast(n, tf.int64)
-    m, one = tf.maximum(n, 1), tf.constant(1, tf.int64)
-    x = tf.bitwise.left_shift(one, tf.bitwise.right_shift(bit_length(m) + 1, one))
-    for _ in range(kernels.ISQRT_STEPS):
-        x = tf.minimum(x, tf.bitwise.right_shift(x + tf.math.floordiv(m, x), one))
-    return tf.minimum(x, n)
+    x = tf.cast(tf.sqrt(tf.cast(n, tf.float64)), tf.int64)
+    return x - tf.cast(x * x > n, tf.int64)
 
 
 # ---- softmax ----
@@ -115,15 +132,15 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
     top = tf.reduce_max(tf.where(mask, q, lowest), axis=-1, keepdims=True)
     x = tf.where(mask, q, top) - top
     kernels._check_softmax_widths(x.shape[-1], out_bits, F, m)
-    e = tf.where(mask, exp_neg(x, f, F, m), tf.zeros_like(x))
+    e = tf.where(mask, exp_neg(x, f, F, m), tf.constant(0, tf.int64))
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
     if normalization == "reciprocal":
         probs = _reciprocal_probs(e, total, out_bits, rounding)
     else:
-        shifted = tf.bitwise.left_shift(e, tf.fill(tf.shape(e), tf.constant(out_bits, tf.int64)))
+        shifted = tf.bitwise.left_shift(e, tf.constant(out_bits, tf.int64))
         probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)
-    n, p = fixed_point.integer_range(out_bits, False)
-    return tf.clip_by_value(probs, tf.constant(n, tf.int64), tf.constant(p, tf.int64))
+    _, p = fixed_point.integer_range(out_bits, False)
+    return tf.minimum(probs, tf.constant(p, tf.int64))  # the clip: probs >= 0 (e >= 0, S > 0)
 
 
 def _reciprocal_probs(e: tf.Tensor, total: tf.Tensor, out_bits: int, rounding: str) -> tf.Tensor:
@@ -141,15 +158,15 @@ def _reciprocal_probs(e: tf.Tensor, total: tf.Tensor, out_bits: int, rounding: s
 
 
 def bit_length(n: tf.Tensor) -> tf.Tensor:
-    """The bit length of int64 0 <= n < 2^63 (kernels.bit_length): a priority encoder by 6 fixed
-    halving steps (compare, shift, add)."""
+    """The bit length of int64 0 <= n < 2^63 (kernels.bit_length's integer), read from the exponent
+    of float64(n): n >= 1 lies in [2^(E-1023), 2^(E-1022)) for the biased exponent E, so the length
+    is E - 1022. Above 2^53 the conversion may round n up to the next power of two, one too long:
+    where n >> (length - 1) is 0, one less. n = 0 has E = 0 and gives 0."""
     n = tf.cast(n, tf.int64)
-    length = tf.zeros_like(n)
-    for step in (32, 16, 8, 4, 2, 1):
-        big = n >= tf.constant(1 << step, tf.int64)
-        n = tf.where(big, tf.bitwise.right_shift(n, tf.constant(step, tf.int64)), n)
-        length = length + tf.where(big, tf.constant(step, tf.int64), tf.constant(0, tf.int64))
-    return length + tf.cast(n > 0, tf.int64)
+    exponent = tf.bitwise.right_shift(tf.bitcast(tf.cast(n, tf.float64), tf.int64), 52)
+    length = exponent - 1022
+    too_long = tf.bitwise.right_shift(n, tf.maximum(length - 1, 0)) == 0
+    return tf.maximum(length - tf.cast(too_long, tf.int64), 0)
 
 
 def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int,
@@ -180,10 +197,9 @@ def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Te
         r = tf.where(w > 0, div_round(top, root, rounding), tf.zeros_like(root))
         n = shift_round(c * r, K + G - k - F, rounding)
     else:
-        up = k + F
-        zero = tf.constant(0, tf.int64)
-        num = tf.bitwise.left_shift(c, tf.broadcast_to(tf.maximum(up, zero), tf.shape(c)))
-        n = div_round(num, tf.bitwise.left_shift(root, tf.maximum(-up, zero)), rounding)
+        up = k + F  # per row: the numerator or the divisor shifts up
+        numerator = tf.bitwise.left_shift(c, tf.maximum(up, 0))
+        n = div_round(numerator, tf.bitwise.left_shift(root, tf.maximum(-up, 0)), rounding)
     y = gamma_q * n + beta_q
     n_out, p_out = fixed_point.integer_range(out_bits, signed=True)
     return tf.clip_by_value(shift_round(y, out_shift, rounding), n_out, p_out)

@@ -50,20 +50,25 @@ def test_div_round_on_ties_and_signs():
 def test_shift_round_is_the_rounded_power_of_two_scaling(q, k, rounding):
     got = kernels.shift_round(np.array(q), k, rounding)
     assert got.tolist() == [ref_round(Fraction(x) / Fraction(2) ** k, rounding) for x in q]
-    twin = kernels_tf.shift_round(tf.constant(q, tf.int64), k, rounding)
-    np.testing.assert_array_equal(twin.numpy(), got)
+    for shift in (k, tf.constant(k, tf.int64)):  # a Python int picks its branch; a tensor computes both
+        twin = kernels_tf.shift_round(tf.constant(q, tf.int64), shift, rounding)
+        np.testing.assert_array_equal(twin.numpy(), got)
 
 
 def test_shift_round_per_element_shifts_and_its_range():
     q = np.array([12, 12, 12, -12])
-    np.testing.assert_array_equal(kernels.shift_round(q, np.array([2, 0, -3, 3]), "half_even"),
-                                  [3, 12, 96, -2])
+    shifts = np.array([2, 0, -3, 3])
+    np.testing.assert_array_equal(kernels.shift_round(q, shifts, "half_even"), [3, 12, 96, -2])
+    for rounding in fixed_point.ROUNDINGS:
+        np.testing.assert_array_equal(kernels_tf.shift_round(tf.constant(q), tf.constant(shifts), rounding),
+                                      kernels.shift_round(q, shifts, rounding))
     # the largest shift: 2^62 as the divisor, no intermediate may leave int64
     top = np.array([0, 2**61, -(2**61), 2**62 - 1, -(2**62)])
     for rounding, expected in (("half_up", [0, 1, 0, 1, -1]), ("half_even", [0, 0, 0, 1, -1]),
                                ("floor", [0, 0, -1, 0, -1])):
         assert kernels.shift_round(top, 62, rounding).tolist() == expected
-        assert kernels_tf.shift_round(tf.constant(top), 62, rounding).numpy().tolist() == expected
+        for shift in (62, tf.constant(62, tf.int64)):
+            assert kernels_tf.shift_round(tf.constant(top), shift, rounding).numpy().tolist() == expected
     with pytest.raises(ValueError, match="62 bits"):
         kernels.shift_round(q, 63, "floor")
 
