@@ -131,7 +131,9 @@ def placement(op: str, types: tuple[tuple[str, str], ...], registry: dict[str, l
     # TF picks the device's own kernel before a DEFAULT one
     kernel = sorted(kernels_for, key=lambda k: k["device"] != "GPU")[0]
     host = sorted({d for d in _host_results(op, kernel, attrs) if d})
-    where = "gpu" if not host else "gpu, int32 on the host" if set(host) <= {"int32", "bool"} else "host memory"
+    if not host:
+        return {"where": "gpu", "host_memory": []}
+    where = "gpu, int32 on the host" if set(host) <= {"int32", "bool"} else "host memory"
     return {"where": where, "host_memory": host}
 
 

@@ -39,8 +39,8 @@ def test_an_op_without_a_gpu_kernel_or_with_host_results_fails(rows, registry):
     host = next(k for k in broken["RightShift"] if k["constraints"].get("T") == ["int64"])
     host["host_memory"] = ["z"]
     del broken["Bitcast"]
-    where = {(r["op"], r["dtypes"].get("T")): gpu_placement.placement(r["op"], tuple(r["dtypes"].items()), broken)
-             ["where"] for r in rows}
+    where = {(r["op"], r["dtypes"].get("T")):
+             gpu_placement.placement(r["op"], tuple(r["dtypes"].items()), broken)["where"] for r in rows}
     assert where[("FloorDiv", "int64")] == "cpu"
     assert where[("RightShift", "int64")] == "host memory"
     assert where[("Bitcast", "float64")] == "unknown"
