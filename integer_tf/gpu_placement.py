@@ -158,9 +158,29 @@ def failures(rows: list[dict]) -> list[str]:
             if r["where"] not in ("gpu", "gpu, int32 on the host")]
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| graph | op | dtypes | where on a GPU machine | nodes (most in one configuration) |",
-             "|---|---|---|---|---:|"]
+def markdown(rows: list[dict], tf_version: str) -> str:
+    """docs/gpu_placement.md: what the table is, then the table."""
+    int64 = [r for r in rows if "int64" in r["dtypes"].values()]
+    host = [r for r in rows if r["where"] != "gpu"]
+    lines = [
+        "# Where the integer-only graphs run on a GPU",
+        "",
+        f"Written by `python -m integer_tf.gpu_placement --markdown docs/gpu_placement.md` from the GPU kernels "
+        f"of TensorFlow {tf_version}'s GPU build (`bench/gpu/kernel_registry.json`, written by the same module "
+        "with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a registry). Every op "
+        "type and dtype of the integer-only train step and greedy decoding, traced for W8A8 with the exact "
+        "and the reciprocal normalization and with per-channel weights and half_up rounding, and where TF "
+        "would run it on a GPU machine: `gpu` (a GPU kernel for these dtypes, results in device memory), "
+        "`gpu, int32 on the host` (TF's GPU kernels for int32 keep their results in host memory: these "
+        "are shapes, indices, positions and token ids, in both the matmul-only and the integer-only "
+        "graphs), `host memory` or `cpu` (no GPU kernel: TF would copy to the CPU and back).",
+        "",
+        f"{len(rows)} rows; {len(int64)} with int64, all `gpu`; {len(host)} with int32 results on the host; "
+        f"{len(failures(rows))} leaving the GPU. `tests/test_gpu_placement.py` keeps it so (on CI against "
+        "the snapshot; under the GPU build also the snapshot against the live registry).",
+        "",
+        "| graph | op | dtypes | where on a GPU machine | nodes (most in one configuration) |",
+        "|---|---|---|---|---:|"]
     for r in rows:
         dtypes = ", ".join(f"{k}={v}" for k, v in r["dtypes"].items()) or "-"
         lines.append(f"| {r['graph']} | {r['op']} | {dtypes} | {r['where']} | {r['count']} |")
@@ -187,13 +207,15 @@ def main(argv: list[str]) -> None:
         hparams.write_json(args.registry, {"tensorflow": tf.__version__, "kernels": live_registry(op_types)})
         print(f"{len(op_types)} op types' GPU kernels written to {args.registry}")
     registry = load_registry(args.registry or REGISTRY)
+    with open(args.registry or REGISTRY) as f:
+        registry_version = json.load(f)["tensorflow"]
     rows = placement_table(registry)
     bad = failures(rows)
     if args.json:
         hparams.write_json(args.json, {"tensorflow": tf.__version__, "rows": rows, "leaving_the_gpu": bad})
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows))
+            f.write(markdown(rows, registry_version))
     print(f"{len(rows)} (graph, op, dtypes) rows; {len(bad)} leave the GPU")
     for line in bad:
         print("  " + line)

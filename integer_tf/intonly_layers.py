@@ -110,6 +110,12 @@ def _observing(*sites: quant.QuantSite) -> bool:
     return any(s.observer is not None for s in sites)
 
 
+def _float_too(training: bool, *sites: quant.QuantSite) -> bool:
+    """Whether a layer computes the float op beside its integers: for the gradient (training), or
+    for sites recording their inputs (QuantSite.recorded: train.threshold_report's clip fractions)."""
+    return training or any(s.recorded is not None for s in sites)
+
+
 class FixedSite(quant.QuantSite):
     """A site with a constant threshold: the softmax probabilities, threshold 1 (log2_t = 0), the
     grid 2^-b that the integer softmax writes. Nothing to train, calibrate or restore."""
@@ -154,7 +160,7 @@ class IntEmbeddingSum(tf.Module):
             return self.site(rows * math.sqrt(self.d_model) + pe)
         q = clip_to(self.lookup_integers(rows) + self.position_integers(pe), self.site)
         self.recorder.record(self.site.site_name, q)
-        if not training:
+        if not _float_too(training, self.site):
             return from_int(q, site_f(self.site))
         return exact_forward(self.site(rows * math.sqrt(self.d_model) + pe), q, site_f(self.site))
 
@@ -238,7 +244,7 @@ class IntLayerNorm(LayerNorm):
             self.output_site.rounding, normalization=self.recorder.config.normalization)
         self.recorder.record(self.input_site.site_name, r_q)
         self.recorder.record(self.output_site.site_name, out)
-        if not training:
+        if not _float_too(training, self.input_site, self.gamma_site, self.output_site):
             return from_int(out, site_f(self.output_site))
         r = exact_forward(self.input_site(x + a), r_q, site_f(self.input_site))
         beta = from_int(beta_q, tf.cast(site_f(self.gamma_site) + kernels.LN_F, tf.float32))

@@ -529,6 +529,19 @@ def test_every_trainable_variable_gets_a_finite_gradient(trained):
     assert np.any(by_ref[model.encoder[0].self_attention.wq.w.ref()] != 0)
 
 
+@pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
+def test_the_threshold_report_measures_every_integer_only_site(trained, tmp_path):
+    """Outside training the layers skip their float op, but a site recording its inputs (the end of
+    training's clip fractions) still sees them: no site's fraction is undefined."""
+    model = trained[0]
+    sites = list(model.sites.sites.values())
+    report = train.threshold_report(model, sites, [training_batch(model.vocab_size, 30)], str(tmp_path))
+    rows = report.splitlines()[1:]
+    assert len(rows) == len(sites) and "nan" not in report
+    ln_input = next(r for r in rows if r.startswith(site_names.layer_norm(norm_prefixes()[0]).input))
+    assert float(ln_input.split()[-1].rstrip("%")) >= 0
+
+
 def test_layer_norm_gamma_gets_a_gradient(spm_file):
     """gamma = 1 under threshold 1 would be clipped (the signed grid ends at 1 - 2^-15) and get no
     gradient: max calibration doubles such a threshold (calibration.init_weight_site)."""
