@@ -165,19 +165,20 @@ def markdown(rows: list[dict], tf_version: str) -> str:
     lines = [
         "# Where the integer-only graphs run on a GPU",
         "",
-        f"Written by `python -m integer_tf.gpu_placement --markdown docs/gpu_placement.md` from the GPU kernels "
-        f"of TensorFlow {tf_version}'s GPU build (`bench/gpu/kernel_registry.json`, written by the same module "
-        "with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a registry). Every op "
-        "type and dtype of the integer-only train step and greedy decoding, traced for W8A8 with the exact "
-        "and the reciprocal normalization and with per-channel weights and half_up rounding, and where TF "
-        "would run it on a GPU machine: `gpu` (a GPU kernel for these dtypes, results in device memory), "
-        "`gpu, int32 on the host` (TF's GPU kernels for int32 keep their results in host memory: these "
-        "are shapes, indices, positions and token ids, in both the matmul-only and the integer-only "
-        "graphs), `host memory` or `cpu` (no GPU kernel: TF would copy to the CPU and back).",
+        "Written by `python -m integer_tf.gpu_placement --markdown docs/gpu_placement.md` from the GPU "
+        f"kernels of TensorFlow {tf_version}'s GPU build (`bench/gpu/kernel_registry.json`, written by the "
+        "same module with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a "
+        "registry). Every op type and dtype of the integer-only train step and greedy decoding, traced "
+        "for W8A8 with the exact and the reciprocal normalization and with per-channel weights and "
+        "half_up rounding, and where TF would run it on a GPU machine: `gpu` (a GPU kernel for these "
+        "dtypes, results in device memory), `gpu, int32 on the host` (TF's GPU kernels for int32 keep "
+        "their results in host memory: these are shapes, indices, positions and token ids, in both the "
+        "matmul-only and the integer-only graphs), `host memory` or `cpu` (no GPU kernel: TF would "
+        "copy to the CPU and back).",
         "",
-        f"{len(rows)} rows; {len(int64)} with int64, all `gpu`; {len(host)} with int32 results on the host; "
-        f"{len(failures(rows))} leaving the GPU. `tests/test_gpu_placement.py` keeps it so (on CI against "
-        "the snapshot; under the GPU build also the snapshot against the live registry).",
+        f"{len(rows)} rows; {len(int64)} with int64, all `gpu`; {len(host)} with int32 results on the "
+        f"host; {len(failures(rows))} leaving the GPU. `tests/test_gpu_placement.py` keeps it so (on CI "
+        "against the snapshot; under the GPU build also the snapshot against the live registry).",
         "",
         "| graph | op | dtypes | where on a GPU machine | nodes (most in one configuration) |",
         "|---|---|---|---|---:|"]

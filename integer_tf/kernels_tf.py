@@ -108,11 +108,22 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
     low = -tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, zero))
     x = tf.maximum(x, low)
     x = shift_round(x, f - F, kernels.EXP_ROUNDING)
-    z = tf.math.floordiv(-x, tf.constant(q_ln2, tf.int64))
+    z = _floordiv_small(-x, q_ln2, 1 << (kernels.EXP_X_MIN_LOG2 + h + F))  # the clamp on grid F bounds -x
     p = x + z * tf.constant(q_ln2, tf.int64)
     s = p + tf.constant(q_b, tf.int64)
     return tf.bitwise.right_shift(s * s + tf.constant(q_c, tf.int64),
                                   tf.minimum(z, tf.constant(kernels.EXP_SHIFT_CAP, tf.int64)))
+
+
+def _floordiv_small(a: tf.Tensor, b: int, max_a: int) -> tf.Tensor:
+    """floor(a / b) for int64 0 <= a <= max_a and a constant b >= 1 with max_a + b <= 2^53, in float64
+    (TF's int64 division is a scalar loop): a and b are exact there, and the correctly rounded a / b
+    floors to floor(a / b). Where a / b is an integer n that is exact; otherwise a / b <= n + 1 - 1/b,
+    and 1/b exceeds half the float spacing below n + 1, (n + 1) 2^-53, because b (n + 1) < a + b."""
+    if max_a + b > 1 << 53:
+        raise ValueError(f"floor division of up to {max_a} by {b} is not exact in float64")
+    quotient = tf.cast(a, tf.float64) / tf.constant(float(b), tf.float64)
+    return tf.cast(tf.floor(quotient), tf.int64)
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
@@ -128,11 +139,14 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
     mask = tf.convert_to_tensor(mask)
     if mask.dtype != tf.bool:
         raise TypeError(f"the softmax mask is a bool tensor (True = may attend), got {mask.dtype.name}")
-    lowest = tf.constant(tf.int64.min, tf.int64)
-    top = tf.reduce_max(tf.where(mask, q, lowest), axis=-1, keepdims=True)
-    x = tf.where(mask, q, top) - top
+    # masked keys by arithmetic on the mask's own (broadcast) shape, not by selects over the scores:
+    # 2^62 below every visible score (|q| < 2^61) for the row's maximum; x = min(q - top, 0), so that
+    # a masked key above the top stays in exp's domain; its e is multiplied by 0
+    visible = tf.cast(mask, tf.int64)
+    top = tf.reduce_max(q + (visible - 1) * (1 << 62), axis=-1, keepdims=True)
+    x = tf.minimum(q - top, 0)
     kernels._check_softmax_widths(x.shape[-1], out_bits, F, m)
-    e = tf.where(mask, exp_neg(x, f, F, m), tf.constant(0, tf.int64))
+    e = exp_neg(x, f, F, m) * visible
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
     if normalization == "reciprocal":
         probs = _reciprocal_probs(e, total, out_bits, rounding)
