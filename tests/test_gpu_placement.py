@@ -1,5 +1,5 @@
 """Every op of the integer-only train step and greedy decoding has a GPU kernel for its dtypes, and
-no int64 result goes to host memory (integer_tf/gpu_placement.py). The GPU kernels come from the
+no int64 result goes to host memory (scripts/bench_gpu_placement.py). The GPU kernels come from the
 snapshot bench/gpu/kernel_registry.json, written by the GPU build: so the check runs under the CPU
 build too (CI). Under the GPU build the snapshot is also checked against the live registry."""
 
@@ -8,8 +8,9 @@ from __future__ import annotations
 import copy
 
 import pytest
+from helpers import load_script
 
-from integer_tf import gpu_placement
+gpu_placement = load_script("bench_gpu_placement")
 
 
 @pytest.fixture(scope="module")

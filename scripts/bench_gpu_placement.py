@@ -1,8 +1,8 @@
 """Where the integer-only train step and greedy decoding would run on a GPU, read from TensorFlow's
 kernel registry, without a GPU:
 
-    python -m integer_tf.gpu_placement --registry bench/gpu/kernel_registry.json   # GPU build only
-    python -m integer_tf.gpu_placement --json bench/gpu/placement.json --markdown docs/gpu_placement.md
+    python scripts/bench_gpu_placement.py --registry bench/gpu/kernel_registry.json   # GPU build only
+    python scripts/bench_gpu_placement.py --json bench/gpu/placement.json --markdown docs/gpu_placement.md
 
 TF places an op on the GPU only if a GPU kernel is registered for its op type and dtypes; otherwise
 on the CPU, with copies both ways. A kernel registered for the GPU may still keep arguments in host
@@ -25,17 +25,19 @@ import json
 import os
 import sys
 
-import tensorflow as tf
-from tensorflow.core.framework import graph_pb2
-from tensorflow.python.framework import kernels, op_def_registry
-
-import hparams
-import quant
-import runs
-import train
-from model import Transformer
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import tensorflow as tf  # noqa: E402
+from tensorflow.core.framework import graph_pb2  # noqa: E402
+from tensorflow.python.framework import kernels, op_def_registry  # noqa: E402
+
+import hparams  # noqa: E402
+import quant  # noqa: E402
+import runs  # noqa: E402
+import train  # noqa: E402
+from model import Transformer  # noqa: E402
+
 REGISTRY = os.path.join(ROOT, "bench", "gpu", "kernel_registry.json")
 GPU_DEVICES = ("GPU", "DEFAULT")  # DEFAULT kernels serve every device, the GPU included
 # graph plumbing, not computation: function calls and control flow (lowered into their bodies,
@@ -165,7 +167,7 @@ def markdown(rows: list[dict], tf_version: str) -> str:
     lines = [
         "# Where the integer-only graphs run on a GPU",
         "",
-        "Written by `python -m integer_tf.gpu_placement --markdown docs/gpu_placement.md` from the GPU "
+        "Written by `python scripts/bench_gpu_placement.py --markdown docs/gpu_placement.md` from the GPU "
         f"kernels of TensorFlow {tf_version}'s GPU build (`bench/gpu/kernel_registry.json`, written by the "
         "same module with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a "
         "registry). Every op type and dtype of the integer-only train step and greedy decoding, traced "
