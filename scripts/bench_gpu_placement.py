@@ -169,7 +169,7 @@ def markdown(rows: list[dict], tf_version: str) -> str:
         "",
         "Written by `python scripts/bench_gpu_placement.py --markdown docs/gpu_placement.md` from the GPU "
         f"kernels of TensorFlow {tf_version}'s GPU build (`bench/gpu/kernel_registry.json`, written by the "
-        "same module with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a "
+        "same script with `--registry` under `make setup VARIANT=gpu`; no GPU is needed to read a "
         "registry). Every op type and dtype of the integer-only train step and greedy decoding, traced "
         "for W8A8 with the exact and the reciprocal normalization and with per-channel weights and "
         "half_up rounding, and where TF would run it on a GPU machine: `gpu` (a GPU kernel for these "
