@@ -1,5 +1,9 @@
 """The integer kernels of `integer/kernels.py` in TensorFlow (int64 tensors), for training: the graph
-computes exactly the integers the accelerator will, line for line like integer/kernels.py.
+computes exactly the integers the accelerator will. Step for step like integer/kernels.py, except
+where another route to the same integers costs fewer of TF's ops (each proven in its docstring and
+tested against the spec): the add before a rounding shift, the float64 square root, bit length and
+exp's constant division, the softmax mask by arithmetic. Every op has a GPU kernel for its dtype
+(scripts/bench_gpu_placement.py): int64 throughout, no int32 (TF keeps int32 on the host).
 
 The grids (`f`, `f_gamma`, `f_out`) may be Python ints or int scalar tensors: during training they
 follow trainable thresholds. Python ints are range-checked here (ValueError, as in integer/kernels.py); for
@@ -130,7 +134,7 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
             F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact") -> tf.Tensor:
     """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (kernels.softmax):
     `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
-    zeros. normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
+    zeros; |q| < 2^61 (scores are accumulators, far smaller). normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
     kernels.check_normalization(normalization)
     q = _softmax_int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
