@@ -134,7 +134,8 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
             F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact") -> tf.Tensor:
     """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (kernels.softmax):
     `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
-    zeros; |q| < 2^61 (scores are accumulators, far smaller). normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
+    zeros; |q| < 2^61 (scores are accumulators, far smaller). normalization="reciprocal":
+    kernels.normalize_reciprocal's one division per row."""
     kernels.check_normalization(normalization)
     q = _softmax_int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
