@@ -310,6 +310,12 @@ def add_parent_flags(p: argparse.ArgumentParser) -> None:
                    help="float parent on Multi30k (scripts/bench_float.py trains it)")
 
 
+def add_fine_tune_flags(p: argparse.ArgumentParser) -> None:
+    """The parents' flags and --corpus: what fine_tune_parents reads."""
+    add_parent_flags(p)
+    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
+
+
 def fine_tune_parents(args: argparse.Namespace) -> dict[str, str]:
     """{corpus: float parent} for --corpus (demo, multi30k or both), without those that have no
     checkpoint (a note each); SystemExit when none is left."""

@@ -123,8 +123,7 @@ def measure(parent: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str]) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    runs.add_parent_flags(p)
-    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
+    runs.add_fine_tune_flags(p)
     p.add_argument("--steps", type=hparams.POSITIVE, default=30, help="timed train steps per model")
     p.add_argument("--sentences", type=hparams.POSITIVE, default=500, help="test sentences decoded")
     p.add_argument("--repeats", type=hparams.POSITIVE, default=5, help="timed decoding passes per model")

@@ -81,8 +81,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str]) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    runs.add_parent_flags(p)
-    p.add_argument("--corpus", choices=["demo", "multi30k", "both"], default="both")
+    runs.add_fine_tune_flags(p)
     p.add_argument("--workdir", default=os.path.join(ROOT, "runs", "bench", "normalization"))
     p.add_argument("--steps", type=hparams.POSITIVE, default=200, help="fine-tuning steps of every run")
     p.add_argument("--out", default=os.path.join(ROOT, "bench", "hw", "normalization.json"),
