@@ -85,6 +85,11 @@ def integer_only_graphs(config_flags: list[str]) -> dict[str, graph_pb2.GraphDef
                 "greedy": model.greedy.get_concrete_function().graph.as_graph_def()}
 
 
+def traced_graphs() -> dict[str, dict[str, graph_pb2.GraphDef]]:
+    """{configuration: integer_only_graphs} for every configuration in CONFIGS."""
+    return {config: integer_only_graphs(flags) for config, flags in CONFIGS.items()}
+
+
 def live_registry(op_types: set[str]) -> dict[str, list[dict]]:
     """The GPU kernels of each op type in this TensorFlow build: type constraints and host-memory
     arguments."""
@@ -139,11 +144,13 @@ def placement(op: str, types: tuple[tuple[str, str], ...], registry: dict[str, l
     return {"where": where, "host_memory": host}
 
 
-def placement_table(registry: dict[str, list[dict]]) -> list[dict]:
-    """One row per (graph, op type, dtypes) of every traced configuration, with its placement."""
+def placement_table(registry: dict[str, list[dict]], graphs: dict[str, dict[str, graph_pb2.GraphDef]]
+                    ) -> list[dict]:
+    """One row per (graph, op type, dtypes) of the traced configurations (traced_graphs), with its
+    placement."""
     rows: dict = {}
-    for config, flags in CONFIGS.items():
-        for graph_name, graph_def in integer_only_graphs(flags).items():
+    for config, by_name in graphs.items():
+        for graph_name, graph_def in by_name.items():
             for (op, types), count in typed_ops(graph_def).items():
                 row = rows.setdefault((graph_name, op, types), {
                     "graph": graph_name, "op": op, "dtypes": dict(types), "count": 0, "configs": [],
@@ -190,9 +197,10 @@ def markdown(rows: list[dict], tf_version: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def load_registry(path: str = REGISTRY) -> dict[str, list[dict]]:
+def load_snapshot(path: str = REGISTRY) -> dict:
+    """A registry snapshot: {"tensorflow": the GPU build's version, "kernels": live_registry's dict}."""
     with open(path) as f:
-        return json.load(f)["kernels"]
+        return json.load(f)
 
 
 def main(argv: list[str]) -> None:
@@ -201,24 +209,22 @@ def main(argv: list[str]) -> None:
     p.add_argument("--json", help="write the placement table here")
     p.add_argument("--markdown", help="write the placement table as a Markdown table here")
     args = p.parse_args(argv)
+    if args.registry and not has_gpu_build():
+        raise SystemExit("error: --registry reads the GPU build's kernels: this TensorFlow is the CPU "
+                         "build (make setup VARIANT=gpu, or pip install 'tensorflow[and-cuda]')")
+    graphs = traced_graphs()
     if args.registry:
-        if not has_gpu_build():
-            raise SystemExit("error: --registry reads the GPU build's kernels: this TensorFlow is the CPU "
-                             "build (make setup VARIANT=gpu, or pip install 'tensorflow[and-cuda]')")
-        op_types = {op for flags in CONFIGS.values() for g in integer_only_graphs(flags).values()
-                    for op, _ in typed_ops(g)}
+        op_types = {op for by_name in graphs.values() for g in by_name.values() for op, _ in typed_ops(g)}
         hparams.write_json(args.registry, {"tensorflow": tf.__version__, "kernels": live_registry(op_types)})
         print(f"{len(op_types)} op types' GPU kernels written to {args.registry}")
-    registry = load_registry(args.registry or REGISTRY)
-    with open(args.registry or REGISTRY) as f:
-        registry_version = json.load(f)["tensorflow"]
-    rows = placement_table(registry)
+    snapshot = load_snapshot(args.registry or REGISTRY)
+    rows = placement_table(snapshot["kernels"], graphs)
     bad = failures(rows)
     if args.json:
         hparams.write_json(args.json, {"tensorflow": tf.__version__, "rows": rows, "leaving_the_gpu": bad})
     if args.markdown:
         with open(args.markdown, "w") as f:
-            f.write(markdown(rows, registry_version))
+            f.write(markdown(rows, snapshot["tensorflow"]))
     print(f"{len(rows)} (graph, op, dtypes) rows; {len(bad)} leave the GPU")
     for line in bad:
         print("  " + line)

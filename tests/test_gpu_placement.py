@@ -15,12 +15,12 @@ gpu_placement = load_script("bench_gpu_placement")
 
 @pytest.fixture(scope="module")
 def registry():
-    return gpu_placement.load_registry()
+    return gpu_placement.load_snapshot()["kernels"]
 
 
 @pytest.fixture(scope="module")
 def rows(registry):
-    return gpu_placement.placement_table(registry)
+    return gpu_placement.placement_table(registry, gpu_placement.traced_graphs())
 
 
 def test_the_integer_only_graphs_stay_on_the_gpu(rows):
