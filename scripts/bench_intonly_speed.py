@@ -44,13 +44,13 @@ from model import Transformer, load_weights  # noqa: E402
 MODELS = {"w8a8": {"quant": "w8a8"}, "intonly_w8a8": {"quant": "w8a8", "integer_only": True}}
 
 
-def build(parent: str, flags: dict, batches: list) -> tuple[Transformer, argparse.Namespace]:
-    """The parent's model with `flags` over its hparams, its weights loaded and every site calibrated."""
-    hp = runs.restore_hparams(hparams.train_parser(), ["--logdir", parent])
+def build(hp: argparse.Namespace, vocab_size: int, checkpoint: str, flags: dict, batches: list
+          ) -> tuple[Transformer, argparse.Namespace]:
+    """The parent's model (its hparams `hp`) with `flags` over them, the parent's weights loaded and
+    every site calibrated."""
     hp = argparse.Namespace(**{**vars(hp), **flags})
-    sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
-    model = Transformer(hp, sp.get_piece_size(), runs.sites_from_flags(hp))
-    load_weights(model, tf.train.latest_checkpoint(os.path.join(parent, "ckpt")))
+    model = Transformer(hp, vocab_size, runs.sites_from_flags(hp))
+    load_weights(model, checkpoint)
     calibration.calibrate(model, batches[:2], "max", "max")
     return model, hp
 
@@ -98,7 +98,9 @@ def measure(parent: str, args: argparse.Namespace) -> dict:
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(parent))
     corpus = runs.load_corpus(hp)
     batches = runs.first_train_batches(hp, sp, corpus["train"], args.steps + 2)
-    built = {name: build(parent, flags, batches) for name, flags in MODELS.items()}
+    checkpoint = tf.train.latest_checkpoint(os.path.join(parent, "ckpt"))
+    built = {name: build(hp, sp.get_piece_size(), checkpoint, flags, batches)
+             for name, flags in MODELS.items()}
     models = {name: model for name, (model, _) in built.items()}
     steps = {name: train.make_train_step(model, tf.distribute.get_strategy(), train.Optimizers(model, hp_q),
                                          train_thresholds=True)
