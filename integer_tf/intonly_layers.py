@@ -33,7 +33,7 @@ from tensorflow.python.ops.control_flow_v2_func_graphs import ControlFlowFuncGra
 import quant
 from integer import fixed_point, kernels, site_names, token_ids
 from integer_tf import kernels_tf
-from modules import Dense, LayerNorm, Site, set_untracked
+from modules import Dense, EmbeddingSum, LayerNorm, Site, Softmax, set_untracked
 
 # --------------------------------------------------------------------------------------------
 # Integers <-> grid values
@@ -144,6 +144,7 @@ class IntEmbeddingSum(tf.Module):
     def __init__(self, d_model: int, sites: quant.TQTSites):
         super().__init__(name="embedding_sum")
         self.d_model = d_model
+        self.float_sum = EmbeddingSum(d_model)  # the float op: calibration and the gradient
         self.site = sites.site(site_names.EMBEDDING_SUM, "residual")
         set_untracked(self, "recorder", sites)
 
@@ -157,12 +158,12 @@ class IntEmbeddingSum(tf.Module):
 
     def __call__(self, rows: tf.Tensor, pe: tf.Tensor, training: bool = False) -> tf.Tensor:
         if _observing(self.site):
-            return self.site(rows * math.sqrt(self.d_model) + pe)
+            return self.site(self.float_sum(rows, pe))
         q = clip_to(self.lookup_integers(rows) + self.position_integers(pe), self.site)
         self.recorder.record(self.site.site_name, q)
         if not _float_too(training, self.site):
             return from_int(q, site_f(self.site))
-        return exact_forward(self.site(rows * math.sqrt(self.d_model) + pe), q, site_f(self.site))
+        return exact_forward(self.site(self.float_sum(rows, pe)), q, site_f(self.site))
 
 
 class IntLayerNorm(LayerNorm):
@@ -264,13 +265,14 @@ class IntSoftmax(tf.Module):
     def __init__(self, d_k: int, q_site: Site, k_site: Site, p_site: FixedSite, recorder: IntegerOnlySites):
         super().__init__(name="softmax")
         self.d_k = d_k
+        self.float_softmax = Softmax(d_k, float64=False)  # the float op: calibration and the gradient
         set_untracked(self, "sites", (q_site, k_site, p_site))
         set_untracked(self, "recorder", recorder)
 
     def __call__(self, logits: tf.Tensor, bias: tf.Tensor, training: bool = False) -> tf.Tensor:
         q_site, k_site, p_site = self.sites
         if _observing(q_site, k_site):
-            return tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
+            return self.float_softmax(logits, bias)
         f = graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))  # the scores' grid
         visible = bias > token_ids.NEG_INF / 2
         probs = kernels_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
@@ -278,8 +280,7 @@ class IntSoftmax(tf.Module):
         self.recorder.record(p_site.site_name, probs)
         if not training:
             return from_int(probs, site_f(p_site))
-        y = tf.nn.softmax(logits * (1.0 / math.sqrt(self.d_k)) + bias)
-        return exact_forward(y, probs, site_f(p_site))
+        return exact_forward(self.float_softmax(logits, bias), probs, site_f(p_site))
 
 
 # --------------------------------------------------------------------------------------------
