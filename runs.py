@@ -16,6 +16,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections.abc import Callable
 
 import numpy as np
@@ -281,6 +282,16 @@ def bleu_score(hyps: list[str], refs: list[str]) -> tuple[float, str]:
     """Corpus sacreBLEU (cased, detokenized, 13a) and its signature."""
     metric = sacrebleu.metrics.BLEU()
     return metric.corpus_score(hyps, [refs]).score, str(metric.get_signature())
+
+
+def timed(fn: Callable, *args, repeats: int = 1) -> tuple:
+    """fn(*args) and the median of `repeats` wall-clock timings of it (the benchmarks' speeds)."""
+    seconds = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn(*args)
+        seconds.append(time.perf_counter() - start)
+    return out, float(np.median(seconds))
 
 
 def repo_relative(path: str) -> str:

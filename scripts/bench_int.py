@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -26,12 +25,6 @@ import hparams  # noqa: E402
 import runs  # noqa: E402
 from integer import loader  # noqa: E402
 from integer_tf import export  # noqa: E402
-
-
-def timed(fn, *args) -> tuple[list[str], float]:
-    start = time.time()
-    hyps = fn(*args)
-    return hyps, time.time() - start
 
 
 def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
@@ -46,9 +39,9 @@ def bench_corpus(qat_logdir: str, float_logdir: str, export_dir: str) -> dict:
     runs.translate(model, sp, de[:8], hp)  # trace the TF graphs outside the timings
     runs.translate(float_model, sp, de[:8], float_hp)
     engines = {
-        "tf_fake_quant": timed(runs.translate, model, sp, de, hp),
-        "int_engine": timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size),
-        "tf_float": timed(runs.translate, float_model, sp, de, float_hp),
+        "tf_fake_quant": runs.timed(runs.translate, model, sp, de, hp),
+        "int_engine": runs.timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size),
+        "tf_float": runs.timed(runs.translate, float_model, sp, de, float_hp),
     }
     if hp.test_src:  # a file: named relative to the repository
         test_name = runs.repo_relative(test_name)

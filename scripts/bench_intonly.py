@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -47,16 +46,6 @@ from integer_tf import export  # noqa: E402
 RUNS = {"float_control": ["--quant", "none"], "qat_w8a8": ["--quant", "w8a8"],
         "intonly_w8a8": ["--quant", "w8a8", "--integer_only"],
         "intonly_w4a8": ["--quant", "w4a8", "--integer_only"]}
-
-
-def timed(fn, *args, repeats: int = 1) -> tuple[list[str], float]:
-    """fn(*args) and the median of `repeats` wall-clock timings of it."""
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        out = fn(*args)
-        seconds.append(time.perf_counter() - start)
-    return out, float(np.median(seconds))
 
 
 def train_speed(logdir: str) -> float:
@@ -137,7 +126,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
     de, en, test_name = runs.test_pairs(control_hp)
     sp = spm.SentencePieceProcessor(model_file=runs.spm_path(control_dir))
     runs.translate(control, sp, de[:8], control_hp)  # trace outside the timing
-    float_hyps, float_s = timed(runs.translate, control, sp, de, control_hp, repeats=repeats)
+    float_hyps, float_s = runs.timed(runs.translate, control, sp, de, control_hp, repeats=repeats)
     result["test_set"] = runs.repo_relative(test_name) if control_hp.test_src else test_name
     result["sentences"] = len(de)
     result["runs"]["float_control"] = {"bleu": round(runs.bleu_score(float_hyps, en)[0], 2),
@@ -154,7 +143,7 @@ def bench_corpus(parent: str, workdir: str, flags: list[str], op_sentences: int,
             export_dir = os.path.join(workdir, f"export_{name}")
             export.export_model(model, hp, spm_path, export_dir, sources[:50])
             engine = loader.load_engine(export_dir)
-            int_hyps, int_s = timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size,
+            int_hyps, int_s = runs.timed(data_load.translate_lines, engine, sp, de, hp.eval_batch_size,
                                     repeats=repeats)
             same = np.mean([a == b for a, b in zip(int_hyps, tf_hyps)])
             row.update(engine_bleu=round(runs.bleu_score(int_hyps, en)[0], 2),

@@ -25,7 +25,6 @@ import json
 import os
 import statistics
 import sys
-import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -55,12 +54,6 @@ def build(hp: argparse.Namespace, vocab_size: int, checkpoint: str, flags: dict,
     return model, hp
 
 
-def timed(fn, *args) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
 def run_step(step, src: np.ndarray, tgt: np.ndarray, n_tokens: tf.Tensor) -> float:
     return float(step(tf.constant(src), tf.constant(tgt), n_tokens)[0])  # float(): waits for the step
 
@@ -71,7 +64,7 @@ def step_times(steps: dict, batches: list) -> dict[str, list[float]]:
     for i, (src, tgt) in enumerate(batches):
         n_tokens = tf.constant(float(np.count_nonzero(tgt[:, 1:])))
         for name, step in steps.items():
-            seconds = timed(run_step, step, src, tgt, n_tokens)
+            seconds = runs.timed(run_step, step, src, tgt, n_tokens)[1]
             if i >= 2:
                 times[name].append(seconds)
     return times
@@ -88,7 +81,7 @@ def decode_times(models: dict, batches: list, repeats: int) -> tuple[dict[str, l
     times: dict[str, list[float]] = {name: [] for name in models}
     for _ in range(repeats):
         for name, model in models.items():
-            times[name].append(timed(decode, model))
+            times[name].append(runs.timed(decode, model)[1])
     return times, tokens
 
 
