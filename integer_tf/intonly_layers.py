@@ -44,16 +44,17 @@ def _pow2(f: tf.Tensor, dtype=tf.float32) -> tf.Tensor:
     return tf.pow(tf.constant(2.0, dtype), tf.cast(f, dtype))
 
 
-def to_int(v: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
+def to_int(v: tf.Tensor, f: tf.Tensor, dtype: tf.DType = tf.int64) -> tf.Tensor:
     """q = v * 2^f as int64: exact for a value on grid f (v = q 2^-f); values off the grid (only
     while training, after dropout) are rounded to it, half to even. In v's own dtype: the product
-    by a power of two is exact there (no value here comes near the float32 range's ends)."""
-    return tf.cast(tf.round(v * _pow2(f, v.dtype)), tf.int64)
+    by a power of two is exact there (no value here comes near the float32 range's ends).
+    dtype=tf.float64: the same integers held in float64 (every float32 integer is one there)."""
+    return tf.cast(tf.round(v * kernels_tf.in_home_graph(lambda f: _pow2(f, v.dtype), f)), dtype)
 
 
 def from_int(q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
     """q 2^-f as float32: exact for |q| < 2^24 (every integer-only tensor: at most 16 bits)."""
-    return tf.cast(q, tf.float32) * _pow2(-tf.cast(f, tf.float32))
+    return tf.cast(q, tf.float32) * kernels_tf.in_home_graph(lambda f: _pow2(-tf.cast(f, tf.float32)), f)
 
 
 def exact_forward(y_float: tf.Tensor, q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
@@ -66,6 +67,9 @@ def exact_forward(y_float: tf.Tensor, q: tf.Tensor, f: tf.Tensor) -> tf.Tensor:
 def _straight_through(y_float: tf.Tensor, value: tf.Tensor) -> tf.Tensor:
     return tf.identity(value), lambda dy: (dy, None)
 
+
+# _residual_float64 is exact while the residual's shift down, g - f_r, is at most this
+RESIDUAL_FLOAT64_MAX_DOWN = 37
 
 # graph -> {key: tensor}: what graph_constant computed in each traced graph
 _GRAPH_CONSTANTS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
@@ -224,11 +228,37 @@ class IntLayerNorm(LayerNorm):
         """(x << (g - f_x)) + (a << (g - f_a)), exact, then R(. 2^-(g - f_r)), with g = max(f_x, f_a,
         f_r): the integers of the spec's g = max(f_x, f_a), for g at least f_r makes the
         requantization a right shift (or none), and a finer f_r than both grids shifts the sum up
-        exactly either way."""
+        exactly either way. As an integral float64 tensor: in float64 where that is exact
+        (_residual_float64), else in int64."""
+        return tf.cond(self.residual_fits_float64(), lambda: self._residual_float64(x, a),
+                       lambda: tf.cast(self._residual_int64(x, a), tf.float64))
+
+    def residual_fits_float64(self) -> tf.Tensor:
+        """Whether the shift down, g - f_r, is at most 37 (_residual_float64's condition)."""
+        return graph_constant((self, "residual_fits_float64"),
+                              lambda: tf.reduce_all(self.residual_shifts()[2] <= RESIDUAL_FLOAT64_MAX_DOWN))
+
+    def _residual_int64(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
         up_x, up_a, down = self.residual_shifts()
         total = (tf.bitwise.left_shift(to_int(x, site_f(self.skip)), up_x)
                  + tf.bitwise.left_shift(to_int(a, self.branch_f()), up_a))
         return clip_to(kernels_tf.shift_right_round(total, down, self.input_site.rounding), self.input_site)
+
+    def _residual_float64(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
+        """The same integers from u + v, u = to_int(x, f_x) 2^(f_r - f_x) and v = to_int(a, f_a)
+        2^(f_r - f_a), float64 (TF's int64 ops are several times slower): u and v are float32
+        integers scaled by powers of two, exact; their sum is total 2^-down, exact while |total| <
+        2^53. A larger total gives |total 2^-down| >= 2^(53 - down) >= 2^16 for down <= 37, clipped
+        either way (the rounding is monotonic). Then R and the clip, exact on that value."""
+        def scales():
+            f_x, f_a, f_r = site_f(self.skip), self.branch_f(), site_f(self.input_site)
+            to_r = kernels_tf.power_of_two
+            return _pow2(f_x), to_r(f_r - f_x), _pow2(f_a), to_r(f_r - f_a)
+        to_x, x_to_r, to_a, a_to_r = graph_constant((self, "residual_scales"), scales)
+        total = (tf.cast(tf.round(x * to_x), tf.float64) * x_to_r
+                 + tf.cast(tf.round(a * to_a), tf.float64) * a_to_r)
+        n, p = fixed_point.integer_range(self.input_site.num_bits, self.input_site.signed)
+        return tf.clip_by_value(kernels_tf.round_float64(total, self.input_site.rounding), float(n), float(p))
 
     def float_add_norm(self, r: tf.Tensor, gamma: tf.Tensor, beta: tf.Tensor) -> tf.Tensor:
         """The float LayerNorm of the residual sum r onto the output site (the gradient's path)."""
@@ -275,7 +305,8 @@ class IntSoftmax(tf.Module):
             return self.float_softmax(logits, bias)
         f = graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))  # the scores' grid
         visible = bias > token_ids.NEG_INF / 2
-        probs = kernels_tf.softmax(to_int(logits, f), f, visible, p_site.num_bits, p_site.rounding,
+        scores = to_int(logits, f, tf.float64)  # kernels_tf.softmax's float64 route
+        probs = kernels_tf.softmax(scores, f, visible, p_site.num_bits, p_site.rounding,
                                   m=self.d_k, normalization=self.recorder.config.normalization)
         self.recorder.record(p_site.site_name, probs)
         if not training:
@@ -309,7 +340,7 @@ class IntegerOnlySites(quant.TQTSites):
 
     def record(self, name: str, q: tf.Tensor) -> None:
         if self.recorded is not None and tf.executing_eagerly():
-            self.recorded.setdefault(name, []).append(q.numpy())
+            self.recorded.setdefault(name, []).append(q.numpy().astype(np.int64))  # float64 integers too
 
     def embedding_sum(self, d_model: int) -> IntEmbeddingSum:
         return IntEmbeddingSum(d_model, self)

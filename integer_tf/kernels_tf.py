@@ -21,18 +21,63 @@ import tensorflow as tf
 from integer import fixed_point, kernels
 
 
-def div_round(a: tf.Tensor, b: tf.Tensor, rounding: str) -> tf.Tensor:
-    """R(a / b) for int64 a and 0 < b <= 2^62 (kernels.div_round): from a = q b + r, 0 <= r < b,
-    up when 2r + t > b, t = 1 for half_up (the tie goes up), t = q & 1 for half_even."""
+def in_home_graph(fn, *grids):
+    """fn(*grids), built in the graph that holds the grid tensors. In a while loop (cached decoding)
+    a grid comes from the graph around it (intonly_layers.graph_constant), so the scalar constants a
+    kernel derives from it (shift amounts, rounding offsets, powers of two) are computed once per
+    decoded batch instead of once per token; anywhere else this is fn(*grids)."""
+    graphs = {getattr(g, "graph", None) for g in grids if tf.is_tensor(g)} - {None}
+    if tf.executing_eagerly() or len(graphs) != 1:
+        return fn(*grids)
+    (graph,) = graphs
+    if graph is tf.compat.v1.get_default_graph():
+        return fn(*grids)
+    with graph.as_default():
+        return fn(*grids)
+
+
+def div_round(a: tf.Tensor, b: tf.Tensor, rounding: str, max_abs_a: int | None = None) -> tf.Tensor:
+    """R(a / b) for int64 a and 0 < b <= 2^62 (kernels.div_round). With a static bound |a| <=
+    max_abs_a < 2^51 (the kernels below know theirs) in float64 (_div_round_float64); otherwise
+    from a = q b + r, 0 <= r < b: up when 2r + t > b, t = 1 for half_up (the tie goes up), t = q & 1
+    for half_even."""
     a, b = tf.cast(a, tf.int64), tf.cast(b, tf.int64)
     if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
+    if max_abs_a is not None and max_abs_a < 1 << 51:
+        return _div_round_float64(a, b, rounding)
     q = tf.math.floordiv(a, b)
     if rounding == "floor":
         return q
     twice_r = tf.bitwise.left_shift(a - q * b, tf.constant(1, tf.int64))
     t = tf.constant(1, tf.int64) if rounding == "half_up" else tf.bitwise.bitwise_and(q, 1)
     return q + tf.cast(twice_r + t > b, tf.int64)
+
+
+def _div_round_float64(a: tf.Tensor, b: tf.Tensor, rounding: str) -> tf.Tensor:
+    """R(a / b) for int64 |a| < 2^51 and b >= 1 from y = fl(a / fl(b)), the float64 quotient (TF's
+    int64 division is a scalar loop, several times slower): round_float64's proof."""
+    return tf.cast(round_float64(tf.cast(a, tf.float64) / tf.cast(b, tf.float64), rounding), tf.int64)
+
+
+def round_float64(y: tf.Tensor, rounding: str) -> tf.Tensor:
+    """R(y) as an integral float64: exact for an exact y, and R(Q) for y = fl(Q), the float64
+    quotient of integers Q = a / b with |a| < 2^51, b >= 1 (a exact in float64; b may round where it
+    exceeds 2^53). Proof for the quotient:
+    - b <= 2^53: |y - Q| <= |Q| 2^-53 < 1 / (2b). Where Q is no integer, the next integer is at least
+      1/b away, so floor(y) = floor(Q); where Q is no half-integer, the nearest half-integer is at
+      least 1/(2b) away ((2a - (2n+1) b) / b is a nonzero integer over b), so y lies on Q's side of
+      it; a tie Q = n + 1/2 is exact in float64, y = Q.
+    - b > 2^53: |Q| < 2^-2 and |y| < 1/2: the rounded quotient is 0 (floor: -1 for a < 0), and so
+      are the roundings of y.
+    So floor(y) is floor(Q), round_half_even(y) (tf.round) is R(Q), and half_up goes up where
+    y - floor(y) >= 1/2 (that difference is exact: a multiple of y's ulp below 1)."""
+    if rounding == "half_even":
+        return tf.round(y)
+    down = tf.floor(y)
+    if rounding == "floor":
+        return down
+    return down + tf.cast(y - down >= 0.5, tf.float64)
 
 
 def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
@@ -44,8 +89,8 @@ def shift_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
         if k <= 0:
             return tf.bitwise.left_shift(tf.cast(q, tf.int64), tf.constant(-int(k), tf.int64))
         return shift_right_round(q, int(k), rounding)
-    k = tf.cast(k, tf.int64)
-    return tf.bitwise.left_shift(shift_right_round(q, tf.maximum(k, 0), rounding), tf.maximum(-k, 0))
+    right, left = in_home_graph(lambda k: (tf.maximum(k, 0), tf.maximum(-k, 0)), _as_int64(k))
+    return tf.bitwise.left_shift(shift_right_round(q, right, rounding), left)
 
 
 def shift_right_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Tensor:
@@ -55,19 +100,33 @@ def shift_right_round(q: tf.Tensor, k: tf.Tensor | int, rounding: str) -> tf.Ten
     q = tf.cast(q, tf.int64)
     if rounding not in fixed_point.ROUNDINGS:
         raise ValueError(f"unknown rounding {rounding!r}")
-    if isinstance(k, (int, np.integer)):
-        k, rounds = int(k), int(k > 0)
+    k = int(k) if isinstance(k, (int, np.integer)) else _as_int64(k)
+    if rounding == "floor":
+        return tf.bitwise.right_shift(q, k)
+    rounds, half = in_home_graph(lambda k: _rounding_offsets(k, rounding), k)
+    if rounding == "half_up":
+        q = q + half
+    elif rounding == "half_even":
+        q = q + half + tf.bitwise.bitwise_and(tf.bitwise.right_shift(q, k), rounds)
+    return tf.bitwise.right_shift(q, k)
+
+
+def _as_int64(k) -> tf.Tensor:
+    """k as an int64 tensor, cast in k's own graph (in_home_graph)."""
+    k = tf.convert_to_tensor(k)
+    return k if k.dtype == tf.int64 else in_home_graph(lambda k: tf.cast(k, tf.int64), k)
+
+
+def _rounding_offsets(k, rounding: str):
+    """(rounds, half) for shift_right_round by k >= 0: rounds = 1 where k > 0; half = 2^(k-1) for
+    half_up, 2^(k-1) - 1 for half_even (its tie bit is added apart), 0 where k = 0."""
+    if isinstance(k, int):
+        rounds = int(k > 0)
         half = rounds << max(k - 1, 0)
     else:
-        k = tf.cast(k, tf.int64)
-        rounds = tf.minimum(k, 1)  # 1 where k > 0
-        half = tf.bitwise.left_shift(rounds, tf.maximum(k - 1, 0))  # 2^(k-1), or 0
-    if rounding != "floor":
-        if rounding == "half_up":
-            q = q + half
-        else:
-            q = q + (half - rounds) + tf.bitwise.bitwise_and(tf.bitwise.right_shift(q, k), rounds)
-    return tf.bitwise.right_shift(q, tf.cast(k, tf.int64))
+        rounds = tf.minimum(k, 1)
+        half = tf.bitwise.left_shift(rounds, tf.maximum(k - 1, 0))
+    return rounds, half - rounds if rounding == "half_even" else half
 
 
 def isqrt(n: tf.Tensor) -> tf.Tensor:
@@ -100,18 +159,20 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
     """exp(x 2^-f / sqrt(m)) for int64 x <= 0 on grid f, on the grid 0.3585 * 2^-2F / m
     (kernels.exp_neg; x > 0 is not checked here)."""
     x = _softmax_int64(x)
-    if _is_tensor_grid(f):
-        kernels._check_exp_grids(0, F, m)  # F and m only: f is a tensor
-        f = tf.cast(f, tf.int64)
-    else:
-        kernels._check_exp_grids(f, F, m)
-        f = tf.constant(int(f), tf.int64)
+    kernels._check_exp_grids(0 if _is_tensor_grid(f) else f, F, m)  # f only when it is a Python int
     q_ln2, q_b, q_c = kernels.exp_constants(F, m)
     h = kernels._check_scale(m)
-    zero = tf.constant(0, tf.int64)
-    low = -tf.bitwise.left_shift(tf.constant(1, tf.int64), tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, zero))
+
+    def grid_constants(f):  # the clamp -2^(6+h) on grid f, and the shift from grid f onto grid F
+        if not _is_tensor_grid(f):
+            return -(1 << max(kernels.EXP_X_MIN_LOG2 + h + int(f), 0)), int(f) - F
+        f = tf.cast(f, tf.int64)
+        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
+        return -tf.bitwise.left_shift(one, tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, zero)), f - F
+
+    low, to_grid_F = in_home_graph(grid_constants, f)
     x = tf.maximum(x, low)
-    x = shift_round(x, f - F, kernels.EXP_ROUNDING)
+    x = shift_round(x, to_grid_F, kernels.EXP_ROUNDING)
     z = _floordiv_small(-x, q_ln2, 1 << (kernels.EXP_X_MIN_LOG2 + h + F))  # the clamp on grid F bounds -x
     p = x + z * tf.constant(q_ln2, tf.int64)
     s = p + tf.constant(q_b, tf.int64)
@@ -134,32 +195,103 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
             F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact") -> tf.Tensor:
     """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (kernels.softmax):
     `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
-    zeros; |q| < 2^61 (scores are accumulators, far smaller). normalization="reciprocal":
-    kernels.normalize_reciprocal's one division per row."""
+    zeros; |q| < 2^61 (scores are accumulators, far smaller), as int64 or as float64 holding the
+    integers (intonly_layers' scores: then in float64 where _softmax_fits_float64 admits it).
+    normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
     kernels.check_normalization(normalization)
-    q = _softmax_int64(q)
+    q = tf.convert_to_tensor(q)
+    if q.dtype != tf.float64:
+        q = _softmax_int64(q)
     fixed_point.check_bits_and_rounding(out_bits, rounding)
     if mask is None:
         mask = tf.ones_like(q, tf.bool)
     mask = tf.convert_to_tensor(mask)
     if mask.dtype != tf.bool:
         raise TypeError(f"the softmax mask is a bool tensor (True = may attend), got {mask.dtype.name}")
+    kernels._check_softmax_widths(q.shape[-1], out_bits, F, m)
+    def int64_route():
+        return _softmax_int64_route(tf.cast(q, tf.int64), f, mask, out_bits, rounding, F, m, normalization)
+
+    if q.dtype != tf.float64 or normalization != "exact" or not _softmax_fits_float64(out_bits, F, m):
+        return int64_route()
+    max_f = SOFTMAX_FLOAT64_MAX_F - kernels._check_scale(m)
+    if not _is_tensor_grid(f):
+        return _softmax_float64(q, f, mask, out_bits, rounding, F, m) if f <= max_f else int64_route()
+    fits = in_home_graph(lambda f: tf.cast(f, tf.int64) <= max_f, f)
+    return tf.cond(fits, lambda: _softmax_float64(q, f, mask, out_bits, rounding, F, m), int64_route)
+
+
+def _softmax_int64_route(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: str, F: int, m: int,
+                         normalization: str) -> tf.Tensor:
     # masked keys by arithmetic on the mask's own (broadcast) shape, not by selects over the scores:
     # 2^62 below every visible score (|q| < 2^61) for the row's maximum; x = min(q - top, 0), so that
     # a masked key above the top stays in exp's domain; its e is multiplied by 0
     visible = tf.cast(mask, tf.int64)
     top = tf.reduce_max(q + (visible - 1) * (1 << 62), axis=-1, keepdims=True)
     x = tf.minimum(q - top, 0)
-    kernels._check_softmax_widths(x.shape[-1], out_bits, F, m)
     e = exp_neg(x, f, F, m) * visible
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
     if normalization == "reciprocal":
         probs = _reciprocal_probs(e, total, out_bits, rounding)
     else:
         shifted = tf.bitwise.left_shift(e, tf.constant(out_bits, tf.int64))
-        probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding)
+        probs = div_round(shifted, tf.maximum(total, tf.constant(1, tf.int64)), rounding,
+                          max_abs_a=kernels.exp_max(F, m) << out_bits)
     _, p = fixed_point.integer_range(out_bits, False)
     return tf.minimum(probs, tf.constant(p, tf.int64))  # the clip: probs >= 0 (e >= 0, S > 0)
+
+
+# _softmax_float64 is exact for scores on grids f <= this - h (2^h ~ sqrt(m)): exp's clamp 2^(6+h+f)
+# then stays below 2^51, and every value of the shift onto grid F below 2^53
+SOFTMAX_FLOAT64_MAX_F = 45
+
+
+def _softmax_fits_float64(out_bits: int, F: int, m: int) -> bool:
+    """Whether _softmax_float64's static bounds hold: exp's largest L = q_b^2 + q_c below 2^53 (and
+    with it every exp value), the division's numerator e 2^out_bits below 2^51."""
+    return kernels.exp_max(F, m) << out_bits < 1 << 51
+
+
+def _scale_down(v: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
+    """v 2^-k exactly, for float64 v >= 1 and int64 0 <= k <= 1000: k off v's biased exponent field
+    (the result stays a normal float; one integer op instead of building 2^-k)."""
+    bits = tf.bitcast(v, tf.int64) - tf.bitwise.left_shift(k, tf.constant(52, tf.int64))
+    return tf.bitcast(bits, tf.float64)
+
+
+def _softmax_float64(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: str, F: int, m: int
+                     ) -> tf.Tensor:
+    """The exact softmax with its integers held in float64 (TF's int64 ops are several times slower
+    per element, its division a scalar loop), for scores q on a grid f <= SOFTMAX_FLOAT64_MAX_F - h
+    and the precisions _softmax_fits_float64 admits. Each step is the int64 route's, exact:
+    - the row maximum and x = min(q - top, 0): a masked key's q - 2^62 rounds but stays below every
+      visible score (> -2^61); q - top is exact below 2^53, and beyond it at most -2^53, clamped to
+      -2^max(6+h+f, 0) >= -2^51 like the exact difference;
+    - the shift onto grid F, floor(x 2^(F-f) + 1/2) (half_up), on a value of at most 53 bits;
+    - z = floor(-x / q_ln2) (round_float64's floor: -x < 2^51), p, s, L = s^2 + q_c < 2^53 exactly,
+      e = floor(L 2^-z) (_scale_down; z < 2^(6.5) / ln 2 < 132, and the int64 route's cap at 62
+      gives 0 like L 2^-z, for L < 2^62);
+    - S = sum e is exact while below 2^53; above it both S and the float sum exceed 2^52, and
+      e 2^out_bits < 2^51 makes every probability 0 either way. R(e 2^out_bits / S) by round_float64."""
+    q_ln2, q_b, q_c = kernels.exp_constants(F, m)
+    h = kernels._check_scale(m)
+
+    def grid_constants(f):  # exp_neg's clamp -2^max(6+h+f, 0) and 2^(F-f), exact powers of two
+        f = tf.cast(f, tf.int64)
+        return -power_of_two(tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, 0)), power_of_two(F - f)
+
+    low, to_grid_F = in_home_graph(grid_constants, f)
+    visible = tf.cast(mask, tf.float64)
+    top = tf.reduce_max(q + (visible - 1) * 2.0**62, axis=-1, keepdims=True)
+    x = tf.maximum(tf.minimum(q - top, 0.0), low)
+    x = tf.floor(x * to_grid_F + 0.5)
+    z = tf.floor(x / -q_ln2)
+    s = x + z * q_ln2 + q_b
+    e = tf.floor(_scale_down(s * s + q_c, tf.cast(z, tf.int64))) * visible
+    total = tf.maximum(tf.reduce_sum(e, axis=-1, keepdims=True), 1.0)
+    probs = round_float64(e * 2.0**out_bits / total, rounding)
+    _, p = fixed_point.integer_range(out_bits, False)
+    return tf.cast(tf.minimum(probs, float(p)), tf.int64)
 
 
 def _reciprocal_probs(e: tf.Tensor, total: tf.Tensor, out_bits: int, rounding: str) -> tf.Tensor:
@@ -188,26 +320,100 @@ def bit_length(n: tf.Tensor) -> tf.Tensor:
     return tf.maximum(length - tf.cast(too_long, tf.int64), 0)
 
 
+def _layer_norm_fits_float64(d: int, K: int, F: int) -> bool:
+    """Whether every integer of _layer_norm_float64 is exact in float64 for rows of d values: the
+    moment W < d^2 (2^30 + 2^32) below 2^53 (d <= 1295), floor(W 2^2k) < 2^2K at most 2^52, and the
+    division's numerator below 2^51 (the defaults K = 24, F = 16: up to d = 1024 and beyond)."""
+    w_max = d * d * (kernels.LN_MAX_ABS_Q**2 + kernels.LN_MAX_EPS_Q)
+    return (w_max < 1 << 53 and 1 << 2 * K <= ISQRT_FLOAT64_LIMIT
+            and _layer_norm_max_numerator(d, K, F) < 1 << 51)
+
+
+def power_of_two(k: tf.Tensor) -> tf.Tensor:
+    """2^k as float64 for integer -1022 <= k <= 1023, exactly: the float64 whose biased exponent is
+    k + 1023 and whose mantissa is zero (tf.pow need not be exact)."""
+    k = tf.cast(k, tf.int64)
+    return tf.bitcast(tf.bitwise.left_shift(k + 1023, tf.constant(52, tf.int64)), tf.float64)
+
+
+def _layer_norm_float64(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor,
+                        out_shift: tf.Tensor | int, out_bits: int, rounding: str, K: int, F: int
+                        ) -> tf.Tensor:
+    """layer_norm's exact normalization with its integers held in float64 (TF's int64 ops are
+    several times slower per element, its division a scalar loop), for the shapes and precisions
+    _layer_norm_fits_float64 admits. Each step is kernels.layer_norm's, exact:
+    - s, c, sum q^2 and W = d sum q^2 - s^2 + d^2 eps_q are integers below 2^53: exact sums and products;
+    - bit_length(W) is the exponent of the exact W, k = (2K - bit_length(W)) >> 1 (W = 0: 0, k = K);
+    - floor(W 2^2k) scales exactly by a power of two (power_of_two) and floors: below 2^2K <= 2^52;
+    - isqrt(floor(W 2^2k)) by _isqrt_float64;
+    - n = R(c 2^(k+F) / D) is the float quotient c / (D 2^-(k+F)), the same float as fl(A / B) of
+      the integers the int64 route divides (round_float64, |A| < 2^51);
+    - y = gamma_q n + beta_q < 2^49 exactly, y 2^-out_shift exactly, then R and the clip: the
+      roundings are exact on an exact value (half_up's y - floor(y) too)."""
+    d = q.shape[-1]
+    x = tf.cast(q, tf.float64)
+    s = tf.reduce_sum(x, axis=-1, keepdims=True)
+    c = d * x - s
+    d2_eps = in_home_graph(lambda e: tf.cast(d * d * tf.cast(e, tf.int64), tf.float64), eps_q)
+    w = d * tf.reduce_sum(x * x, axis=-1, keepdims=True) - s * s + d2_eps
+    length = tf.maximum(tf.bitwise.right_shift(tf.bitcast(w, tf.int64), tf.constant(52, tf.int64)) - 1022, 0)
+    k = tf.bitwise.right_shift(2 * K - length, tf.constant(1, tf.int64))
+    root = tf.maximum(_isqrt_float64(tf.floor(w * power_of_two(2 * k))), 1.0)
+    n = round_float64(c / (root * power_of_two(-(k + F))), rounding)
+    gamma, beta, scale = in_home_graph(
+        lambda g, b, o: (tf.cast(g, tf.float64), tf.cast(b, tf.float64), power_of_two(-o)),
+        gamma_q, beta_q, out_shift)
+    n_out, p_out = fixed_point.integer_range(out_bits, signed=True)
+    out = round_float64((gamma * n + beta) * scale, rounding)
+    return tf.cast(tf.clip_by_value(out, float(n_out), float(p_out)), tf.int64)
+
+
+ISQRT_FLOAT64_LIMIT = 1 << 52  # _isqrt_float64 takes v below this
+
+
+def _isqrt_float64(v: tf.Tensor) -> tf.Tensor:
+    """floor(sqrt(v)) for integral float64 0 <= v < 2^52 (ISQRT_FLOAT64_LIMIT), exactly, with no
+    correction step: for r^2 <= v < (r + 1)^2 the correctly rounded root is at least r (sqrt and the
+    rounding are monotonic, r is a float) and stays below r + 1, for sqrt(v) <= sqrt((r + 1)^2 - 1)
+    lies more than 1 / (2r + 2) below r + 1 and the rounding moves it by at most r 2^-53, less than
+    that while r < 2^26."""
+    return tf.floor(tf.sqrt(v))
+
+
+def _layer_norm_max_numerator(d: int, K: int, F: int) -> int:
+    """The largest |c 2^(k+F)| of layer_norm's division (kernels.layer_norm_bounds' numerator for
+    16-bit inputs, the widest it takes)."""
+    return kernels.layer_norm_bounds(d, 16, 1, 0, kernels.LN_MAX_EPS_Q, 8, K, F)["numerator"]
+
+
 def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Tensor | int,
                f_gamma: int | tf.Tensor, f_out: int | tf.Tensor, out_bits: int, rounding: str,
                K: int = kernels.LN_K, F: int = kernels.LN_F, normalization: str = "exact") -> tf.Tensor:
     """Integer LayerNorm over the last axis, the same integers as kernels.layer_norm (see there for
-    the algorithm, both normalizations, bounds and error bound). The static arguments are checked
+    the algorithm, both normalizations, bounds and error bound): q as int64, or as float64 holding
+    the integers (residual sums: intonly_layers). The static arguments are checked
     (ValueError); the data bounds (|q|, |gamma_q| <= 2^15, |beta_q| < 2^48, 0 <= eps_q <= 2^32) are the
     caller's."""
     kernels.check_normalization(normalization)
-    q, gamma_q, beta_q = tf.cast(q, tf.int64), tf.cast(gamma_q, tf.int64), tf.cast(beta_q, tf.int64)
-    eps_q = tf.cast(eps_q, tf.int64)
-    d, out_shift = q.shape[-1], f_gamma + F - f_out
+    q = tf.convert_to_tensor(q)
+    gamma_q, beta_q = tf.cast(gamma_q, tf.int64), tf.cast(beta_q, tf.int64)
+    d = q.shape[-1]
     if d is None:
         raise ValueError("layer_norm needs a static last axis")
-    tensor_grids = _is_tensor_grid(f_gamma) or _is_tensor_grid(f_out)
-    kernels.check_layer_norm_args(d, None if tensor_grids else out_shift, out_bits, rounding, K, F)
-    if tensor_grids:
-        out_shift = tf.cast(f_gamma, tf.int64) + F - tf.cast(f_out, tf.int64)
+    if _is_tensor_grid(f_gamma) or _is_tensor_grid(f_out):
+        kernels.check_layer_norm_args(d, None, out_bits, rounding, K, F)
+        out_shift = in_home_graph(lambda f_g, f_o: tf.cast(f_g, tf.int64) + F - tf.cast(f_o, tf.int64),
+                                  f_gamma, f_out)
+    else:
+        out_shift = f_gamma + F - f_out
+        kernels.check_layer_norm_args(d, out_shift, out_bits, rounding, K, F)
+    if normalization == "exact" and _layer_norm_fits_float64(d, K, F):
+        return _layer_norm_float64(q, gamma_q, beta_q, eps_q, out_shift, out_bits, rounding, K, F)
+    q = tf.cast(q, tf.int64)
     s = tf.reduce_sum(q, axis=-1, keepdims=True)
     c = d * q - s
-    w = d * tf.reduce_sum(q * q, axis=-1, keepdims=True) - s * s + d * d * eps_q
+    d2_eps = in_home_graph(lambda e: d * d * tf.cast(e, tf.int64), eps_q)
+    w = d * tf.reduce_sum(q * q, axis=-1, keepdims=True) - s * s + d2_eps
     k = tf.bitwise.right_shift(2 * K - bit_length(w), tf.constant(1, tf.int64))  # floor division by 2
     root = tf.maximum(isqrt(shift_round(w, -2 * k, "floor")), 1)
     if normalization == "reciprocal":
@@ -218,7 +424,8 @@ def layer_norm(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps_q: tf.Te
     else:
         up = k + F  # per row: the numerator or the divisor shifts up
         numerator = tf.bitwise.left_shift(c, tf.maximum(up, 0))
-        n = div_round(numerator, tf.bitwise.left_shift(root, tf.maximum(-up, 0)), rounding)
+        n = div_round(numerator, tf.bitwise.left_shift(root, tf.maximum(-up, 0)), rounding,
+                      max_abs_a=_layer_norm_max_numerator(d, K, F))
     y = gamma_q * n + beta_q
     n_out, p_out = fixed_point.integer_range(out_bits, signed=True)
     return tf.clip_by_value(shift_round(y, out_shift, rounding), n_out, p_out)

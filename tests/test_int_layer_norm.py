@@ -209,17 +209,30 @@ def test_layer_norm_default_precision_twin_and_bound(case):
                         case["f_out"], case["out_bits"], case["rounding"])
 
 
-def test_layer_norm_at_the_bounds_does_not_overflow():
+def test_layer_norm_takes_float64_only_where_its_integers_are_exact():
+    """kernels_tf's float64 route needs W < 2^53 (d <= 1295), W 2^2k < 2^52 (K <= 26) and the
+    division's numerator below 2^51 (K + F + log2 sqrt(d - 1) < 51); the int64 route takes the rest."""
+    fits = kernels_tf._layer_norm_fits_float64
+    assert fits(1024, kernels.LN_K, kernels.LN_F) and fits(1295, 26, 18) and fits(1, 2, 0)
+    assert not fits(1296, kernels.LN_K, kernels.LN_F)  # W
+    assert not fits(128, 27, 0)  # the square root
+    assert not fits(1024, 26, 21) and not fits(128, 24, 24)  # the numerator
+
+
+@pytest.mark.parametrize("d", [1024, kernels.LN_MAX_D])
+def test_layer_norm_at_the_bounds_does_not_overflow(d):
     """The largest inputs, gammas, betas, eps and d the bounds allow: NumPy and TF equal the
-    unbounded Python-integer model (an int64 overflow anywhere would show)."""
-    d = kernels.LN_MAX_D
+    unbounded Python-integer model (an int64 overflow anywhere would show). d = 1024 is the widest
+    row TF's float64 route takes at the default precision, 4096 the int64 route's."""
+    assert kernels_tf._layer_norm_fits_float64(d, kernels.LN_K, kernels.LN_F) == (d == 1024)
     rng = np.random.default_rng(4096)
     rows = np.stack([np.where(np.arange(d) % 2 == 0, -MAX_Q, MAX_Q),  # the largest variance
                      np.where(np.arange(d) == 7, -MAX_Q, MAX_Q),  # one huge value: |n*| = sqrt(d - 1)
                      np.full(d, -MAX_Q), rng.integers(-MAX_Q, MAX_Q + 1, size=d)])
     gamma = np.where(np.arange(d) % 3 == 0, -kernels.LN_MAX_ABS_GAMMA, kernels.LN_MAX_ABS_GAMMA)
     beta = np.where(np.arange(d) % 2 == 0, 1 - kernels.LN_MAX_ABS_BETA, kernels.LN_MAX_ABS_BETA - 1)
-    grids = ((31, 24, 0, 37), (24, 16, 0, 29), (2, 0, 0, 13), (31, 0, 15, 15), (31, 24, 15, -16))
+    grids = ((31, 24, 0, 37), (24, 16, 0, 29), (2, 0, 0, 13), (31, 0, 15, 15), (31, 24, 15, -16),
+             (24, 16, 15, -13))
     for K, F, f_gamma, f_out in grids:  # output shifts -13 (the largest left shift), 0 and 55
         for eps_q in (0, kernels.LN_MAX_EPS_Q):
             for rounding in fixed_point.ROUNDINGS:

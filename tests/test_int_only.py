@@ -26,6 +26,7 @@ from integer import (
     datasheet,
     decoding,
     export_format,
+    fixed_point,
     golden_vectors,
     intonly_engine,
     kernels,
@@ -540,6 +541,48 @@ def test_the_threshold_report_measures_every_integer_only_site(trained, tmp_path
     assert len(rows) == len(sites) and "nan" not in report
     ln_input = next(r for r in rows if r.startswith(site_names.layer_norm(norm_prefixes()[0]).input))
     assert float(ln_input.split()[-1].rstrip("%")) >= 0
+
+
+@pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
+def test_the_residual_add_takes_float64_only_where_it_is_exact(trained):
+    """IntLayerNorm's residual add in float64 equals the int64 route wherever it is taken (the shift
+    down g - f_r at most 37), also with sums beyond 2^53 that only the clip keeps in range; beyond 37
+    the int64 route is taken, and a sum is shown that float64 gets wrong there. The input site's
+    threshold sweeps the shift from 0 to 58."""
+    ln = trained[0].decoder[0].ln1
+    site = ln.input_site
+    rng = np.random.default_rng(37)
+    f_a = int(ln.branch_f())
+    x = rng.integers(-128, 128, (4, 3, 32))
+    x = intonly_layers.from_int(tf.constant(x), intonly_layers.site_f(ln.skip))
+    a = rng.normal(0, 4, (4, 3, 32)) * rng.choice([1, 1e3, 2.0**40], (4, 3, 32))  # up to |A| ~ 2^60
+    a = tf.constant(a, tf.float32)
+    log2_t, skip_log2_t, seen = site.log2_t.numpy(), ln.skip.log2_t.numpy(), set()
+    try:
+        for offset in range(-3, 60):
+            site.log2_t.assign(log2_t + offset)
+            down = int(ln.residual_shifts()[2])
+            seen.add(down)
+            fits = bool(ln.residual_fits_float64())
+            assert fits == (down <= intonly_layers.RESIDUAL_FLOAT64_MAX_DOWN)
+            int_route = ln._residual_int64(x, a).numpy()
+            np.testing.assert_array_equal(ln.residual_integers(x, a).numpy(), int_route)
+            if fits:
+                np.testing.assert_array_equal(ln._residual_float64(x, a).numpy(), int_route)
+        # beyond 37 float64 can fail: total = 1 + 201 2^49 (x = 1 on the finest grid, f_x = f_a + 10;
+        # a = 201 2^39 on f_a) loses its 1 and lands on the tie 100.5 of R(total 2^-50) = 101
+        f_x = f_a + 10
+        ln.skip.log2_t.assign(fixed_point.magnitude_bits(ln.skip.num_bits, ln.skip.signed) - f_x)
+        site.log2_t.assign(fixed_point.magnitude_bits(site.num_bits, site.signed) - (f_x - 50))
+        assert int(ln.residual_shifts()[2]) == 50
+        x, a = tf.constant([2.0**-f_x]), tf.constant([201 * 2.0 ** (39 - f_a)])
+        assert ln._residual_int64(x, a).numpy().tolist() == [101]
+        assert ln.residual_integers(x, a).numpy().tolist() == [101]
+        assert ln._residual_float64(x, a).numpy().tolist() == [100]
+    finally:
+        site.log2_t.assign(log2_t)
+        ln.skip.log2_t.assign(skip_log2_t)
+    assert {0, 37, 38} <= seen and max(seen) > 50
 
 
 def test_layer_norm_gamma_gets_a_gradient(spm_file):

@@ -61,10 +61,14 @@ def round_float(v: np.ndarray, rounding: str) -> np.ndarray:
 def check_softmax(q, f, mask, out_bits, rounding, big_f=F):
     """kernels.softmax == kernels_tf.softmax, its invariants and its error bound; returns its output."""
     out = kernels.softmax(q, f, mask, out_bits, rounding, big_f)
-    twin = kernels_tf.softmax(tf.constant(q, tf.int64), f, None if mask is None else tf.constant(mask),
-                             out_bits, rounding, big_f)
-    np.testing.assert_array_equal(twin.numpy(), out)
-    assert out.dtype == np.int64 and twin.dtype == tf.int64
+    assert out.dtype == np.int64
+    tf_mask = None if mask is None else tf.constant(mask)
+    # int64 scores, and float64 ones (TF's float64 route) with the grid as an int and as a tensor
+    for scores, grid in ((tf.constant(q, tf.int64), f), (tf.constant(q, tf.float64), f),
+                         (tf.constant(q, tf.float64), tf.constant(f, tf.int64))):
+        twin = kernels_tf.softmax(scores, grid, tf_mask, out_bits, rounding, big_f)
+        assert twin.dtype == tf.int64
+        np.testing.assert_array_equal(twin.numpy(), out)
     full_mask = np.broadcast_to(np.ones((), bool) if mask is None else mask, out.shape)
     assert np.all(out[~full_mask] == 0)  # masked: exactly 0
     assert out.min() >= 0 and out.max() <= 2**out_bits - 1
@@ -265,6 +269,30 @@ def test_softmax_model_mask_shapes():
                                       kernels.softmax_exps(q, 6, everyone, m=m))
 
 
+@pytest.mark.parametrize("m", [1, 64])
+def test_softmax_takes_float64_only_on_grids_where_it_is_exact(m, monkeypatch):
+    """Float64 scores go through TF's float64 route up to f = SOFTMAX_FLOAT64_MAX_F - h, the int64
+    route above (exp's clamp would pass 2^51), with the same integers as the spec on both sides
+    (scores up to 2^60, differences past 2^53), and int64 scores never take it."""
+    h = kernels._check_scale(m)
+    max_f = kernels_tf.SOFTMAX_FLOAT64_MAX_F - h
+    rng = np.random.default_rng(m)
+    q = rng.integers(-(2**60), 2**60, (6, 9)) >> rng.integers(0, 60, (6, 9))
+    q = q.astype(np.float64).astype(np.int64)  # integers that float64 holds
+    mask = rng.random((6, 9)) < 0.8
+    taken = []
+    real = kernels_tf._softmax_float64
+    monkeypatch.setattr(kernels_tf, "_softmax_float64", lambda *a: taken.append(a[1]) or real(*a))
+    for f in (max_f - 1, max_f, max_f + 1, max_f + 8):
+        for grid in (f, tf.constant(f, tf.int64)):
+            out = kernels.softmax(q, f, mask, 8, "half_even", m=m)
+            scores = tf.constant(q, tf.float64)
+            twin = kernels_tf.softmax(scores, grid, tf.constant(mask), 8, "half_even", m=m)
+            np.testing.assert_array_equal(twin.numpy(), out)
+        kernels_tf.softmax(tf.constant(q), f, tf.constant(mask), 8, "half_even", m=m)
+    assert sorted({int(f) for f in taken}) == [max_f - 1, max_f]
+
+
 def test_softmax_rejects_floats_and_additive_masks():
     q = np.array([[1, 2, 3]])
     with pytest.raises(TypeError, match="integer"):
@@ -356,9 +384,12 @@ def test_scaled_softmax_within_the_bound_and_twin_equal(m, out_bits, rounding):
         mask[1] = np.arange(17) == 5  # a single visible key
         mask[2] = True
         out = kernels.softmax(q, f, mask, out_bits, rounding, m=m)
-        twin = kernels_tf.softmax(tf.constant(q, tf.int64), f, tf.constant(mask), out_bits, rounding, m=m)
-        assert out.dtype == np.int64 and twin.dtype == tf.int64
-        np.testing.assert_array_equal(twin.numpy(), out)
+        assert out.dtype == np.int64
+        for scores in (tf.constant(q, tf.int64), tf.constant(q, tf.float64)):
+            grid = tf.constant(f, tf.int64)
+            twin = kernels_tf.softmax(scores, grid, tf.constant(mask), out_bits, rounding, m=m)
+            assert twin.dtype == tf.int64
+            np.testing.assert_array_equal(twin.numpy(), out)
         np.testing.assert_array_equal(out[~mask], 0)
         np.testing.assert_array_equal(out[0], 0)
         np.testing.assert_array_equal(out[1], np.where(mask[1], units - 1, 0))

@@ -33,6 +33,30 @@ def test_div_round_is_the_exact_rounded_quotient(a, b, rounding):
     np.testing.assert_array_equal(twin.numpy(), got)
 
 
+FLOAT64_ROUTE_A = 2**51 - 1  # the largest |a| div_round takes in float64
+
+
+@st.composite
+def quotients_near_ties(draw):
+    """(a, b) with |a| < 2^51 at and around the integers and half-integers of a / b (where a float
+    quotient would first round the wrong way), b up to 2^62 (beyond float64's exact integers)."""
+    b = draw(st.one_of(st.integers(1, 2**20), st.integers(2**52 - 8, 2**53 + 8), st.integers(1, 2**62)))
+    n = draw(st.integers(-FLOAT64_ROUTE_A // b, FLOAT64_ROUTE_A // b))
+    offset = draw(st.sampled_from([0, 1, -1, b // 2, (b + 1) // 2, b // 2 + 1, b // 2 - 1, b - 1]))
+    a = n * b + offset
+    return max(-FLOAT64_ROUTE_A, min(FLOAT64_ROUTE_A, a)), b
+
+
+@PROPERTY
+@given(ab=st.lists(quotients_near_ties(), min_size=1, max_size=20),
+       rounding=st.sampled_from(fixed_point.ROUNDINGS))
+def test_div_round_in_float64_is_the_exact_rounded_quotient(ab, rounding):
+    a, b = (list(v) for v in zip(*ab))
+    twin = kernels_tf.div_round(tf.constant(a, tf.int64), tf.constant(b, tf.int64), rounding,
+                                max_abs_a=FLOAT64_ROUTE_A)
+    assert twin.numpy().tolist() == [ref_round(Fraction(x, y), rounding) for x, y in zip(a, b)]
+
+
 def test_div_round_on_ties_and_signs():
     a = np.array([5, 7, -5, -7, 6, -6, 4, -4])  # /2: 2.5 3.5 -2.5 -3.5 3 -3 2 -2
     assert kernels.div_round(a, 2, "half_even").tolist() == [2, 4, -2, -4, 3, -3, 2, -2]
@@ -92,6 +116,20 @@ def test_isqrt_six_newton_steps_reach_the_root_at_the_hardest_inputs():
     n = n[n < kernels.ISQRT_MAX]
     assert kernels.isqrt(n).tolist() == [math.isqrt(int(x)) for x in n]
     np.testing.assert_array_equal(kernels_tf.isqrt(tf.constant(n, tf.int64)).numpy(), kernels.isqrt(n))
+
+
+def test_isqrt_in_float64_is_exact_below_its_limit_and_not_above():
+    """_isqrt_float64 (TF's float64 LayerNorm route) at its hardest inputs, r^2 - 1 and r^2 for the
+    largest roots below the limit; above it the float root of r^2 - 1 rounds up to r, which is why
+    the route stops there."""
+    limit = kernels_tf.ISQRT_FLOAT64_LIMIT
+    roots = np.concatenate([np.arange(1, 2**12), np.arange(math.isqrt(limit) - 2**12, math.isqrt(limit))])
+    v = np.concatenate([roots * roots - 1, roots * roots, roots * roots + 2 * roots, [limit - 1]])
+    assert v.max() < limit
+    got = kernels_tf._isqrt_float64(tf.constant(v, tf.float64)).numpy()
+    assert got.tolist() == [math.isqrt(int(x)) for x in v]
+    r = 2**31 - 1  # beyond the limit the shortcut fails
+    assert kernels_tf._isqrt_float64(tf.constant([r * r - 1], tf.float64)).numpy()[0] == r
 
 
 def test_int32_lanes_keep_their_width_and_the_same_integers():
