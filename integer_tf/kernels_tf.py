@@ -1,9 +1,22 @@
-"""The integer kernels of `integer/kernels.py` in TensorFlow (int64 tensors), for training: the graph
+"""The integer kernels of `integer/kernels.py` in TensorFlow, for training and TF decoding: the graph
 computes exactly the integers the accelerator will. Step for step like integer/kernels.py, except
-where another route to the same integers costs fewer of TF's ops (each proven in its docstring and
-tested against the spec): the add before a rounding shift, the float64 square root, bit length and
-exp's constant division, the softmax mask by arithmetic. Every op has a GPU kernel for its dtype
-(scripts/bench_gpu_placement.py): int64 throughout, no int32 (TF keeps int32 on the host).
+where another route to the same integers costs less in TF (each proven in its docstring and tested
+against the spec):
+
+- int64 is the general route. TF's int64 ops are several times slower per element than its float64
+  ones, and its int64 division is a scalar loop. So where every integer of a kernel provably stays
+  exact in float64 (below 2^53, or the rounding provably cannot matter), the kernel holds its
+  integers in float64: the division's quotient (`div_round`), LayerNorm's exact normalization
+  (`_layer_norm_float64`, for d <= 1295 at the default precision), the softmax of float64 scores
+  (`_softmax_float64`, for score grids f <= 45 - h; a tf.cond picks the int64 route above, as the
+  residual add in intonly_layers does). The int64 route stays for the rest and is tested as hard.
+- the add before a rounding shift, the float64 square root and bit length, the softmax mask by
+  arithmetic, exact powers of two built from their exponent bits (`power_of_two`).
+- a grid that comes from outside a while loop (cached decoding) has its scalar constants built there
+  (`in_home_graph`), once per decoded batch instead of once per token.
+
+Every op has a GPU kernel for its dtype (scripts/bench_gpu_placement.py): int64 and float64, no int32
+(TF keeps int32 on the host).
 
 The grids (`f`, `f_gamma`, `f_out`) may be Python ints or int scalar tensors: during training they
 follow trainable thresholds. Python ints are range-checked here (ValueError, as in integer/kernels.py); for
@@ -173,22 +186,11 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
     low, to_grid_F = in_home_graph(grid_constants, f)
     x = tf.maximum(x, low)
     x = shift_round(x, to_grid_F, kernels.EXP_ROUNDING)
-    z = _floordiv_small(-x, q_ln2, 1 << (kernels.EXP_X_MIN_LOG2 + h + F))  # the clamp on grid F bounds -x
+    z = div_round(-x, q_ln2, "floor", max_abs_a=1 << (kernels.EXP_X_MIN_LOG2 + h + F))  # -x: the clamp
     p = x + z * tf.constant(q_ln2, tf.int64)
     s = p + tf.constant(q_b, tf.int64)
     return tf.bitwise.right_shift(s * s + tf.constant(q_c, tf.int64),
                                   tf.minimum(z, tf.constant(kernels.EXP_SHIFT_CAP, tf.int64)))
-
-
-def _floordiv_small(a: tf.Tensor, b: int, max_a: int) -> tf.Tensor:
-    """floor(a / b) for int64 0 <= a <= max_a and a constant b >= 1 with max_a + b <= 2^53, in float64
-    (TF's int64 division is a scalar loop): a and b are exact there, and the correctly rounded a / b
-    floors to floor(a / b). Where a / b is an integer n that is exact; otherwise a / b <= n + 1 - 1/b,
-    and 1/b exceeds half the float spacing below n + 1, (n + 1) 2^-53, because b (n + 1) < a + b."""
-    if max_a + b > 1 << 53:
-        raise ValueError(f"floor division of up to {max_a} by {b} is not exact in float64")
-    quotient = tf.cast(a, tf.float64) / tf.constant(float(b), tf.float64)
-    return tf.cast(tf.floor(quotient), tf.int64)
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
@@ -343,28 +345,32 @@ def _layer_norm_float64(q: tf.Tensor, gamma_q: tf.Tensor, beta_q: tf.Tensor, eps
     several times slower per element, its division a scalar loop), for the shapes and precisions
     _layer_norm_fits_float64 admits. Each step is kernels.layer_norm's, exact:
     - s, c, sum q^2 and W = d sum q^2 - s^2 + d^2 eps_q are integers below 2^53: exact sums and products;
-    - bit_length(W) is the exponent of the exact W, k = (2K - bit_length(W)) >> 1 (W = 0: 0, k = K);
+    - bit_length(W) is E - 1022 for the biased exponent E of the exact W >= 1, so
+      k = (2K - bit_length(W)) >> 1 = (2K + 1022 - max(E, 1022)) >> 1 (W = 0: E = 0, k = K);
     - floor(W 2^2k) scales exactly by a power of two (power_of_two) and floors: below 2^2K <= 2^52;
     - isqrt(floor(W 2^2k)) by _isqrt_float64;
     - n = R(c 2^(k+F) / D) is the float quotient c / (D 2^-(k+F)), the same float as fl(A / B) of
       the integers the int64 route divides (round_float64, |A| < 2^51);
-    - y = gamma_q n + beta_q < 2^49 exactly, y 2^-out_shift exactly, then R and the clip: the
-      roundings are exact on an exact value (half_up's y - floor(y) too)."""
+    - y 2^-out_shift = (gamma_q 2^-out_shift) n + beta_q 2^-out_shift: y = gamma_q n + beta_q < 2^49
+      is exact, and so is each power-of-two scaling; then R and the clip, exact on an exact value."""
     d = q.shape[-1]
     x = tf.cast(q, tf.float64)
     s = tf.reduce_sum(x, axis=-1, keepdims=True)
     c = d * x - s
     d2_eps = in_home_graph(lambda e: tf.cast(d * d * tf.cast(e, tf.int64), tf.float64), eps_q)
     w = d * tf.reduce_sum(x * x, axis=-1, keepdims=True) - s * s + d2_eps
-    length = tf.maximum(tf.bitwise.right_shift(tf.bitcast(w, tf.int64), tf.constant(52, tf.int64)) - 1022, 0)
-    k = tf.bitwise.right_shift(2 * K - length, tf.constant(1, tf.int64))
+    exponent = tf.bitwise.right_shift(tf.bitcast(w, tf.int64), tf.constant(52, tf.int64))  # biased
+    k = tf.bitwise.right_shift(2 * K + 1022 - tf.maximum(exponent, 1022), tf.constant(1, tf.int64))
     root = tf.maximum(_isqrt_float64(tf.floor(w * power_of_two(2 * k))), 1.0)
-    n = round_float64(c / (root * power_of_two(-(k + F))), rounding)
-    gamma, beta, scale = in_home_graph(
-        lambda g, b, o: (tf.cast(g, tf.float64), tf.cast(b, tf.float64), power_of_two(-o)),
-        gamma_q, beta_q, out_shift)
+    n = round_float64(c / (root * power_of_two(-F - k)), rounding)
+
+    def scaled(g, b, o):  # gamma_q and beta_q times 2^-out_shift: y 2^-out_shift in one multiply-add
+        scale = power_of_two(-tf.cast(o, tf.int64))
+        return tf.cast(g, tf.float64) * scale, tf.cast(b, tf.float64) * scale
+
+    gamma, beta = in_home_graph(scaled, gamma_q, beta_q, out_shift)
     n_out, p_out = fixed_point.integer_range(out_bits, signed=True)
-    out = round_float64((gamma * n + beta) * scale, rounding)
+    out = round_float64(gamma * n + beta, rounding)
     return tf.cast(tf.clip_by_value(out, float(n_out), float(p_out)), tf.int64)
 
 
