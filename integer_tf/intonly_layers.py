@@ -304,7 +304,7 @@ class IntSoftmax(tf.Module):
         if _observing(q_site, k_site):
             return self.float_softmax(logits, bias)
         f = graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))  # the scores' grid
-        visible = bias > token_ids.NEG_INF / 2
+        visible = kernels_tf.in_home_graph(lambda bias: bias > token_ids.NEG_INF / 2, bias)
         scores = to_int(logits, f, tf.float64)  # kernels_tf.softmax's float64 route
         probs = kernels_tf.softmax(scores, f, visible, p_site.num_bits, p_site.rounding,
                                   m=self.d_k, normalization=self.recorder.config.normalization)

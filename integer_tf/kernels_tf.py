@@ -283,15 +283,19 @@ def _softmax_float64(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: 
         return -power_of_two(tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, 0)), power_of_two(F - f)
 
     low, to_grid_F = in_home_graph(grid_constants, f)
-    visible = tf.cast(mask, tf.float64)
-    top = tf.reduce_max(q + (visible - 1) * 2.0**62, axis=-1, keepdims=True)
+    def mask_terms(mask):  # 1 where visible, and 0 or -2^62: a source mask's once, outside the loop
+        visible = tf.cast(mask, tf.float64)
+        return visible, (visible - 1) * 2.0**62
+
+    visible, offset = in_home_graph(mask_terms, mask)
+    top = tf.reduce_max(q + offset, axis=-1, keepdims=True)
     x = tf.maximum(tf.minimum(q - top, 0.0), low)
     x = tf.floor(x * to_grid_F + 0.5)
     z = tf.floor(x / -q_ln2)
     s = x + z * q_ln2 + q_b
     e = tf.floor(_scale_down(s * s + q_c, tf.cast(z, tf.int64))) * visible
     total = tf.maximum(tf.reduce_sum(e, axis=-1, keepdims=True), 1.0)
-    probs = round_float64(e * 2.0**out_bits / total, rounding)
+    probs = round_float64(e / (total * 2.0**-out_bits), rounding)  # the float of e 2^out_bits / S
     _, p = fixed_point.integer_range(out_bits, False)
     return tf.cast(tf.minimum(probs, float(p)), tf.int64)
 

@@ -79,6 +79,28 @@ def test_shift_round_is_the_rounded_power_of_two_scaling(q, k, rounding):
         np.testing.assert_array_equal(twin.numpy(), got)
 
 
+def test_the_constants_of_a_shift_from_outside_a_loop_are_built_outside_it():
+    """kernels_tf.in_home_graph: inside a while loop (cached decoding), a shift amount that comes from
+    outside gives its rounding constants and shift splits outside the loop (once, not per token);
+    the loop body keeps only the per-element ops, and the integers are the spec's."""
+    @tf.function
+    def shifted_thrice(q, k):
+        body = lambda i, q: (i + 1, kernels_tf.shift_round(q, k, "half_even"))  # noqa: E731
+        return tf.while_loop(lambda i, q: i < 3, body, [tf.constant(0), q])[1]
+
+    q = np.array([37, -37, 12, -12, 6, 7], np.int64)
+    expected = q
+    for _ in range(3):
+        expected = kernels.shift_round(expected, 1, "half_even")
+    np.testing.assert_array_equal(shifted_thrice(tf.constant(q), tf.constant(1, tf.int64)).numpy(), expected)
+    graph = shifted_thrice.get_concrete_function(tf.TensorSpec([None], tf.int64),
+                                                 tf.TensorSpec([], tf.int64)).graph.as_graph_def()
+    (body,) = [fn for fn in graph.library.function if "body" in fn.signature.name]
+    ops = sorted(n.op for n in body.node_def if n.op not in ("Identity", "Const", "NoOp"))
+    # the loop's two counters, then q + half + ((q >> k) & 1) >> k << 0: no max/min/shift constants
+    assert ops == ["AddV2"] * 4 + ["BitwiseAnd", "LeftShift", "RightShift", "RightShift"], ops
+
+
 def test_shift_round_per_element_shifts_and_its_range():
     q = np.array([12, 12, 12, -12])
     shifts = np.array([2, 0, -3, 3])
