@@ -273,7 +273,11 @@ class Transformer(tf.Module):
         Hypotheses are ranked by their summed log-probability while decoding; a finished one
         keeps its score (it may only continue with PAD at cost 0).  The winner is chosen by
         score / lp(len), lp = ((5 + len) / 6)^alpha (GNMT).  beam=1 is exactly greedy decoding.
+        The layers pick their route once for the whole decoding (sites.decoding).
         """
+        return self.sites.decoding(lambda: self._beam_search(src, beam, alpha))
+
+    def _beam_search(self, src: tf.Tensor, beam: int, alpha: float) -> tf.Tensor:
         table = self.table()
         _, src_bias, limit, cross_kv = self._start(src, beam, table)
         batch = tf.shape(src)[0]

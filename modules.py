@@ -15,6 +15,7 @@ Roles: fixed_point.SIGNED_BY_ROLE; site names: integer/site_names.py's builders
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import tensorflow as tf
@@ -43,6 +44,8 @@ class SiteFactory(Protocol):
 
     def relu(self, x: tf.Tensor, into: Site) -> tf.Tensor: ...
 
+    def decoding(self, decode: Callable[[], tf.Tensor]) -> tf.Tensor: ...
+
 
 class FloatLayers:
     """The float layers between the matmuls (the float model and matmul-only quantization): `skip`
@@ -70,6 +73,10 @@ class FloatLayers:
     def relu(self, x: tf.Tensor, into: Site) -> tf.Tensor:
         """max(0, x): the FFN's activation, the input of the site `into`."""
         return tf.nn.relu(x)
+
+    def decoding(self, decode: Callable[[], tf.Tensor]) -> tf.Tensor:
+        """decode(), a whole decoding graph (model.beam_search_impl): the float layers have one route."""
+        return decode()
 
 
 class Identity:

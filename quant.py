@@ -73,7 +73,7 @@ def without_grad_kernel() -> Iterator[None]:
 # --------------------------------------------------------------------------------------------
 
 
-def _round(v: tf.Tensor, rounding: str) -> tf.Tensor:
+def round_integer(v: tf.Tensor, rounding: str) -> tf.Tensor:
     """R(v) (docs/tqt.md, "Roundings"; fixed_point.round_to_integer in NumPy)."""
     if rounding == "half_even":
         return tf.round(v)  # tf.round rounds half to even
@@ -118,7 +118,7 @@ def tqt_fake_quant_reference(x: tf.Tensor, log2_t: tf.Tensor | float, num_bits: 
     def fake_quant(x, log2_t):
         s = _scale(log2_t, num_bits, signed)  # s = 2^-f
         v = x / s  # x / s, exact: s is a power of two
-        r = _round(v, rounding)  # R(x / s)
+        r = round_integer(v, rounding)  # R(x / s)
         y = tf.clip_by_value(r, n, p) * s  # y = q s,  q = clip(R(x / s), n, p)
 
         def grad(dy):

@@ -99,10 +99,12 @@ def site_f(site: quant.QuantSite) -> tf.Tensor:
 
 
 def site_integers(site: quant.QuantSite, x: tf.Tensor) -> tf.Tensor:
-    """clip(R(x 2^f)) on the site's grid, int64, by the site's own op (without observing or
-    recording: for constants folded onto a site's grid)."""
-    y = quant.tqt_fake_quant(x, site.log2_t, site.num_bits, site.signed, site.rounding)
-    return to_int(y, site_f(site))
+    """clip(R(x 2^f)) on the site's grid, int64: the integers of the site's op (quant.tqt_fake_quant's
+    x / s is x 2^f exactly), without observing or recording (for constants folded onto a site's
+    grid), from the grid built once per graph."""
+    scale = kernels_tf.in_home_graph(lambda f: _pow2(f, x.dtype), site_f(site))
+    n, p = fixed_point.integer_range(site.num_bits, site.signed)
+    return tf.cast(tf.clip_by_value(quant.round_integer(x * scale, site.rounding), n, p), tf.int64)
 
 
 def clip_to(q: tf.Tensor, site: quant.QuantSite) -> tf.Tensor:
@@ -229,13 +231,21 @@ class IntLayerNorm(LayerNorm):
         f_r): the integers of the spec's g = max(f_x, f_a), for g at least f_r makes the
         requantization a right shift (or none), and a finer f_r than both grids shifts the sum up
         exactly either way. As an integral float64 tensor: in float64 where that is exact
-        (_residual_float64), else in int64."""
-        return tf.cond(self.residual_fits_float64(), lambda: self._residual_float64(x, a),
-                       lambda: tf.cast(self._residual_int64(x, a), tf.float64))
+        (_residual_float64), else in int64; the sites' `float64_routes` when a decoding has decided
+        the route, else by a tf.cond."""
+        def float64_route():
+            return self._residual_float64(x, a)
 
-    def residual_fits_float64(self) -> tf.Tensor:
-        """Whether the shift down, g - f_r, is at most 37 (_residual_float64's condition)."""
-        return graph_constant((self, "residual_fits_float64"),
+        def int64_route():
+            return tf.cast(self._residual_int64(x, a), tf.float64)
+
+        if self.recorder.float64_routes is None:
+            return tf.cond(self.float64_route_fits(), float64_route, int64_route)
+        return float64_route() if self.recorder.float64_routes else int64_route()
+
+    def float64_route_fits(self) -> tf.Tensor:
+        """Whether the residual's shift down, g - f_r, is at most 37 (_residual_float64's condition)."""
+        return graph_constant((self, "float64_route_fits"),
                               lambda: tf.reduce_all(self.residual_shifts()[2] <= RESIDUAL_FLOAT64_MAX_DOWN))
 
     def _residual_int64(self, x: tf.Tensor, a: tf.Tensor) -> tf.Tensor:
@@ -299,15 +309,31 @@ class IntSoftmax(tf.Module):
         set_untracked(self, "sites", (q_site, k_site, p_site))
         set_untracked(self, "recorder", recorder)
 
+    def scores_grid(self) -> tf.Tensor:
+        """f_q + f_k, the grid of the Q K^T accumulator."""
+        q_site, k_site, _ = self.sites
+        return graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))
+
+    def float64_route_fits(self) -> tf.Tensor:
+        """Whether kernels_tf.softmax's float64 route takes these scores (True where it never does:
+        nothing to decide)."""
+        p_site = self.sites[2]
+        if not kernels_tf.softmax_fits_float64(p_site.num_bits, kernels.EXP_F, self.d_k,
+                                               self.recorder.config.normalization):
+            return tf.constant(True)
+        return graph_constant((self, "float64_route_fits"),
+                              lambda: kernels_tf.softmax_grid_fits_float64(self.scores_grid(), self.d_k))
+
     def __call__(self, logits: tf.Tensor, bias: tf.Tensor, training: bool = False) -> tf.Tensor:
         q_site, k_site, p_site = self.sites
         if _observing(q_site, k_site):
             return self.float_softmax(logits, bias)
-        f = graph_constant((self, "f"), lambda: site_f(q_site) + site_f(k_site))  # the scores' grid
+        f = self.scores_grid()
         visible = kernels_tf.in_home_graph(lambda bias: bias > token_ids.NEG_INF / 2, bias)
         scores = to_int(logits, f, tf.float64)  # kernels_tf.softmax's float64 route
-        probs = kernels_tf.softmax(scores, f, visible, p_site.num_bits, p_site.rounding,
-                                  m=self.d_k, normalization=self.recorder.config.normalization)
+        probs = kernels_tf.softmax(scores, f, visible, p_site.num_bits, p_site.rounding, m=self.d_k,
+                                  normalization=self.recorder.config.normalization,
+                                  grid_fits_float64=self.recorder.float64_routes)
         self.recorder.record(p_site.site_name, probs)
         if not training:
             return from_int(probs, site_f(p_site))
@@ -325,9 +351,16 @@ class IntegerOnlySites(quant.TQTSites):
     `recorded`: None, or a dict that (eagerly) collects every integer-only layer's output by site
     name, as int64 arrays (TF vs the NumPy engine, site by site)."""
 
+    # the layers it made: neither checkpointed nor walked (tf.Module._flatten) here
+    _TF_MODULE_IGNORED_PROPERTIES = quant.TQTSites._TF_MODULE_IGNORED_PROPERTIES | {"routed_layers"}
+
     def __init__(self, config: quant.QuantConfig):
         super().__init__(config)
         self.recorded: dict[str, list[np.ndarray]] | None = None
+        # the route of the layers' float64-or-int64 choices while a graph is traced: None, a tf.cond
+        # at each call (training); True or False inside decoding()
+        self.float64_routes: bool | None = None
+        set_untracked(self, "routed_layers", [])  # the layers with such a choice
 
     def site(self, name: str, role: str, channels: int | None = None, bits: int | None = None,
              rows: int | None = None):
@@ -346,7 +379,26 @@ class IntegerOnlySites(quant.TQTSites):
         return IntEmbeddingSum(d_model, self)
 
     def layer_norm(self, name: str, d: int, skip: Site, branch: Dense) -> IntLayerNorm:
-        return IntLayerNorm(name, d, self, skip, branch)
+        self.routed_layers.append(IntLayerNorm(name, d, self, skip, branch))
+        return self.routed_layers[-1]
 
     def softmax(self, d_k: int, q_site: Site, k_site: Site, p_site: Site) -> IntSoftmax:
-        return IntSoftmax(d_k, q_site, k_site, p_site, self)
+        self.routed_layers.append(IntSoftmax(d_k, q_site, k_site, p_site, self))
+        return self.routed_layers[-1]
+
+    def decoding(self, decode: Callable[[], tf.Tensor]) -> tf.Tensor:
+        """decode() with every layer on one route: one tf.cond on all their float64 conditions picks
+        a graph whose layers take the float64 routes, or one whose layers take the int64 routes,
+        instead of a tf.cond at each layer call, which in a decoding loop runs per token (with a
+        switch per tensor it captures)."""
+        def on_route(float64: bool) -> Callable[[], tf.Tensor]:
+            def traced():
+                self.float64_routes = float64
+                try:
+                    return decode()
+                finally:
+                    self.float64_routes = None
+            return traced
+
+        fits = tf.reduce_all(tf.stack([layer.float64_route_fits() for layer in self.routed_layers]))
+        return tf.cond(fits, on_route(True), on_route(False))

@@ -194,12 +194,16 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
-            F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact") -> tf.Tensor:
+            F: int = kernels.EXP_F, m: int = 1, normalization: str = "exact",
+            grid_fits_float64: bool | None = None) -> tf.Tensor:
     """softmax(x / sqrt(m)) over the last axis on the probability grid 2^-out_bits (kernels.softmax):
     `mask` a bool tensor broadcasting against q (True = may attend) or None; fully masked rows give
     zeros; |q| < 2^61 (scores are accumulators, far smaller), as int64 or as float64 holding the
-    integers (intonly_layers' scores: then in float64 where _softmax_fits_float64 admits it).
-    normalization="reciprocal": kernels.normalize_reciprocal's one division per row."""
+    integers (intonly_layers' scores: then in float64 where softmax_fits_float64 and
+    softmax_grid_fits_float64 admit it). `grid_fits_float64`: the caller's value of
+    softmax_grid_fits_float64 when it has decided it for a whole graph (a decoding); None: the
+    kernel decides, by a tf.cond for a tensor grid. normalization="reciprocal":
+    kernels.normalize_reciprocal's one division per row."""
     kernels.check_normalization(normalization)
     q = tf.convert_to_tensor(q)
     if q.dtype != tf.float64:
@@ -211,16 +215,19 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
     if mask.dtype != tf.bool:
         raise TypeError(f"the softmax mask is a bool tensor (True = may attend), got {mask.dtype.name}")
     kernels._check_softmax_widths(q.shape[-1], out_bits, F, m)
+
+    def float64_route():
+        return _softmax_float64(q, f, mask, out_bits, rounding, F, m)
+
     def int64_route():
         return _softmax_int64_route(tf.cast(q, tf.int64), f, mask, out_bits, rounding, F, m, normalization)
 
-    if q.dtype != tf.float64 or normalization != "exact" or not _softmax_fits_float64(out_bits, F, m):
+    if q.dtype != tf.float64 or not softmax_fits_float64(out_bits, F, m, normalization):
         return int64_route()
-    max_f = SOFTMAX_FLOAT64_MAX_F - kernels._check_scale(m)
-    if not _is_tensor_grid(f):
-        return _softmax_float64(q, f, mask, out_bits, rounding, F, m) if f <= max_f else int64_route()
-    fits = in_home_graph(lambda f: tf.cast(f, tf.int64) <= max_f, f)
-    return tf.cond(fits, lambda: _softmax_float64(q, f, mask, out_bits, rounding, F, m), int64_route)
+    fits = softmax_grid_fits_float64(f, m) if grid_fits_float64 is None else grid_fits_float64
+    if isinstance(fits, bool | np.bool_):
+        return float64_route() if fits else int64_route()
+    return tf.cond(fits, float64_route, int64_route)
 
 
 def _softmax_int64_route(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: str, F: int, m: int,
@@ -248,10 +255,20 @@ def _softmax_int64_route(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, roundi
 SOFTMAX_FLOAT64_MAX_F = 45
 
 
-def _softmax_fits_float64(out_bits: int, F: int, m: int) -> bool:
-    """Whether _softmax_float64's static bounds hold: exp's largest L = q_b^2 + q_c below 2^53 (and
-    with it every exp value), the division's numerator e 2^out_bits below 2^51."""
-    return kernels.exp_max(F, m) << out_bits < 1 << 51
+def softmax_fits_float64(out_bits: int, F: int, m: int, normalization: str = "exact") -> bool:
+    """Whether _softmax_float64's static bounds hold: the exact normalization, exp's largest
+    L = q_b^2 + q_c below 2^53 (and with it every exp value), the division's numerator e 2^out_bits
+    below 2^51."""
+    return normalization == "exact" and kernels.exp_max(F, m) << out_bits < 1 << 51
+
+
+def softmax_grid_fits_float64(f: int | tf.Tensor, m: int) -> bool | tf.Tensor:
+    """Whether scores on grid f are within _softmax_float64's grid bound, f <= SOFTMAX_FLOAT64_MAX_F
+    - h: a bool for a Python int f, a bool tensor (built where f lives) for a tensor."""
+    max_f = SOFTMAX_FLOAT64_MAX_F - kernels._check_scale(m)
+    if not _is_tensor_grid(f):
+        return bool(f <= max_f)
+    return in_home_graph(lambda f: tf.cast(f, tf.int64) <= max_f, f)
 
 
 def _scale_down(v: tf.Tensor, k: tf.Tensor) -> tf.Tensor:
@@ -265,7 +282,7 @@ def _softmax_float64(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: 
                      ) -> tf.Tensor:
     """The exact softmax with its integers held in float64 (TF's int64 ops are several times slower
     per element, its division a scalar loop), for scores q on a grid f <= SOFTMAX_FLOAT64_MAX_F - h
-    and the precisions _softmax_fits_float64 admits. Each step is the int64 route's, exact:
+    and the precisions softmax_fits_float64 admits. Each step is the int64 route's, exact:
     - the row maximum and x = min(q - top, 0): a masked key's q - 2^62 rounds but stays below every
       visible score (> -2^61); q - top is exact below 2^53, and beyond it at most -2^53, clamped to
       -2^max(6+h+f, 0) >= -2^51 like the exact difference;

@@ -206,6 +206,24 @@ def test_greedy_tokens_equal_the_engine(trained):
     np.testing.assert_array_equal(greedy, decoding.beam_search(engine, src, 1))
 
 
+@pytest.mark.parametrize("trained", ["w8a8"], indirect=True)
+def test_decoding_picks_the_layers_route_once(trained, monkeypatch):
+    """Decoding decides the layers' float64-or-int64 routes once (IntegerOnlySites.decoding): no
+    tf.cond inside the decoding loop, and the int64 branch, forced, decodes the engine's tokens too."""
+    model, _, engine, _, _, _ = trained
+    graph = model.greedy.get_concrete_function().graph.as_graph_def()
+    loops = [fn for fn in graph.library.function if "while_body" in fn.signature.name]
+    conds = [n for n in graph.node if n.op in ("If", "StatelessIf")]
+    assert loops and len(conds) == 1
+    assert not [n.name for fn in loops for n in fn.node_def if n.op in ("If", "StatelessIf")]
+    src = random_src(engine.vocab, 8, 10, seed=11)
+    never = lambda self: tf.constant(False)  # noqa: E731
+    monkeypatch.setattr(intonly_layers.IntLayerNorm, "float64_route_fits", never)
+    monkeypatch.setattr(intonly_layers.IntSoftmax, "float64_route_fits", never)
+    int64_greedy = tf.function(lambda src: model.beam_search_impl(src, 1, 0.0))
+    np.testing.assert_array_equal(int64_greedy(tf.constant(src)).numpy(), decoding.greedy(engine, src))
+
+
 # ---- 2. no float on the integer-only path -------------------------------------------------------
 
 
@@ -563,7 +581,7 @@ def test_the_residual_add_takes_float64_only_where_it_is_exact(trained):
             site.log2_t.assign(log2_t + offset)
             down = int(ln.residual_shifts()[2])
             seen.add(down)
-            fits = bool(ln.residual_fits_float64())
+            fits = bool(ln.float64_route_fits())
             assert fits == (down <= intonly_layers.RESIDUAL_FLOAT64_MAX_DOWN)
             int_route = ln._residual_int64(x, a).numpy()
             np.testing.assert_array_equal(ln.residual_integers(x, a).numpy(), int_route)
@@ -577,9 +595,13 @@ def test_the_residual_add_takes_float64_only_where_it_is_exact(trained):
         assert int(ln.residual_shifts()[2]) == 50
         x, a = tf.constant([2.0**-f_x]), tf.constant([201 * 2.0 ** (39 - f_a)])
         assert ln._residual_int64(x, a).numpy().tolist() == [101]
-        assert ln.residual_integers(x, a).numpy().tolist() == [101]
         assert ln._residual_float64(x, a).numpy().tolist() == [100]
+        # the route: decided here (None), or as a decoding decided it for all layers
+        for route, expected in ((None, [101]), (False, [101]), (True, [100])):
+            ln.recorder.float64_routes = route
+            assert ln.residual_integers(x, a).numpy().tolist() == expected, route
     finally:
+        ln.recorder.float64_routes = None
         site.log2_t.assign(log2_t)
         ln.skip.log2_t.assign(skip_log2_t)
     assert {0, 37, 38} <= seen and max(seen) > 50

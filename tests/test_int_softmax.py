@@ -291,6 +291,12 @@ def test_softmax_takes_float64_only_on_grids_where_it_is_exact(m, monkeypatch):
             np.testing.assert_array_equal(twin.numpy(), out)
         kernels_tf.softmax(tf.constant(q), f, tf.constant(mask), 8, "half_even", m=m)
     assert sorted({int(f) for f in taken}) == [max_f - 1, max_f]
+    # a caller that has decided the grid's bound for a whole graph (a decoding) says so
+    taken.clear()
+    for grid_fits in (False, True):
+        kernels_tf.softmax(tf.constant(q, tf.float64), tf.constant(max_f - 1, tf.int64), tf.constant(mask), 8,
+                           "half_even", m=m, grid_fits_float64=grid_fits)
+    assert len(taken) == 1
 
 
 def test_softmax_rejects_floats_and_additive_masks():

@@ -183,7 +183,7 @@ def tf_ste_surrogate(x, log2_t, bits, signed, rounding):
     c = log2_t + tf.stop_gradient(tf.math.ceil(log2_t) - log2_t)  # ceil, d/du := 1
     s = tf.pow(tf.constant(2.0, x.dtype), c - (bits - 1 if signed else bits))
     v = x / s
-    r = v + tf.stop_gradient(quant._round(v, rounding) - v)  # R, d/dv := 1
+    r = v + tf.stop_gradient(quant.round_integer(v, rounding) - v)  # R, d/dv := 1
     n, p = tf.constant(n, x.dtype), tf.constant(p, x.dtype)
     return s * tf.where(v < n, n, tf.where(v > p, p, r))
 
