@@ -176,12 +176,11 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
     q_ln2, q_b, q_c = kernels.exp_constants(F, m)
     h = kernels._check_scale(m)
 
-    def grid_constants(f):  # the clamp -2^(6+h) on grid f, and the shift from grid f onto grid F
+    def grid_constants(f):  # the clamp -2^c and the shift onto grid F, as integers
+        clamp_log2, to_grid_F = _exp_grid(f, F, h)
         if not _is_tensor_grid(f):
-            return -(1 << max(kernels.EXP_X_MIN_LOG2 + h + int(f), 0)), int(f) - F
-        f = tf.cast(f, tf.int64)
-        one, zero = tf.constant(1, tf.int64), tf.constant(0, tf.int64)
-        return -tf.bitwise.left_shift(one, tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, zero)), f - F
+            return -(1 << clamp_log2), to_grid_F
+        return -tf.bitwise.left_shift(tf.constant(1, tf.int64), clamp_log2), to_grid_F
 
     low, to_grid_F = in_home_graph(grid_constants, f)
     x = tf.maximum(x, low)
@@ -191,6 +190,25 @@ def exp_neg(x: tf.Tensor, f: int | tf.Tensor, F: int = kernels.EXP_F, m: int = 1
     s = p + tf.constant(q_b, tf.int64)
     return tf.bitwise.right_shift(s * s + tf.constant(q_c, tf.int64),
                                   tf.minimum(z, tf.constant(kernels.EXP_SHIFT_CAP, tf.int64)))
+
+
+def _exp_grid(f: int | tf.Tensor, F: int, h: int):
+    """(c, f - F) for exp_neg's input on grid f: the clamp at -2^c, c = max(6 + h + f, 0) (exp(-64)
+    is 0 on every grid), and the shift onto grid F; Python ints for an int f, else int64 tensors."""
+    if not _is_tensor_grid(f):
+        return max(kernels.EXP_X_MIN_LOG2 + h + int(f), 0), int(f) - F
+    f = tf.cast(f, tf.int64)
+    return tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, 0), f - F
+
+
+def _mask_terms(mask: tf.Tensor, dtype: tf.DType) -> tuple[tf.Tensor, tf.Tensor]:
+    """(visible, offset) in dtype on the mask's own (broadcast) shape: 1 where a key may be attended,
+    and 0 there or -2^62 where it is masked, 2^62 below every visible score (|q| < 2^61). Built
+    where the mask lives (in_home_graph): a source mask's once, outside a decoding loop."""
+    def terms(mask):
+        visible = tf.cast(mask, dtype)
+        return visible, (visible - 1) * tf.constant(2**62, dtype)
+    return in_home_graph(terms, mask)
 
 
 def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str,
@@ -232,11 +250,11 @@ def softmax(q: tf.Tensor, f: int | tf.Tensor, mask, out_bits: int, rounding: str
 
 def _softmax_int64_route(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: str, F: int, m: int,
                          normalization: str) -> tf.Tensor:
-    # masked keys by arithmetic on the mask's own (broadcast) shape, not by selects over the scores:
-    # 2^62 below every visible score (|q| < 2^61) for the row's maximum; x = min(q - top, 0), so that
-    # a masked key above the top stays in exp's domain; its e is multiplied by 0
-    visible = tf.cast(mask, tf.int64)
-    top = tf.reduce_max(q + (visible - 1) * (1 << 62), axis=-1, keepdims=True)
+    # masked keys by arithmetic on the mask's shape, not by selects over the scores (_mask_terms);
+    # x = min(q - top, 0), so that a masked key above the top stays in exp's domain; its e is
+    # multiplied by 0
+    visible, offset = _mask_terms(mask, tf.int64)
+    top = tf.reduce_max(q + offset, axis=-1, keepdims=True)
     x = tf.minimum(q - top, 0)
     e = exp_neg(x, f, F, m) * visible
     total = tf.reduce_sum(e, axis=-1, keepdims=True)
@@ -295,16 +313,12 @@ def _softmax_float64(q: tf.Tensor, f, mask: tf.Tensor, out_bits: int, rounding: 
     q_ln2, q_b, q_c = kernels.exp_constants(F, m)
     h = kernels._check_scale(m)
 
-    def grid_constants(f):  # exp_neg's clamp -2^max(6+h+f, 0) and 2^(F-f), exact powers of two
-        f = tf.cast(f, tf.int64)
-        return -power_of_two(tf.maximum(kernels.EXP_X_MIN_LOG2 + h + f, 0)), power_of_two(F - f)
+    def grid_constants(f):  # exp_neg's clamp -2^c and 2^(F-f), exact powers of two
+        clamp_log2, to_grid_F = _exp_grid(f, F, h)
+        return -power_of_two(clamp_log2), power_of_two(-to_grid_F)
 
     low, to_grid_F = in_home_graph(grid_constants, f)
-    def mask_terms(mask):  # 1 where visible, and 0 or -2^62: a source mask's once, outside the loop
-        visible = tf.cast(mask, tf.float64)
-        return visible, (visible - 1) * 2.0**62
-
-    visible, offset = in_home_graph(mask_terms, mask)
+    visible, offset = _mask_terms(mask, tf.float64)
     top = tf.reduce_max(q + offset, axis=-1, keepdims=True)
     x = tf.maximum(tf.minimum(q - top, 0.0), low)
     x = tf.floor(x * to_grid_F + 0.5)
